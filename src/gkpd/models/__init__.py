@@ -1,0 +1,14 @@
+"""Model zoo: ``create(name, **kwargs)``, ``list_models()``, ``load_pretrained(name)``."""
+
+from gkpd.models import resnet_cifar  # noqa: F401  (registers its models)
+from gkpd.models.pretrained import load_pretrained, load_trained, pretrained_names, save_trained
+from gkpd.models.registry import create, list_models
+
+__all__ = [
+    "create",
+    "list_models",
+    "load_pretrained",
+    "load_trained",
+    "pretrained_names",
+    "save_trained",
+]
