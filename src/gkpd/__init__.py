@@ -1,12 +1,23 @@
 """gkpd: compress PyTorch models with the Generalized Kronecker Product Decomposition."""
 
 from gkpd import data, models, train
+from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
+from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KroneckerConv1d",
+    "KroneckerConv2d",
+    "KroneckerConv3d",
+    "KroneckerFactors",
+    "KroneckerLinear",
     "__version__",
     "data",
+    "decompose",
+    "kron",
+    "kron_sum",
     "models",
+    "rearrange",
     "train",
 ]

@@ -1,0 +1,403 @@
+"""Parameters and multiply-accumulates (MACs) of dense and Kronecker layers.
+
+Closed forms for a given input size, for either stage order of a Kronecker layer
+(DESIGN.md §1), and :func:`count_model`, which runs a model once with forward hooks and counts
+every ``nn.Conv*d``, ``nn.Linear`` and Kronecker layer it calls. The Kronecker layers use the
+same formulas to pick the cheaper order, so what is counted here is what runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ORDERS",
+    "LayerCount",
+    "ModelCount",
+    "best_order",
+    "conv_macs",
+    "conv_output_shape",
+    "conv_params",
+    "count_model",
+    "group_split",
+    "kronecker_conv_macs",
+    "kronecker_conv_order_macs",
+    "kronecker_linear_macs",
+    "kronecker_linear_order_macs",
+    "kronecker_params",
+    "linear_macs",
+    "linear_params",
+    "module_macs",
+    "module_params",
+    "resolve_padding",
+    "stage_strides",
+]
+
+ORDERS = ("b_first", "a_first")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def ntuple(name: str, value: object, n: int, *, minimum: int = 1) -> tuple[int, ...]:
+    """An int or a length-``n`` sequence of ints as a tuple, each ``>= minimum``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * n
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != n:
+        raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{name} {value!r} must have entries >= {minimum}")
+    return tuple(int(v) for v in value)
+
+
+def resolve_padding(
+    padding: int | str | Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[tuple[int, int], ...]:
+    """Per spatial axis ``(left, right)`` padding, as ``nn.Conv*d`` applies it.
+
+    ``"same"`` pads ``d·(k−1)`` in total with the extra element on the right (torch's rule)
+    and needs stride 1; ``"valid"`` pads nothing.
+    """
+    n = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * n
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1, got stride {tuple(stride)}")
+            pairs = []
+            for k, d in zip(kernel_size, dilation, strict=True):
+                total = d * (k - 1)
+                pairs.append((total // 2, total - total // 2))
+            return tuple(pairs)
+        raise ValueError(f"padding {padding!r} is not supported: expected 'same', 'valid' or ints")
+    return tuple((p, p) for p in ntuple("padding", padding, n, minimum=0))
+
+
+def conv_output_shape(
+    input_spatial: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    dilation: Sequence[int],
+) -> tuple[int, ...]:
+    """Spatial output size of a convolution (padding as ``(left, right)`` pairs)."""
+    out = []
+    for size, k, s, (pl, pr), d in zip(
+        input_spatial, kernel_size, stride, padding, dilation, strict=True
+    ):
+        o = (size + pl + pr - d * (k - 1) - 1) // s + 1
+        if o < 1:
+            raise ValueError(
+                f"input size {tuple(input_spatial)} is too small for kernel_size "
+                f"{tuple(kernel_size)}, dilation {tuple(dilation)} and padding {tuple(padding)}"
+            )
+        out.append(o)
+    return tuple(out)
+
+
+def group_split(
+    groups: int, a_shape: Sequence[int], b_shape: Sequence[int]
+) -> tuple[int, int]:
+    """How ``groups`` of a convolution split across the factors: ``(g1, g2)``, ``g1·g2 = groups``.
+
+    Output channel ``f = f1·F2 + f2`` belongs to group ``f // (F/groups)``. That is a product
+    of an A-group and a B-group exactly when ``groups`` divides ``F1`` (``g1 = groups``) or
+    when the group size ``F/groups`` divides ``F2`` (``g1 = F1``, ``g2 = groups/F1``; this is
+    the case of every split of a depthwise convolution). Otherwise ``ValueError``.
+    """
+    f1, f2 = int(a_shape[0]), int(b_shape[0])
+    if groups < 1 or (f1 * f2) % groups:
+        raise ValueError(f"groups {groups} does not divide out_channels {f1 * f2}")
+    if f1 % groups == 0:
+        return groups, 1
+    if groups % f1 == 0 and f2 % (groups // f1) == 0:
+        return f1, groups // f1
+    raise ValueError(
+        f"a_shape {tuple(a_shape)} is incompatible with groups={groups}: the out-channel "
+        f"factor a_shape[0]={f1} must be a multiple of groups, or divide groups with "
+        f"groups/a_shape[0] dividing b_shape[0]={f2}"
+    )
+
+
+def stage_strides(
+    order: str, a_kernel: Sequence[int], b_kernel: Sequence[int], stride: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Strides ``(first stage, second stage)``: an axis's stride moves into the first stage
+    where the second stage's factor has kernel extent 1 on that axis."""
+    second = a_kernel if order == "b_first" else b_kernel
+    s1 = tuple(s if k == 1 else 1 for k, s in zip(second, stride, strict=True))
+    s2 = tuple(1 if k == 1 else s for k, s in zip(second, stride, strict=True))
+    return s1, s2
+
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r} is not supported: expected one of {ORDERS}")
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def conv_params(
+    in_channels: int, out_channels: int, kernel_size: Sequence[int], groups: int = 1,
+    bias: bool = True,
+) -> int:
+    return out_channels * (in_channels // groups) * math.prod(kernel_size) + (
+        out_channels if bias else 0
+    )
+
+
+def conv_macs(
+    input_spatial: Sequence[int],
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    batch: int = 1,
+) -> int:
+    """MACs of a dense ``nn.Conv*d`` on an input of spatial size ``input_spatial``."""
+    n = len(kernel_size)
+    st, dl = ntuple("stride", stride, n), ntuple("dilation", dilation, n)
+    pads = resolve_padding(padding, kernel_size, st, dl)
+    out = conv_output_shape(input_spatial, kernel_size, st, pads, dl)
+    return (
+        batch * out_channels * math.prod(out) * (in_channels // groups) * math.prod(kernel_size)
+    )
+
+
+def linear_params(in_features: int, out_features: int, bias: bool = True) -> int:
+    return in_features * out_features + (out_features if bias else 0)
+
+
+def linear_macs(in_features: int, out_features: int, batch: int = 1) -> int:
+    return batch * in_features * out_features
+
+
+def kronecker_params(
+    a_shape: Sequence[int], b_shape: Sequence[int], rank: int, bias: int = 0
+) -> int:
+    """``R·(∏a + ∏b)`` plus ``bias`` (the number of bias entries)."""
+    return rank * (math.prod(a_shape) + math.prod(b_shape)) + bias
+
+
+def kronecker_conv_order_macs(
+    input_spatial: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    rank: int,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    batch: int = 1,
+) -> dict[str, int]:
+    """MACs of a Kronecker convolution for each stage order: ``{"b_first": …, "a_first": …}``.
+
+    ``a_shape = (F1, C1, *K1)`` and ``b_shape = (F2, C2, *K2)`` are the factor shapes of the
+    weight ``(F, C/groups, *K)``.
+    """
+    n = len(a_shape) - 2
+    f1, c1, *k1 = a_shape
+    f2, c2, *k2 = b_shape
+    kernel = [x * y for x, y in zip(k1, k2, strict=True)]
+    st, dl = ntuple("stride", stride, n), ntuple("dilation", dilation, n)
+    pads = resolve_padding(padding, kernel, st, dl)
+    out = math.prod(conv_output_shape(input_spatial, kernel, st, pads, dl))
+    g1, g2 = group_split(groups, a_shape, b_shape)
+    zero = ((0, 0),) * n
+    padded = [s + pl + pr for s, (pl, pr) in zip(input_spatial, pads, strict=True)]
+    result = {}
+    for order in ORDERS:
+        s1, _ = stage_strides(order, k1, k2, st)
+        if order == "b_first":
+            o1 = math.prod(conv_output_shape(padded, k2, s1, zero, dl))
+            first = batch * g1 * c1 * rank * f2 * c2 * math.prod(k2) * o1
+            second = batch * f2 * f1 * rank * c1 * math.prod(k1) * out
+        else:
+            dil_a = [d * k for d, k in zip(dl, k2, strict=True)]
+            o1 = math.prod(conv_output_shape(padded, k1, s1, zero, dil_a))
+            first = batch * g2 * c2 * rank * f1 * c1 * math.prod(k1) * o1
+            second = batch * f1 * f2 * rank * c2 * math.prod(k2) * out
+        result[order] = first + second
+    return result
+
+
+def best_order(order_macs: dict[str, int]) -> str:
+    """The cheaper order (``"b_first"`` on a tie)."""
+    return min(ORDERS, key=lambda o: (order_macs[o], ORDERS.index(o)))
+
+
+def kronecker_conv_macs(
+    input_spatial: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    rank: int,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    batch: int = 1,
+    order: str = "auto",
+) -> int:
+    """MACs of a Kronecker convolution in ``order`` (``"auto"``: the cheaper, which the layer
+    runs)."""
+    macs = kronecker_conv_order_macs(
+        input_spatial, a_shape, b_shape, rank, stride=stride, padding=padding,
+        dilation=dilation, groups=groups, batch=batch,
+    )
+    if order == "auto":
+        return macs[best_order(macs)]
+    _check_order(order)
+    return macs[order]
+
+
+def kronecker_linear_order_macs(
+    a_shape: Sequence[int], b_shape: Sequence[int], rank: int, batch: int = 1
+) -> dict[str, int]:
+    """MACs of a Kronecker linear layer (``a=(O1, I1)``, ``b=(O2, I2)``) for each order."""
+    (o1, i1), (o2, i2) = a_shape, b_shape
+    return {
+        "b_first": batch * rank * (i1 * i2 * o2 + o1 * i1 * o2),
+        "a_first": batch * rank * (o1 * i1 * i2 + o1 * i2 * o2),
+    }
+
+
+def kronecker_linear_macs(
+    a_shape: Sequence[int], b_shape: Sequence[int], rank: int, batch: int = 1,
+    order: str = "auto",
+) -> int:
+    macs = kronecker_linear_order_macs(a_shape, b_shape, rank, batch)
+    if order == "auto":
+        return macs[best_order(macs)]
+    _check_order(order)
+    return macs[order]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def module_params(module: nn.Module) -> int:
+    """Parameters owned by ``module`` and its children."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of one call of a conv, linear or Kronecker ``module`` on an input of
+    ``input_shape`` (0 for other modules)."""
+    from gkpd.layers import KroneckerConvNd, KroneckerLinear
+
+    shape = tuple(int(s) for s in input_shape)
+    if isinstance(module, KroneckerConvNd | KroneckerLinear):
+        return module.macs(shape)
+    if isinstance(module, nn.Linear):
+        return linear_macs(module.in_features, module.out_features, math.prod(shape[:-1]))
+    if isinstance(module, nn.modules.conv._ConvNd):
+        n = len(module.kernel_size)
+        batched = len(shape) == n + 2
+        return conv_macs(
+            shape[-n:], module.in_channels, module.out_channels, module.kernel_size,
+            module.stride, module.padding, module.dilation, module.groups,
+            batch=shape[0] if batched else 1,
+        )
+    return 0
+
+
+@dataclass
+class LayerCount:
+    """Counts for one module called during :func:`count_model`."""
+
+    name: str
+    kind: str
+    params: int
+    macs: int
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    order: str | None = None
+    calls: int = 1
+
+
+@dataclass
+class ModelCount:
+    """Per-layer counts (conv, linear and Kronecker layers) and whole-model totals.
+
+    ``total_params`` counts every parameter of the model; ``total_macs`` sums the layers.
+    """
+
+    layers: list[LayerCount] = field(default_factory=list)
+    total_params: int = 0
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def __getitem__(self, name: str) -> LayerCount:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+def count_model(model: nn.Module, example_input: object) -> ModelCount:
+    """Run ``model`` once on ``example_input`` (in eval mode, without gradients) and count the
+    parameters and MACs of every conv, linear and Kronecker layer it calls.
+
+    ``example_input`` is a tensor, or a tuple of positional arguments.
+    """
+    from gkpd.layers import KroneckerConvNd, KroneckerLinear
+
+    counted = (nn.modules.conv._ConvNd, nn.Linear, KroneckerConvNd, KroneckerLinear)
+    result = ModelCount(total_params=module_params(model))
+    entries: dict[str, LayerCount] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            shape = tuple(args[0].shape)
+            macs = module_macs(module, shape)
+            out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
+            if name in entries:
+                entries[name].macs += macs
+                entries[name].calls += 1
+                return
+            order = module.resolve_order(shape) if hasattr(module, "resolve_order") else None
+            entries[name] = LayerCount(
+                name, type(module).__name__, module_params(module), macs, shape, out_shape, order
+            )
+            result.layers.append(entries[name])
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, counted):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return result

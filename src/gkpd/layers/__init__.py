@@ -1,0 +1,19 @@
+"""Kronecker layers: drop-in replacements for ``nn.Conv1d/2d/3d`` and ``nn.Linear``."""
+
+from gkpd.counting import group_split
+from gkpd.decompose import b_shape_for, check_factor_shapes, check_rank, full_rank
+from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerConvNd
+from gkpd.layers.linear import KroneckerLinear
+
+__all__ = [
+    "KroneckerConv1d",
+    "KroneckerConv2d",
+    "KroneckerConv3d",
+    "KroneckerConvNd",
+    "KroneckerLinear",
+    "b_shape_for",
+    "check_factor_shapes",
+    "check_rank",
+    "full_rank",
+    "group_split",
+]

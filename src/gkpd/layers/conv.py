@@ -1,0 +1,356 @@
+"""One N-d Kronecker convolution (DESIGN.md §1); ``KroneckerConv1d/2d/3d`` fix the dimension.
+
+The weight ``(F, C/groups, *K)`` is ``Σ_r A_r ⊗ B_r`` with ``A: (F1, C1, *K1)`` and
+``B: (F2, C2, *K2)``; the convolution runs as two smaller convolutions, in whichever order
+costs fewer MACs for the input at hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gkpd.counting import (
+    ORDERS,
+    best_order,
+    group_split,
+    kronecker_conv_order_macs,
+    ntuple,
+    resolve_padding,
+    stage_strides,
+)
+from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose, kron_sum
+
+__all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_ORDER_CHOICES = ("auto", *ORDERS)
+
+
+def check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+
+
+def uniform_factor_bound(fan_in: int, rank: int) -> float:
+    """Bound of the uniform init of both factors so that ``Var(Σ_r A_r ⊗ B_r)`` equals torch's
+    default dense init variance ``1/(3·fan_in)`` (kaiming_uniform with a=√5)."""
+    var_w = 1.0 / (3.0 * fan_in)
+    var_factor = math.sqrt(var_w / rank)  # Var(W) = R·Var(A)·Var(B), Var(A) = Var(B)
+    return math.sqrt(3.0 * var_factor)
+
+
+class KroneckerConvNd(nn.Module):
+    """Convolution whose weight is ``Σ_r a[r] ⊗ b[r]`` (any number of spatial dims).
+
+    Arguments are those of ``nn.Conv*d``, then keyword-only ``a_shape`` (the A-factor shape
+    ``(F1, C1, *K1)`` of the weight ``(out_channels, in_channels/groups, *kernel_size)``),
+    ``rank`` (``None``: full Kronecker rank), ``device`` and ``dtype``. The number of spatial
+    dims is fixed by the subclass, or taken from ``len(a_shape) - 2`` here.
+
+    ``order`` (a plain attribute) is ``"auto"`` (default: the order with fewer MACs for the
+    input size), ``"b_first"`` or ``"a_first"``.
+    """
+
+    _spatial_dims: int | None = None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | str | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        a_shape: Sequence[int],
+        rank: int | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        a = as_shape("a_shape", a_shape)
+        n = self._spatial_dims if self._spatial_dims is not None else len(a) - 2
+        if n not in _CONV:
+            raise ValueError(
+                f"a_shape {a} has {len(a)} modes, expected 3 to 5 (out, in, *kernel)"
+            )
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups:
+            raise ValueError(f"in_channels {in_channels} is not divisible by groups {groups}")
+        if out_channels % groups:
+            raise ValueError(f"out_channels {out_channels} is not divisible by groups {groups}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"padding_mode {padding_mode!r} is not supported: expected one of "
+                f"{_PADDING_MODES}"
+            )
+        check_dtype(dtype)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = ntuple("kernel_size", kernel_size, n)
+        self.stride = ntuple("stride", stride, n)
+        self.dilation = ntuple("dilation", dilation, n)
+        self.padding = padding if isinstance(padding, str) else ntuple(
+            "padding", padding, n, minimum=0
+        )
+        self._pads = resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        if len(a) != len(weight_shape):
+            raise ValueError(
+                f"a_shape {a} has {len(a)} modes, expected {len(weight_shape)} like the weight "
+                f"shape {weight_shape}"
+            )
+        self.a_shape = a
+        self.b_shape = b_shape_for(weight_shape, a)
+        self.rank = check_rank(rank, self.a_shape, self.b_shape)
+        self._g1, self._g2 = group_split(groups, self.a_shape, self.b_shape)
+        self._order = "auto"
+        self._order_cache: dict[tuple[int, ...], str] = {}
+        factory = {"device": device, "dtype": dtype}
+        self.a = nn.Parameter(torch.empty(self.rank, *self.a_shape, **factory))
+        self.b = nn.Parameter(torch.empty(self.rank, *self.b_shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def reset_parameters(self) -> None:
+        """Init so the reconstructed weight has the variance of the dense layer's default."""
+        fan_in = (self.in_channels // self.groups) * math.prod(self.kernel_size)
+        bound = uniform_factor_bound(fan_in, self.rank)
+        nn.init.uniform_(self.a, -bound, bound)
+        nn.init.uniform_(self.b, -bound, bound)
+        if self.bias is not None:
+            b = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -b, b)
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None
+    ) -> KroneckerConvNd:
+        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``)."""
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
+            raise TypeError(f"module must be an nn.Conv1d/2d/3d, got {type(module).__name__}")
+        n = len(module.kernel_size)
+        if cls._spatial_dims is not None and cls._spatial_dims != n:
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects an nn.Conv{cls._spatial_dims}d, got "
+                f"{type(module).__name__}"
+            )
+        weight = module.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"module.weight must have a floating dtype, got {weight.dtype}")
+        layer_cls = cls if cls._spatial_dims is not None else _BY_DIMS[n]
+        factors = decompose(weight.detach(), a_shape, rank=rank)
+        layer = layer_cls(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride,
+            module.padding, module.dilation, module.groups, module.bias is not None,
+            module.padding_mode, a_shape=a_shape, rank=factors.rank,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.a.copy_(factors.a)
+            layer.b.copy_(factors.b)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def reconstruct_weight(self) -> Tensor:
+        """The dense weight ``Σ_r a[r] ⊗ b[r]`` of shape ``(F, C/groups, *K)``."""
+        return kron_sum(self.a, self.b)
+
+    def to_dense(self) -> nn.Module:
+        """An ``nn.Conv*d`` with the same settings and the reconstructed weight."""
+        n = len(self.kernel_size)
+        conv = _DENSE[n](
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+            device=self.a.device, dtype=self.a.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.reconstruct_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------ cost and order
+
+    @property
+    def order(self) -> str:
+        """``"auto"`` (the cheaper order for each input size), ``"b_first"`` or ``"a_first"``."""
+        return self._order
+
+    @order.setter
+    def order(self, value: str) -> None:
+        if value not in _ORDER_CHOICES:
+            raise ValueError(f"order {value!r} is not supported: expected one of {_ORDER_CHOICES}")
+        self._order = value
+
+    def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
+        """MACs of each stage order for an input of ``input_shape`` (``(N, C, *spatial)``)."""
+        n = len(self.kernel_size)
+        shape = tuple(int(s) for s in input_shape)
+        batch = shape[0] if len(shape) == n + 2 else 1
+        return kronecker_conv_order_macs(
+            shape[-n:], self.a_shape, self.b_shape, self.rank, stride=self.stride,
+            padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,
+            batch=batch,
+        )
+
+    def _pads_as_arg(self) -> str | tuple[int, ...]:
+        return self.padding if isinstance(self.padding, str) else tuple(self.padding)
+
+    def resolve_order(self, input_shape: Sequence[int]) -> str:
+        """The order that runs for ``input_shape``: ``self.order``, or the cheaper if auto."""
+        if self._order != "auto":
+            return self._order
+        key = tuple(int(s) for s in input_shape[-len(self.kernel_size):])
+        order = self._order_cache.get(key)
+        if order is None:
+            order = best_order(self.order_macs((1, self.in_channels, *key)))
+            self._order_cache[key] = order
+        return order
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        """MACs of the forward that runs for an input of ``input_shape``."""
+        return self.order_macs(input_shape)[self.resolve_order(input_shape)]
+
+    # ------------------------------------------------------------------ forward
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """Pad ``x`` once (``F.pad``) unless the first stage can do symmetric zero padding."""
+        pads = self._pads
+        if self.padding_mode == "zeros" and all(pl == pr for pl, pr in pads):
+            return x, tuple(pl for pl, _ in pads)
+        flat = [p for pair in reversed(pads) for p in pair]
+        if any(flat):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, flat, mode=mode)
+        return x, (0,) * len(pads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = len(self.kernel_size)
+        unbatched = x.dim() == n + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != n + 2:
+            raise ValueError(
+                f"input must have {n + 1} or {n + 2} dims (C, *spatial) or (N, C, *spatial), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
+            )
+        order = self.resolve_order(x.shape)
+        x, pad1 = self._pad(x)
+        y = self._b_first(x, pad1) if order == "b_first" else self._a_first(x, pad1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, *([1] * n))
+        return y.squeeze(0) if unbatched else y
+
+    def _b_first(self, x: Tensor, pad1: tuple[int, ...]) -> Tensor:
+        conv = _CONV[len(self.kernel_size)]
+        r, g1, g2 = self.rank, self._g1, self._g2
+        f1, c1, *k1 = self.a_shape
+        f2, c2, *k2 = self.b_shape
+        n, sp = x.shape[0], x.shape[2:]
+        s1, s2 = stage_strides("b_first", k1, k2, self.stride)
+        if g2 > 1 and c1 > 1:  # channels (g1, g2, C1, C2) -> (g1, C1, g2, C2)
+            x = x.reshape(n, g1, g2, c1, c2, *sp).transpose(2, 3)
+        x = x.reshape(n * g1 * c1, g2 * c2, *sp)
+        wb = self.b.reshape(r, g2, f2 // g2, c2, *k2).transpose(0, 1).reshape(-1, c2, *k2)
+        y = conv(x, wb, None, s1, pad1, self.dilation, g2)  # (N·g1·C1, g2·R·F2/g2)
+        sp1 = y.shape[2:]
+        y = y.reshape(n, g1, c1, g2, r, f2 // g2, *sp1)
+        y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = y.reshape(n * f2, g1 * r * c1, *sp1)
+        wa = self.a.transpose(0, 1).reshape(f1, r * c1, *k1)
+        dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
+        z = conv(y, wa, None, s2, 0, dil, g1)  # (N·F2, F1)
+        sp2 = z.shape[2:]
+        return z.reshape(n, f2, f1, *sp2).transpose(1, 2).reshape(n, f1 * f2, *sp2)
+
+    def _a_first(self, x: Tensor, pad1: tuple[int, ...]) -> Tensor:
+        conv = _CONV[len(self.kernel_size)]
+        r, g1, g2 = self.rank, self._g1, self._g2
+        f1, c1, *k1 = self.a_shape
+        f2, c2, *k2 = self.b_shape
+        n, sp = x.shape[0], x.shape[2:]
+        s1, s2 = stage_strides("a_first", k1, k2, self.stride)
+        # channels (g1, g2, C1, C2) -> batch (N, g2, C2), channels (g1, C1)
+        x = x.reshape(n, g1, g2, c1, c2, *sp).permute(0, 2, 4, 1, 3, *range(5, 5 + len(sp)))
+        x = x.reshape(n * g2 * c2, g1 * c1, *sp)
+        wa = self.a.reshape(r, g1, f1 // g1, c1, *k1).transpose(0, 1).reshape(-1, c1, *k1)
+        dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
+        y = conv(x, wa, None, s1, pad1, dil, g1)  # (N·g2·C2, g1·R·F1/g1)
+        sp1 = y.shape[2:]
+        y = y.reshape(n, g2, c2, g1, r, f1 // g1, *sp1)
+        y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = y.reshape(n * f1, g2 * r * c2, *sp1)
+        wb = self.b.transpose(0, 1).reshape(f2, r * c2, *k2)
+        z = conv(y, wb, None, s2, 0, self.dilation, g2)  # (N·F1, F2)
+        return z.reshape(n, f1 * f2, *z.shape[2:])
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0,) * len(self.kernel_size):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1,) * len(self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        s += f", a_shape={self.a_shape}, b_shape={self.b_shape}, rank={self.rank}"
+        if self.order != "auto":
+            s += f", order={self.order!r}"
+        return s
+
+
+class KroneckerConv1d(KroneckerConvNd):
+    """Kronecker ``nn.Conv1d``: a_shape is ``(F1, C1, K1)``."""
+
+    _spatial_dims = 1
+
+
+class KroneckerConv2d(KroneckerConvNd):
+    """Kronecker ``nn.Conv2d``: a_shape is ``(F1, C1, K1h, K1w)``."""
+
+    _spatial_dims = 2
+
+
+class KroneckerConv3d(KroneckerConvNd):
+    """Kronecker ``nn.Conv3d``: a_shape is ``(F1, C1, K1d, K1h, K1w)``."""
+
+    _spatial_dims = 3
+
+
+_BY_DIMS = {1: KroneckerConv1d, 2: KroneckerConv2d, 3: KroneckerConv3d}

@@ -1,0 +1,155 @@
+"""Kronecker linear layer: ``y = Σ_r A_r X B_rᵀ`` on the input viewed as ``(N, in1, in2)``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gkpd.counting import ORDERS, best_order, kronecker_linear_order_macs
+from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose, kron_sum
+from gkpd.layers.conv import check_dtype, uniform_factor_bound
+
+__all__ = ["KroneckerLinear"]
+
+_ORDER_CHOICES = ("auto", *ORDERS)
+
+
+class KroneckerLinear(nn.Module):
+    """``nn.Linear`` whose weight ``(out_features, in_features)`` is ``Σ_r a[r] ⊗ b[r]``.
+
+    ``a_shape = (O1, I1)``; ``b_shape = (out_features/O1, in_features/I1)``. Accepts any
+    number of leading dims, like ``nn.Linear``. ``order`` is ``"auto"``, ``"b_first"`` or
+    ``"a_first"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        a_shape: Sequence[int],
+        rank: int | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_dtype(dtype)
+        a = as_shape("a_shape", a_shape)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.a_shape = a
+        self.b_shape = b_shape_for((out_features, in_features), a)
+        self.rank = check_rank(rank, self.a_shape, self.b_shape)
+        self._order = "auto"
+        factory = {"device": device, "dtype": dtype}
+        self.a = nn.Parameter(torch.empty(self.rank, *self.a_shape, **factory))
+        self.b = nn.Parameter(torch.empty(self.rank, *self.b_shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init so the reconstructed weight has the variance of ``nn.Linear``'s default."""
+        bound = uniform_factor_bound(self.in_features, self.rank)
+        nn.init.uniform_(self.a, -bound, bound)
+        nn.init.uniform_(self.b, -bound, bound)
+        if self.bias is not None:
+            b = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -b, b)
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None
+    ) -> KroneckerLinear:
+        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        weight = module.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"module.weight must have a floating dtype, got {weight.dtype}")
+        factors = decompose(weight.detach(), a_shape, rank=rank)
+        layer = cls(
+            module.in_features, module.out_features, module.bias is not None,
+            a_shape=a_shape, rank=factors.rank, device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.a.copy_(factors.a)
+            layer.b.copy_(factors.b)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def reconstruct_weight(self) -> Tensor:
+        return kron_sum(self.a, self.b)
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None,
+            device=self.a.device, dtype=self.a.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.reconstruct_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def order(self) -> str:
+        return self._order
+
+    @order.setter
+    def order(self, value: str) -> None:
+        if value not in _ORDER_CHOICES:
+            raise ValueError(f"order {value!r} is not supported: expected one of {_ORDER_CHOICES}")
+        self._order = value
+
+    def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
+        batch = math.prod(int(s) for s in input_shape[:-1])
+        return kronecker_linear_order_macs(self.a_shape, self.b_shape, self.rank, batch)
+
+    def resolve_order(self, input_shape: Sequence[int] = (1, 1)) -> str:
+        if self._order != "auto":
+            return self._order
+        return best_order(self.order_macs((1, self.in_features)))
+
+    def macs(self, input_shape: Sequence[int]) -> int:
+        return self.order_macs(input_shape)[self.resolve_order(input_shape)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has shape {tuple(x.shape)}, expected last dim in_features="
+                f"{self.in_features}"
+            )
+        r = self.rank
+        (o1, i1), (o2, i2) = self.a_shape, self.b_shape
+        lead = x.shape[:-1]
+        x = x.reshape(-1, i1, i2)
+        if self.resolve_order() == "b_first":
+            t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
+            y = self.a.permute(1, 2, 0).reshape(o1, i1 * r) @ t.reshape(-1, i1 * r, o2)
+        else:
+            u = self.a.transpose(0, 1).reshape(o1 * r, i1) @ x  # (N, O1·R, I2)
+            y = u.reshape(-1, o1, r * i2) @ self.b.transpose(1, 2).reshape(r * i2, o2)
+        y = y.reshape(*lead, o1 * o2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.bias is None:
+            s += ", bias=False"
+        s += f", a_shape={self.a_shape}, b_shape={self.b_shape}, rank={self.rank}"
+        if self._order != "auto":
+            s += f", order={self._order!r}"
+        return s
