@@ -1,0 +1,296 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gkpd
+from gkpd.counting import group_split
+from gkpd.layers import KroneckerConvNd
+
+f64 = torch.float64
+DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+KRON = {1: gkpd.KroneckerConv1d, 2: gkpd.KroneckerConv2d, 3: gkpd.KroneckerConv3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny float64 convs: thread start-up and contention cost far more than the work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def conv_configs(draw):
+    """A random dense conv (any groups incl. depthwise, padding mode, stride, dilation) and a
+    compatible a_shape, plus an input."""
+    nd = draw(st.sampled_from([1, 2, 3]))
+    kind = draw(st.sampled_from(["plain", "grouped", "depthwise"]))
+    if kind == "depthwise":
+        groups = draw(st.integers(1, 6))
+        in_ch, out_ch = groups, groups * draw(st.sampled_from([1, 1, 2]))
+    else:
+        groups = 1 if kind == "plain" else draw(st.integers(2, 4))
+        in_ch = groups * draw(st.integers(1, 4))
+        out_ch = groups * draw(st.integers(1, 4))
+    max_k = 3 if nd == 3 else 4
+    kernel = tuple(draw(st.integers(1, max_k)) for _ in range(nd))
+    k1 = tuple(draw(st.sampled_from(divisors(k))) for k in kernel)
+    c1 = draw(st.sampled_from(divisors(in_ch // groups)))
+    ok_f1 = []
+    for f1 in divisors(out_ch):
+        try:
+            group_split(groups, (f1,), (out_ch // f1,))
+            ok_f1.append(f1)
+        except ValueError:
+            pass
+    f1 = draw(st.sampled_from(ok_f1))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding_mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    pad_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    if pad_kind == "same":
+        stride = (1,) * nd
+        padding = "same"
+    elif pad_kind == "valid":
+        padding = "valid"
+    elif pad_kind == "int":
+        padding = draw(st.integers(0, 2))
+    else:
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+    max_size = 7 if nd == 3 else 10
+    size = tuple(
+        max(e, 3) + draw(st.integers(0, max_size - max(e, 3))) if e <= max_size else e
+        for e in extent
+    )
+    batch = draw(st.integers(1, 2))
+    bias = draw(st.booleans())
+    return dict(
+        nd=nd, in_ch=in_ch, out_ch=out_ch, kernel=kernel, stride=stride, padding=padding,
+        dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+        a_shape=(f1, c1, *k1), input_shape=(batch, in_ch, *size),
+    )
+
+
+def make_dense(cfg, seed):
+    torch.manual_seed(seed)
+    return DENSE[cfg["nd"]](
+        cfg["in_ch"], cfg["out_ch"], cfg["kernel"], cfg["stride"], cfg["padding"],
+        cfg["dilation"], cfg["groups"], cfg["bias"], cfg["padding_mode"], dtype=f64,
+    )
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
+
+
+@settings(deadline=None, max_examples=500)
+@given(conv_configs(), st.integers(0, 2**31))
+def test_full_rank_from_dense_is_exact(cfg, seed):
+    dense = make_dense(cfg, seed)
+    layer = KRON[cfg["nd"]].from_dense(dense, a_shape=cfg["a_shape"])
+    x = torch.randn(cfg["input_shape"], dtype=f64)
+    expected = dense(x)
+    for order in ("auto", "b_first", "a_first"):
+        layer.order = order
+        out = layer(x)
+        assert out.shape == expected.shape
+        assert rel(out, expected) < 1e-10, order
+    assert rel(layer.to_dense()(x), expected) < 1e-10
+
+
+@settings(deadline=None, max_examples=250)
+@given(conv_configs(), st.integers(0, 2**31), st.data())
+def test_truncated_forward_and_gradients_match_reconstruction(cfg, seed, data):
+    dense = make_dense(cfg, seed)
+    a = cfg["a_shape"]
+    b = tuple(w // x for w, x in zip(dense.weight.shape, a, strict=True))
+    rank = data.draw(st.integers(1, min(math.prod(a), math.prod(b))))
+    layer = KRON[cfg["nd"]].from_dense(dense, a_shape=a, rank=rank)
+    reference = layer.to_dense()
+    x = torch.randn(cfg["input_shape"], dtype=f64)
+    expected = reference(x)
+    x_ref = x.clone().requires_grad_()
+    # oracle: the dense functional conv of the reconstructed weight, with autograd
+    if cfg["padding_mode"] == "zeros":
+        ref_out = CONV[cfg["nd"]](
+            x_ref, layer.reconstruct_weight(), layer.bias, layer.stride, cfg["padding"],
+            layer.dilation, layer.groups,
+        )
+    else:
+        pads = [p for pair in reversed(layer._pads) for p in pair]
+        ref_out = CONV[cfg["nd"]](
+            F.pad(x_ref, pads, mode=cfg["padding_mode"]), layer.reconstruct_weight(),
+            layer.bias, layer.stride, 0, layer.dilation, layer.groups,
+        )
+    torch.testing.assert_close(ref_out, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(expected)
+    ref_grads = torch.autograd.grad(
+        ref_out, [x_ref, layer.a, layer.b], grad_out
+    )
+    for order in ("b_first", "a_first"):
+        layer.order = order
+        x_k = x.clone().requires_grad_()
+        out = layer(x_k)
+        assert rel(out, expected) < 1e-10
+        grads = torch.autograd.grad(out, [x_k, layer.a, layer.b], grad_out)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "nd, weight, a_shape",
+    [
+        (2, (8, 6, 3, 3), (4, 3, 3, 1)),  # 3x3 = 3x1 ⊗ 1x3
+        (2, (8, 6, 4, 4), (2, 3, 2, 2)),  # 4x4 = 2x2 ⊗ 2x2
+        (2, (4, 4, 9, 9), (2, 2, 3, 3)),  # 9x9 = 3x3 ⊗ 3x3
+        (3, (4, 6, 3, 3, 3), (2, 3, 1, 3, 3)),  # 3x3x3 = 1x3x3 ⊗ 3x1x1
+        (1, (6, 4, 6), (3, 2, 2)),
+    ],
+)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_named_kernel_splits(nd, weight, a_shape, stride):
+    torch.manual_seed(0)
+    dense = DENSE[nd](weight[1], weight[0], weight[2:], stride=stride, padding=1, dtype=f64)
+    layer = KRON[nd].from_dense(dense, a_shape=a_shape)
+    x = torch.randn(2, weight[1], *([11] * nd), dtype=f64)
+    for order in ("b_first", "a_first"):
+        layer.order = order
+        assert rel(layer(x), dense(x)) < 1e-10
+
+
+def test_depthwise_and_grouped_splits():
+    torch.manual_seed(0)
+    dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, dtype=f64)
+    x = torch.randn(2, 16, 8, 8, dtype=f64)
+    for a_shape in [(4, 1, 3, 1), (16, 1, 1, 3), (1, 1, 3, 3), (2, 1, 3, 3)]:
+        layer = gkpd.KroneckerConv2d.from_dense(dw, a_shape=a_shape)
+        assert rel(layer(x), dw(x)) < 1e-10
+    grouped = nn.Conv2d(8, 16, 3, groups=4, dtype=f64)
+    x = torch.randn(2, 8, 8, 8, dtype=f64)
+    # g1 = 4 (groups divide F1), and g1 = F1 = 2, g2 = 2 with C1 = 2 (input permute path)
+    for a_shape, split in [((4, 1, 3, 3), (4, 1)), ((8, 2, 1, 3), (4, 1)), ((2, 2, 3, 1), (2, 2))]:
+        layer = gkpd.KroneckerConv2d.from_dense(grouped, a_shape=a_shape)
+        assert (layer._g1, layer._g2) == split
+        for order in ("b_first", "a_first"):
+            layer.order = order
+            assert rel(layer(x), grouped(x)) < 1e-10
+
+
+def test_incompatible_groups_raise():
+    with pytest.raises(ValueError, match=r"a_shape \(2, 1, 3, 3\) is incompatible with groups=3"):
+        gkpd.KroneckerConv2d(6, 12, 3, groups=3, a_shape=(2, 1, 3, 3), rank=1)
+
+
+def test_stride_moves_into_first_stage():
+    layer = gkpd.KroneckerConv2d(16, 16, 3, stride=2, padding=1, a_shape=(4, 4, 1, 1), rank=2)
+    x = torch.randn(1, 16, 16, 16)
+    macs = layer.order_macs(x.shape)
+    # b_first: A is 1x1 so B runs with stride 2; both stages at 8x8 output
+    assert macs["b_first"] == 2 * (4 * 4 * 4 * 9 * 64) + 2 * (4 * 4 * 4 * 64)
+    layer.order = "b_first"
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_order_picks_cheaper():
+    layer = gkpd.KroneckerConv2d(64, 64, 3, padding=1, a_shape=(8, 8, 3, 3), rank=4)
+    shape = (1, 64, 16, 16)
+    macs = layer.order_macs(shape)
+    assert layer.resolve_order(shape) == min(macs, key=macs.get)
+    assert layer.macs(shape) == min(macs.values())
+    layer.order = "a_first"
+    assert layer.macs(shape) == macs["a_first"]
+    with pytest.raises(ValueError, match="order 'fast'"):
+        layer.order = "fast"
+
+
+def test_init_variance_matches_dense_default():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(64, 64, 3, a_shape=(8, 8, 3, 1), rank=8)
+    var = torch.stack([
+        (layer.reset_parameters(), layer.reconstruct_weight().var())[1] for _ in range(20)
+    ]).mean().item()
+    expected = 1.0 / (3 * 64 * 9)
+    assert var == pytest.approx(expected, rel=0.1)
+    dense_var = nn.Conv2d(64, 64, 3).weight.var().item()
+    assert dense_var == pytest.approx(expected, rel=0.1)
+    dw = gkpd.KroneckerConv2d(32, 32, 3, groups=32, a_shape=(4, 1, 3, 3), rank=1)
+    assert dw.reconstruct_weight().var().item() == pytest.approx(1 / (3 * 9), rel=0.5)
+
+
+def test_state_dict_round_trip_and_repr():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(8, 16, 3, padding="same", a_shape=(4, 2, 3, 1), rank=3)
+    assert set(layer.state_dict()) == {"a", "b", "bias"}
+    other = gkpd.KroneckerConv2d(8, 16, 3, padding="same", a_shape=(4, 2, 3, 1), rank=3)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 7, 7)
+    torch.testing.assert_close(other(x), layer(x))
+    text = repr(layer)
+    assert "a_shape=(4, 2, 3, 1)" in text and "b_shape=(4, 4, 1, 3)" in text and "rank=3" in text
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Conv2d) and dense.padding == "same"
+
+
+def test_no_grad_jit_trace_and_unbatched():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv1d(6, 8, 3, stride=2, padding=1, a_shape=(2, 3, 3), rank=2)
+    x = torch.randn(3, 6, 20)
+    with torch.no_grad():
+        out = layer(x)
+    assert not out.requires_grad
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), out)
+    torch.testing.assert_close(layer(x[0]), out[0])
+
+
+def test_from_dense_preserves_device_dtype_and_is_base_class_generic():
+    conv = nn.Conv3d(4, 4, 3, dtype=torch.float64)
+    layer = KroneckerConvNd.from_dense(conv, a_shape=(2, 2, 1, 3, 3), rank=2)
+    assert isinstance(layer, gkpd.KroneckerConv3d)
+    assert layer.a.dtype == torch.float64 and layer.rank == 2
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        gkpd.KroneckerConv2d.from_dense(conv, a_shape=(2, 2, 1, 3, 3))
+    with pytest.raises(TypeError, match="nn.Conv"):
+        gkpd.KroneckerConv2d.from_dense(nn.Linear(4, 4), a_shape=(2, 2, 1, 1))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"a_shape \(3, 2, 3, 3\) does not divide weight shape "
+                                         r"\(64, 64, 3, 3\) on mode 0"):
+        gkpd.KroneckerConv2d(64, 64, 3, a_shape=(3, 2, 3, 3), rank=1)
+    with pytest.raises(ValueError, match="modes"):
+        gkpd.KroneckerConv2d(64, 64, 3, a_shape=(4, 4, 3), rank=1)
+    with pytest.raises(ValueError, match="rank 0"):
+        gkpd.KroneckerConv2d(64, 64, 3, a_shape=(4, 4, 3, 3), rank=0)
+    with pytest.raises(ValueError, match="rank 145"):
+        gkpd.KroneckerConv2d(64, 64, 3, a_shape=(4, 4, 3, 3), rank=145)
+    with pytest.raises(ValueError, match="in_channels 6 is not divisible by groups 4"):
+        gkpd.KroneckerConv2d(6, 8, 3, groups=4, a_shape=(4, 1, 3, 3), rank=1)
+    with pytest.raises(ValueError, match="out_channels 6 is not divisible by groups 4"):
+        gkpd.KroneckerConv2d(8, 6, 3, groups=4, a_shape=(2, 1, 3, 3), rank=1)
+    with pytest.raises(ValueError, match="padding_mode 'mirror'"):
+        gkpd.KroneckerConv2d(8, 8, 3, padding_mode="mirror", a_shape=(2, 2, 3, 3), rank=1)
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        gkpd.KroneckerConv2d(8, 8, 3, stride=2, padding="same", a_shape=(2, 2, 3, 3), rank=1)
+    with pytest.raises(TypeError, match="floating dtype"):
+        gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1, dtype=torch.int32)
+    int_conv = nn.Conv2d(4, 4, 3)
+    del int_conv.weight
+    int_conv.weight = torch.ones(4, 4, 3, 3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="floating dtype"):
+        gkpd.KroneckerConv2d.from_dense(int_conv, a_shape=(2, 2, 3, 3))
+    layer = gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1)
+    with pytest.raises(ValueError, match="channels"):
+        layer(torch.randn(1, 4, 8, 8))

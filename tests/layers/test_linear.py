@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gkpd
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def linear_configs(draw):
+    in_f = draw(st.integers(1, 24))
+    out_f = draw(st.integers(1, 24))
+    a_shape = (draw(st.sampled_from(divisors(out_f))), draw(st.sampled_from(divisors(in_f))))
+    lead = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(0, 3))))
+    return in_f, out_f, a_shape, lead, draw(st.booleans())
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
+
+
+@settings(deadline=None, max_examples=200)
+@given(linear_configs(), st.integers(0, 2**31), st.data())
+def test_linear_exact_and_truncated(cfg, seed, data):
+    in_f, out_f, a_shape, lead, bias = cfg
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias, dtype=f64)
+    x = torch.randn(*lead, in_f, dtype=f64)
+    layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=a_shape)
+    for order in ("auto", "b_first", "a_first"):
+        layer.order = order
+        out = layer(x)
+        assert out.shape == (*lead, out_f)
+        assert rel(out, dense(x)) < 1e-10
+    b_shape = layer.b_shape
+    rank = data.draw(st.integers(1, min(math.prod(a_shape), math.prod(b_shape))))
+    layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=a_shape, rank=rank)
+    x_ref = x.clone().requires_grad_()
+    ref = F.linear(x_ref, layer.reconstruct_weight(), layer.bias)
+    torch.testing.assert_close(ref, layer.to_dense()(x), rtol=1e-10, atol=1e-12)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x_ref, layer.a, layer.b], grad_out)
+    for order in ("b_first", "a_first"):
+        layer.order = order
+        x_k = x.clone().requires_grad_()
+        out = layer(x_k)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(out, [x_k, layer.a, layer.b], grad_out)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_linear_init_variance_state_dict_trace_repr():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerLinear(256, 128, a_shape=(16, 16), rank=4)
+    var = torch.stack([
+        (layer.reset_parameters(), layer.reconstruct_weight().var())[1] for _ in range(10)
+    ]).mean().item()
+    assert var == pytest.approx(1 / (3 * 256), rel=0.1)
+    other = gkpd.KroneckerLinear(256, 128, a_shape=(16, 16), rank=4)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(other(x), layer(x))
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
+    with torch.no_grad():
+        assert not layer(x).requires_grad
+    assert "a_shape=(16, 16), b_shape=(8, 16), rank=4" in repr(layer)
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Linear)
+    torch.testing.assert_close(dense(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_macs_and_order():
+    layer = gkpd.KroneckerLinear(64, 32, a_shape=(2, 32), rank=2)
+    macs = layer.order_macs((10, 64))
+    assert layer.macs((10, 64)) == min(macs.values())
+    assert macs["b_first"] == 10 * 2 * (32 * 2 * 16 + 2 * 32 * 16)
+
+
+def test_linear_bad_inputs():
+    with pytest.raises(ValueError, match=r"a_shape \(3, 4\) does not divide weight shape "
+                                         r"\(32, 64\) on mode 0"):
+        gkpd.KroneckerLinear(64, 32, a_shape=(3, 4), rank=1)
+    with pytest.raises(ValueError, match="modes"):
+        gkpd.KroneckerLinear(64, 32, a_shape=(4, 4, 1), rank=1)
+    with pytest.raises(ValueError, match="rank 0"):
+        gkpd.KroneckerLinear(64, 32, a_shape=(4, 4), rank=0)
+    with pytest.raises(ValueError, match="rank 17"):
+        gkpd.KroneckerLinear(64, 32, a_shape=(4, 4), rank=17)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        gkpd.KroneckerLinear.from_dense(nn.Conv1d(4, 4, 1), a_shape=(2, 2))
+    with pytest.raises(ValueError, match="in_features"):
+        gkpd.KroneckerLinear(64, 32, a_shape=(4, 4), rank=1)(torch.randn(3, 32))
