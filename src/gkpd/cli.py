@@ -46,7 +46,9 @@ def resolve_model(spec: str):
     if path.is_file():
         card_path = path.parent / CARD_FILE
         if not card_path.is_file():
-            raise CliError(f"checkpoint {path} has no {CARD_FILE} beside it naming its architecture")
+            raise CliError(
+                f"checkpoint {path} has no {CARD_FILE} beside it naming its architecture"
+            )
         card = read_card(card_path)
         model = models.create(card["architecture"], **card.get("model_kwargs", {}))
         state = load_state(path)
@@ -73,7 +75,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     info = data.get_info(args.data)
     out = Path(args.out)
     if (out / CHECKPOINT_NAME).exists() and not args.resume:
-        raise CliError(f"--out {out} already holds a run; pass --resume to continue it or pick another")
+        raise CliError(
+            f"--out {out} already holds a run; pass --resume to continue it or pick another"
+        )
     model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
     model = models.create(args.model, **model_kwargs)
     train_loader, test_loader = data.build_loaders(
@@ -88,9 +92,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "hyperparameters": {
-            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "schedule": args.schedule, "label_smoothing": args.label_smoothing,
-            "momentum": 0.9, "nesterov": True,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "schedule": args.schedule,
+            "label_smoothing": args.label_smoothing,
+            "momentum": 0.9,
+            "nesterov": True,
             "augmentation": f"random crop (padding {info.crop_padding}) + horizontal flip",
         },
         "command": "gkpd " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -101,10 +109,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if distributed.is_main_process():
         atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
     history = train.fit(
-        model, train_loader, epochs=args.epochs, eval_loader=test_loader, checkpoint_dir=out,
-        resume=args.resume, device=args.device, progress=not args.no_progress,
-        lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-        label_smoothing=args.label_smoothing, seed=args.seed,
+        model,
+        train_loader,
+        epochs=args.epochs,
+        eval_loader=test_loader,
+        checkpoint_dir=out,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
     )
     final = history[-1]
     card["test_accuracy"] = final["eval_accuracy"]
@@ -112,8 +129,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if distributed.is_main_process():
         save_trained(out, model, card)
     result = {"out": str(out), "epochs": len(history), "test_accuracy": final["eval_accuracy"]}
-    _emit(args, result, f"trained {args.model} on {args.data}: test accuracy "
-          f"{final['eval_accuracy']:.2f}% after {len(history)} epochs; written to {out}")
+    _emit(
+        args,
+        result,
+        f"trained {args.model} on {args.data}: test accuracy "
+        f"{final['eval_accuracy']:.2f}% after {len(history)} epochs; written to {out}",
+    )
     return 0
 
 
@@ -124,16 +145,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     info = data.get_info(args.data)
     norm = card.get("normalization")
     if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
-        log.warning("model was trained with normalization %s; %s uses mean %s std %s",
-                    norm, args.data, info.mean, info.std)
+        log.warning(
+            "model was trained with normalization %s; %s uses mean %s std %s",
+            norm,
+            args.data,
+            info.mean,
+            info.std,
+        )
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
     from torch.utils.data import DataLoader
 
     loader = DataLoader(test, batch_size=args.batch_size)
     result = train.evaluate(model, loader, device=args.device, progress=not args.no_progress)
     result = {"model": args.model, "dataset": args.data, **result}
-    _emit(args, result, f"{args.model} on {args.data} test: accuracy {result['accuracy']:.2f}% "
-          f"(loss {result['loss']:.4f}, {result['count']} samples)")
+    _emit(
+        args,
+        result,
+        f"{args.model} on {args.data} test: accuracy {result['accuracy']:.2f}% "
+        f"(loss {result['loss']:.4f}, {result['count']} samples)",
+    )
     return 0
 
 
@@ -148,12 +178,18 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     from gkpd.data import dataset_names
 
     parser.add_argument("--data", required=True, choices=dataset_names(), help="data set")
-    parser.add_argument("--data-dir", default=None, help="directory of the data set "
-                        "(default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of the data set "
+        "(default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
+    )
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -163,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a zoo model from scratch",
-                       description="Train a gkpd.models architecture on a data set.")
+    p = sub.add_parser(
+        "train",
+        help="train a zoo model from scratch",
+        description="Train a gkpd.models architecture on a data set.",
+    )
     p.add_argument("model", metavar="MODEL_NAME", help="a gkpd.models name, e.g. resnet32")
     _data_args(p)
     p.add_argument("--epochs", type=_positive_int, required=True)
@@ -180,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common_args(p)
     p.set_defaults(handler=_cmd_train)
 
-    p = sub.add_parser("eval", help="test accuracy of a model",
-                       description="Evaluate a model on the test split of a data set.")
+    p = sub.add_parser(
+        "eval",
+        help="test accuracy of a model",
+        description="Evaluate a model on the test split of a data set.",
+    )
     p.add_argument("model", metavar="MODEL", help="zoo name with shipped weights, or a directory")
     _data_args(p)
     p.add_argument("--batch-size", type=_positive_int, default=512)
@@ -193,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.handler(args)
     except (CliError, ValueError, TypeError, FileNotFoundError) as error:

@@ -19,7 +19,8 @@ class ImageArrayDataset(Dataset):
     ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(
-                f"images must be uint8 of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+                "images must be uint8 of shape (N, C, H, W), "
+                f"got {images.dtype} {tuple(images.shape)}"
             )
         if labels.shape != (images.shape[0],):
             raise ValueError(

@@ -26,7 +26,9 @@ def _open_idx(directory: Path, stem: str) -> bytes:
                     return handle.read()
             except (OSError, EOFError) as error:
                 raise ValueError(f"cannot read {candidate}: {error}; {HOW_TO_GET}") from error
-    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {directory}; {HOW_TO_GET}")
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}; {HOW_TO_GET}"
+    )
 
 
 def parse_idx(raw: bytes, source: str) -> np.ndarray:
@@ -45,7 +47,9 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_arrays(split: str, data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_arrays(
+    split: str, data_dir: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 1, 28, 28) and int64 labels of the ``train`` or ``test`` split."""
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -65,7 +65,8 @@ def load_pretrained(name: str, *, with_card: bool = False):
     card_path = WEIGHTS_DIR / f"{name}.json"
     if not card_path.is_file():
         raise ValueError(
-            f"no shipped weights named {name!r}; available: {', '.join(pretrained_names()) or 'none'}"
+            f"no shipped weights named {name!r}; "
+            f"available: {', '.join(pretrained_names()) or 'none'}"
         )
     model, card = load_trained(WEIGHTS_DIR / f"{name}.safetensors", card_path)
     return (model, card) if with_card else model

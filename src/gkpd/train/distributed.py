@@ -44,7 +44,9 @@ def reduce_sums(values: list[float], device: torch.device) -> list[float]:
 
 def distributed_loader(loader: DataLoader, seed: int) -> DataLoader:
     """The same loader, each rank reading its own shard, shuffled by epoch."""
-    sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed, drop_last=loader.drop_last)
+    sampler = DistributedSampler(
+        loader.dataset, shuffle=True, seed=seed, drop_last=loader.drop_last
+    )
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,

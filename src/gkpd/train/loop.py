@@ -118,7 +118,9 @@ class _FeatureTaps:
         self.handles = []
         for name in names:
             if name not in modules:
-                raise ValueError(f"feature_pairs names {role} module {name!r}, which does not exist")
+                raise ValueError(
+                    f"feature_pairs names {role} module {name!r}, which does not exist"
+                )
             self.handles.append(modules[name].register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
@@ -191,9 +193,13 @@ def fit(
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
     )
 
     history: list[dict[str, Any]] = []
@@ -210,7 +216,11 @@ def fit(
         _set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
 
-    loader = distributed.distributed_loader(train_loader, config.seed) if is_distributed else train_loader
+    loader = (
+        distributed.distributed_loader(train_loader, config.seed)
+        if is_distributed
+        else train_loader
+    )
     net: nn.Module = DistributedDataParallel(model) if is_distributed else model
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -244,12 +254,19 @@ def fit(
                     with torch.no_grad():
                         teacher_logits = teacher(inputs)
                     loss = distillation_loss(
-                        logits, teacher_logits, targets, alpha=config.alpha,
-                        temperature=config.temperature, label_smoothing=config.label_smoothing,
+                        logits,
+                        teacher_logits,
+                        targets,
+                        alpha=config.alpha,
+                        temperature=config.temperature,
+                        label_smoothing=config.label_smoothing,
                     )
                     if student_taps is not None:
                         for s_name, t_name in config.feature_pairs.items():
-                            s_out, t_out = student_taps.outputs[s_name], teacher_taps.outputs[t_name]
+                            s_out, t_out = (
+                                student_taps.outputs[s_name],
+                                teacher_taps.outputs[t_name],
+                            )
                             if s_out.shape != t_out.shape:
                                 raise ValueError(
                                     f"feature_pairs {s_name!r} -> {t_name!r}: shapes "
@@ -281,15 +298,20 @@ def fit(
             history.append(record)
             log.info("epoch %s", json.dumps(record))
             if main and checkpoint_path is not None:
-                save_state(checkpoint_path, {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "config": {k: (list(v) if isinstance(v, tuple) else v)
-                               for k, v in asdict(config).items()},
-                })
+                save_state(
+                    checkpoint_path,
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": _rng_state(),
+                        "history": history,
+                        "config": {
+                            k: (list(v) if isinstance(v, tuple) else v)
+                            for k, v in asdict(config).items()
+                        },
+                    },
+                )
                 atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
             distributed.barrier()
     finally:
@@ -308,8 +330,10 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy (percent) of ``model`` over ``loader``."""
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else next((p.device for p in model.parameters()), torch.device("cpu"))
     )
     was_training = model.training
     model.eval()

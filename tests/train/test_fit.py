@@ -1,0 +1,201 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gkpd.train import distillation_loss, evaluate, fit
+from gkpd.train.checkpoint import check_state_dict_matches, load_state, save_state
+
+SCRIPT = Path(__file__).with_name("fit_script.py")
+
+
+def _run_script(*args, **popen):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], **popen)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_fit_lowers_loss_and_evaluate_reports_percent():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = evaluate(model, loader)
+    history = fit(model, loader, epochs=5, eval_loader=loader, progress=False, lr=0.1, device="cpu")
+    assert len(history) == 5
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["eval_accuracy"] > 90.0
+    assert 0.0 <= before["accuracy"] <= 100.0
+
+
+def test_distillation_reaches_student_through_soft_labels_alone():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 5))
+    with torch.no_grad():
+        teacher[2].weight.mul_(10)  # a confident teacher, as a trained one is
+    train_x, held_out_x = torch.randn(4096, 2), torch.randn(512, 2)
+    garbage = torch.randint(0, 5, (4096,))  # alpha=1: the hard labels must not matter
+    loader = DataLoader(TensorDataset(train_x, garbage), batch_size=64, shuffle=True)
+    student = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 5))
+    with torch.no_grad():
+        agreement_before = student(held_out_x).argmax(1) == teacher(held_out_x).argmax(1)
+    fit(
+        student,
+        loader,
+        epochs=10,
+        teacher=teacher,
+        alpha=1.0,
+        temperature=4.0,
+        lr=0.05,
+        weight_decay=0.0,
+        progress=False,
+        device="cpu",
+    )
+    with torch.no_grad():
+        agreement = student(held_out_x).argmax(1) == teacher(held_out_x).argmax(1)
+    assert agreement_before.float().mean() < 0.6
+    assert agreement.float().mean() > 0.97
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_mixes_hard_term():
+    logits = torch.randn(4, 3)
+    targets = torch.tensor([0, 1, 2, 0])
+    assert distillation_loss(logits, logits, None, alpha=1.0, temperature=3.0).abs() < 1e-6
+    mixed = distillation_loss(logits, logits, targets, alpha=0.25, temperature=3.0)
+    hard = nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(mixed, 0.75 * hard)
+
+
+def test_feature_distillation_checks_module_names():
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    teacher = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    fit(
+        student,
+        loader,
+        epochs=1,
+        teacher=teacher,
+        feature_pairs={"0": "0"},
+        progress=False,
+        device="cpu",
+    )
+    with pytest.raises(ValueError, match="'nope'"):
+        fit(
+            student,
+            loader,
+            epochs=1,
+            teacher=teacher,
+            feature_pairs={"nope": "0"},
+            progress=False,
+            device="cpu",
+        )
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 1, "lr": -1.0}, "lr"),
+        ({"epochs": 1, "schedule": "linear"}, "schedule"),
+        ({"epochs": 1, "alpha": 2.0}, "alpha"),
+        ({"epochs": 1, "momentun": 0.9}, "momentun"),
+    ],
+)
+def test_fit_rejects_bad_options(options, match):
+    loader = DataLoader(
+        TensorDataset(torch.randn(8, 2), torch.zeros(8, dtype=torch.long)), batch_size=4
+    )
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit(nn.Linear(2, 2), loader, progress=False, **options)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    assert _run_script(unbroken, 4).wait(timeout=120) == 0
+
+    # Slow batches make an epoch last ~1.6 s, so the kill lands inside epoch 3.
+    child = _run_script(broken, 4, "--slow", "0.1")
+    deadline = time.time() + 120
+    metrics = broken / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    state = load_state(broken / "checkpoint.pt")
+    assert 2 <= state["epoch"] < 4, "the kill must land before the run finished"
+    assert not (broken / "weights_rank0.pt").exists()
+
+    assert _run_script(broken, 4, "--resume").wait(timeout=120) == 0
+    a, b = _weights(unbroken / "weights_rank0.pt"), _weights(broken / "weights_rank0.pt")
+    for name, tensor in a["weights"].items():
+        assert torch.equal(tensor, b["weights"][name]), name
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_torchrun_two_ranks_end_identical_and_learn(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SCRIPT),
+        str(tmp_path),
+        "3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = _weights(tmp_path / "weights_rank0.pt"), _weights(tmp_path / "weights_rank1.pt")
+    for name, tensor in rank0["weights"].items():
+        assert torch.equal(tensor, rank1["weights"][name]), name
+    losses = [h["train_loss"] for h in rank0["history"]]
+    assert losses[-1] < losses[0]
+
+    # metrics are reduced over ranks, so both ranks report the same figures
+    def figures(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert figures(rank0["history"]) == figures(rank1["history"])
+    # each rank saw half the data: 256 samples / 2 ranks / batch 16 = 8 steps per epoch
+    assert load_state(tmp_path / "checkpoint.pt")["epoch"] == 3
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path):
+    path = save_state(tmp_path / "c.pt", {"model": nn.Linear(3, 4).state_dict()})
+    state = load_state(path)
+    with pytest.raises(ValueError, match="another architecture"):
+        check_state_dict_matches(nn.Linear(3, 5), state["model"], str(path))
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
+    path = save_state(tmp_path / "c.pt", {"x": torch.ones(1000)})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_state(path)
+    with pytest.raises(FileNotFoundError):
+        load_state(tmp_path / "missing.pt")
+
+
+def test_checkpoint_loader_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": Path("/")}, path)  # an arbitrary class: weights_only must refuse it
+    with pytest.raises(ValueError):
+        load_state(path)
