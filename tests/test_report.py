@@ -20,8 +20,13 @@ def tiny_model(kronecker: bool) -> nn.Module:
         conv2 = KroneckerConv2d.from_dense(conv2, a_shape=(2, 2, 3, 1), rank=2)
         fc = KroneckerLinear.from_dense(fc, a_shape=(2, 8), rank=2)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), conv2,
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), fc,
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        conv2,
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        fc,
     )
 
 

@@ -82,15 +82,17 @@ class Report:
         header = ("#", "layer", "type", "input", "order", "params", "MACs")
         rows = [header]
         for i, layer in enumerate(self.layers):
-            rows.append((
-                str(i),
-                layer.name,
-                layer.type,
-                "×".join(map(str, layer.input_shape)),
-                layer.order or "-",
-                f"{layer.params:,}",
-                f"{layer.macs:,}" + (f" ({layer.calls} calls)" if layer.calls > 1 else ""),
-            ))
+            rows.append(
+                (
+                    str(i),
+                    layer.name,
+                    layer.type,
+                    "×".join(map(str, layer.input_shape)),
+                    layer.order or "-",
+                    f"{layer.params:,}",
+                    f"{layer.macs:,}" + (f" ({layer.calls} calls)" if layer.calls > 1 else ""),
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         right = {0, 5, 6}
 
