@@ -34,6 +34,7 @@ __all__ = [
     "linear_params",
     "module_macs",
     "module_params",
+    "padding_stage",
     "resolve_padding",
     "stage_strides",
 ]
@@ -142,6 +143,27 @@ def stage_strides(
     return s1, s2
 
 
+def padding_stage(
+    order: str,
+    a_kernel: Sequence[int],
+    b_kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    padding_mode: str = "zeros",
+) -> str:
+    """Where a Kronecker convolution applies its padding: ``"input"`` (``F.pad`` before both
+    stages: non-zero modes and asymmetric padding), ``"first"`` (the first stage's zero
+    padding), or ``"second"`` (the second stage's zero padding: when the first stage is
+    pointwise with stride 1 it commutes with zero padding, and runs on the unpadded input)."""
+    if padding_mode != "zeros" or any(pl != pr for pl, pr in padding):
+        return "input" if any(p for pair in padding for p in pair) else "first"
+    first = b_kernel if order == "b_first" else a_kernel
+    s1, _ = stage_strides(order, a_kernel, b_kernel, stride)
+    if all(k == 1 for k in first) and all(s == 1 for s in s1):
+        return "second"
+    return "first"
+
+
 def _check_order(order: str) -> None:
     if order not in ORDERS:
         raise ValueError(f"order {order!r} is not supported: expected one of {ORDERS}")
@@ -206,6 +228,7 @@ def kronecker_conv_order_macs(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     batch: int = 1,
+    padding_mode: str = "zeros",
 ) -> dict[str, int]:
     """MACs of a Kronecker convolution for each stage order: ``{"b_first": …, "a_first": …}``.
 
@@ -225,13 +248,16 @@ def kronecker_conv_order_macs(
     result = {}
     for order in ORDERS:
         s1, _ = stage_strides(order, k1, k2, st)
+        first_in = padded
+        if padding_stage(order, k1, k2, st, pads, padding_mode) == "second":
+            first_in = list(input_spatial)
         if order == "b_first":
-            o1 = math.prod(conv_output_shape(padded, k2, s1, zero, dl))
+            o1 = math.prod(conv_output_shape(first_in, k2, s1, zero, dl))
             first = batch * g1 * c1 * rank * f2 * c2 * math.prod(k2) * o1
             second = batch * f2 * f1 * rank * c1 * math.prod(k1) * out
         else:
             dil_a = [d * k for d, k in zip(dl, k2, strict=True)]
-            o1 = math.prod(conv_output_shape(padded, k1, s1, zero, dil_a))
+            o1 = math.prod(conv_output_shape(first_in, k1, s1, zero, dil_a))
             first = batch * g2 * c2 * rank * f1 * c1 * math.prod(k1) * o1
             second = batch * f1 * f2 * rank * c2 * math.prod(k2) * out
         result[order] = first + second
@@ -255,12 +281,13 @@ def kronecker_conv_macs(
     groups: int = 1,
     batch: int = 1,
     order: str = "auto",
+    padding_mode: str = "zeros",
 ) -> int:
     """MACs of a Kronecker convolution in ``order`` (``"auto"``: the cheaper, which the layer
     runs)."""
     macs = kronecker_conv_order_macs(
         input_spatial, a_shape, b_shape, rank, stride=stride, padding=padding,
-        dilation=dilation, groups=groups, batch=batch,
+        dilation=dilation, groups=groups, batch=batch, padding_mode=padding_mode,
     )
     if order == "auto":
         return macs[best_order(macs)]

@@ -272,7 +272,12 @@ def decompose(
     compute_dtype = w.dtype
     if w.dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32
-    m = rearrange(w.detach().to(compute_dtype), a, b)
+    # M in column-major layout (LAPACK's): the copy then moves runs of the a-modes, and the
+    # SVD needs no copy of its own.
+    n = len(a)
+    perm = list(range(1, 2 * n, 2)) + list(range(0, 2 * n, 2))
+    w_c = w.detach().to(compute_dtype).reshape(_interleave(a, b))
+    m = w_c.permute(perm).reshape(math.prod(b), math.prod(a)).transpose(0, 1)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     root = s[:r].sqrt()
     fa = (u[:, :r] * root).transpose(0, 1).reshape(r, *a)

@@ -20,6 +20,7 @@ from gkpd.counting import (
     group_split,
     kronecker_conv_order_macs,
     ntuple,
+    padding_stage,
     resolve_padding,
     stage_strides,
 )
@@ -31,6 +32,28 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ORDER_CHOICES = ("auto", *ORDERS)
+
+
+def _stage(
+    x: Tensor,
+    w: Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Tensor:
+    """One stage: a convolution, or a (grouped) matmul when it is pointwise (much faster on
+    CPU than a 1×1 conv with few channels and a large batch)."""
+    if any(k != 1 for k in w.shape[2:]) or any(s != 1 for s in stride) or any(padding):
+        return _CONV[w.dim() - 2](x, w, None, stride, padding, dilation, groups)
+    m, c = x.shape[:2]
+    f = w.shape[0]
+    if groups == 1:
+        y = torch.matmul(w.reshape(f, c), x.reshape(m, c, -1))
+    else:
+        wg = w.reshape(groups, f // groups, c // groups)
+        y = torch.matmul(wg, x.reshape(m, groups, c // groups, -1))
+    return y.reshape(m, f, *x.shape[2:])
 
 
 def check_dtype(dtype: torch.dtype | None) -> None:
@@ -216,7 +239,7 @@ class KroneckerConvNd(nn.Module):
         return kronecker_conv_order_macs(
             shape[-n:], self.a_shape, self.b_shape, self.rank, stride=self.stride,
             padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,
-            batch=batch,
+            batch=batch, padding_mode=self.padding_mode,
         )
 
     def _pads_as_arg(self) -> str | tuple[int, ...]:
@@ -239,16 +262,12 @@ class KroneckerConvNd(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _pad(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        """Pad ``x`` once (``F.pad``) unless the first stage can do symmetric zero padding."""
-        pads = self._pads
-        if self.padding_mode == "zeros" and all(pl == pr for pl, pr in pads):
-            return x, tuple(pl for pl, _ in pads)
-        flat = [p for pair in reversed(pads) for p in pair]
-        if any(flat):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, flat, mode=mode)
-        return x, (0,) * len(pads)
+    def _padding_plan(self, order: str) -> tuple[str, tuple[int, ...]]:
+        """``(where, symmetric pads)``; see :func:`gkpd.counting.padding_stage`."""
+        where = padding_stage(
+            order, self.a_shape[2:], self.b_shape[2:], self.stride, self._pads, self.padding_mode
+        )
+        return where, tuple(pl for pl, _ in self._pads)
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.kernel_size)
@@ -265,14 +284,21 @@ class KroneckerConvNd(nn.Module):
                 f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
             )
         order = self.resolve_order(x.shape)
-        x, pad1 = self._pad(x)
-        y = self._b_first(x, pad1) if order == "b_first" else self._a_first(x, pad1)
+        where, pads = self._padding_plan(order)
+        zero = (0,) * n
+        if where == "input":
+            flat = [p for pair in reversed(self._pads) for p in pair]
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, flat, mode=mode)
+        pad1 = pads if where == "first" else zero
+        pad2 = pads if where == "second" else zero
+        stages = self._b_first if order == "b_first" else self._a_first
+        y = stages(x, pad1, pad2)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * n))
         return y.squeeze(0) if unbatched else y
 
-    def _b_first(self, x: Tensor, pad1: tuple[int, ...]) -> Tensor:
-        conv = _CONV[len(self.kernel_size)]
+    def _b_first(self, x: Tensor, pad1: tuple[int, ...], pad2: tuple[int, ...]) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
@@ -282,19 +308,18 @@ class KroneckerConvNd(nn.Module):
             x = x.reshape(n, g1, g2, c1, c2, *sp).transpose(2, 3)
         x = x.reshape(n * g1 * c1, g2 * c2, *sp)
         wb = self.b.reshape(r, g2, f2 // g2, c2, *k2).transpose(0, 1).reshape(-1, c2, *k2)
-        y = conv(x, wb, None, s1, pad1, self.dilation, g2)  # (N·g1·C1, g2·R·F2/g2)
+        y = _stage(x, wb, s1, pad1, self.dilation, g2)  # (N·g1·C1, g2·R·F2/g2)
         sp1 = y.shape[2:]
         y = y.reshape(n, g1, c1, g2, r, f2 // g2, *sp1)
         y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
         y = y.reshape(n * f2, g1 * r * c1, *sp1)
         wa = self.a.transpose(0, 1).reshape(f1, r * c1, *k1)
         dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
-        z = conv(y, wa, None, s2, 0, dil, g1)  # (N·F2, F1)
+        z = _stage(y, wa, s2, pad2, dil, g1)  # (N·F2, F1)
         sp2 = z.shape[2:]
         return z.reshape(n, f2, f1, *sp2).transpose(1, 2).reshape(n, f1 * f2, *sp2)
 
-    def _a_first(self, x: Tensor, pad1: tuple[int, ...]) -> Tensor:
-        conv = _CONV[len(self.kernel_size)]
+    def _a_first(self, x: Tensor, pad1: tuple[int, ...], pad2: tuple[int, ...]) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
@@ -305,13 +330,13 @@ class KroneckerConvNd(nn.Module):
         x = x.reshape(n * g2 * c2, g1 * c1, *sp)
         wa = self.a.reshape(r, g1, f1 // g1, c1, *k1).transpose(0, 1).reshape(-1, c1, *k1)
         dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
-        y = conv(x, wa, None, s1, pad1, dil, g1)  # (N·g2·C2, g1·R·F1/g1)
+        y = _stage(x, wa, s1, pad1, dil, g1)  # (N·g2·C2, g1·R·F1/g1)
         sp1 = y.shape[2:]
         y = y.reshape(n, g2, c2, g1, r, f1 // g1, *sp1)
         y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
         y = y.reshape(n * f1, g2 * r * c2, *sp1)
         wb = self.b.transpose(0, 1).reshape(f2, r * c2, *k2)
-        z = conv(y, wb, None, s2, 0, self.dilation, g2)  # (N·F1, F2)
+        z = _stage(y, wb, s2, pad2, self.dilation, g2)  # (N·F1, F2)
         return z.reshape(n, f1 * f2, *z.shape[2:])
 
     def extra_repr(self) -> str:
