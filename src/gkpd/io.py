@@ -1,0 +1,307 @@
+"""Save and load a compressed model: plan JSON + safetensors weights, nothing unpickled.
+
+A save is a directory holding
+
+* ``plan.json`` — the :class:`~gkpd.plan.schema.CompressionPlan`, which is all that is needed
+  to rebuild the Kronecker modules in the dense architecture without decomposing again;
+* ``model.safetensors`` — the state dict of the compressed model;
+* ``model.json`` — optional metadata (the "card": architecture, model_kwargs, data set, ...),
+  so that the command line can rebuild the dense architecture by name;
+* ``manifest.json`` — written last: the size and SHA-256 of each of the files above.
+
+Every file is written atomically (temporary file + rename). An existing manifest is removed
+before anything else is written and the new one is written after everything else, so a save
+that is interrupted at any point leaves a directory that :func:`load` rejects with a clear
+error instead of one whose plan and weights silently disagree. The manifest's checksums also
+catch truncated or corrupted files. The directory may hold other files (training
+checkpoints, for example); they are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkpd.plan.schema import CompressionPlan
+from gkpd.train.checkpoint import atomic_write, atomic_write_text, check_state_dict_matches
+
+__all__ = [
+    "CARD_FILE",
+    "MANIFEST_FILE",
+    "PLAN_FILE",
+    "WEIGHTS_FILE",
+    "is_saved_model",
+    "load",
+    "read_card",
+    "save",
+]
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "gkpd-compressed-model"
+FORMAT_VERSION = 1
+
+
+def is_saved_model(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`save` (it has a plan file)."""
+    path = Path(path)
+    return path.is_dir() and ((path / MANIFEST_FILE).is_file() or (path / PLAN_FILE).is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors; tensors sharing storage are copied apart
+    (safetensors refuses shared storage)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()
+        elif tensor.numel():
+            seen.add(storage)
+        tensors[key] = tensor
+    return tensors
+
+
+def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
+    """Raise when ``model`` is not the result of applying ``plan`` (the save would not load)."""
+    modules = dict(model.named_modules())
+    for entry in plan.compressed_layers:
+        module = modules.get(entry.name)
+        if module is None:
+            raise ValueError(f"plan layer {entry.name!r} is not a module of the model")
+        a_shape = getattr(module, "a_shape", None)
+        if entry.a_shape is not None and a_shape is None:
+            raise ValueError(
+                f"model layer {entry.name!r} is a dense {type(module).__name__}, but the plan "
+                f"compresses it with {entry.method}: apply the plan (gkpd.apply_) before saving"
+            )
+        if entry.a_shape is not None and tuple(a_shape) != tuple(entry.a_shape):
+            raise ValueError(
+                f"model layer {entry.name!r} has a_shape {tuple(a_shape)}, the plan says "
+                f"{entry.a_shape}"
+            )
+        rank = getattr(module, "rank", None)
+        if entry.rank is not None and rank is not None and rank != entry.rank:
+            raise ValueError(
+                f"model layer {entry.name!r} has rank {rank}, the plan says {entry.rank}"
+            )
+
+
+def save(
+    path: str | Path,
+    model: nn.Module,
+    plan: CompressionPlan,
+    *,
+    card: dict[str, Any] | None = None,
+) -> Path:
+    """Write the compressed ``model`` and its ``plan`` to the directory ``path``.
+
+    ``model`` is the model after :func:`gkpd.apply_` (and fine-tuning); ``card`` is optional
+    JSON-able metadata that names the dense ``architecture`` (a :func:`gkpd.models.create`
+    name) and its ``model_kwargs``. An earlier save in the same directory is replaced; other
+    files in the directory are left alone. Returns the directory.
+    """
+    if not isinstance(plan, CompressionPlan):
+        raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    card_text = None
+    if card is not None:
+        if not isinstance(card, dict) or "architecture" not in card:
+            raise ValueError(
+                "card must be a dict that names the 'architecture' (a gkpd.models name), "
+                f"got {card!r:.200}"
+            )
+        try:
+            card_text = json.dumps(card, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"card is not JSON-serializable: {error}") from error
+    _check_model_matches_plan(model, plan)
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save path {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    # Invalidate an earlier save first: from here until the new manifest is in place, load()
+    # refuses the directory.
+    manifest_path = path / MANIFEST_FILE
+    manifest_path.unlink(missing_ok=True)
+    files = [PLAN_FILE]
+    atomic_write_text(path / PLAN_FILE, plan.to_json() + "\n")
+    if card_text is not None:
+        atomic_write_text(path / CARD_FILE, card_text)
+        files.append(CARD_FILE)
+    else:
+        (path / CARD_FILE).unlink(missing_ok=True)  # a stale card would describe another model
+    tensors = _state_tensors(model)
+    atomic_write(
+        path / WEIGHTS_FILE,
+        lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}),
+    )
+    files.append(WEIGHTS_FILE)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "files": {
+            name: {"bytes": (path / name).stat().st_size, "sha256": _sha256(path / name)}
+            for name in files
+        },
+    }
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("saved %s (%d tensors, plan of %d layers)", path, len(tensors), len(plan.layers))
+    return path
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(
+            f"{path} is not a complete gkpd save: {MANIFEST_FILE} is missing (the save was "
+            "interrupted, or the directory was not written by gkpd.save)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_path} is corrupt or truncated: {error}") from error
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
+        raise ValueError(f"{manifest_path} is not a gkpd save manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{manifest_path} has format version {manifest.get('version')!r}; this gkpd reads "
+            f"version {FORMAT_VERSION}"
+        )
+    for required in (PLAN_FILE, WEIGHTS_FILE):
+        if required not in manifest["files"]:
+            raise ValueError(f"{manifest_path} does not list {required}")
+    return manifest
+
+
+def _verify(path: Path, manifest: dict[str, Any]) -> None:
+    for name, expected in manifest["files"].items():
+        if name not in (PLAN_FILE, WEIGHTS_FILE, CARD_FILE) or not isinstance(expected, dict):
+            raise ValueError(f"{path / MANIFEST_FILE} lists an unexpected entry {name!r}")
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing (listed in {MANIFEST_FILE})")
+        size = file.stat().st_size
+        if size != expected.get("bytes"):
+            raise ValueError(
+                f"{file} is truncated or was changed: {size} bytes, the manifest says "
+                f"{expected.get('bytes')}"
+            )
+        if _sha256(file) != expected.get("sha256"):
+            raise ValueError(f"{file} is corrupt or was changed: its SHA-256 does not match")
+
+
+def read_card(path: str | Path) -> dict[str, Any] | None:
+    """The card saved with the model in ``path``, or ``None`` when it was saved without one."""
+    path = Path(path)
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        return None
+    from gkpd.models.pretrained import read_card as read_model_card
+
+    return read_model_card(card_path)
+
+
+def _check_plan_fits(model: nn.Module, plan: CompressionPlan, source: str) -> None:
+    """Plan layer names, module types and weight shapes against the dense ``model``, before
+    anything in it is changed."""
+    modules = dict(model.named_modules())
+    problems = []
+    own_params = sum(p.numel() for p in model.parameters())
+    if own_params != plan.dense_params:
+        problems.append(
+            f"the model has {own_params:,} parameters, the plan's dense model {plan.dense_params:,}"
+        )
+    for entry in plan.layers:
+        module = modules.get(entry.name)
+        if module is None:
+            problems.append(f"no layer {entry.name!r}")
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != tuple(entry.weight_shape):
+            problems.append(
+                f"{entry.name!r} has weight shape {tuple(weight.shape)}, the plan says "
+                f"{tuple(entry.weight_shape)}"
+            )
+        elif weight is None and entry.compressed:
+            problems.append(f"{entry.name!r} is a {type(module).__name__} without a weight")
+    if problems:
+        shown = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        raise ValueError(
+            f"{source} was made for another architecture than this {type(model).__name__}: {shown}"
+        )
+
+
+def load(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a save of :func:`save` into ``model``, the dense architecture it was made from.
+
+    The plan's Kronecker modules are built in place (``gkpd.apply_(model, plan,
+    decompose=False)``, no decomposition) and the saved weights loaded with a strict key and
+    shape check. Returns ``model``, in eval mode. A missing, truncated or corrupt file, or a
+    plan for another architecture, raises ``ValueError`` naming the file; the plan is checked
+    against the model before the model is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"saved model directory {path} does not exist")
+    manifest = _read_manifest(path)
+    _verify(path, manifest)
+    plan_path = path / PLAN_FILE
+    plan = CompressionPlan.load(plan_path)
+    _check_plan_fits(model, plan, str(plan_path))
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = path / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} is corrupt or truncated: {error}") from error
+
+    from gkpd.apply import apply_
+
+    try:
+        apply_(model, plan, decompose=False)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{plan_path} does not fit {type(model).__name__}: {error}") from error
+    check_state_dict_matches(model, state, str(weights_path))
+    model.load_state_dict(state, strict=True)
+    log.info(
+        "loaded %s: %d compressed layers, %.2fx fewer parameters",
+        path,
+        len(plan.compressed_layers),
+        plan.achieved_ratio if plan.params else math.nan,
+    )
+    return model.eval()
