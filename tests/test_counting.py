@@ -43,6 +43,9 @@ def test_dense_closed_forms_match_flop_counter():
     assert conv_params(16, 32, (3, 3), 4) == sum(p.numel() for p in nn.Conv2d(16, 32, 3,
                                                                              groups=4).parameters())
     assert linear_macs(10, 20, 3) == 600
+    up = nn.ConvTranspose2d(8, 12, 3, stride=2, groups=2, bias=False)
+    x = torch.randn(2, 8, 5, 5)
+    assert module_macs(up, x.shape) == measured_macs(up, x)
     assert resolve_padding("same", (4, 3), (1, 1), (1, 2)) == ((1, 2), (2, 2))
 
 

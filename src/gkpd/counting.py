@@ -338,10 +338,15 @@ def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     if isinstance(module, nn.modules.conv._ConvNd):
         n = len(module.kernel_size)
         batched = len(shape) == n + 2
+        batch = shape[0] if batched else 1
+        if module.transposed:  # every input element meets (F/groups)·∏K weights
+            return (
+                batch * math.prod(shape[-n:]) * module.in_channels
+                * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+            )
         return conv_macs(
             shape[-n:], module.in_channels, module.out_channels, module.kernel_size,
-            module.stride, module.padding, module.dilation, module.groups,
-            batch=shape[0] if batched else 1,
+            module.stride, module.padding, module.dilation, module.groups, batch=batch,
         )
     return 0
 
