@@ -26,13 +26,25 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
 
 
 def resolve_model(spec: str):
-    """MODEL argument -> (model, card): a zoo name with shipped weights, a directory, or a
-    ``checkpoint.pt`` written by ``gkpd train``."""
+    """MODEL argument -> (model, card): a zoo name with shipped weights, a directory written by
+    ``gkpd train`` or by :func:`gkpd.io.save` (rebuilt from its card, then loaded with its
+    plan), or a ``checkpoint.pt`` written by ``gkpd train``."""
     from gkpd import models
+    from gkpd.io import is_saved_model, load
+    from gkpd.io import read_card as read_saved_card
     from gkpd.models.pretrained import CARD_FILE, WEIGHTS_FILE, load_trained, read_card
     from gkpd.train.checkpoint import check_state_dict_matches, load_state
 
     path = Path(spec)
+    if path.is_dir() and is_saved_model(path):
+        card = read_saved_card(path)
+        if card is None:
+            raise CliError(
+                f"MODEL directory {path} was saved without a {CARD_FILE} naming its "
+                "architecture; load it with gkpd.load(path, model) in Python"
+            )
+        model = models.create(card["architecture"], **card.get("model_kwargs", {}))
+        return load(path, model), card
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file() and (path / CARD_FILE).is_file():
             return load_trained(path / WEIGHTS_FILE, path / CARD_FILE)
@@ -229,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=512)
     _common_args(p)
     p.set_defaults(handler=_cmd_eval)
+
+    from gkpd.cli_compress import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
