@@ -128,7 +128,7 @@ def candidate_configs(channels: int, size: int, ratio: float = 5.0, keep: int = 
         if rank > min(pa, pb):
             continue
         achieved = dense / (rank * (pa + pb))
-        if not ratio * 0.9 <= achieved <= ratio * 1.25:
+        if not ratio * 0.9 <= achieved <= ratio * 1.1:
             continue
         macs = kronecker_conv_order_macs((size, size), a, b, rank, padding=1)
         found.append((min(macs.values()), a, rank, achieved))

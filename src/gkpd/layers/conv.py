@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,33 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _ORDER_CHOICES = ("auto", *ORDERS)
 
 
+class _StagePlan(NamedTuple):
+    pad_input: list[int] | None  # F.pad argument when padding runs before both stages
+    pad1: tuple[int, ...]
+    pad2: tuple[int, ...]
+    s1: tuple[int, ...]
+    s2: tuple[int, ...]
+    dil1: tuple[int, ...]
+    dil2: tuple[int, ...]
+    pointwise1: bool  # the stage is a (grouped) matmul
+    pointwise2: bool
+
+
+def _regroup(y: Tensor, dims: Sequence[int], perm: Sequence[int], out: Sequence[int]) -> Tensor:
+    """``y.reshape(dims).permute(perm).reshape(out)``, as one view when the permutation only
+    moves dims of size 1."""
+    moved = [dims[p] for p in perm if dims[p] != 1]
+    if moved == [d for d in dims if d != 1] and [p for p in perm if dims[p] != 1] == sorted(
+        p for p in perm if dims[p] != 1
+    ):
+        return y.reshape(out)
+    return y.reshape(dims).permute(perm).reshape(out)
+
+
+def _is_pointwise(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> bool:
+    return all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
+
+
 def _stage(
     x: Tensor,
     w: Tensor,
@@ -41,10 +69,11 @@ def _stage(
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
     groups: int,
+    pointwise: bool,
 ) -> Tensor:
     """One stage: a convolution, or a (grouped) matmul when it is pointwise (much faster on
     CPU than a 1×1 conv with few channels and a large batch)."""
-    if any(k != 1 for k in w.shape[2:]) or any(s != 1 for s in stride) or any(padding):
+    if not pointwise:
         return _CONV[w.dim() - 2](x, w, None, stride, padding, dilation, groups)
     m, c = x.shape[:2]
     f = w.shape[0]
@@ -144,6 +173,7 @@ class KroneckerConvNd(nn.Module):
         self._g1, self._g2 = group_split(groups, self.a_shape, self.b_shape)
         self._order = "auto"
         self._order_cache: dict[tuple[int, ...], str] = {}
+        self._plans = {order: self._make_plan(order) for order in ORDERS}
         factory = {"device": device, "dtype": dtype}
         self.a = nn.Parameter(torch.empty(self.rank, *self.a_shape, **factory))
         self.b = nn.Parameter(torch.empty(self.rank, *self.b_shape, **factory))
@@ -249,7 +279,7 @@ class KroneckerConvNd(nn.Module):
         """The order that runs for ``input_shape``: ``self.order``, or the cheaper if auto."""
         if self._order != "auto":
             return self._order
-        key = tuple(int(s) for s in input_shape[-len(self.kernel_size):])
+        key = tuple(input_shape[-len(self.kernel_size):])
         order = self._order_cache.get(key)
         if order is None:
             order = best_order(self.order_macs((1, self.in_channels, *key)))
@@ -262,12 +292,31 @@ class KroneckerConvNd(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _padding_plan(self, order: str) -> tuple[str, tuple[int, ...]]:
-        """``(where, symmetric pads)``; see :func:`gkpd.counting.padding_stage`."""
-        where = padding_stage(
-            order, self.a_shape[2:], self.b_shape[2:], self.stride, self._pads, self.padding_mode
+    def _make_plan(self, order: str) -> _StagePlan:
+        """Padding, strides and dilations of both stages for ``order`` (fixed per layer)."""
+        k1, k2 = self.a_shape[2:], self.b_shape[2:]
+        where = padding_stage(order, k1, k2, self.stride, self._pads, self.padding_mode)
+        pads = tuple(pl for pl, _ in self._pads)
+        zero = (0,) * len(pads)
+        pad_input = None
+        if where == "input":
+            pad_input = [p for pair in reversed(self._pads) for p in pair]
+        s1, s2 = stage_strides(order, k1, k2, self.stride)
+        dil_k2 = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
+        pad1 = pads if where == "first" else zero
+        pad2 = pads if where == "second" else zero
+        first, second = (k2, k1) if order == "b_first" else (k1, k2)
+        return _StagePlan(
+            pad_input,
+            pad1,
+            pad2,
+            s1,
+            s2,
+            self.dilation if order == "b_first" else dil_k2,
+            dil_k2 if order == "b_first" else self.dilation,
+            _is_pointwise(first, s1, pad1),
+            _is_pointwise(second, s2, pad2),
         )
-        return where, tuple(pl for pl, _ in self._pads)
 
     def forward(self, x: Tensor) -> Tensor:
         n = len(self.kernel_size)
@@ -284,59 +333,53 @@ class KroneckerConvNd(nn.Module):
                 f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
             )
         order = self.resolve_order(x.shape)
-        where, pads = self._padding_plan(order)
-        zero = (0,) * n
-        if where == "input":
-            flat = [p for pair in reversed(self._pads) for p in pair]
+        plan = self._plans[order]
+        if plan.pad_input is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, flat, mode=mode)
-        pad1 = pads if where == "first" else zero
-        pad2 = pads if where == "second" else zero
-        stages = self._b_first if order == "b_first" else self._a_first
-        y = stages(x, pad1, pad2)
+            x = F.pad(x, plan.pad_input, mode=mode)
+        y = self._b_first(x, plan) if order == "b_first" else self._a_first(x, plan)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * n))
         return y.squeeze(0) if unbatched else y
 
-    def _b_first(self, x: Tensor, pad1: tuple[int, ...], pad2: tuple[int, ...]) -> Tensor:
+    def _b_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
         n, sp = x.shape[0], x.shape[2:]
-        s1, s2 = stage_strides("b_first", k1, k2, self.stride)
         if g2 > 1 and c1 > 1:  # channels (g1, g2, C1, C2) -> (g1, C1, g2, C2)
             x = x.reshape(n, g1, g2, c1, c2, *sp).transpose(2, 3)
         x = x.reshape(n * g1 * c1, g2 * c2, *sp)
-        wb = self.b.reshape(r, g2, f2 // g2, c2, *k2).transpose(0, 1).reshape(-1, c2, *k2)
-        y = _stage(x, wb, s1, pad1, self.dilation, g2)  # (N·g1·C1, g2·R·F2/g2)
-        sp1 = y.shape[2:]
-        y = y.reshape(n, g1, c1, g2, r, f2 // g2, *sp1)
-        y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
-        y = y.reshape(n * f2, g1 * r * c1, *sp1)
+        wb = self.b.reshape(r * f2, c2, *k2)
+        if g2 > 1:  # output channels (g2, R, F2/g2)
+            wb = wb.reshape(r, g2, -1).transpose(0, 1).reshape(-1, c2, *k2)
+        y = _stage(x, wb, plan.s1, plan.pad1, plan.dil1, g2, plan.pointwise1)
+        sp1 = tuple(y.shape[2:])
+        perm = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = _regroup(y, (n, g1, c1, g2, r, f2 // g2, *sp1), perm, (n * f2, g1 * r * c1, *sp1))
         wa = self.a.transpose(0, 1).reshape(f1, r * c1, *k1)
-        dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
-        z = _stage(y, wa, s2, pad2, dil, g1)  # (N·F2, F1)
-        sp2 = z.shape[2:]
-        return z.reshape(n, f2, f1, *sp2).transpose(1, 2).reshape(n, f1 * f2, *sp2)
+        z = _stage(y, wa, plan.s2, plan.pad2, plan.dil2, g1, plan.pointwise2)  # (N·F2, F1)
+        sp2 = tuple(z.shape[2:])
+        perm = (0, 2, 1, *range(3, 3 + len(sp2)))
+        return _regroup(z, (n, f2, f1, *sp2), perm, (n, f1 * f2, *sp2))
 
-    def _a_first(self, x: Tensor, pad1: tuple[int, ...], pad2: tuple[int, ...]) -> Tensor:
+    def _a_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
         n, sp = x.shape[0], x.shape[2:]
-        s1, s2 = stage_strides("a_first", k1, k2, self.stride)
-        # channels (g1, g2, C1, C2) -> batch (N, g2, C2), channels (g1, C1)
-        x = x.reshape(n, g1, g2, c1, c2, *sp).permute(0, 2, 4, 1, 3, *range(5, 5 + len(sp)))
-        x = x.reshape(n * g2 * c2, g1 * c1, *sp)
-        wa = self.a.reshape(r, g1, f1 // g1, c1, *k1).transpose(0, 1).reshape(-1, c1, *k1)
-        dil = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
-        y = _stage(x, wa, s1, pad1, dil, g1)  # (N·g2·C2, g1·R·F1/g1)
-        sp1 = y.shape[2:]
-        y = y.reshape(n, g2, c2, g1, r, f1 // g1, *sp1)
-        y = y.permute(0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
-        y = y.reshape(n * f1, g2 * r * c2, *sp1)
+        if g2 * c2 > 1:  # channels (g1, g2, C1, C2) -> batch (N, g2, C2), channels (g1, C1)
+            x = x.reshape(n, g1, g2, c1, c2, *sp).permute(0, 2, 4, 1, 3, *range(5, 5 + len(sp)))
+            x = x.reshape(n * g2 * c2, g1 * c1, *sp)
+        wa = self.a.reshape(r * f1, c1, *k1)
+        if g1 > 1:  # output channels (g1, R, F1/g1)
+            wa = wa.reshape(r, g1, -1).transpose(0, 1).reshape(-1, c1, *k1)
+        y = _stage(x, wa, plan.s1, plan.pad1, plan.dil1, g1, plan.pointwise1)
+        sp1 = tuple(y.shape[2:])
+        perm = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = _regroup(y, (n, g2, c2, g1, r, f1 // g1, *sp1), perm, (n * f1, g2 * r * c2, *sp1))
         wb = self.b.transpose(0, 1).reshape(f2, r * c2, *k2)
-        z = _stage(y, wb, s2, pad2, self.dilation, g2)  # (N·F1, F2)
+        z = _stage(y, wb, plan.s2, plan.pad2, plan.dil2, g2, plan.pointwise2)  # (N·F1, F2)
         return z.reshape(n, f1 * f2, *z.shape[2:])
 
     def extra_repr(self) -> str:
