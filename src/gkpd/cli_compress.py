@@ -160,25 +160,24 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- finetune
 
 
-def _train_loader(args: argparse.Namespace, info):
-    import torch
-    from torch.utils.data import DataLoader, Subset
+def _train_loader(args: argparse.Namespace):
+    from torch.utils.data import DataLoader, RandomSampler
 
     from gkpd import data
 
     train = data.build_dataset(args.data, "train", args.data_dir, augment=True)
-    if args.train_subset is not None and args.train_subset < len(train):
-        generator = torch.Generator().manual_seed(args.seed)
-        keep = torch.randperm(len(train), generator=generator)[: args.train_subset]
-        train = Subset(train, keep.tolist())
-    if len(train) < args.batch_size:
+    samples = len(train) if args.train_subset is None else min(args.train_subset, len(train))
+    if samples < args.batch_size:
         raise CliError(
-            f"--batch-size {args.batch_size} is larger than the {len(train)} training samples"
+            f"--batch-size {args.batch_size} is larger than the {samples} training samples "
+            "per epoch"
         )
+    # a fresh random draw of `samples` images every epoch (all of them, shuffled, by default)
+    sampler = RandomSampler(train, num_samples=samples)
     return DataLoader(
         train,
         batch_size=args.batch_size,
-        shuffle=True,
+        sampler=sampler,
         drop_last=True,
         num_workers=args.workers,
     )
@@ -217,7 +216,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     info = data.get_info(args.data)
     if card.get("dataset") not in (None, args.data):
         log.warning("model was trained on %s, fine-tuning on %s", card["dataset"], args.data)
-    train_loader = _train_loader(args, info)
+    norm = card.get("normalization")
+    if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
+        log.warning("model was trained with normalization %s; %s uses %s", norm, args.data, info)
+    train_loader = _train_loader(args)
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
     test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
     history = train.fit(
@@ -382,7 +384,8 @@ def add_parsers(sub) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="train on a fixed random subset of N training samples",
+        help="train on N randomly drawn training samples per epoch, a fresh draw each "
+        "epoch (default: all of them)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
