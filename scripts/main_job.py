@@ -1,0 +1,461 @@
+"""The main job: compress the shipped Fashion-MNIST ResNet-32 5x with GKPD, fine-tune it with
+distillation on a short CPU budget, and report accuracy, size, MACs and latency.
+
+Run by ``scripts/main_job.sh`` after it has set up the machine; it can also be run on its own:
+
+    python scripts/main_job.py [--epochs 3] [--train-subset N|auto] [--out out/main]
+
+The compression and the fine-tuning are the ``gkpd compress`` and ``gkpd finetune``
+commands, run in this process; their output directories under ``--out`` are ordinary gkpd
+saves (``gkpd summary``/``eval`` read them). Writes ``report.md``, ``report.json`` and
+``layers.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkpd import cli, data, train
+from gkpd.cli import resolve_model
+from gkpd.cli_compress import example_input
+from gkpd.latency import measure_latency
+from gkpd.plan.schema import CompressionPlan
+from gkpd.report import summary
+
+DATASET = "fashion-mnist"
+TRAIN_SIZE = 60000
+TEST_SIZE = 10000
+STARTED = time.time()
+
+
+def say(message: str) -> None:
+    elapsed = time.time() - STARTED
+    print(f"[main job {elapsed / 60:5.1f} min] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--teacher",
+        default="resnet32_fashion_mnist",
+        help="the dense model: a zoo name with shipped weights, a directory written "
+        "by gkpd train, or a checkpoint.pt (default: resnet32_fashion_mnist)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="Fashion-MNIST directory (default: /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("--ratio", type=float, default=5.0)
+    p.add_argument("--strategy", choices=["uniform", "global"], default="uniform")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument(
+        "--train-subset",
+        default="auto",
+        help="training images drawn per fine-tuning epoch: a number, or 'auto' (the "
+        "most that fits --budget-minutes, at most all 60000)",
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=15.0,
+        help="wall-clock budget of the whole job, set-up included (default 15)",
+    )
+    p.add_argument(
+        "--started-at",
+        type=float,
+        default=None,
+        help="Unix time the job started (main_job.sh passes the time before set-up)",
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out", default="out/main")
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def run_cli(argv: list[str]) -> None:
+    printable = "gkpd " + " ".join(shlex.quote(a) for a in argv)
+    say(f"$ {printable}")
+    code = cli.main(argv)
+    if code != 0:
+        raise SystemExit(f"main job: `{printable}` failed with status {code}")
+
+
+def test_loader(data_dir: str | None):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(data.build_dataset(DATASET, "test", data_dir, augment=False), batch_size=512)
+
+
+def calibrate(
+    student, teacher, data_dir, batch_size: int, input_size: list[int]
+) -> tuple[float, float]:
+    """Seconds per training sample (student step + teacher forward) and per test sample,
+    from a few batches on a throwaway copy of the student."""
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = data.build_dataset(DATASET, "train", data_dir, augment=True)
+    steps = 4
+    loader = DataLoader(Subset(dataset, range(batch_size * steps)), batch_size=batch_size)
+    scratch = copy.deepcopy(student)
+    loop_log = logging.getLogger("gkpd.train.loop")
+    level = loop_log.level
+    loop_log.setLevel(logging.WARNING)  # these two passes are not the fine-tuning
+    train.fit(scratch, loader, epochs=1, teacher=teacher, progress=False, device="cpu", lr=1e-4)
+    started = time.perf_counter()  # second pass: warm caches, no first-call overheads
+    train.fit(scratch, loader, epochs=1, teacher=teacher, progress=False, device="cpu", lr=1e-4)
+    per_train = (time.perf_counter() - started) / (batch_size * steps)
+    loop_log.setLevel(level)
+    x = torch.zeros(512, *input_size)
+    per_test = measure_latency(student, x, warmup=1, repeats=2)["median_ms"] / 1000 / 512
+    return per_train, per_test
+
+
+def choose_subset(args, per_train: float, per_test: float, started_at: float) -> int:
+    if args.train_subset != "auto":
+        return int(args.train_subset)
+    reserve = 90.0  # latency, final loads, report, plot
+    left = args.budget_minutes * 60 - (time.time() - started_at) - reserve
+    per_epoch = left / args.epochs - TEST_SIZE * per_test
+    samples = int(per_epoch / per_train) // args.batch_size * args.batch_size
+    if samples < 10 * args.batch_size:
+        say(
+            f"warning: the budget leaves time for only {max(samples, 0)} images per epoch; "
+            f"fine-tuning on {10 * args.batch_size} anyway (raise --budget-minutes)"
+        )
+    return max(10 * args.batch_size, min(samples, TRAIN_SIZE))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def latencies(dense, compressed, repeats: int) -> dict[str, Any]:
+    """Median CPU latency at batch 1 and 64, dense and compressed measured alternately."""
+    result: dict[str, Any] = {"threads": torch.get_num_threads()}
+    for batch, reps in ((1, repeats * 5), (64, repeats)):
+        x = torch.randn(batch, 1, 28, 28)
+        rounds: dict[str, list[float]] = {"dense": [], "compressed": []}
+        for _ in range(3):
+            for name, model in (("dense", dense), ("compressed", compressed)):
+                timing = measure_latency(model, x, warmup=2, repeats=max(1, reps // 3))
+                rounds[name].append(timing["median_ms"])
+        entry = {name: sorted(values)[1] for name, values in rounds.items()}
+        entry["speedup"] = entry["dense"] / entry["compressed"]
+        result[f"batch_{batch}"] = entry
+    return result
+
+
+def plot_layers(plan: CompressionPlan, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
+        return False
+    layers = plan.layers
+    names = [e.name for e in layers]
+    ratios = [e.dense_params / e.params if e.params else 1.0 for e in layers]
+    errors = [e.relative_error if e.compressed else 0.0 for e in layers]
+    colors = ["tab:blue" if e.compressed else "tab:gray" for e in layers]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    top.bar(range(len(names)), ratios, color=colors)
+    top.axhline(
+        plan.achieved_ratio,
+        color="tab:red",
+        linestyle="--",
+        label=f"whole model {plan.achieved_ratio:.2f}x",
+    )
+    top.set_ylabel("parameter compression (x)")
+    top.set_title(
+        f"{plan.model_type}, {plan.method} {plan.strategy}, target "
+        f"{plan.target_ratio:g}x (gray: kept dense)"
+    )
+    top.legend()
+    bottom.bar(range(len(names)), errors, color=colors)
+    bottom.set_ylabel("relative error ‖W−Ŵ‖/‖W‖")
+    bottom.set_xticks(range(len(names)))
+    bottom.set_xticklabels(names, rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, report: dict[str, Any], plan: CompressionPlan) -> None:
+    acc, size, lat = report["accuracy"], report["size"], report["latency"]
+    ft = report["finetune"]
+    lines = [
+        f"# gkpd main job: ResNet-32 on Fashion-MNIST, compressed {plan.target_ratio:g}x with GKPD",
+        "",
+        f"Teacher `{report['teacher']}`; {plan.method}, {plan.strategy} strategy; fine-tuned "
+        f"with distillation (alpha 0.9, T 4) for {ft['epochs']} epochs of "
+        f"{ft['train_subset']:,} randomly drawn training images each (of {TRAIN_SIZE:,}), "
+        f"lr {ft['lr']}, batch {ft['batch_size']}.",
+        "",
+        "| | dense | compressed, before fine-tuning | compressed, fine-tuned |",
+        "|---|---:|---:|---:|",
+        f"| test accuracy (%) | {acc['dense']:.2f} | {acc['before_finetune']:.2f} | "
+        f"{acc['after_finetune']:.2f} |",
+        f"| parameters | {size['dense_params']:,} | {size['params']:,} | {size['params']:,} |",
+        f"| MACs per image | {size['dense_macs']:,} | {size['macs']:,} | {size['macs']:,} |",
+        "",
+        f"Parameters {size['param_ratio']:.2f}x fewer, MACs {size['mac_ratio']:.2f}x fewer; "
+        f"{size['compressed_layers']} of {size['layers']} conv/linear layers compressed"
+        + (
+            "; kept dense: "
+            + "; ".join(f"`{e.name}` ({e.reason})" for e in plan.layers if not e.compressed)
+            if size["compressed_layers"] < size["layers"]
+            else ""
+        )
+        + ".",
+        f"Accuracy gap to the teacher after fine-tuning: {acc['gap']:+.2f} points.",
+        "",
+        f"## CPU latency (median, {lat['threads']} threads, {report['machine']['cpu']})",
+        "",
+        "| batch | dense (ms) | compressed (ms) | speed-up |",
+        "|---:|---:|---:|---:|",
+    ]
+    for batch in (1, 64):
+        e = lat[f"batch_{batch}"]
+        lines.append(
+            f"| {batch} | {e['dense']:.2f} | {e['compressed']:.2f} | {e['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Latency was measured in one run, dense and compressed alternating; on a shared "
+        "machine the numbers are noisy.",
+        "",
+        "## Per layer",
+        "",
+        "![per-layer compression and error](layers.png)" if report["plot"] else "(no plot)",
+        "",
+        "```",
+        plan.table(),
+        "```",
+        "",
+        "## Fine-tuning",
+        "",
+        "| epoch | train loss | train acc (%) | test acc (%) | seconds |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for h in ft["history"]:
+        lines.append(
+            f"| {h['epoch']} | {h['train_loss']:.4f} | {h['train_accuracy']:.2f} | "
+            f"{h['eval_accuracy']:.2f} | {h['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Whole job: {report['wall_minutes']:.1f} minutes (set-up included: "
+        f"{report['setup_included']}).",
+        "",
+        "## A longer, better run",
+        "",
+        "This short budget stops well before the fine-tuned model converges. The full run "
+        "(all 60,000 images per epoch; the paper's recipe uses many more epochs):",
+        "",
+        "```",
+        report["longer_run"],
+        "```",
+        "",
+        "or the same through the main job:",
+        "",
+        "```",
+        report["longer_run_main_job"],
+        "```",
+        "",
+        f"Commands of this run: `{report['commands']['compress']}`, then "
+        f"`{report['commands']['finetune']}`.",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gkpd.train.loop").setLevel(logging.INFO)  # one line per epoch
+    started_at = args.started_at or STARTED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    compressed_dir, finetuned_dir = out / "compressed", out / "finetuned"
+    progress = [] if not args.no_progress else ["--no-progress"]
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; output in {out}")
+
+    say(f"loading the teacher {args.teacher}")
+    teacher, card = resolve_model(args.teacher)
+    loader = test_loader(args.data_dir)
+    dense_eval = train.evaluate(teacher, loader, device="cpu", progress=not args.no_progress)
+    say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
+
+    compress_argv = [
+        "compress",
+        args.teacher,
+        "--ratio",
+        f"{args.ratio:g}",
+        "--strategy",
+        args.strategy,
+        "--out",
+        str(compressed_dir),
+        "--force",
+    ]
+    run_cli(compress_argv)
+    plan = CompressionPlan.load(compressed_dir / "plan.json")
+    student, _ = resolve_model(str(compressed_dir))
+    before = train.evaluate(student, loader, device="cpu", progress=not args.no_progress)
+    say(f"compressed, before fine-tuning: test accuracy {before['accuracy']:.2f}%")
+
+    per_train, per_test = calibrate(
+        student, teacher, args.data_dir, args.batch_size, card["input_size"]
+    )
+    subset = choose_subset(args, per_train, per_test, started_at)
+    estimate = args.epochs * (subset * per_train + TEST_SIZE * per_test) / 60
+    say(
+        f"fine-tuning: {per_train * 1000:.1f} ms per training image, so {args.epochs} epochs "
+        f"of {subset:,} images (about {estimate:.1f} min)"
+    )
+    data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+    finetune_argv = [
+        "finetune",
+        str(compressed_dir),
+        "--teacher",
+        args.teacher,
+        "--data",
+        DATASET,
+        *data_dir,
+        "--epochs",
+        str(args.epochs),
+        "--train-subset",
+        str(subset),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--out",
+        str(finetuned_dir),
+        "--force",
+        "--device",
+        "cpu",
+        *progress,
+    ]
+    run_cli(finetune_argv)
+    finetuned, ft_card = resolve_model(str(finetuned_dir))
+    after = ft_card["test_accuracy"]
+
+    say("measuring CPU latency at batch 1 and 64 (dense and compressed alternately)")
+    lat = latencies(teacher, finetuned, args.latency_repeats)
+    dense_summary = summary(teacher, example_input(card))
+    compressed_summary = summary(finetuned, example_input(card))
+    plotted = plot_layers(plan, out / "layers.png")
+
+    longer_epochs = 30
+    report: dict[str, Any] = {
+        "teacher": args.teacher,
+        "dataset": DATASET,
+        "accuracy": {
+            "dense": dense_eval["accuracy"],
+            "before_finetune": before["accuracy"],
+            "after_finetune": after,
+            "gap": after - dense_eval["accuracy"],
+            "test_images": dense_eval["count"],
+        },
+        "size": {
+            "dense_params": dense_summary.total_params,
+            "params": compressed_summary.total_params,
+            "param_ratio": dense_summary.total_params / compressed_summary.total_params,
+            "dense_macs": dense_summary.total_macs,
+            "macs": compressed_summary.total_macs,
+            "mac_ratio": dense_summary.total_macs / compressed_summary.total_macs,
+            "compressed_layers": len(plan.compressed_layers),
+            "layers": len(plan.layers),
+            "plan_ratio": plan.achieved_ratio,
+        },
+        "latency": lat,
+        "finetune": {
+            "epochs": args.epochs,
+            "train_subset": subset,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seconds_per_train_image": per_train,
+            "history": ft_card["finetune"]["history"],
+        },
+        "layers": [
+            {
+                "name": e.name,
+                "compressed": e.compressed,
+                "a_shape": e.a_shape,
+                "b_shape": e.b_shape,
+                "rank": e.rank,
+                "params": e.params,
+                "dense_params": e.dense_params,
+                "macs": e.macs,
+                "dense_macs": e.dense_macs,
+                "relative_error": e.relative_error,
+                "reason": e.reason,
+            }
+            for e in plan.layers
+        ],
+        "commands": {
+            "compress": "gkpd " + shlex.join(compress_argv),
+            "finetune": "gkpd " + shlex.join(finetune_argv),
+        },
+        "longer_run": (
+            f"gkpd finetune {shlex.quote(str(compressed_dir))} --teacher "
+            f"{shlex.quote(args.teacher)} --data {DATASET} --epochs {longer_epochs} "
+            f"--out {shlex.quote(str(out / 'finetuned_long'))}"
+        ),
+        "longer_run_main_job": (
+            f"bash scripts/main_job.sh --epochs {longer_epochs} --train-subset {TRAIN_SIZE} "
+            f"--budget-minutes 0 --out out/main_long"
+        ),
+        "plot": plotted,
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "setup_included": args.started_at is not None,
+    }
+    report["wall_minutes"] = (time.time() - started_at) / 60
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(out, report, plan)
+    say(
+        f"accuracy dense {dense_eval['accuracy']:.2f}% -> compressed {before['accuracy']:.2f}% "
+        f"-> fine-tuned {after:.2f}%; params {report['size']['param_ratio']:.2f}x fewer, MACs "
+        f"{report['size']['mac_ratio']:.2f}x fewer; batch-1 latency "
+        f"{lat['batch_1']['dense']:.2f} -> {lat['batch_1']['compressed']:.2f} ms"
+    )
+    say(
+        f"wrote {out / 'report.md'}, {out / 'report.json'}"
+        + (f", {out / 'layers.png'}" if plotted else "")
+    )
+    if report["wall_minutes"] > args.budget_minutes > 0:
+        say(f"note: the job took longer than --budget-minutes {args.budget_minutes:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
