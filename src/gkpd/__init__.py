@@ -1,12 +1,21 @@
 """gkpd: compress PyTorch models with the Generalized Kronecker Product Decomposition."""
 
 from gkpd import data, models, train
+from gkpd.apply import apply_, compress
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
 from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
+
+# bound last: the function gkpd.plan shadows the subpackage of the same name
+from gkpd.plan import CompressionPlan, LayerPlan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionPlan",
+    "LayerPlan",
+    "apply_",
+    "compress",
+    "plan",
     "KroneckerConv1d",
     "KroneckerConv2d",
     "KroneckerConv3d",

@@ -1,0 +1,21 @@
+"""Compression methods behind one plan/apply interface; ``get_method(name)``."""
+
+from __future__ import annotations
+
+from gkpd.methods.base import LayerContext, Method
+from gkpd.methods.gkpd import GKPD
+
+_METHODS: dict[str, Method] = {"gkpd": GKPD()}
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
+    return _METHODS[name]
+
+
+__all__ = ["GKPD", "LayerContext", "Method", "get_method", "method_names"]

@@ -1,0 +1,182 @@
+"""GKPD: each conv/linear weight as a sum of Kronecker products (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gkpd.counting import best_order, group_split, kronecker_conv_order_macs
+from gkpd.counting import kronecker_linear_order_macs
+from gkpd.decompose import b_shape_for, check_rank, full_rank, rearrange
+from gkpd.layers import KroneckerConvNd, KroneckerLinear
+from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d
+from gkpd.methods.base import LayerContext
+from gkpd.plan.candidates import Candidates
+from gkpd.plan.schema import LayerPlan
+
+_KRONECKER_CONV = {1: KroneckerConv1d, 2: KroneckerConv2d, 3: KroneckerConv3d}
+# Below this many rows/columns, or when most of the spectrum is wanted, an exact SVD is
+# cheaper than a randomized one.
+_EXACT_SVD_SIDE = 256
+_OVERSAMPLE = 10
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def _tail_errors(weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int) -> np.ndarray:
+    """Relative error of the best rank-r GKPD for r = 1 … max_rank (float64).
+
+    Exact singular values for small matrices; for large ones only the top ``max_rank``
+    are wanted, and a randomized SVD (2 power iterations) estimates them from below, so
+    the error here is never optimistic.
+    """
+    m = rearrange(weight, a_shape).float()
+    total = float(m.double().square().sum())
+    if total == 0.0:
+        return np.zeros(max_rank)
+    side = min(m.shape)
+    if side <= _EXACT_SVD_SIDE or 4 * (max_rank + _OVERSAMPLE) >= side:
+        s = torch.linalg.svdvals(m)[:max_rank]
+    else:
+        _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=2)
+        s = s[:max_rank]
+    captured = np.cumsum(s.double().square().numpy())
+    return np.sqrt(np.clip(total - captured, 0.0, None) / total)
+
+
+class GKPD:
+    name = "gkpd"
+
+    def supports(self, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Linear) or _is_conv(module):
+            if not module.weight.is_floating_point():
+                return f"weight dtype {module.weight.dtype} is not floating point"
+            return None
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return "transposed convolutions are not supported"
+        return f"{type(module).__name__} is not a conv or linear layer"
+
+    # ------------------------------------------------------------------ planning
+
+    def _rank_one_macs(self, ctx: LayerContext, a: tuple[int, ...], b: tuple[int, ...]):
+        """``(order, MACs per unit of rank)`` for one sample at the planner's input size."""
+        module = ctx.module
+        if isinstance(module, nn.Linear):
+            rows = math.prod(ctx.input_shape[1:-1]) if len(ctx.input_shape) > 1 else 1
+            macs = kronecker_linear_order_macs(a, b, 1, batch=rows)
+        else:
+            n = len(module.kernel_size)
+            macs = kronecker_conv_order_macs(
+                ctx.input_shape[-n:], a, b, 1, stride=module.stride, padding=module.padding,
+                dilation=module.dilation, groups=module.groups, batch=1,
+                padding_mode=module.padding_mode,
+            )
+        order = best_order(macs)
+        return order, macs[order]
+
+    def _splits(self, ctx: LayerContext) -> list[tuple[int, ...]]:
+        weight_shape = tuple(ctx.module.weight.shape)
+        if "a_shape" in ctx.override:
+            a = tuple(ctx.override["a_shape"])
+            b = b_shape_for(weight_shape, a)
+            self._check_groups(ctx, a, b)
+            return [a]
+        total = math.prod(weight_shape)
+        splits = []
+        for a in itertools.product(*(_divisors(s) for s in weight_shape)):
+            if not 1 < math.prod(a) < total:
+                continue
+            b = tuple(w // x for w, x in zip(weight_shape, a, strict=True))
+            if _is_conv(ctx.module) and ctx.module.groups > 1:
+                try:
+                    group_split(ctx.module.groups, a, b)
+                except ValueError:
+                    continue
+            splits.append(a)
+        return splits
+
+    def _check_groups(self, ctx: LayerContext, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+        if _is_conv(ctx.module) and ctx.module.groups > 1:
+            try:
+                group_split(ctx.module.groups, a, b)
+            except ValueError as error:
+                raise ValueError(f"override for layer {ctx.name!r}: {error}") from error
+
+    def candidates(self, ctx: LayerContext) -> Candidates:
+        weight = ctx.module.weight.detach()
+        weight_shape = tuple(weight.shape)
+        bias = ctx.bias_params
+        budget = ctx.max_params() - bias
+        fixed_rank = ctx.override.get("rank")
+        parts = []
+        for a in self._splits(ctx):
+            b = b_shape_for(weight_shape, a)
+            per_rank = math.prod(a) + math.prod(b)
+            order, macs_per_rank = self._rank_one_macs(ctx, a, b)
+            if fixed_rank is not None:
+                rank = check_rank(fixed_rank, a, b)
+                errors = _tail_errors(weight, a, rank)
+                ranks = np.array([rank])
+                errors = errors[-1:]
+            else:
+                cap = min(full_rank(a, b), budget // per_rank)
+                if ctx.max_macs is not None and macs_per_rank > 0:
+                    cap = min(cap, ctx.max_macs // macs_per_rank)
+                if cap < 1:
+                    continue
+                ranks = np.arange(1, cap + 1)
+                errors = _tail_errors(weight, a, cap)
+            parts.append(Candidates(
+                ranks * per_rank + bias,
+                ranks * macs_per_rank,
+                errors,
+                [(a, b, int(r), order) for r in ranks],
+            ))
+        return Candidates.concatenate(parts)
+
+    def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
+        a, b, rank, order = config
+        entry.a_shape, entry.b_shape, entry.rank, entry.order = a, b, rank, order
+
+    def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
+        m = rearrange(module.weight.detach(), entry.a_shape).double()
+        s2 = torch.linalg.svdvals(m).square()
+        total = float(s2.sum())
+        return math.sqrt(max(total - float(s2[: entry.rank].sum()), 0.0) / total) if total else 0.0
+
+    # ------------------------------------------------------------------ applying
+
+    def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            if decompose:
+                return KroneckerLinear.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
+            w = module.weight
+            return KroneckerLinear(
+                module.in_features, module.out_features, module.bias is not None,
+                a_shape=entry.a_shape, rank=entry.rank, device=w.device, dtype=w.dtype,
+            )
+        layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
+        if decompose:
+            return layer_cls.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
+        w = module.weight
+        return layer_cls(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride,
+            module.padding, module.dilation, module.groups, module.bias is not None,
+            module.padding_mode, a_shape=entry.a_shape, rank=entry.rank,
+            device=w.device, dtype=w.dtype,
+        )
+
+
+def is_kronecker(module: nn.Module) -> bool:
+    return isinstance(module, KroneckerConvNd | KroneckerLinear)

@@ -1,0 +1,140 @@
+"""Share a whole-model parameter budget among layers.
+
+Each layer offers Pareto-sorted candidates (params rising, error falling). ``fixed`` counts
+every parameter no strategy touches (BatchNorm, layers left dense, ...). A strategy returns
+one candidate index per layer (``None``: the layer stays dense).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gkpd.plan.candidates import Candidates
+
+
+class UnreachableRatio(ValueError):
+    pass
+
+
+def _unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> UnreachableRatio:
+    best = dense_total / smallest
+    return UnreachableRatio(
+        f"ratio {ratio:g} is unreachable {why}: the largest reachable whole-model ratio is "
+        f"{best:.2f} (relax min_params, include more layers, allow_more_macs=True, or ask for "
+        f"a smaller ratio)"
+    )
+
+
+def _check_reachable(layers, fixed, ratio, dense_total, tolerance, why):
+    smallest = fixed + sum(int(c.params[0]) for c in layers)
+    if dense_total / smallest < ratio * (1 - tolerance):
+        raise _unreachable(ratio, dense_total, smallest, why)
+
+
+def uniform(
+    layers: list[Candidates], dense: list[int], fixed: int, ratio: float, dense_total: int,
+    tolerance: float,
+) -> list[int | None]:
+    """Every layer at the same layer ratio ρ: the best candidate within ``dense/ρ``; ρ is the
+    one that brings the whole model closest to ``ratio`` (within ``tolerance``)."""
+    _check_reachable(layers, fixed, ratio, dense_total, tolerance, "with every layer compressed")
+
+    def choose(rho: float) -> tuple[list[int], int]:
+        picks = []
+        for c, d in zip(layers, dense, strict=True):
+            i = int(np.searchsorted(c.params, d / rho, side="right")) - 1
+            picks.append(max(i, 0))
+        return picks, fixed + sum(int(c.params[i]) for c, i in zip(layers, picks, strict=True))
+
+    breakpoints = np.unique(np.concatenate(
+        [d / c.params.astype(np.float64) for c, d in zip(layers, dense, strict=True)]
+    ))
+    lo, hi = 0, len(breakpoints) - 1
+    target_total = dense_total / ratio
+    while lo < hi:  # smallest ρ whose total fits the budget
+        mid = (lo + hi) // 2
+        if choose(breakpoints[mid])[1] <= target_total:
+            hi = mid
+        else:
+            lo = mid + 1
+    options = [choose(breakpoints[lo])]
+    if lo > 0:
+        options.append(choose(breakpoints[lo - 1]))
+    picks, total = min(options, key=lambda o: abs(dense_total / o[1] - ratio))
+    return list(picks)
+
+
+def global_(
+    layers: list[Candidates], dense: list[int], fixed: int, ratio: float, dense_total: int,
+    tolerance: float,
+) -> list[int | None]:
+    """Minimize the summed squared relative error under the budget (a layer may stay dense).
+
+    A Lagrangian sweep (each layer minimizes ``err² + λ·params``) finds the allocation on the
+    convex hull; a greedy pass then spends what is left of the budget where the error falls
+    most per parameter.
+    """
+    _check_reachable(layers, fixed, ratio, dense_total, tolerance, "")
+    budget = dense_total / ratio - fixed
+    # option tables with the dense layer appended as the last, error-free option
+    params = [np.append(c.params, d).astype(np.float64) for c, d in zip(layers, dense, strict=True)]
+    errors = [np.append(c.error, 0.0) ** 2 for c in layers]
+
+    def choose(lam: float) -> list[int]:
+        return [int(np.argmin(e + lam * p)) for p, e in zip(params, errors, strict=True)]
+
+    def spent(picks: list[int]) -> float:
+        return sum(p[i] for p, i in zip(params, picks, strict=True))
+
+    lo, hi = 0.0, 1.0
+    while spent(choose(hi)) > budget and hi < 1e12:
+        hi *= 4.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if spent(choose(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    picks = choose(hi)
+    if spent(picks) > budget:  # the λ sweep cannot go lower: take the smallest everywhere
+        picks = [0] * len(layers)
+    left = budget - spent(picks)
+    while True:
+        best, gain_per_param = None, 0.0
+        for layer, (p, e) in enumerate(zip(params, errors, strict=True)):
+            i = picks[layer]
+            extra = p - p[i]
+            ok = (extra > 0) & (extra <= left) & (e < e[i])
+            if not ok.any():
+                continue
+            gains = np.where(ok, (e[i] - e) / np.where(extra > 0, extra, 1.0), -1.0)
+            j = int(np.argmax(gains))
+            if gains[j] > gain_per_param:
+                best, gain_per_param = (layer, j), gains[j]
+        if best is None:
+            break
+        layer, j = best
+        left -= params[layer][j] - params[layer][picks[layer]]
+        picks[layer] = j
+    return [None if i == len(c) else i for c, i in zip(layers, picks, strict=True)]
+
+
+STRATEGIES = {"uniform": uniform, "global": global_}
+
+
+def achieved(picks, layers, dense, fixed) -> int:
+    total = fixed
+    for c, d, i in zip(layers, dense, picks, strict=True):
+        total += d if i is None else int(c.params[i])
+    return total
+
+
+def check_tolerance(total: int, dense_total: int, ratio: float, tolerance: float) -> None:
+    got = dense_total / total
+    if not math.isclose(got, ratio, rel_tol=tolerance):
+        raise UnreachableRatio(
+            f"ratio {ratio:g} cannot be met within {tolerance:.0%}: the nearest plan reaches "
+            f"{got:.2f} (rank steps are too coarse for this model; try another ratio)"
+        )

@@ -1,0 +1,198 @@
+"""``plan``: read a model and an example input, decide every layer, change nothing."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkpd.counting import module_macs, module_params
+from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
+from gkpd.plan.schema import CompressionPlan, LayerPlan
+from gkpd.plan.select import Pattern, select_layers
+
+log = logging.getLogger(__name__)
+
+_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    calls: int = 1
+
+
+def trace_layers(model: nn.Module, example_input: Any) -> dict[str, _Call]:
+    """Conv/linear layers in the order the forward pass calls them, with their input shape."""
+    seen: dict[str, _Call] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args, _output):
+            if name in seen:
+                seen[name].calls += 1
+            elif args and isinstance(args[0], torch.Tensor):
+                seen[name] = _Call(module, tuple(args[0].shape))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYER_TYPES):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    modes = {m: m.training for m in model.modules()}
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as error:
+        raise ValueError(
+            f"the model failed on example_input (shapes "
+            f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}): {error}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+def _per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *shape[1:]) if len(shape) > 1 else shape
+
+
+def plan(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    ratio: float = 5.0,
+    method: str = "gkpd",
+    strategy: str = "uniform",
+    include: Pattern | Iterable[Pattern] | None = None,
+    exclude: Pattern | Iterable[Pattern] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    min_params: int = 1024,
+    allow_more_macs: bool = False,
+    min_layer_ratio: float | None = None,
+    tolerance: float = 0.03,
+) -> CompressionPlan:
+    """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
+    to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
+
+    ``strategy``: ``"uniform"`` (every compressed layer at the same ratio, the paper's
+    setting) or ``"global"`` (minimize the summed squared relative error). ``include`` /
+    ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
+    ``"skip"`` or a dict with ``a_shape`` (and optionally ``rank``). Unless
+    ``allow_more_macs``, no configuration costs more MACs than its dense layer. Layers are
+    offered ranks down to a layer ratio of ``min_layer_ratio`` (default: ``ratio/2`` for
+    uniform, ``ratio/4`` for global; at least 1). Pure: the model is not changed.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
+        raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if not isinstance(min_params, int) or min_params < 0:
+        raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
+
+    compressor = get_method(method)
+    if min_layer_ratio is None:
+        min_layer_ratio = max(1.0, ratio / (2.0 if strategy == "uniform" else 4.0))
+    if not min_layer_ratio >= 1:
+        raise ValueError(f"min_layer_ratio must be >= 1, got {min_layer_ratio!r}")
+
+    calls = trace_layers(model, example_input)
+    if not calls:
+        raise ValueError("the model calls no conv or linear layer on example_input")
+    first_conv = next(
+        (n for n, c in calls.items() if isinstance(c.module, nn.modules.conv._ConvNd)), None
+    )
+    selection = select_layers(
+        {n: c.module for n, c in calls.items()}, include=include, exclude=exclude,
+        overrides=overrides, first_layer=first_conv, min_params=min_params,
+    )
+
+    entries: dict[str, LayerPlan] = {}
+    contexts, tables = [], []
+    for name, call in calls.items():
+        module = call.module
+        per_sample = _per_sample(call.input_shape)
+        dense_macs = module_macs(module, per_sample) * call.calls
+        entry = LayerPlan(
+            name=name, module_type=type(module).__name__,
+            weight_shape=tuple(module.weight.shape), input_shape=per_sample,
+            dense_params=module_params(module), dense_macs=dense_macs,
+            params=module_params(module), macs=dense_macs,
+        )
+        entries[name] = entry
+        reason = selection.reasons[name] or compressor.supports(module)
+        if reason:
+            entry.reason = reason
+            continue
+        ctx = LayerContext(
+            name=name, module=module, input_shape=per_sample, dense_params=entry.dense_params,
+            dense_macs=dense_macs // call.calls,
+            max_macs=None if allow_more_macs else dense_macs // call.calls,
+            min_ratio=min_layer_ratio, override=selection.overrides.get(name, {}),
+        )
+        table = compressor.candidates(ctx).pareto()
+        if not len(table):
+            entry.reason = (
+                "no configuration both smaller than "
+                f"1/{min_layer_ratio:g} of the layer and within its dense MACs"
+            )
+            continue
+        contexts.append(ctx)
+        tables.append(table)
+
+    dense_total = module_params(model)
+    dense_layers = [ctx.dense_params for ctx in contexts]
+    fixed = dense_total - sum(dense_layers)
+    if not tables:
+        raise ValueError(
+            "no layer can be compressed: "
+            + "; ".join(f"{e.name}: {e.reason}" for e in entries.values())
+        )
+    picks = STRATEGIES[strategy](tables, dense_layers, fixed, ratio, dense_total, tolerance)
+    total = achieved(picks, tables, dense_layers, fixed)
+    check_tolerance(total, dense_total, ratio, tolerance)
+
+    for ctx, table, pick in zip(contexts, tables, picks, strict=True):
+        entry = entries[ctx.name]
+        if pick is None:
+            entry.reason = "kept dense by the global allocation"
+            continue
+        compressor.describe(ctx, table.configs[pick], entry)
+        entry.method = compressor.name
+        entry.params = int(table.params[pick])
+        entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
+        entry.relative_error = compressor.exact_error(ctx.module, entry)
+        entry.reason = "compressed"
+
+    layers = list(entries.values())
+    result = CompressionPlan(
+        model_type=type(model).__name__, method=compressor.name, target_ratio=float(ratio),
+        strategy=strategy, objective="error", dense_params=dense_total, params=total,
+        dense_macs=sum(e.dense_macs for e in layers), macs=sum(e.macs for e in layers),
+        layers=layers,
+        options={
+            "min_params": min_params, "allow_more_macs": allow_more_macs,
+            "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
+            "include": [str(p) for p in (include or [])] if not isinstance(include, str)
+            else [include],
+            "exclude": [str(p) for p in (exclude or [])] if not isinstance(exclude, str)
+            else [exclude],
+        },
+    )
+    log.info("plan: %d of %d layers compressed, ratio %.2f", len(result.compressed_layers),
+             len(layers), result.achieved_ratio)
+    return result

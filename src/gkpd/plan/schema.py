@@ -1,0 +1,170 @@
+"""``CompressionPlan``: what to do to each layer, serializable and readable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """One conv/linear layer: its dense facts and, when compressed, the chosen configuration.
+
+    ``method`` is ``"dense"`` for a layer left as it is (``reason`` says why). For a GKPD layer
+    ``a_shape``/``b_shape``/``rank``/``order`` describe the factors; other methods keep their
+    own settings in ``settings``. ``macs`` are per sample at the input size seen by the
+    planner (``input_shape``, batch dimension included as seen).
+    """
+
+    name: str
+    module_type: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    dense_params: int
+    dense_macs: int
+    method: str = "dense"
+    params: int = 0
+    macs: int = 0
+    relative_error: float = 0.0
+    a_shape: tuple[int, ...] | None = None
+    b_shape: tuple[int, ...] | None = None
+    rank: int | None = None
+    order: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        return self.method != "dense"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"plan layer has unknown fields {sorted(unknown)}")
+        values = dict(data)
+        for key in ("weight_shape", "input_shape", "a_shape", "b_shape"):
+            if values.get(key) is not None:
+                values[key] = tuple(int(v) for v in values[key])
+        return cls(**values)
+
+
+@dataclass
+class CompressionPlan:
+    """Per-layer decisions for a whole model, and the totals they add up to.
+
+    ``dense_params``/``params`` count every parameter of the model (BatchNorm, layers left
+    dense, ...), so ``achieved_ratio`` is the whole-model ratio of DESIGN.md §3.
+    """
+
+    model_type: str
+    method: str
+    target_ratio: float
+    strategy: str
+    objective: str
+    dense_params: int
+    params: int
+    dense_macs: int
+    macs: int
+    layers: list[LayerPlan]
+    options: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def achieved_ratio(self) -> float:
+        return self.dense_params / self.params
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.dense_macs / self.macs if self.macs else float("inf")
+
+    def layer(self, name: str) -> LayerPlan:
+        for entry in self.layers:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"plan has no layer named {name!r}")
+
+    @property
+    def compressed_layers(self) -> list[LayerPlan]:
+        return [entry for entry in self.layers if entry.compressed]
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["achieved_ratio"] = self.achieved_ratio
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> CompressionPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} is not a JSON object")
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(
+                f"{source} has plan version {version!r}; this gkpd reads version {PLAN_VERSION}"
+            )
+        values = {k: v for k, v in data.items() if k != "achieved_ratio"}
+        try:
+            values["layers"] = [LayerPlan.from_dict(layer) for layer in values["layers"]]
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source} is not a valid compression plan: {error}") from error
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> CompressionPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} is truncated or not JSON: {error}") from error
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | Path) -> Path:
+        from gkpd.train.checkpoint import atomic_write_text
+
+        return atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {path} does not exist")
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+    # ------------------------------------------------------------------ table
+
+    def table(self) -> str:
+        rows = [("layer", "method", "a_shape", "b_shape", "rank", "order", "params",
+                 "dense", "MACs", "dense MACs", "rel.err", "note")]
+        for e in self.layers:
+            rows.append((
+                e.name, e.method,
+                "×".join(map(str, e.a_shape)) if e.a_shape else "-",
+                "×".join(map(str, e.b_shape)) if e.b_shape else "-",
+                str(e.rank) if e.rank is not None else "-", e.order or "-",
+                f"{e.params:,}", f"{e.dense_params:,}", f"{e.macs:,}", f"{e.dense_macs:,}",
+                f"{e.relative_error:.4f}" if e.compressed else "-", e.reason,
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                 for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append("-" * len(lines[0]))
+        lines.append(
+            f"{self.model_type} / {self.method} / {self.strategy}: params "
+            f"{self.dense_params:,} -> {self.params:,} ({self.achieved_ratio:.2f}x, target "
+            f"{self.target_ratio:g}x); MACs {self.dense_macs:,} -> {self.macs:,} "
+            f"({self.mac_ratio:.2f}x)"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

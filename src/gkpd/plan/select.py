@@ -1,0 +1,123 @@
+"""Which layers a plan compresses: defaults, include/exclude patterns, per-layer overrides."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+# A pattern is a module type (nn.Conv2d), a type name ("Conv2d"), an exact module name
+# ("layer1.0.conv1") or a regular expression over names ("re:layer3\..*").
+Pattern = type | str
+
+SKIP = "skip"
+
+
+def _as_list(patterns: Pattern | Iterable[Pattern] | None, argument: str) -> list[Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str | type):
+        return [patterns]
+    result = list(patterns)
+    for p in result:
+        if not isinstance(p, str | type):
+            raise TypeError(
+                f"{argument} entries must be module types, names or 're:' regexes, got {p!r}"
+            )
+    return result
+
+
+def _matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
+    if isinstance(pattern, type):
+        return isinstance(module, pattern)
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == name or pattern == type(module).__name__
+
+
+def _compile(patterns: list[Pattern], argument: str) -> None:
+    for p in patterns:
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as error:
+                raise ValueError(f"{argument} pattern {p!r} is not a valid regex: {error}") from None
+
+
+@dataclass
+class Selection:
+    """Per candidate layer name: ``None`` to compress it, else why it stays dense."""
+
+    reasons: dict[str, str | None]
+    overrides: dict[str, dict[str, Any]]
+
+
+def select_layers(
+    layers: Mapping[str, nn.Module],
+    *,
+    include: Pattern | Iterable[Pattern] | None,
+    exclude: Pattern | Iterable[Pattern] | None,
+    overrides: Mapping[str, Any] | None,
+    first_layer: str | None,
+    min_params: int,
+) -> Selection:
+    """Decide for each layer (conv/linear modules called by the example input, in call order).
+
+    Defaults: the first conv on 1–4 input channels stays dense (little to gain, much to
+    lose), and so do layers with fewer than ``min_params`` weights. Every include/exclude
+    pattern and every override must name at least one layer.
+    """
+    include_list = _as_list(include, "include")
+    exclude_list = _as_list(exclude, "exclude")
+    _compile(include_list, "include")
+    _compile(exclude_list, "exclude")
+    for argument, patterns in (("include", include_list), ("exclude", exclude_list)):
+        for p in patterns:
+            if not any(_matches(p, n, m) for n, m in layers.items()):
+                raise ValueError(
+                    f"{argument} pattern {p!r} matches no conv/linear layer the model calls "
+                    f"(layers: {', '.join(list(layers)[:8])}{' ...' if len(layers) > 8 else ''})"
+                )
+    clean_overrides: dict[str, dict[str, Any]] = {}
+    for name, value in (overrides or {}).items():
+        if name not in layers:
+            raise ValueError(f"overrides names layer {name!r}, which the model does not call")
+        if value == SKIP or value is None:
+            clean_overrides[name] = {SKIP: True}
+            continue
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"overrides[{name!r}] must be 'skip' or a dict with a_shape/rank/skip, got {value!r}"
+            )
+        unknown = set(value) - {"a_shape", "rank", SKIP}
+        if unknown:
+            raise ValueError(
+                f"overrides[{name!r}] has unknown keys {sorted(unknown)}; "
+                "expected a_shape, rank, skip"
+            )
+        if "rank" in value and "a_shape" not in value:
+            raise ValueError(f"overrides[{name!r}] gives a rank without an a_shape")
+        clean_overrides[name] = dict(value)
+
+    reasons: dict[str, str | None] = {}
+    for name, module in layers.items():
+        override = clean_overrides.get(name, {})
+        forced = "a_shape" in override
+        if override.get(SKIP):
+            reasons[name] = "skipped by override"
+        elif include_list and not any(_matches(p, name, module) for p in include_list):
+            reasons[name] = "not included"
+        elif any(_matches(p, name, module) for p in exclude_list):
+            reasons[name] = "excluded"
+        elif forced:
+            reasons[name] = None
+        elif name == first_layer and getattr(module, "in_channels", 0) <= 4:
+            reasons[name] = f"first layer on {module.in_channels} input channels"
+        elif module.weight.numel() < min_params:
+            reasons[name] = f"too small ({module.weight.numel()} < min_params {min_params})"
+        else:
+            reasons[name] = None
+    return Selection(reasons, clean_overrides)
