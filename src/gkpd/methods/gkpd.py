@@ -10,8 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from gkpd.counting import best_order, group_split, kronecker_conv_order_macs
-from gkpd.counting import kronecker_linear_order_macs
+from gkpd.counting import (
+    best_order,
+    group_split,
+    kronecker_conv_order_macs,
+    kronecker_linear_order_macs,
+)
 from gkpd.decompose import b_shape_for, check_rank, full_rank, rearrange
 from gkpd.layers import KroneckerConvNd, KroneckerLinear
 from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d

@@ -44,7 +44,9 @@ def _compile(patterns: list[Pattern], argument: str) -> None:
             try:
                 re.compile(p[3:])
             except re.error as error:
-                raise ValueError(f"{argument} pattern {p!r} is not a valid regex: {error}") from None
+                raise ValueError(
+                    f"{argument} pattern {p!r} is not a valid regex: {error}"
+                ) from None
 
 
 @dataclass
@@ -90,7 +92,8 @@ def select_layers(
             continue
         if not isinstance(value, Mapping):
             raise TypeError(
-                f"overrides[{name!r}] must be 'skip' or a dict with a_shape/rank/skip, got {value!r}"
+                f"overrides[{name!r}] must be 'skip' or a dict with a_shape/rank/skip, "
+                f"got {value!r}"
             )
         unknown = set(value) - {"a_shape", "rank", SKIP}
         if unknown:
