@@ -82,8 +82,15 @@ class GKPD:
         else:
             n = len(module.kernel_size)
             macs = kronecker_conv_order_macs(
-                ctx.input_shape[-n:], a, b, 1, stride=module.stride, padding=module.padding,
-                dilation=module.dilation, groups=module.groups, batch=1,
+                ctx.input_shape[-n:],
+                a,
+                b,
+                1,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                batch=1,
                 padding_mode=module.padding_mode,
             )
         order = best_order(macs)
@@ -123,30 +130,36 @@ class GKPD:
         bias = ctx.bias_params
         budget = ctx.max_params() - bias
         fixed_rank = ctx.override.get("rank")
+        splits = self._splits(ctx)
+        # The smallest configuration is always offered, whatever the budget, so that the
+        # planner can say how far the model can shrink.
+        smallest = min(splits, key=lambda a: math.prod(a) + math.prod(b_shape_for(weight_shape, a)))
         parts = []
-        for a in self._splits(ctx):
+        for a in splits:
             b = b_shape_for(weight_shape, a)
             per_rank = math.prod(a) + math.prod(b)
             order, macs_per_rank = self._rank_one_macs(ctx, a, b)
             if fixed_rank is not None:
-                rank = check_rank(fixed_rank, a, b)
-                errors = _tail_errors(weight, a, rank)
-                ranks = np.array([rank])
-                errors = errors[-1:]
+                ranks = np.array([check_rank(fixed_rank, a, b)])
+                errors = _tail_errors(weight, a, int(ranks[0]))[-1:]
             else:
                 cap = min(full_rank(a, b), budget // per_rank)
                 if ctx.max_macs is not None and macs_per_rank > 0:
                     cap = min(cap, ctx.max_macs // macs_per_rank)
+                if cap < 1 and a == smallest:
+                    cap = 1
                 if cap < 1:
                     continue
                 ranks = np.arange(1, cap + 1)
                 errors = _tail_errors(weight, a, cap)
-            parts.append(Candidates(
-                ranks * per_rank + bias,
-                ranks * macs_per_rank,
-                errors,
-                [(a, b, int(r), order) for r in ranks],
-            ))
+            parts.append(
+                Candidates(
+                    ranks * per_rank + bias,
+                    ranks * macs_per_rank,
+                    errors,
+                    [(a, b, int(r), order) for r in ranks],
+                )
+            )
         return Candidates.concatenate(parts)
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
@@ -167,18 +180,32 @@ class GKPD:
                 return KroneckerLinear.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
             w = module.weight
             return KroneckerLinear(
-                module.in_features, module.out_features, module.bias is not None,
-                a_shape=entry.a_shape, rank=entry.rank, device=w.device, dtype=w.dtype,
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                a_shape=entry.a_shape,
+                rank=entry.rank,
+                device=w.device,
+                dtype=w.dtype,
             )
         layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
         if decompose:
             return layer_cls.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
         w = module.weight
         return layer_cls(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride,
-            module.padding, module.dilation, module.groups, module.bias is not None,
-            module.padding_mode, a_shape=entry.a_shape, rank=entry.rank,
-            device=w.device, dtype=w.dtype,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            a_shape=entry.a_shape,
+            rank=entry.rank,
+            device=w.device,
+            dtype=w.dtype,
         )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from gkpd.counting import module_macs, module_params
 from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
 from gkpd.plan.schema import CompressionPlan, LayerPlan
-from gkpd.plan.select import Pattern, select_layers
+from gkpd.plan.select import Pattern, as_pattern_list, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def trace_layers(model: nn.Module, example_input: Any) -> dict[str, _Call]:
         for m, training in modes.items():
             m.training = training
     return seen
+
+
+def _pattern_names(patterns, argument: str) -> list[str]:
+    return [p.__name__ if isinstance(p, type) else p for p in as_pattern_list(patterns, argument)]
 
 
 def _per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -187,10 +191,8 @@ def plan(
         options={
             "min_params": min_params, "allow_more_macs": allow_more_macs,
             "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
-            "include": [str(p) for p in (include or [])] if not isinstance(include, str)
-            else [include],
-            "exclude": [str(p) for p in (exclude or [])] if not isinstance(exclude, str)
-            else [exclude],
+            "include": _pattern_names(include, "include"),
+            "exclude": _pattern_names(exclude, "exclude"),
         },
     )
     log.info("plan: %d of %d layers compressed, ratio %.2f", len(result.compressed_layers),

@@ -16,7 +16,7 @@ Pattern = type | str
 SKIP = "skip"
 
 
-def _as_list(patterns: Pattern | Iterable[Pattern] | None, argument: str) -> list[Pattern]:
+def as_pattern_list(patterns: Pattern | Iterable[Pattern] | None, argument: str) -> list[Pattern]:
     if patterns is None:
         return []
     if isinstance(patterns, str | type):
@@ -72,8 +72,8 @@ def select_layers(
     lose), and so do layers with fewer than ``min_params`` weights. Every include/exclude
     pattern and every override must name at least one layer.
     """
-    include_list = _as_list(include, "include")
-    exclude_list = _as_list(exclude, "exclude")
+    include_list = as_pattern_list(include, "include")
+    exclude_list = as_pattern_list(exclude, "exclude")
     _compile(include_list, "include")
     _compile(exclude_list, "exclude")
     for argument, patterns in (("include", include_list), ("exclude", exclude_list)):

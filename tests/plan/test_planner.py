@@ -1,0 +1,186 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gkpd
+from gkpd.apply import apply_
+from gkpd.counting import count_model
+from gkpd.decompose import full_rank
+from gkpd.plan import CompressionPlan, UnreachableRatio
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet32():
+    torch.manual_seed(0)
+    return gkpd.models.create("resnet32", num_classes=10, in_channels=1).eval()
+
+
+EXAMPLE = torch.randn(1, 1, 28, 28)
+PLANS: dict = {}
+
+
+def _plan(model, ratio, strategy):
+    key = (ratio, strategy)
+    if key not in PLANS:
+        PLANS[key] = gkpd.plan(model, EXAMPLE, ratio=ratio, strategy=strategy)
+    return PLANS[key]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+@pytest.mark.parametrize("ratio", [2.0, 5.0, 10.0])
+def test_resnet32_reaches_ratio_and_applied_model_matches(resnet32, ratio, strategy):
+    plan = _plan(resnet32, ratio, strategy)
+    assert abs(plan.achieved_ratio / ratio - 1) <= 0.03
+    assert plan.dense_params == sum(p.numel() for p in resnet32.parameters())
+    compressed = apply_(copy.deepcopy(resnet32), plan)
+    counted = count_model(compressed, EXAMPLE)
+    assert counted.total_params == plan.params
+    assert counted.total_macs == plan.macs
+    for entry in plan.layers:
+        assert entry.macs <= entry.dense_macs, entry.name
+        if entry.compressed:
+            assert entry.params < entry.dense_params
+    # the first conv on one input channel and the tiny classifier stay dense, and say why
+    assert "first layer" in plan.layer("conv1").reason
+    assert "too small" in plan.layer("fc").reason
+
+
+def test_uniform_compresses_every_layer_alike(resnet32):
+    plan = _plan(resnet32, 5.0, "uniform")
+    ratios = [e.dense_params / e.params for e in plan.compressed_layers]
+    assert len(ratios) == 30
+    assert max(ratios) / min(ratios) < 1.6
+
+
+def test_global_has_no_more_summed_error_than_uniform(resnet32):
+    err = {s: sum(e.relative_error**2 for e in _plan(resnet32, 5.0, s).layers)
+           for s in ("uniform", "global")}
+    assert err["global"] <= err["uniform"] * 1.05
+
+
+def test_plan_is_pure_and_error_is_the_applied_error(resnet32):
+    before = copy.deepcopy(resnet32.state_dict())
+    plan = gkpd.plan(resnet32, EXAMPLE, ratio=1.1, include="re:layer2\\..*")
+    for k, v in resnet32.state_dict().items():
+        assert torch.equal(v, before[k])
+    compressed = apply_(copy.deepcopy(resnet32), plan)
+    for entry in plan.compressed_layers:
+        assert entry.name.startswith("layer2.")
+        dense = resnet32.get_submodule(entry.name).weight
+        rebuilt = compressed.get_submodule(entry.name).reconstruct_weight().detach()
+        dense = dense.detach()
+        measured = float((dense - rebuilt).norm() / dense.norm())
+        assert measured == pytest.approx(entry.relative_error, rel=1e-3, abs=1e-5)
+
+
+def test_full_rank_plan_reproduces_dense_outputs(resnet32):
+    model = copy.deepcopy(resnet32).double()
+    plan = CompressionPlan.from_json(_plan(resnet32, 5.0, "uniform").to_json())
+    for entry in plan.compressed_layers:
+        entry.rank = full_rank(entry.a_shape, entry.b_shape)
+    compressed = apply_(copy.deepcopy(model), plan)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_plan_json_round_trip(tmp_path, resnet32):
+    plan = _plan(resnet32, 5.0, "global")
+    path = plan.save(tmp_path / "plan.json")
+    loaded = CompressionPlan.load(path)
+    assert loaded == plan
+    assert f"{plan.params:,}" in str(loaded)
+
+
+def test_overrides_fix_a_layer_and_skip_another(resnet32):
+    plan = gkpd.plan(
+        resnet32, EXAMPLE, ratio=3.0,
+        overrides={"layer3.0.conv2": {"a_shape": (8, 8, 3, 1), "rank": 2},
+                   "layer3.1.conv1": "skip"},
+    )
+    fixed = plan.layer("layer3.0.conv2")
+    assert (fixed.a_shape, fixed.b_shape, fixed.rank) == ((8, 8, 3, 1), (8, 8, 1, 3), 2)
+    assert not plan.layer("layer3.1.conv1").compressed
+    assert "override" in plan.layer("layer3.1.conv1").reason
+
+
+def test_exclude_by_type_name_and_regex(resnet32):
+    plan = gkpd.plan(resnet32, EXAMPLE, ratio=1.5,
+                     exclude=["layer1.0.conv1", "re:layer3\\.[0-3]\\..*"])
+    assert plan.layer("layer1.0.conv1").reason == "excluded"
+    assert plan.layer("layer3.2.conv2").reason == "excluded"
+    assert plan.layer("layer3.4.conv2").compressed
+    only_linear = gkpd.plan(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)),
+                            torch.randn(1, 64), ratio=2.0, include=nn.Linear)
+    assert all(e.compressed for e in only_linear.layers)
+
+
+def test_grouped_depthwise_3d_1d_and_linear_layers_plan_and_apply():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(8, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv3d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+        nn.Conv3d(32, 64, (1, 3, 3), padding=(0, 1, 1), groups=4), nn.ReLU(),
+        nn.Flatten(2), nn.Conv1d(64, 64, 5, padding=2, padding_mode="circular"),
+        nn.Flatten(), nn.Linear(64 * 64, 64),
+    ).double().eval()
+    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
+    plan = gkpd.plan(model, x[:1], ratio=3.0, strategy="global", min_params=0)
+    assert abs(plan.achieved_ratio / 3.0 - 1) <= 0.03
+    compressed = apply_(copy.deepcopy(model), plan)
+    assert count_model(compressed, x).total_params == plan.params
+    full = CompressionPlan.from_json(plan.to_json())
+    for entry in full.compressed_layers:
+        entry.rank = full_rank(entry.a_shape, entry.b_shape)
+    exact = apply_(copy.deepcopy(model), full)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"ratio": 1.0}, ValueError, "ratio must be a number > 1"),
+        ({"ratio": "5"}, ValueError, "ratio"),
+        ({"ratio": 500.0}, UnreachableRatio, "largest reachable whole-model ratio is"),
+        ({"exclude": "re:nothing\\..*"}, ValueError, "matches no conv/linear layer"),
+        ({"include": "re:("}, ValueError, "not a valid regex"),
+        ({"method": "magic"}, ValueError, "unknown method 'magic'"),
+        ({"strategy": "best"}, ValueError, "strategy"),
+        ({"overrides": {"nope": "skip"}}, ValueError, "'nope'"),
+        ({"overrides": {"layer2.0.conv2": {"a_shape": (5, 1, 1, 1)}}}, ValueError,
+         "does not divide"),
+    ],
+)
+def test_bad_options_get_clear_errors(resnet32, options, error, match):
+    with pytest.raises(error, match=match):
+        gkpd.plan(resnet32, EXAMPLE, **{"ratio": 5.0, **options})
+
+
+def test_plan_for_another_architecture_is_refused(resnet32):
+    plan = _plan(resnet32, 5.0, "uniform")
+    other = gkpd.models.create("resnet20", num_classes=10, in_channels=1)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_(other, plan)
+    assert other.state_dict().keys() == before.keys()  # nothing swapped half-way
+
+
+def test_corrupt_plan_json_is_refused(tmp_path, resnet32):
+    path = _plan(resnet32, 5.0, "uniform").save(tmp_path / "plan.json")
+    path.write_text(path.read_text()[:500])
+    with pytest.raises(ValueError, match="truncated or not JSON"):
+        CompressionPlan.load(path)
+    path.write_text('{"version": 99}')
+    with pytest.raises(ValueError, match="version"):
+        CompressionPlan.load(path)
