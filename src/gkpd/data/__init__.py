@@ -14,7 +14,7 @@ from gkpd.data.registry import (
 )
 
 
-def _fashion_mnist(split, data_dir, transform):
+def _fashion_mnist(split, data_dir, transform, augment):
     images, labels = fashion_mnist.load_arrays(split, data_dir)
     return ImageArrayDataset(images, labels, transform)
 
@@ -35,7 +35,7 @@ register_dataset(
 
 
 def _cifar(num_classes):
-    def build(split, data_dir, transform):
+    def build(split, data_dir, transform, augment):
         images, labels = cifar.load_arrays(num_classes, split, data_dir)
         return ImageArrayDataset(images, labels, transform)
 
@@ -68,10 +68,12 @@ register_dataset(
 )
 
 
-def _imagefolder(split, data_dir, transform):
+def _imagefolder(split, data_dir, transform, augment):
     # The train split draws a random resized crop while decoding; the transform then flips
     # and normalizes (crop_padding 0 makes the registry's RandomCrop a no-op).
-    return ImageFolderDataset(data_dir, split, transform, image_size=224)
+    return ImageFolderDataset(
+        data_dir, split, transform, image_size=224, random_crop=augment
+    )
 
 
 register_dataset(
@@ -88,9 +90,12 @@ register_dataset(
 )
 
 
-def _hmdb51(split, data_dir, transform):
+def _hmdb51(split, data_dir, transform, augment):
     # Official fold 1, 16-frame clips (3, 16, 224, 224); other folds: HMDB51Dataset(fold=k).
-    return HMDB51Dataset(data_dir, split, transform, fold=1, num_frames=16, image_size=224)
+    return HMDB51Dataset(
+        data_dir, split, transform, fold=1, num_frames=16, image_size=224,
+        random_sampling=augment,
+    )
 
 
 register_dataset(

@@ -21,8 +21,9 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_padding: int
-    # (split, data_dir, transform) -> Dataset
-    build: Callable[[str, str | Path | None, Callable | None], Dataset]
+    # (split, data_dir, transform, augment) -> Dataset; augment also governs random crops or
+    # clip sampling that a loader does while decoding
+    build: Callable[[str, str | Path | None, Callable | None, bool], Dataset]
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -62,7 +63,7 @@ def build_dataset(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if augment is None:
         augment = split == "train"
-    return info.build(split, data_dir, transform_for(info, augment))
+    return info.build(split, data_dir, transform_for(info, augment), augment)
 
 
 def build_loaders(
