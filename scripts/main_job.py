@@ -109,7 +109,7 @@ def calibrate(
     from torch.utils.data import DataLoader, Subset
 
     dataset = data.build_dataset(DATASET, "train", data_dir, augment=True)
-    steps = 4
+    steps = max(1, min(4, len(dataset) // batch_size))
     loader = DataLoader(Subset(dataset, range(batch_size * steps)), batch_size=batch_size)
     scratch = copy.deepcopy(student)
     loop_log = logging.getLogger("gkpd.train.loop")

@@ -232,32 +232,20 @@ def read_card(path: str | Path) -> dict[str, Any] | None:
 
 
 def _check_plan_fits(model: nn.Module, plan: CompressionPlan, source: str) -> None:
-    """Plan layer names, module types and weight shapes against the dense ``model``, before
-    anything in it is changed."""
-    modules = dict(model.named_modules())
-    problems = []
+    """The plan against the dense ``model`` (layer names, types and weight shapes, and the
+    whole-model parameter count), before anything in it is changed."""
+    from gkpd.apply import check_plan_fits
+
     own_params = sum(p.numel() for p in model.parameters())
+    try:
+        check_plan_fits(model, plan)
+    except ValueError as error:
+        raise ValueError(f"{source} was made for another architecture: {error}") from error
     if own_params != plan.dense_params:
-        problems.append(
-            f"the model has {own_params:,} parameters, the plan's dense model {plan.dense_params:,}"
-        )
-    for entry in plan.layers:
-        module = modules.get(entry.name)
-        if module is None:
-            problems.append(f"no layer {entry.name!r}")
-            continue
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != tuple(entry.weight_shape):
-            problems.append(
-                f"{entry.name!r} has weight shape {tuple(weight.shape)}, the plan says "
-                f"{tuple(entry.weight_shape)}"
-            )
-        elif weight is None and entry.compressed:
-            problems.append(f"{entry.name!r} is a {type(module).__name__} without a weight")
-    if problems:
-        shown = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
         raise ValueError(
-            f"{source} was made for another architecture than this {type(model).__name__}: {shown}"
+            f"{source} was made for another architecture: this {type(model).__name__} has "
+            f"{own_params:,} parameters, the plan's dense {plan.model_type} "
+            f"{plan.dense_params:,}"
         )
 
 
@@ -295,7 +283,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     try:
         apply_(model, plan, decompose=False)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{plan_path} does not fit {type(model).__name__}: {error}") from error
+        raise ValueError(f"{plan_path} cannot be applied: {error}") from error
     check_state_dict_matches(model, state, str(weights_path))
     model.load_state_dict(state, strict=True)
     log.info(

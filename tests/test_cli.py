@@ -1,0 +1,290 @@
+"""gkpd compress / finetune / summary (and eval of a compressed model) on a tiny fake data set."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_fashion_mnist import write_fake_fashion_mnist  # noqa: E402
+
+from gkpd import io, models  # noqa: E402
+from gkpd.cli import main  # noqa: E402
+from gkpd.plan.schema import CompressionPlan  # noqa: E402
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A fake data set and a resnet20 trained on it for one epoch (the teacher)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    data = write_fake_fashion_mnist(root / "data")
+    teacher = root / "teacher"
+    code = main(
+        [
+            "train",
+            "resnet20",
+            "--data",
+            "fashion-mnist",
+            "--data-dir",
+            str(data),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(teacher),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    return root, data, teacher
+
+
+@pytest.fixture(scope="module")
+def compressed(workspace):
+    root, _, teacher = workspace
+    out = root / "compressed"
+    assert main(["compress", str(teacher), "--ratio", "2", "--out", str(out), "--json"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["compress", "finetune", "summary"])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: gkpd " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratio", ["1", "0.5", "-3", "abc"])
+def test_compress_rejects_ratio(capsys, tmp_path, ratio):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "resnet32_fashion_mnist", "--ratio", ratio, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--ratio" in capsys.readouterr().err
+
+
+def test_compress_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "compress", tmp_path / "nope", "--ratio", 5, "--out", tmp_path / "o")
+    assert code == 2 and "neither an existing path" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_writes_a_loadable_model(capsys, workspace, compressed):
+    root, data, teacher = workspace
+    plan = CompressionPlan.load(compressed / "plan.json")
+    assert abs(plan.achieved_ratio - 2) / 2 <= 0.03
+    card = io.read_card(compressed)
+    assert card["architecture"] == "resnet20" and card["input_size"] == [1, 28, 28]
+    assert card["teacher"]["model"] == str(teacher.resolve())
+    assert card["compression"]["params"] == plan.params
+    # summary counts what the plan says
+    result = run_json(capsys, "summary", compressed)
+    assert result["total_params"] == plan.params
+    assert result["dense_params"] == plan.dense_params
+    assert result["kronecker_layers"] == len(plan.compressed_layers)
+    code, text, _ = run(capsys, "summary", compressed)
+    assert code == 0 and "Kronecker" in text and f"{plan.params:,}" in text
+    # eval reads a compressed directory too
+    result = run_json(
+        capsys, "eval", compressed, "--data", "fashion-mnist", "--data-dir", data, "--no-progress"
+    )
+    assert result["count"] == 32 and 0 <= result["accuracy"] <= 100
+
+
+def test_compress_json_and_table(capsys, workspace, tmp_path):
+    _, _, teacher = workspace
+    out = tmp_path / "c"
+    code, text, err = run(
+        capsys,
+        "compress",
+        teacher,
+        "--ratio",
+        2,
+        "--strategy",
+        "global",
+        "--exclude",
+        "fc",
+        "--out",
+        out,
+    )
+    assert code == 0, err
+    assert "written to" in text and "layer1.0.conv1" in text
+    plan = CompressionPlan.load(out / "plan.json")
+    assert plan.strategy == "global" and not plan.layer("fc").compressed
+
+
+def test_compress_refuses_to_overwrite(capsys, workspace, compressed):
+    _, _, teacher = workspace
+    manifest = (compressed / "manifest.json").read_bytes()
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--out", compressed)
+    assert code == 2 and "already holds a model" in err and "--force" in err
+    assert (compressed / "manifest.json").read_bytes() == manifest
+    # the teacher's own directory is never an output
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--out", teacher, "--force")
+    assert code == 2 and "is an input" in err
+    # a compressed model is not compressed again
+    code, _, err = run(capsys, "compress", compressed, "--ratio", 2, "--out", compressed / "x")
+    assert code == 2 and "already compressed" in err
+
+
+def test_compress_force_replaces(capsys, workspace, tmp_path):
+    _, _, teacher = workspace
+    out = tmp_path / "c"
+    assert run(capsys, "compress", teacher, "--ratio", 2, "--out", out)[0] == 0
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 3, "--out", out, "--force")
+    assert code == 0, err
+    assert CompressionPlan.load(out / "plan.json").target_ratio == 3
+
+
+def test_finetune_with_distillation_and_resume(capsys, workspace, compressed, tmp_path):
+    root, data, teacher = workspace
+    out = tmp_path / "ft"
+    args = [
+        "finetune",
+        compressed,
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "48",
+        "--out",
+        out,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    result = run_json(capsys, *args)  # teacher taken from the compressed model's card
+    assert result["epochs"] == 1 and result["distillation"]
+    card = io.read_card(out)
+    assert card["finetune"]["teacher"] == str(teacher.resolve())
+    assert card["test_accuracy"] == result["test_accuracy"]
+    assert (out / "checkpoint.pt").is_file() and (out / "plan.json").is_file()
+    # the result is a loadable model
+    result2 = run_json(
+        capsys, "eval", out, "--data", "fashion-mnist", "--data-dir", data, "--no-progress"
+    )
+    assert result2["accuracy"] == pytest.approx(result["test_accuracy"])
+    # a second run into the same --out needs --resume (or --force)
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--resume" in err
+    resumed = run_json(capsys, *args, "--resume")
+    assert resumed["test_accuracy"] == pytest.approx(result["test_accuracy"])
+
+
+def test_finetune_without_distillation(capsys, workspace, compressed, tmp_path):
+    _, data, _ = workspace
+    result = run_json(
+        capsys,
+        "finetune",
+        compressed,
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--train-subset",
+        "16",
+        "--no-distill",
+        "--teacher",
+        tmp_path / "does-not-matter",
+        "--out",
+        tmp_path / "ft",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
+    assert not result["distillation"]
+    assert io.read_card(tmp_path / "ft")["finetune"]["teacher"] is None
+
+
+def test_finetune_rejects_a_dense_model_and_bad_teacher(capsys, workspace, compressed, tmp_path):
+    _, data, teacher = workspace
+    common = ["--data", "fashion-mnist", "--data-dir", data, "--epochs", "1", "--no-progress"]
+    out = ["--out", tmp_path / "ft"]
+    code, _, err = run(capsys, "finetune", teacher, "--teacher", teacher, *common, *out)
+    assert code == 2 and "not a compressed model" in err
+    code, _, err = run(capsys, "finetune", compressed, "--teacher", tmp_path / "no", *common, *out)
+    assert code == 2 and "neither an existing path" in err
+    code, _, err = run(capsys, "finetune", compressed, *common, "--out", compressed, "--force")
+    assert code == 2 and "is an input" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_summary_of_a_dense_checkpoint(capsys, workspace):
+    _, _, teacher = workspace
+    result = run_json(capsys, "summary", teacher)
+    assert result["kronecker_layers"] == 0
+    dense = models.create("resnet20", num_classes=10, in_channels=1)
+    assert result["total_params"] == sum(p.numel() for p in dense.parameters())
+    code, _, err = run(capsys, "summary", "no-such-model")
+    assert code == 2 and "no-such-model" in err
+
+
+def test_main_job_script_end_to_end(workspace, tmp_path):
+    """scripts/main_job.py on the tiny teacher and fake data: every step runs, reports exist."""
+    import os
+    import subprocess
+
+    _, data, teacher = workspace
+    script = Path(__file__).parents[1] / "scripts" / "main_job.py"
+    out = tmp_path / "main"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--teacher",
+            str(teacher),
+            "--data-dir",
+            str(data),
+            "--ratio",
+            "2",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "32",
+            "--batch-size",
+            "16",
+            "--latency-repeats",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        check=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) >= {"dense", "before_finetune", "after_finetune"}
+    assert report["size"]["param_ratio"] == pytest.approx(2, rel=0.03)
+    assert report["latency"]["batch_64"]["dense"] > 0
+    assert "gkpd finetune" in report["longer_run"]
+    text = (out / "report.md").read_text()
+    assert "A longer, better run" in text and "| 64 |" in text
+    assert io.is_saved_model(out / "finetuned")
