@@ -167,10 +167,14 @@ class GKPD:
         entry.a_shape, entry.b_shape, entry.rank, entry.order = a, b, rank, order
 
     def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
-        m = rearrange(module.weight.detach(), entry.a_shape).double()
-        s2 = torch.linalg.svdvals(m).square()
-        total = float(s2.sum())
-        return math.sqrt(max(total - float(s2[: entry.rank].sum()), 0.0) / total) if total else 0.0
+        # singular values in the weight's own precision (float32 is ~3x faster than float64
+        # on the largest ResNet-50 layers); the sums in float64
+        m = rearrange(module.weight.detach(), entry.a_shape)
+        total = float(m.double().square().sum())
+        if total == 0.0:
+            return 0.0
+        captured = float(torch.linalg.svdvals(m)[: entry.rank].double().square().sum())
+        return math.sqrt(max(total - captured, 0.0) / total)
 
     # ------------------------------------------------------------------ applying
 
