@@ -297,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gkpd.train.loop").setLevel(logging.INFO)  # one line per epoch
-    started_at = args.started_at or STARTED
+    global STARTED
+    if args.started_at:  # the clock of the progress lines includes the set-up
+        STARTED = args.started_at
+    started_at = STARTED
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     compressed_dir, finetuned_dir = out / "compressed", out / "finetuned"
