@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from gkpd.methods.base import LayerContext, Method
+from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD
+from gkpd.methods.svd import SVD
+from gkpd.methods.tucker import Tucker
 
-_METHODS: dict[str, Method] = {"gkpd": GKPD()}
+_METHODS: dict[str, Method] = {
+    "gkpd": GKPD(),
+    "svd": SVD(),
+    "tucker": Tucker(),
+    "cp": CP(),
+}
 
 
 def method_names() -> list[str]:
@@ -18,4 +26,4 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-__all__ = ["GKPD", "LayerContext", "Method", "get_method", "method_names"]
+__all__ = ["CP", "GKPD", "SVD", "LayerContext", "Method", "Tucker", "get_method", "method_names"]

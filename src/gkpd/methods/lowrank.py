@@ -1,0 +1,145 @@
+"""What the low-rank baselines (svd, tucker, cp) share: which layers they take, the geometry
+of a convolution at the planner's input size, the budget filter, and building plain
+``nn.Conv*d``/``nn.Linear`` stages on the dense layer's device and dtype.
+
+The baselines replace a layer by an ``nn.Sequential`` of standard layers, so counting, ONNX
+export and ``torch.compile`` see nothing new.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from gkpd.counting import conv_output_shape, resolve_padding
+from gkpd.methods.base import LayerContext
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def layer_reason(
+    module: nn.Module, method: str, *, linear: bool = True, grouped: bool = True
+) -> str | None:
+    """Why ``method`` cannot take ``module`` (``None``: it can)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return "transposed convolutions are not supported"
+    if not (isinstance(module, nn.Linear) or is_conv(module)):
+        return f"{type(module).__name__} is not a conv or linear layer"
+    if not module.weight.is_floating_point():
+        return f"weight dtype {module.weight.dtype} is not floating point"
+    if isinstance(module, nn.Linear) and not linear:
+        return f"{method} factors convolution kernels; a linear layer has none (use method='svd')"
+    if is_conv(module) and module.groups > 1 and not grouped:
+        return f"{method} does not support grouped convolutions (groups={module.groups})"
+    return None
+
+
+def no_override(ctx: LayerContext, method: str) -> None:
+    """The planner's per-layer overrides (``a_shape``/``rank``) describe GKPD factors."""
+    given = sorted(k for k in ctx.override if k != "skip")
+    if given:
+        raise ValueError(
+            f"overrides[{ctx.name!r}] gives {given}, which method {method!r} does not take "
+            "(only 'skip' applies to it)"
+        )
+
+
+def conv_geometry(module: nn.Module, input_shape: Sequence[int]):
+    """``(input spatial size, output spatial size, (left, right) padding per axis)``."""
+    n = len(module.kernel_size)
+    spatial = tuple(int(s) for s in input_shape[-n:])
+    pads = resolve_padding(module.padding, module.kernel_size, module.stride, module.dilation)
+    out = conv_output_shape(spatial, module.kernel_size, module.stride, pads, module.dilation)
+    return spatial, out, pads
+
+
+def linear_rows(input_shape: Sequence[int]) -> int:
+    """Rows a linear layer multiplies for one call on ``input_shape`` (batch 1 per sample)."""
+    return math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
+
+
+def affordable(ctx: LayerContext, params: np.ndarray, macs: np.ndarray) -> np.ndarray:
+    """Indices of the configurations within ``ctx``'s parameter and MAC limits; the one with
+    the fewest parameters is always kept, so the planner can say how far a model can shrink."""
+    params, macs = np.asarray(params), np.asarray(macs)
+    keep = params <= ctx.max_params()
+    if ctx.max_macs is not None:
+        keep &= macs <= ctx.max_macs
+    if len(params):
+        keep[int(np.lexsort((macs, params))[0])] = True
+    return np.flatnonzero(keep)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    w = weight.detach().double()
+    total = float(torch.linalg.vector_norm(w))
+    if total == 0.0:
+        return 0.0
+    return float(torch.linalg.vector_norm(w - approx.double().to(w.device))) / total
+
+
+def conv_like(
+    module: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    *,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int | str = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    padding_mode: str = "zeros",
+) -> nn.Module:
+    """A plain ``nn.Conv{n}d`` with ``module``'s dimensionality, device and dtype."""
+    w = module.weight
+    return _CONV[len(module.kernel_size)](
+        in_channels,
+        out_channels,
+        tuple(kernel_size),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
+
+
+def linear_like(module: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    w = module.weight
+    return nn.Linear(in_features, out_features, bias=bias, device=w.device, dtype=w.dtype)
+
+
+@torch.no_grad()
+def load(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Copy ``weight`` (reshaped to the layer's) and ``bias`` into ``layer``."""
+    layer.weight.copy_(weight.reshape(layer.weight.shape))
+    if bias is not None:
+        layer.bias.copy_(bias)
+
+
+def setting(entry_settings: dict, key: str, method: str, name: str) -> object:
+    if key not in entry_settings:
+        raise ValueError(
+            f"plan layer {name!r} ({method}) has no {key!r} in its settings: {entry_settings!r}"
+        )
+    return entry_settings[key]
+
+
+def positive_int(value: object, what: str, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{what} {value} exceeds its largest meaningful value {upper}")
+    return int(value)

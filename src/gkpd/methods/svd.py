@@ -1,0 +1,151 @@
+"""``svd``: plain low rank of the flattened weight.
+
+A conv weight ``(F, C/g, *K)`` is flattened per group to ``(F/g, C/g·∏K)`` and truncated to
+rank ``r`` (a batched SVD over the groups). The layer becomes a conv ``C → g·r`` with the
+original kernel, stride, padding, dilation and padding mode, then a 1×1 conv ``g·r → F`` with
+the bias (both with ``groups=g``). A linear layer becomes ``Linear(in → r, no bias)`` then
+``Linear(r → out)``. Each factor carries ``√σ``. The error of every rank comes from one SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gkpd.methods.base import LayerContext
+from gkpd.methods.lowrank import (
+    affordable,
+    conv_geometry,
+    conv_like,
+    is_conv,
+    layer_reason,
+    linear_like,
+    linear_rows,
+    load,
+    no_override,
+    positive_int,
+    setting,
+)
+from gkpd.plan.candidates import Candidates
+from gkpd.plan.schema import LayerPlan
+
+
+def _groups(module: nn.Module) -> int:
+    return module.groups if is_conv(module) else 1
+
+
+def _grouped_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(g, F/g, C/g·∏K)`` in float64."""
+    w = module.weight.detach().double()
+    g = _groups(module)
+    return w.reshape(g, w.shape[0] // g, -1)
+
+
+def _full_rank(module: nn.Module) -> int:
+    w = module.weight
+    g = _groups(module)
+    return min(w.shape[0] // g, w[0].numel())
+
+
+def _params_per_rank(module: nn.Module) -> int:
+    """Parameters per unit of rank: ``C·∏K + F`` (conv) or ``in + out`` (linear)."""
+    w = module.weight
+    return _groups(module) * w[0].numel() + w.shape[0]
+
+
+def _bias(module: nn.Module) -> int:
+    return 0 if module.bias is None else module.bias.numel()
+
+
+class SVD:
+    name = "svd"
+
+    def supports(self, module: nn.Module) -> str | None:
+        reason = layer_reason(module, self.name)
+        if reason:
+            return reason
+        smallest = _params_per_rank(module)
+        if smallest >= module.weight.numel():
+            return (
+                f"rank 1 has {smallest} weights, no fewer than the dense layer's "
+                f"{module.weight.numel()}"
+            )
+        return None
+
+    # ------------------------------------------------------------------ planning
+
+    def _macs_per_rank(self, ctx: LayerContext) -> int:
+        module = ctx.module
+        if isinstance(module, nn.Linear):
+            return linear_rows(ctx.input_shape) * _params_per_rank(module)
+        _, out, _ = conv_geometry(module, ctx.input_shape)
+        return math.prod(out) * _params_per_rank(module)
+
+    def candidates(self, ctx: LayerContext) -> Candidates:
+        no_override(ctx, self.name)
+        module = ctx.module
+        ranks = np.arange(1, _full_rank(module) + 1)
+        params = ranks * _params_per_rank(module) + _bias(module)
+        macs = ranks * self._macs_per_rank(ctx)
+        keep = affordable(ctx, params, macs)
+        if not len(keep):
+            return Candidates.empty()
+        s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()  # (g, k)
+        total = float(s2.sum())
+        captured = np.cumsum(s2.sum(0).cpu().numpy())
+        errors = np.sqrt(np.clip(total - captured, 0.0, None) / total) if total else 0 * captured
+        return Candidates(params[keep], macs[keep], errors[keep], [int(r) for r in ranks[keep]])
+
+    def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
+        entry.rank = int(config)
+        entry.settings = {"rank": int(config)}
+
+    def _rank(self, module: nn.Module, entry: LayerPlan) -> int:
+        rank = setting(entry.settings, "rank", self.name, entry.name)
+        return positive_int(rank, f"svd rank of layer {entry.name!r}", _full_rank(module))
+
+    def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
+        rank = self._rank(module, entry)
+        s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()
+        total = float(s2.sum())
+        return math.sqrt(max(total - float(s2[:, :rank].sum()), 0.0) / total) if total else 0.0
+
+    # ------------------------------------------------------------------ applying
+
+    def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
+        rank = self._rank(module, entry)
+        has_bias = module.bias is not None
+        if isinstance(module, nn.Linear):
+            first = linear_like(module, module.in_features, rank, bias=False)
+            second = linear_like(module, rank, module.out_features, bias=has_bias)
+        else:
+            g, n = module.groups, len(module.kernel_size)
+            first = conv_like(
+                module,
+                module.in_channels,
+                g * rank,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=g,
+                padding_mode=module.padding_mode,
+            )
+            second = conv_like(
+                module, g * rank, module.out_channels, (1,) * n, groups=g, bias=has_bias
+            )
+        if decompose:
+            u, s, vh = torch.linalg.svd(_grouped_matrix(module), full_matrices=False)
+            root = s[:, :rank].sqrt()
+            # first: (g·r, C/g·∏K); second: per group (F/g, r), stacked to (F, r)
+            load(first, (root.unsqueeze(-1) * vh[:, :rank]).reshape(-1, vh.shape[-1]))
+            load(
+                second,
+                (u[:, :, :rank] * root.unsqueeze(1)).reshape(-1, rank),
+                None if module.bias is None else module.bias.detach(),
+            )
+        return nn.Sequential(first, second)
