@@ -3,16 +3,19 @@
 from gkpd import data, models, train
 from gkpd.apply import apply_, compress
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
+from gkpd.io import load, save
 from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
 
 # bound last: the function gkpd.plan shadows the subpackage of the same name
 from gkpd.plan import CompressionPlan, LayerPlan, plan
+from gkpd.report import Report, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionPlan",
     "LayerPlan",
+    "Report",
     "apply_",
     "compress",
     "plan",
@@ -26,7 +29,10 @@ __all__ = [
     "decompose",
     "kron",
     "kron_sum",
+    "load",
     "models",
     "rearrange",
+    "save",
+    "summary",
     "train",
 ]
