@@ -111,7 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "label_smoothing": args.label_smoothing,
             "momentum": 0.9,
             "nesterov": True,
-            "augmentation": f"random crop (padding {info.crop_padding}) + horizontal flip",
+            "augmentation": (
+                f"random crop (padding {info.crop_padding}) + horizontal flip"
+                if info.crop_padding
+                else "random crop while decoding + horizontal flip"
+            ),
         },
         "command": "gkpd " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "torch_version": torch.__version__,
