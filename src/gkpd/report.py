@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.counting import count_model
+from gkpd.text_table import format_table
 
 __all__ = ["LayerSummary", "Report", "summary"]
 
@@ -93,27 +94,13 @@ class Report:
                     f"{layer.macs:,}" + (f" ({layer.calls} calls)" if layer.calls > 1 else ""),
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        right = {0, 5, 6}
-
-        def fmt(row: tuple[str, ...]) -> str:
-            cells = (
-                cell.rjust(w) if i in right else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-            return "  ".join(cells).rstrip()
-
-        lines = [fmt(row) for row in rows]
-        rule = "-" * max(len(line) for line in lines)
-        lines.insert(1, rule)
-        lines.append(rule)
-        lines.append(
+        footer = (
             f"{self.model_type} at input {'×'.join(map(str, self.input_shape))}: "
             f"{self.total_params:,} parameters in total ({self.layer_params:,} in the "
             f"{len(self.layers)} layers above, {len(self.kronecker_layers)} of them Kronecker); "
             f"{self.total_macs:,} MACs"
         )
-        return "\n".join(lines)
+        return format_table(rows, footer, right={0, 5, 6})
 
     def __str__(self) -> str:
         return self.table()

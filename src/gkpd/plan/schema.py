@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gkpd.text_table import format_table
+
 PLAN_VERSION = 1
 
 
@@ -153,18 +155,13 @@ class CompressionPlan:
                 f"{e.params:,}", f"{e.dense_params:,}", f"{e.macs:,}", f"{e.dense_macs:,}",
                 f"{e.relative_error:.4f}" if e.compressed else "-", e.reason,
             ))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                 for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.append("-" * len(lines[0]))
-        lines.append(
+        footer = (
             f"{self.model_type} / {self.method} / {self.strategy}: params "
             f"{self.dense_params:,} -> {self.params:,} ({self.achieved_ratio:.2f}x, target "
             f"{self.target_ratio:g}x); MACs {self.dense_macs:,} -> {self.macs:,} "
             f"({self.mac_ratio:.2f}x)"
         )
-        return "\n".join(lines)
+        return format_table(rows, footer, right={6, 7, 8, 9, 10})
 
     def __str__(self) -> str:
         return self.table()
