@@ -184,3 +184,16 @@ def test_corrupt_plan_json_is_refused(tmp_path, resnet32):
     path.write_text('{"version": 99}')
     with pytest.raises(ValueError, match="version"):
         CompressionPlan.load(path)
+
+
+def test_shared_search_matches_exhaustive_search_closely(resnet32):
+    shared = _plan(resnet32, 5.0, "uniform")
+    exhaustive = gkpd.plan(resnet32, EXAMPLE, ratio=5.0, exhaustive=True)
+    assert exhaustive.options["exhaustive"] and not shared.options["exhaustive"]
+    assert abs(exhaustive.achieved_ratio / 5.0 - 1) <= 0.03
+
+    def summed(plan):
+        return sum(e.relative_error**2 for e in plan.layers)
+
+    # layers after the first of each shape only retry the first one's Pareto factor shapes
+    assert summed(shared) <= summed(exhaustive) * 1.05

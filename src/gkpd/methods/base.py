@@ -25,6 +25,9 @@ class LayerContext:
     max_macs: int | None
     min_ratio: float
     override: dict[str, Any] = field(default_factory=dict)
+    # Families (for GKPD: A-factor shapes) that a layer of the same shape and input found
+    # worth keeping; a method may restrict its search to them (None: search everything).
+    families: frozenset | None = None
 
     @property
     def bias_params(self) -> int:
@@ -44,6 +47,9 @@ class Method(Protocol):
 
     def candidates(self, ctx: LayerContext) -> Candidates:
         """Configurations of the layer within ``ctx``'s limits (the dense layer excluded)."""
+
+    def family(self, config: Any) -> Any:
+        """A hashable key grouping configurations that share their search (e.g. a split)."""
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         """Write ``config`` into the plan ``entry`` (shapes, rank, order, settings)."""

@@ -42,7 +42,7 @@ def _tail_errors(weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int) 
     """Relative error of the best rank-r GKPD for r = 1 … max_rank (float64).
 
     Exact singular values for small matrices; for large ones only the top ``max_rank``
-    are wanted, and a randomized SVD (2 power iterations) estimates them from below, so
+    are wanted, and a randomized SVD (one power iteration) estimates them from below, so
     the error here is never optimistic.
     """
     m = rearrange(weight, a_shape).float()
@@ -53,7 +53,7 @@ def _tail_errors(weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int) 
     if side <= _EXACT_SVD_SIDE or 4 * (max_rank + _OVERSAMPLE) >= side:
         s = torch.linalg.svdvals(m)[:max_rank]
     else:
-        _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=2)
+        _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=1)
         s = s[:max_rank]
     captured = np.cumsum(s.double().square().numpy())
     return np.sqrt(np.clip(total - captured, 0.0, None) / total)
@@ -103,6 +103,8 @@ class GKPD:
             b = b_shape_for(weight_shape, a)
             self._check_groups(ctx, a, b)
             return [a]
+        if ctx.families is not None:
+            return sorted(ctx.families)
         total = math.prod(weight_shape)
         splits = []
         for a in itertools.product(*(_divisors(s) for s in weight_shape)):
@@ -161,6 +163,9 @@ class GKPD:
                 )
             )
         return Candidates.concatenate(parts)
+
+    def family(self, config: Any) -> tuple[int, ...]:
+        return config[0]
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         a, b, rank, order = config

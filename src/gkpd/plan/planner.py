@@ -86,6 +86,7 @@ def plan(
     allow_more_macs: bool = False,
     min_layer_ratio: float | None = None,
     tolerance: float = 0.03,
+    exhaustive: bool = False,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
@@ -95,8 +96,10 @@ def plan(
     ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
     ``"skip"`` or a dict with ``a_shape`` (and optionally ``rank``). Unless
     ``allow_more_macs``, no configuration costs more MACs than its dense layer. Layers are
-    offered ranks down to a layer ratio of ``min_layer_ratio`` (default: ``ratio/2`` for
-    uniform, ``ratio/4`` for global; at least 1). Pure: the model is not changed.
+    offered ranks down to a layer ratio of ``min_layer_ratio`` (default: ``ratio/1.5`` for
+    uniform, ``ratio/4`` for global; at least 1). Layers with the same shape, settings and
+    input size share the search of the first of them (only the factor shapes on its Pareto
+    front are tried again) unless ``exhaustive``. Pure: the model is not changed.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
@@ -110,7 +113,7 @@ def plan(
 
     compressor = get_method(method)
     if min_layer_ratio is None:
-        min_layer_ratio = max(1.0, ratio / (2.0 if strategy == "uniform" else 4.0))
+        min_layer_ratio = max(1.0, ratio / (1.5 if strategy == "uniform" else 4.0))
     if not min_layer_ratio >= 1:
         raise ValueError(f"min_layer_ratio must be >= 1, got {min_layer_ratio!r}")
 
@@ -126,6 +129,7 @@ def plan(
     )
 
     entries: dict[str, LayerPlan] = {}
+    shared_families: dict[tuple, frozenset] = {}
     contexts, tables = [], []
     for name, call in calls.items():
         module = call.module
@@ -142,13 +146,22 @@ def plan(
         if reason:
             entry.reason = reason
             continue
+        # Layers of one shape, settings and input size (ResNet-50 repeats each up to six
+        # times) share the search: the first one searches every family, the others only
+        # the families on its Pareto front.
+        shape_key = (repr(module), per_sample)
+        override = selection.overrides.get(name, {})
         ctx = LayerContext(
             name=name, module=module, input_shape=per_sample, dense_params=entry.dense_params,
             dense_macs=dense_macs // call.calls,
             max_macs=None if allow_more_macs else dense_macs // call.calls,
-            min_ratio=min_layer_ratio, override=selection.overrides.get(name, {}),
+            min_ratio=min_layer_ratio, override=override,
+            families=None if exhaustive or override else shared_families.get(shape_key),
         )
         table = compressor.candidates(ctx).pareto()
+        family = getattr(compressor, "family", None)
+        if family is not None and not override and shape_key not in shared_families:
+            shared_families[shape_key] = frozenset(family(c) for c in table.configs)
         if not len(table):
             entry.reason = (
                 "no configuration both smaller than "
@@ -191,6 +204,7 @@ def plan(
         options={
             "min_params": min_params, "allow_more_macs": allow_more_macs,
             "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
+            "exhaustive": exhaustive,
             "include": _pattern_names(include, "include"),
             "exclude": _pattern_names(exclude, "exclude"),
         },
