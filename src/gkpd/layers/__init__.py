@@ -2,6 +2,7 @@
 
 from gkpd.counting import group_split
 from gkpd.decompose import b_shape_for, check_factor_shapes, check_rank, full_rank
+from gkpd.layers.base import KroneckerLayer
 from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerConvNd
 from gkpd.layers.linear import KroneckerLinear
 
@@ -10,6 +11,7 @@ __all__ = [
     "KroneckerConv2d",
     "KroneckerConv3d",
     "KroneckerConvNd",
+    "KroneckerLayer",
     "KroneckerLinear",
     "b_shape_for",
     "check_factor_shapes",

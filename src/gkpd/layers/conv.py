@@ -25,14 +25,14 @@ from gkpd.counting import (
     resolve_padding,
     stage_strides,
 )
-from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose, kron_sum
+from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
+from gkpd.layers.base import KroneckerLayer
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_ORDER_CHOICES = ("auto", *ORDERS)
 
 
 class _StagePlan(NamedTuple):
@@ -98,7 +98,7 @@ def uniform_factor_bound(fan_in: int, rank: int) -> float:
     return math.sqrt(3.0 * var_factor)
 
 
-class KroneckerConvNd(nn.Module):
+class KroneckerConvNd(KroneckerLayer):
     """Convolution whose weight is ``Σ_r a[r] ⊗ b[r]`` (any number of spatial dims).
 
     Arguments are those of ``nn.Conv*d``, then keyword-only ``a_shape`` (the A-factor shape
@@ -230,9 +230,6 @@ class KroneckerConvNd(nn.Module):
                 layer.bias.copy_(module.bias)
         return layer
 
-    def reconstruct_weight(self) -> Tensor:
-        """The dense weight ``Σ_r a[r] ⊗ b[r]`` of shape ``(F, C/groups, *K)``."""
-        return kron_sum(self.a, self.b)
 
     def to_dense(self) -> nn.Module:
         """An ``nn.Conv*d`` with the same settings and the reconstructed weight."""
@@ -250,16 +247,6 @@ class KroneckerConvNd(nn.Module):
 
     # ------------------------------------------------------------------ cost and order
 
-    @property
-    def order(self) -> str:
-        """``"auto"`` (the cheaper order for each input size), ``"b_first"`` or ``"a_first"``."""
-        return self._order
-
-    @order.setter
-    def order(self, value: str) -> None:
-        if value not in _ORDER_CHOICES:
-            raise ValueError(f"order {value!r} is not supported: expected one of {_ORDER_CHOICES}")
-        self._order = value
 
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         """MACs of each stage order for an input of ``input_shape`` (``(N, C, *spatial)``)."""
@@ -286,9 +273,6 @@ class KroneckerConvNd(nn.Module):
             self._order_cache[key] = order
         return order
 
-    def macs(self, input_shape: Sequence[int]) -> int:
-        """MACs of the forward that runs for an input of ``input_shape``."""
-        return self.order_macs(input_shape)[self.resolve_order(input_shape)]
 
     # ------------------------------------------------------------------ forward
 

@@ -8,16 +8,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from gkpd.counting import ORDERS, best_order, kronecker_linear_order_macs
-from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose, kron_sum
+from gkpd.counting import best_order, kronecker_linear_order_macs
+from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
+from gkpd.layers.base import KroneckerLayer
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
 __all__ = ["KroneckerLinear"]
 
-_ORDER_CHOICES = ("auto", *ORDERS)
 
 
-class KroneckerLinear(nn.Module):
+class KroneckerLinear(KroneckerLayer):
     """``nn.Linear`` whose weight ``(out_features, in_features)`` is ``Σ_r a[r] ⊗ b[r]``.
 
     ``a_shape = (O1, I1)``; ``b_shape = (out_features/O1, in_features/I1)``. Accepts any
@@ -88,8 +88,6 @@ class KroneckerLinear(nn.Module):
                 layer.bias.copy_(module.bias)
         return layer
 
-    def reconstruct_weight(self) -> Tensor:
-        return kron_sum(self.a, self.b)
 
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(
@@ -102,15 +100,6 @@ class KroneckerLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    @property
-    def order(self) -> str:
-        return self._order
-
-    @order.setter
-    def order(self, value: str) -> None:
-        if value not in _ORDER_CHOICES:
-            raise ValueError(f"order {value!r} is not supported: expected one of {_ORDER_CHOICES}")
-        self._order = value
 
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         batch = math.prod(int(s) for s in input_shape[:-1])
@@ -121,8 +110,6 @@ class KroneckerLinear(nn.Module):
             return self._order
         return best_order(self.order_macs((1, self.in_features)))
 
-    def macs(self, input_shape: Sequence[int]) -> int:
-        return self.order_macs(input_shape)[self.resolve_order(input_shape)]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
