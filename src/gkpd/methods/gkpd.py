@@ -38,24 +38,29 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
 
 
-def _tail_errors(weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int) -> np.ndarray:
-    """Relative error of the best rank-r GKPD for r = 1 … max_rank (float64).
+def _tail_errors(
+    weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int, total: float
+) -> np.ndarray:
+    """Relative error of the best rank-r GKPD for r = 1 … max_rank (float64); ``total`` is
+    ``‖weight‖²`` (the same for every split).
 
-    Exact singular values for small matrices; for large ones only the top ``max_rank``
-    are wanted, and a randomized SVD (one power iteration) estimates them from below, so
-    the error here is never optimistic.
+    Where most of the spectrum is wanted, the squared singular values are the eigenvalues
+    of the Gram matrix of the rearranged weight's short side (about twice as fast as an SVD;
+    absolute error ~1e-7 of the largest, far below the errors compared here). Where only a
+    few are wanted from a large matrix, a randomized SVD (one power iteration) estimates them
+    from below, so the error here is never optimistic.
     """
-    m = rearrange(weight, a_shape).float()
-    total = float(m.double().square().sum())
     if total == 0.0:
         return np.zeros(max_rank)
+    m = rearrange(weight, a_shape).float()
     side = min(m.shape)
     if side <= _EXACT_SVD_SIDE or 4 * (max_rank + _OVERSAMPLE) >= side:
-        s = torch.linalg.svdvals(m)[:max_rank]
+        short = m if m.shape[0] <= m.shape[1] else m.T
+        energies = torch.linalg.eigvalsh(short @ short.T).flip(0)[:max_rank].clamp_min(0)
     else:
         _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=1)
-        s = s[:max_rank]
-    captured = np.cumsum(s.double().square().numpy())
+        energies = s[:max_rank].square()
+    captured = np.cumsum(energies.double().numpy())
     return np.sqrt(np.clip(total - captured, 0.0, None) / total)
 
 
@@ -132,6 +137,7 @@ class GKPD:
         bias = ctx.bias_params
         budget = ctx.max_params() - bias
         fixed_rank = ctx.override.get("rank")
+        total = float(weight.double().square().sum())
         splits = self._splits(ctx)
         # The smallest configuration is always offered, whatever the budget, so that the
         # planner can say how far the model can shrink.
@@ -143,7 +149,7 @@ class GKPD:
             order, macs_per_rank = self._rank_one_macs(ctx, a, b)
             if fixed_rank is not None:
                 ranks = np.array([check_rank(fixed_rank, a, b)])
-                errors = _tail_errors(weight, a, int(ranks[0]))[-1:]
+                errors = _tail_errors(weight, a, int(ranks[0]), total)[-1:]
             else:
                 cap = min(full_rank(a, b), budget // per_rank)
                 if ctx.max_macs is not None and macs_per_rank > 0:
@@ -153,7 +159,7 @@ class GKPD:
                 if cap < 1:
                     continue
                 ranks = np.arange(1, cap + 1)
-                errors = _tail_errors(weight, a, cap)
+                errors = _tail_errors(weight, a, cap, total)
             parts.append(
                 Candidates(
                     ranks * per_rank + bias,
