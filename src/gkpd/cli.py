@@ -264,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, TypeError, FileNotFoundError) as error:
         print(f"gkpd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group cleanly: a rank that exits with gloo's threads
+    alive can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

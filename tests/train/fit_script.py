@@ -9,6 +9,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -67,6 +68,10 @@ def main() -> None:
         {"weights": model.state_dict(), "history": history},
         os.path.join(args.out, f"weights_rank{rank}.pt"),
     )
+    if dist.is_initialized():
+        # a rank that exits with gloo's threads alive can abort ("terminate called ...")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
