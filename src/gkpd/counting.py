@@ -269,6 +269,14 @@ def best_order(order_macs: dict[str, int]) -> str:
     return min(ORDERS, key=lambda o: (order_macs[o], ORDERS.index(o)))
 
 
+def _macs_in_order(order_macs: dict[str, int], order: str) -> int:
+    """MACs of ``order``; ``"auto"``: of the cheaper order, the one a layer runs."""
+    if order == "auto":
+        return order_macs[best_order(order_macs)]
+    _check_order(order)
+    return order_macs[order]
+
+
 def kronecker_conv_macs(
     input_spatial: Sequence[int],
     a_shape: Sequence[int],
@@ -289,10 +297,7 @@ def kronecker_conv_macs(
         input_spatial, a_shape, b_shape, rank, stride=stride, padding=padding,
         dilation=dilation, groups=groups, batch=batch, padding_mode=padding_mode,
     )
-    if order == "auto":
-        return macs[best_order(macs)]
-    _check_order(order)
-    return macs[order]
+    return _macs_in_order(macs, order)
 
 
 def kronecker_linear_order_macs(
@@ -310,11 +315,7 @@ def kronecker_linear_macs(
     a_shape: Sequence[int], b_shape: Sequence[int], rank: int, batch: int = 1,
     order: str = "auto",
 ) -> int:
-    macs = kronecker_linear_order_macs(a_shape, b_shape, rank, batch)
-    if order == "auto":
-        return macs[best_order(macs)]
-    _check_order(order)
-    return macs[order]
+    return _macs_in_order(kronecker_linear_order_macs(a_shape, b_shape, rank, batch), order)
 
 
 # ----------------------------------------------------------------------------- modules

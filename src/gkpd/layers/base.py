@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from gkpd.counting import ORDERS
-from gkpd.decompose import kron_sum
+from gkpd.decompose import KroneckerFactors, kron_sum
 
 ORDER_CHOICES = ("auto", *ORDERS)
 
@@ -44,3 +45,19 @@ class KroneckerLayer(nn.Module):
     def reconstruct_weight(self) -> Tensor:
         """The dense weight ``Σ_r a[r] ⊗ b[r]``."""
         return kron_sum(self.a, self.b)
+
+    def _copy_from(self, factors: KroneckerFactors, dense: nn.Module) -> None:
+        """Take the factors of ``dense.weight`` and ``dense``'s bias (``from_dense``)."""
+        with torch.no_grad():
+            self.a.copy_(factors.a)
+            self.b.copy_(factors.b)
+            if dense.bias is not None:
+                self.bias.copy_(dense.bias)
+
+    def _copy_into(self, dense: nn.Module) -> nn.Module:
+        """Give ``dense`` the reconstructed weight and this layer's bias (``to_dense``)."""
+        with torch.no_grad():
+            dense.weight.copy_(self.reconstruct_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense

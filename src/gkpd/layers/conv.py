@@ -223,13 +223,8 @@ class KroneckerConvNd(KroneckerLayer):
             module.padding_mode, a_shape=a_shape, rank=factors.rank,
             device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.a.copy_(factors.a)
-            layer.b.copy_(factors.b)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+        layer._copy_from(factors, module)
         return layer
-
 
     def to_dense(self) -> nn.Module:
         """An ``nn.Conv*d`` with the same settings and the reconstructed weight."""
@@ -239,14 +234,9 @@ class KroneckerConvNd(KroneckerLayer):
             self.dilation, self.groups, self.bias is not None, self.padding_mode,
             device=self.a.device, dtype=self.a.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.reconstruct_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return self._copy_into(conv)
 
     # ------------------------------------------------------------------ cost and order
-
 
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         """MACs of each stage order for an input of ``input_shape`` (``(N, C, *spatial)``)."""

@@ -81,25 +81,15 @@ class KroneckerLinear(KroneckerLayer):
             module.in_features, module.out_features, module.bias is not None,
             a_shape=a_shape, rank=factors.rank, device=weight.device, dtype=weight.dtype,
         )
-        with torch.no_grad():
-            layer.a.copy_(factors.a)
-            layer.b.copy_(factors.b)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+        layer._copy_from(factors, module)
         return layer
-
 
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(
             self.in_features, self.out_features, self.bias is not None,
             device=self.a.device, dtype=self.a.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(self.reconstruct_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
+        return self._copy_into(linear)
 
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         batch = math.prod(int(s) for s in input_shape[:-1])
@@ -109,7 +99,6 @@ class KroneckerLinear(KroneckerLayer):
         if self._order != "auto":
             return self._order
         return best_order(self.order_macs((1, self.in_features)))
-
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
