@@ -42,23 +42,42 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
+    """``widths``: channels of the three stages (default the paper's 16/32/64), non-decreasing,
+    so that narrower networks of the same family can be built."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
+        widths = tuple(widths)
+        if (
+            len(widths) != 3
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+            or not widths[0] <= widths[1] <= widths[2]
+        ):
+            raise ValueError(
+                f"widths must be 3 positive ints in non-decreasing order, got {widths!r}"
+            )
+        self.widths = widths
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
-        channels = 16
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
+        channels = widths[0]
+        for width, stride in zip(widths, (1, 2, 2), strict=True):
             layers = []
             for i in range(blocks):
                 layers.append(BasicBlock(channels, width, stride if i == 0 else 1))
                 channels = width
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -71,8 +90,10 @@ class CifarResNet(nn.Module):
 
 
 def _make(depth: int):
-    def build(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-        return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
+    def build(
+        num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (16, 32, 64)
+    ) -> CifarResNet:
+        return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, widths=widths)
 
     build.__doc__ = f"CIFAR ResNet-{depth} (He et al. 2016)."
     return build
