@@ -102,7 +102,7 @@ def test_full_rank_from_dense_is_exact(cfg, seed):
     layer = KRON[cfg["nd"]].from_dense(dense, a_shape=cfg["a_shape"])
     x = torch.randn(cfg["input_shape"], dtype=f64)
     expected = dense(x)
-    for order in ("auto", "b_first", "a_first"):
+    for order in ("auto", "b_first", "a_first", "weight"):
         layer.order = order
         out = layer(x)
         assert out.shape == expected.shape
@@ -139,7 +139,7 @@ def test_truncated_forward_and_gradients_match_reconstruction(cfg, seed, data):
     ref_grads = torch.autograd.grad(
         ref_out, [x_ref, layer.a, layer.b], grad_out
     )
-    for order in ("b_first", "a_first"):
+    for order in ("b_first", "a_first", "weight"):
         layer.order = order
         x_k = x.clone().requires_grad_()
         out = layer(x_k)
@@ -294,3 +294,25 @@ def test_bad_inputs():
     layer = gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1)
     with pytest.raises(ValueError, match="channels"):
         layer(torch.randn(1, 4, 8, 8))
+
+
+def test_weight_path_cache_follows_factor_updates():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 2, 3, 1), rank=2, dtype=f64)
+    layer.order = "weight"
+    layer.eval()
+    x = torch.randn(2, 8, 6, 6, dtype=f64)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer._weight_cache is not None
+        cached = layer._weight_cache[1]
+        assert layer(x).equal(first) and layer._weight_cache[1] is cached
+        layer.a.mul_(2.0)  # an optimizer step or load_state_dict changes the factors in place
+        torch.testing.assert_close(layer(x) - layer.bias.view(1, -1, 1, 1),
+                                   2 * (first - layer.bias.view(1, -1, 1, 1)))
+        layer.load_state_dict({k: torch.zeros_like(v) for k, v in layer.state_dict().items()})
+        assert layer(x).abs().max().item() == 0.0
+    layer.train()
+    layer(x)
+    assert layer._weight_cache is None  # training never reuses a stale weight
+    assert layer.macs(x.shape) == 2 * 8 * 8 * 9 * 36

@@ -45,7 +45,7 @@ def test_linear_exact_and_truncated(cfg, seed, data):
     dense = nn.Linear(in_f, out_f, bias, dtype=f64)
     x = torch.randn(*lead, in_f, dtype=f64)
     layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=a_shape)
-    for order in ("auto", "b_first", "a_first"):
+    for order in ("auto", "b_first", "a_first", "weight"):
         layer.order = order
         out = layer(x)
         assert out.shape == (*lead, out_f)
@@ -58,7 +58,7 @@ def test_linear_exact_and_truncated(cfg, seed, data):
     torch.testing.assert_close(ref, layer.to_dense()(x), rtol=1e-10, atol=1e-12)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, [x_ref, layer.a, layer.b], grad_out)
-    for order in ("b_first", "a_first"):
+    for order in ("b_first", "a_first", "weight"):
         layer.order = order
         x_k = x.clone().requires_grad_()
         out = layer(x_k)

@@ -10,7 +10,10 @@ from torch import Tensor, nn
 from gkpd.counting import ORDERS
 from gkpd.decompose import KroneckerFactors, kron_sum
 
-ORDER_CHOICES = ("auto", *ORDERS)
+# "weight": run the dense op with the reconstructed weight Σ_r a[r] ⊗ b[r] (cached at
+# inference). As fast as the dense layer whatever the factor shapes, at the factors' size.
+WEIGHT_PATH = "weight"
+ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH)
 
 
 class KroneckerLayer(nn.Module):
@@ -21,9 +24,12 @@ class KroneckerLayer(nn.Module):
     b: nn.Parameter
     _order: str = "auto"
 
+    _weight_cache: tuple[tuple, Tensor] | None = None
+
     @property
     def order(self) -> str:
-        """``"auto"`` (the cheaper order for each input size), ``"b_first"`` or ``"a_first"``."""
+        """``"auto"`` (the cheaper order for each input size), ``"b_first"``, ``"a_first"``
+        or ``"weight"`` (the dense op with the reconstructed weight)."""
         return self._order
 
     @order.setter
@@ -38,13 +44,33 @@ class KroneckerLayer(nn.Module):
     def resolve_order(self, input_shape: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        """MACs of the dense op this layer replaces (what the ``"weight"`` path runs)."""
+        raise NotImplementedError
+
     def macs(self, input_shape: Sequence[int]) -> int:
         """MACs of the forward that runs for an input of ``input_shape``."""
-        return self.order_macs(input_shape)[self.resolve_order(input_shape)]
+        order = self.resolve_order(input_shape)
+        if order == WEIGHT_PATH:
+            return self.dense_macs(input_shape)
+        return self.order_macs(input_shape)[order]
 
     def reconstruct_weight(self) -> Tensor:
         """The dense weight ``Σ_r a[r] ⊗ b[r]``."""
         return kron_sum(self.a, self.b)
+
+    def _path_weight(self) -> Tensor:
+        """The weight the ``"weight"`` path runs with. At inference (eval mode, no grad, not
+        being traced) it is rebuilt only when ``a`` or ``b`` changed; otherwise it is built
+        on every call so gradients reach the factors."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._weight_cache = None
+            return self.reconstruct_weight()
+        a, b = self.a, self.b
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, a.device)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.reconstruct_weight())
+        return self._weight_cache[1]
 
     def _copy_from(self, factors: KroneckerFactors, dense: nn.Module) -> None:
         """Take the factors of ``dense.weight`` and ``dense``'s bias (``from_dense``)."""

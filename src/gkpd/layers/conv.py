@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from gkpd.counting import (
     ORDERS,
     best_order,
+    conv_macs,
     group_split,
     kronecker_conv_order_macs,
     ntuple,
@@ -26,7 +27,7 @@ from gkpd.counting import (
     stage_strides,
 )
 from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
-from gkpd.layers.base import KroneckerLayer
+from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -107,7 +108,8 @@ class KroneckerConvNd(KroneckerLayer):
     dims is fixed by the subclass, or taken from ``len(a_shape) - 2`` here.
 
     ``order`` (a plain attribute) is ``"auto"`` (default: the order with fewer MACs for the
-    input size), ``"b_first"`` or ``"a_first"``.
+    input size), ``"b_first"``, ``"a_first"`` or ``"weight"`` (the dense convolution with the
+    reconstructed weight, cached at inference).
     """
 
     _spatial_dims: int | None = None
@@ -252,6 +254,15 @@ class KroneckerConvNd(KroneckerLayer):
     def _pads_as_arg(self) -> str | tuple[int, ...]:
         return self.padding if isinstance(self.padding, str) else tuple(self.padding)
 
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        n = len(self.kernel_size)
+        shape = tuple(int(s) for s in input_shape)
+        return conv_macs(
+            shape[-n:], self.in_channels, self.out_channels, self.kernel_size, self.stride,
+            self._pads_as_arg(), self.dilation, self.groups,
+            batch=shape[0] if len(shape) == n + 2 else 1,
+        )
+
     def resolve_order(self, input_shape: Sequence[int]) -> str:
         """The order that runs for ``input_shape``: ``self.order``, or the cheaper if auto."""
         if self._order != "auto":
@@ -307,6 +318,9 @@ class KroneckerConvNd(KroneckerLayer):
                 f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
             )
         order = self.resolve_order(x.shape)
+        if order == WEIGHT_PATH:
+            y = self._with_weight(x)
+            return y.squeeze(0) if unbatched else y
         plan = self._plans[order]
         if plan.pad_input is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -315,6 +329,17 @@ class KroneckerConvNd(KroneckerLayer):
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * n))
         return y.squeeze(0) if unbatched else y
+
+    def _with_weight(self, x: Tensor) -> Tensor:
+        """The dense convolution with the reconstructed weight (the ``"weight"`` path)."""
+        padding: tuple[int, ...] | int = tuple(left for left, _ in self._pads)
+        if self.padding_mode != "zeros" or any(left != right for left, right in self._pads):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, [p for pair in reversed(self._pads) for p in pair], mode=mode)
+            padding = 0
+        return _CONV[len(self.kernel_size)](
+            x, self._path_weight(), self.bias, self.stride, padding, self.dilation, self.groups
+        )
 
     def _b_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2

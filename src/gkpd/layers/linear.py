@@ -6,11 +6,12 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkpd.counting import best_order, kronecker_linear_order_macs
 from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
-from gkpd.layers.base import KroneckerLayer
+from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
 __all__ = ["KroneckerLinear"]
@@ -21,8 +22,8 @@ class KroneckerLinear(KroneckerLayer):
     """``nn.Linear`` whose weight ``(out_features, in_features)`` is ``Σ_r a[r] ⊗ b[r]``.
 
     ``a_shape = (O1, I1)``; ``b_shape = (out_features/O1, in_features/I1)``. Accepts any
-    number of leading dims, like ``nn.Linear``. ``order`` is ``"auto"``, ``"b_first"`` or
-    ``"a_first"``.
+    number of leading dims, like ``nn.Linear``. ``order`` is ``"auto"``, ``"b_first"``,
+    ``"a_first"`` or ``"weight"``.
     """
 
     def __init__(
@@ -95,6 +96,9 @@ class KroneckerLinear(KroneckerLayer):
         batch = math.prod(int(s) for s in input_shape[:-1])
         return kronecker_linear_order_macs(self.a_shape, self.b_shape, self.rank, batch)
 
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
+        return math.prod(int(s) for s in input_shape[:-1]) * self.in_features * self.out_features
+
     def resolve_order(self, input_shape: Sequence[int] = (1, 1)) -> str:
         if self._order != "auto":
             return self._order
@@ -106,11 +110,14 @@ class KroneckerLinear(KroneckerLayer):
                 f"input has shape {tuple(x.shape)}, expected last dim in_features="
                 f"{self.in_features}"
             )
+        order = self.resolve_order()
+        if order == WEIGHT_PATH:
+            return F.linear(x, self._path_weight(), self.bias)
         r = self.rank
         (o1, i1), (o2, i2) = self.a_shape, self.b_shape
         lead = x.shape[:-1]
         x = x.reshape(-1, i1, i2)
-        if self.resolve_order() == "b_first":
+        if order == "b_first":
             t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
             y = self.a.permute(1, 2, 0).reshape(o1, i1 * r) @ t.reshape(-1, i1 * r, o2)
         else:
