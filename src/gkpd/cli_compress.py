@@ -161,25 +161,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _train_loader(args: argparse.Namespace):
-    from torch.utils.data import DataLoader, RandomSampler
+    from gkpd.train.finetune import finetune_loader
 
-    from gkpd import data
-
-    train = data.build_dataset(args.data, "train", args.data_dir, augment=True)
-    samples = len(train) if args.train_subset is None else min(args.train_subset, len(train))
-    if samples < args.batch_size:
-        raise CliError(
-            f"--batch-size {args.batch_size} is larger than the {samples} training samples "
-            "per epoch"
-        )
-    # a fresh random draw of `samples` images every epoch (all of them, shuffled, by default)
-    sampler = RandomSampler(train, num_samples=samples)
-    return DataLoader(
-        train,
+    return finetune_loader(
+        args.data,
+        args.data_dir,
         batch_size=args.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=args.workers,
+        train_subset=args.train_subset,
+        workers=args.workers,
     )
 
 
@@ -187,9 +176,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from gkpd import data, train
+    from gkpd import data
     from gkpd.io import PLAN_FILE, is_saved_model, save
     from gkpd.plan.schema import CompressionPlan
+    from gkpd.train.finetune import finetune
 
     source = Path(args.model)
     if not is_saved_model(source):
@@ -222,11 +212,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     train_loader = _train_loader(args)
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
     test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
-    history = train.fit(
+    history = finetune(
         student,
+        teacher,
         train_loader,
         epochs=args.epochs,
-        teacher=teacher,
         eval_loader=test_loader,
         checkpoint_dir=out,
         resume=args.resume,

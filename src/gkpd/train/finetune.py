@@ -1,0 +1,90 @@
+"""The fine-tuning step shared by ``gkpd finetune`` and ``gkpd bench accuracy``.
+
+A fresh random draw of ``train_subset`` training images per epoch (all of them by default),
+then :func:`gkpd.train.fit` with distillation from the teacher (when one is given).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from gkpd.train.loop import fit
+
+# the defaults of `gkpd finetune` and `gkpd bench accuracy`
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "lr": 0.01,
+    "weight_decay": 5e-4,
+    "alpha": 0.9,
+    "temperature": 4.0,
+    "batch_size": 128,
+}
+
+
+def finetune_loader(
+    dataset: str,
+    data_dir: str | Path | None,
+    *,
+    batch_size: int,
+    train_subset: int | None = None,
+    workers: int = 0,
+) -> DataLoader:
+    """Augmented training loader drawing ``train_subset`` random samples per epoch."""
+    from gkpd import data
+
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
+    ):
+        raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
+    train = data.build_dataset(dataset, "train", data_dir, augment=True)
+    samples = len(train) if train_subset is None else min(train_subset, len(train))
+    if samples < batch_size:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {samples} training samples per epoch; "
+            "lower the batch size or raise the train subset"
+        )
+    # a fresh random draw of `samples` images every epoch (all of them, shuffled, by default)
+    sampler = RandomSampler(train, num_samples=samples)
+    return DataLoader(
+        train, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers
+    )
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_loader: DataLoader,
+    *,
+    epochs: int,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    eval_loader: DataLoader | None = None,
+    device: Any = None,
+    progress: bool = True,
+    lr: float = FINETUNE_DEFAULTS["lr"],
+    weight_decay: float = FINETUNE_DEFAULTS["weight_decay"],
+    alpha: float = FINETUNE_DEFAULTS["alpha"],
+    temperature: float = FINETUNE_DEFAULTS["temperature"],
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """:func:`gkpd.train.fit` of ``student`` with distillation from ``teacher`` (cross-entropy
+    alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``."""
+    return fit(
+        student,
+        train_loader,
+        epochs=epochs,
+        teacher=teacher,
+        eval_loader=eval_loader,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        device=device,
+        progress=progress,
+        lr=lr,
+        weight_decay=weight_decay,
+        alpha=alpha,
+        temperature=temperature,
+        seed=seed,
+    )
