@@ -54,6 +54,9 @@ def apply_(model: nn.Module, compression_plan: CompressionPlan, *, decompose: bo
     the model before anything is changed.
     """
     check_plan_fits(model, compression_plan)
+    whole_model = getattr(get_method(compression_plan.method), "apply_model", None)
+    if whole_model is not None:  # whole-model methods (prune) replay the plan at once
+        return whole_model(model, compression_plan, decompose=decompose)
     replacements = []
     for entry in compression_plan.compressed_layers:
         method = get_method(entry.method)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gkpd.methods.base import LayerContext, Method
 from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD
+from gkpd.methods.pruning import Prune
 from gkpd.methods.svd import SVD
 from gkpd.methods.tucker import Tucker
 
@@ -13,6 +14,7 @@ _METHODS: dict[str, Method] = {
     "svd": SVD(),
     "tucker": Tucker(),
     "cp": CP(),
+    "prune": Prune(),
 }
 
 

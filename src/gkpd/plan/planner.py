@@ -112,6 +112,11 @@ def plan(
     from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
 
     compressor = get_method(method)
+    if hasattr(compressor, "plan_model"):  # whole-model methods (prune) plan on their own
+        return compressor.plan_model(
+            model, example_input, ratio=ratio, strategy=strategy, include=include,
+            exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
+        )
     if min_layer_ratio is None:
         min_layer_ratio = max(1.0, ratio / (1.5 if strategy == "uniform" else 4.0))
     if not min_layer_ratio >= 1:
