@@ -39,6 +39,21 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _reference(text: str) -> dict[str, float]:
+    reference = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            reference[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected METHOD=ACCURACY pairs separated by commas, got {text!r}"
+            )
+    return reference
+
+
 def _cmd_accuracy(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
@@ -102,6 +117,8 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
             "model": str(source.resolve()) if source.exists() else args.model,
             "data": args.data,
         },
+        reference=args.reference,
+        reference_source=args.reference_source,
         plot=not args.no_plot,
         device=args.device,
         progress=not args.no_progress,
@@ -171,6 +188,14 @@ def _add_accuracy(bench) -> None:
     )
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--out", required=True, help="directory for the cells, table and plot")
+    p.add_argument(
+        "--reference",
+        type=_reference,
+        default=None,
+        metavar="METHOD=ACC,...",
+        help="published accuracies shown beside ours, e.g. dense=92.55,gkpd=91.52",
+    )
+    p.add_argument("--reference-source", default=None, help="where --reference comes from")
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png (needs matplotlib)")
     _common_args(p)
     p.set_defaults(handler=_cmd_accuracy)
