@@ -16,12 +16,14 @@ as Li et al.: data-free, needs no BatchNorm (so it also ranks layers without one
 sparsity training, which BN-scale ranking (Network Slimming) assumes. Ties keep the lower
 index (stable sort), so a plan is deterministic.
 
-Ratio. Every prunable layer loses the same fraction ``p`` of its output channels (at least
-one is kept); ``p`` is found by bisection so the whole model (every parameter counted, as
-:func:`gkpd.counting.module_params`) comes closest to the target ratio, each step pruning a
-deep copy and counting it. The plan records, per pruned layer, the removed output-channel
-indices; :meth:`Prune.apply_model` replays them through a fresh dependency graph, so applying
-(or loading, ``decompose=False``) gives the same architecture every time.
+Ratio. Every prunable layer loses (nearly) the same fraction of its output channels, at least
+one kept: channels are removed one at a time, each from the layer with the largest kept
+fraction, and the number of removals is found by bisection so the whole model (every
+parameter counted, as :func:`gkpd.counting.module_params`) comes closest to the target
+ratio; each step prunes a deep copy and counts it. The plan records, per pruned layer, the
+removed output-channel indices; :meth:`Prune.apply_model` replays them through a fresh
+dependency graph, so applying (or loading, ``decompose=False``) gives the same architecture
+every time.
 
 torch-pruning is the optional extra ``gkpd[baselines]``; it is imported only when used.
 """
@@ -149,6 +151,18 @@ class _Graph:
         return None
 
 
+def _eval_forward(model: nn.Module, args):
+    """``model(*args)`` in eval mode without gradients; every module's mode is restored."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(*args)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def _schedule(sizes: list[int]) -> list[tuple[int, ...]]:
     """Kept channels per root after 0, 1, 2, ... removals: each removal takes one channel
     from the root with the largest kept fraction (the earliest on ties), down to one each,
@@ -217,16 +231,8 @@ class Prune:
     # ------------------------------------------------------------------ planning
 
     def plan_model(
-        self,
-        model: nn.Module,
-        example_input: Any,
-        *,
-        ratio: float,
-        strategy: str = "uniform",
-        include=None,
-        exclude=None,
-        overrides=None,
-        min_params: int = 1024,
+        self, model: nn.Module, example_input: Any, *, ratio: float, strategy: str = "uniform",
+        include=None, exclude=None, overrides=None, min_params: int = 1024,
         tolerance: float = 0.03,
     ) -> CompressionPlan:
         """Pure: prunes deep copies only. See :func:`gkpd.plan` for the arguments."""
@@ -247,12 +253,8 @@ class Prune:
             raise ValueError("the model calls no conv or linear layer on example_input")
         first_conv = next((n for n, c in calls.items() if _is_conv(c.module)), None)
         selection = select_layers(
-            {n: c.module for n, c in calls.items()},
-            include=include,
-            exclude=exclude,
-            overrides=overrides,
-            first_layer=first_conv,
-            min_params=min_params,
+            {n: c.module for n, c in calls.items()}, include=include, exclude=exclude,
+            overrides=overrides, first_layer=first_conv, min_params=min_params,
         )
         graph = _Graph(tp, copy.deepcopy(model), args)
         work_modules = dict(graph.model.named_modules())
@@ -305,12 +307,8 @@ class Prune:
         last = len(schedule) - 1
         largest = total_at(last)
         if dense_total / largest < ratio * (1 - tolerance):
-            raise _unreachable(
-                ratio,
-                dense_total,
-                largest,
-                "by pruning the inner channels (the others are coupled)",
-            )
+            why = "by pruning the inner channels (the others are coupled)"
+            raise _unreachable(ratio, dense_total, largest, why)
         lo, hi = 0, last  # smallest k whose ratio reaches the target: ratio(lo) < target
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -325,56 +323,32 @@ class Prune:
         p = k / sum(len(o) for o in order.values())
         self._check_forward(model, pruned, args)
         options = {
-            "importance": "l1",
-            "channels": "inner",
-            "fraction": p,
-            "min_params": min_params,
-            "tolerance": tolerance,
-            "include": _pattern_names(include, "include"),
+            "importance": "l1", "channels": "inner", "fraction": p, "min_params": min_params,
+            "tolerance": tolerance, "include": _pattern_names(include, "include"),
             "exclude": _pattern_names(exclude, "exclude"),
+            # apply_model traces the dependency graph again on zeros of these
             "input_shapes": [list(a.shape) for a in args],
             "input_dtypes": [str(a.dtype).removeprefix("torch.") for a in args],
         }
         layers = self._layers(calls, pruned, removed, reasons, set(order), args)
         result = CompressionPlan(
-            model_type=type(model).__name__,
-            method=self.name,
-            target_ratio=float(ratio),
-            strategy="uniform",
-            objective="l1",
-            dense_params=dense_total,
-            params=total,
-            dense_macs=sum(e.dense_macs for e in layers),
-            macs=sum(e.macs for e in layers),
-            layers=layers,
-            options=options,
+            model_type=type(model).__name__, method=self.name, target_ratio=float(ratio),
+            strategy="uniform", objective="l1", dense_params=dense_total, params=total,
+            dense_macs=sum(e.dense_macs for e in layers), macs=sum(e.macs for e in layers),
+            layers=layers, options=options,
         )
-        log.info(
-            "prune plan: %d layers changed, %.0f%% of inner channels removed, ratio %.2f",
-            len(result.compressed_layers),
-            100 * p,
-            result.achieved_ratio,
-        )
+        log.info("prune plan: %d layers changed, %.0f%% of inner channels removed, ratio %.2f",
+                 len(result.compressed_layers), 100 * p, result.achieved_ratio)
         return result
 
     @staticmethod
     def _check_forward(dense: nn.Module, pruned: nn.Module, args) -> None:
-        modes = {m: m.training for m in pruned.modules()}
+        want = _eval_forward(dense, args)
         try:
-            dense_mode = dense.training
-            dense.eval()
-            pruned.eval()
-            with torch.no_grad():
-                want, got = dense(*args), pruned(*args)
+            got = _eval_forward(pruned, args)
         except RuntimeError as error:
             raise ValueError(f"the pruned model fails on example_input: {error}") from error
-        finally:
-            dense.train(dense_mode)
-            for m, training in modes.items():
-                m.training = training
-        if isinstance(want, torch.Tensor) and (
-            not isinstance(got, torch.Tensor) or got.shape != want.shape
-        ):
+        if isinstance(want, torch.Tensor) and getattr(got, "shape", None) != want.shape:
             raise ValueError(
                 f"the pruned model's output has shape {getattr(got, 'shape', None)}, the dense "
                 f"model's {tuple(want.shape)}: its channel couplings were not traced correctly"
@@ -389,14 +363,10 @@ class Prune:
             module, per_sample = call.module, _per_sample(call.input_shape)
             dense_macs = module_macs(module, per_sample) * call.calls
             entry = LayerPlan(
-                name=name,
-                module_type=type(module).__name__,
-                weight_shape=tuple(module.weight.shape),
-                input_shape=per_sample,
-                dense_params=module_params(module),
-                dense_macs=dense_macs,
-                params=module_params(module),
-                macs=dense_macs,
+                name=name, module_type=type(module).__name__,
+                weight_shape=tuple(module.weight.shape), input_shape=per_sample,
+                dense_params=module_params(module), dense_macs=dense_macs,
+                params=module_params(module), macs=dense_macs,
                 reason=reasons.get(name, "kept: no channel removed at this ratio"),
             )
             change = removed.get(name)
@@ -414,13 +384,11 @@ class Prune:
                     "in_channels_removed": sorted(set(change.get("in", []))),
                     "coupled_to": coupled,
                 }
-                entry.reason = (
-                    "output channels pruned"
-                    if is_root
-                    else f"channels pruned with {', '.join(coupled)}"
-                )
-                if not is_root and name in reasons:
-                    entry.reason += f"; own outputs kept: {reasons[name]}"
+                entry.reason = "output channels pruned"
+                if not is_root:
+                    entry.reason = f"channels pruned with {', '.join(coupled)}"
+                    if name in reasons:
+                        entry.reason += f"; own outputs kept: {reasons[name]}"
             layers.append(entry)
         return layers
 
