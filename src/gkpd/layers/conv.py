@@ -50,11 +50,13 @@ class _StagePlan(NamedTuple):
 
 def _regroup(y: Tensor, dims: Sequence[int], perm: Sequence[int], out: Sequence[int]) -> Tensor:
     """``y.reshape(dims).permute(perm).reshape(out)``, as one view when the permutation only
-    moves dims of size 1."""
-    moved = [dims[p] for p in perm if dims[p] != 1]
-    if moved == [d for d in dims if d != 1] and [p for p in perm if dims[p] != 1] == sorted(
-        p for p in perm if dims[p] != 1
-    ):
+    moves dims of size 1.
+
+    ``perm`` keeps the batch dim ``dims[0]`` first, so only ``dims[1:]`` are compared with 1:
+    the batch size is never inspected, and stays symbolic under torch.export and ONNX export.
+    """
+    kept = [p for p in perm[1:] if dims[p] != 1]
+    if perm[0] == 0 and kept == sorted(kept):
         return y.reshape(out)
     return y.reshape(dims).permute(perm).reshape(out)
 
