@@ -8,12 +8,13 @@ its stride moves into the first 1×1 conv. Padding of every mode is separable pe
 commutes with the stages before it, so the stages compute exactly the conv with the
 reconstructed weight. 1-D, 2-D and 3-D convs are handled alike; grouped ones are not.
 
-Factors: alternating least squares in plain torch (float64, HOSVD start with seeded random
-columns where a mode has fewer than R, a tiny ridge against degenerate Gram matrices, a fixed
-number of sweeps): deterministic for a given weight, rank, ``iterations`` and ``seed``, which
-the plan records. CP's best rank-R fit is not nested in rank R+1's, so candidates fit a short
-geometric grid of ranks and interpolate the error in between; ``exact_error`` fits the chosen
-rank. Fits are cached by weight content, so planning then applying fits once.
+Factors: TensorLy's ``parafac`` (ALS, PyTorch backend, float64, SVD start with seeded random
+columns where a mode has fewer than R, at most ``iterations`` sweeps): deterministic for a
+given weight, rank, ``iterations`` and ``seed``, which the plan records. Per-layer override:
+``{"rank": R}``. CP's best rank-R fit is not nested in rank R+1's, so candidates fit a short
+geometric grid of ranks with a few sweeps and interpolate the error in between;
+``exact_error`` fits the chosen rank in full. Fits are cached by weight content, so planning
+then applying fits once.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from gkpd.methods._tensorly import pytorch_backend, require_tensorly
 from gkpd.methods.base import LayerContext
 from gkpd.methods.lowrank import (
-    affordable,
     conv_geometry,
     conv_like,
     layer_reason,
     load,
-    no_override,
+    override_settings,
     positive_int,
     relative_error,
+    restrict,
     setting,
 )
 from gkpd.plan.candidates import Candidates
@@ -44,52 +46,33 @@ from gkpd.plan.schema import LayerPlan
 
 ITERATIONS = 50
 SEED = 0
-GRID_POINTS = 8
-_RIDGE = 1e-10
+GRID_POINTS = 5
+# Candidate errors are estimates from short fits (the chosen rank is then fitted in full):
+# CP fits dominate planning time, and the ranking of ranks settles within a few sweeps.
+ESTIMATE_ITERATIONS = 12
+_TOL = 1e-10  # stop once an ALS sweep changes the relative error by less
 _CACHE: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-# ----------------------------------------------------------------------------- ALS
-
-
-def _mttkrp(x: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Tensor:
-    """``X₍ₘ₎ · (⊙_{k≠m} U_k)`` as ``(dim_m, R)``, contracting one mode at a time."""
-    t = x.movedim(mode, 0)
-    others = [f for k, f in enumerate(factors) if k != mode]
-    t = t @ others[-1]  # (d_m, ..., R)
-    for f in reversed(others[:-1]):
-        t = (t * f).sum(-2)
-    return t
+# ----------------------------------------------------------------------------- fit
 
 
 def cp_als(
     x: torch.Tensor, rank: int, iterations: int = ITERATIONS, seed: int = SEED
 ) -> list[torch.Tensor]:
-    """CP factors ``[(dim_m, rank)]`` of ``x`` (float64), column scales balanced over modes."""
+    """CP factors ``[(dim_m, rank)]`` of ``x`` (float64) by TensorLy's ``parafac`` (ALS from
+    an SVD start; columns a mode lacks drawn with ``seed``), column scales balanced over
+    modes."""
     x = x.detach().double()
-    generator = torch.Generator().manual_seed(seed)
-    factors = []
-    for mode in range(x.ndim):
-        u = torch.linalg.svd(x.movedim(mode, 0).reshape(x.shape[mode], -1), full_matrices=False).U[
-            :, :rank
-        ]
-        if u.shape[1] < rank:
-            extra = torch.randn(
-                x.shape[mode], rank - u.shape[1], generator=generator, dtype=torch.float64
-            ) / math.sqrt(x.shape[mode])
-            u = torch.cat([u, extra.to(x.device)], dim=1)
-        factors.append(u)
-    eye = torch.eye(rank, dtype=torch.float64, device=x.device)
-    for _ in range(iterations):
-        for mode in range(x.ndim):
-            gram = torch.ones(rank, rank, dtype=torch.float64, device=x.device)
-            for k, f in enumerate(factors):
-                if k != mode:
-                    gram = gram * (f.T @ f)
-            ridge = _RIDGE * float(gram.diagonal().max().clamp_min(1e-300))
-            m = _mttkrp(x, factors, mode)
-            factors[mode] = torch.linalg.solve(gram + ridge * eye, m.T).T
+    with pytorch_backend("cp"):
+        from tensorly.decomposition import parafac
+
+        weights, factors = parafac(
+            x, rank, n_iter_max=iterations, init="svd", tol=_TOL, random_state=seed
+        )
+    factors = [f.clone() for f in factors]
+    factors[0] = factors[0] * weights
     norms = torch.stack([f.norm(dim=0) for f in factors])  # (modes, R)
     scale = norms.prod(0).pow(1.0 / x.ndim)
     return [f / n.clamp_min(1e-300) * scale for f, n in zip(factors, norms, strict=True)]
@@ -136,6 +119,9 @@ def _tensor(module: nn.Module) -> torch.Tensor:
 class CP:
     name = "cp"
 
+    def check_available(self) -> None:
+        require_tensorly(self.name)
+
     def supports(self, module: nn.Module) -> str | None:
         reason = layer_reason(module, self.name, linear=False, grouped=False)
         if reason:
@@ -168,22 +154,27 @@ class CP:
         return params, macs + f * math.prod(out)
 
     def candidates(self, ctx: LayerContext) -> Candidates:
-        no_override(ctx, self.name)
         module = ctx.module
+        wanted = override_settings(ctx, self.name, ("rank",)).get("rank")
+        if wanted is not None:
+            wanted = positive_int(wanted, f"overrides[{ctx.name!r}]['rank']")
         per_params, per_macs = self._per_rank(ctx)
         bias = ctx.bias_params
         # no rank beyond the one that is as large as the dense layer is of interest
-        top = max(1, (ctx.dense_params - bias) // per_params)
+        top = max(1, (ctx.dense_params - bias) // per_params, wanted or 0)
         ranks = np.arange(1, top + 1)
         params, macs = ranks * per_params + bias, ranks * per_macs
-        keep = affordable(ctx, params, macs)
+        keep = restrict(ctx, params, macs, ranks.tolist(), wanted, self.name)
         if not len(keep):
             return Candidates.empty()
         ranks = ranks[keep]
         grid = np.unique(np.round(np.geomspace(ranks[0], ranks[-1], GRID_POINTS)).astype(int))
         x = _tensor(module)
         fitted = np.array(
-            [relative_error(x, reconstruct(_fit(x, int(r), ITERATIONS, SEED))) for r in grid]
+            [
+                relative_error(x, reconstruct(_fit(x, int(r), ESTIMATE_ITERATIONS, SEED)))
+                for r in grid
+            ]
         )
         fitted = np.minimum.accumulate(fitted)  # a larger rank can always do as well
         errors = np.interp(ranks, grid, fitted)

@@ -1,4 +1,7 @@
-"""GKPD: each conv/linear weight as a sum of Kronecker products (DESIGN.md §1)."""
+"""GKPD: each conv/linear weight as a sum of Kronecker products (DESIGN.md §1).
+
+Per-layer override: ``{"a_shape": (...)}`` (that split only), optionally with ``"rank"``.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from gkpd.decompose import b_shape_for, check_rank, full_rank, rearrange
 from gkpd.layers import KroneckerConvNd, KroneckerLinear
 from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d
 from gkpd.methods.base import LayerContext
+from gkpd.methods.lowrank import override_settings
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
 
@@ -132,6 +136,9 @@ class GKPD:
                 raise ValueError(f"override for layer {ctx.name!r}: {error}") from error
 
     def candidates(self, ctx: LayerContext) -> Candidates:
+        given = override_settings(ctx, self.name, ("a_shape", "rank"))
+        if "rank" in given and "a_shape" not in given:
+            raise ValueError(f"overrides[{ctx.name!r}] gives a rank without an a_shape")
         weight = ctx.module.weight.detach()
         weight_shape = tuple(weight.shape)
         bias = ctx.bias_params
@@ -190,6 +197,12 @@ class GKPD:
     # ------------------------------------------------------------------ applying
 
     def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
+        layer = self._build(module, entry, decompose=decompose)
+        if "latency_ms" in entry.settings:  # a latency plan timed this path: run it
+            layer.order = entry.order
+        return layer
+
+    def _build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
         if isinstance(module, nn.Linear):
             if decompose:
                 return KroneckerLinear.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)

@@ -1,9 +1,11 @@
-"""What the low-rank baselines (svd, tucker, cp) share: which layers they take, the geometry
-of a convolution at the planner's input size, the budget filter, and building plain
-``nn.Conv*d``/``nn.Linear`` stages on the dense layer's device and dtype.
+"""What the baselines (svd, tucker, cp, tensor_train, tensor_ring) share: which layers they
+take, their per-layer overrides, the geometry of a convolution at the planner's input size,
+the budget filter, and building plain ``nn.Conv*d``/``nn.Linear`` stages on the dense layer's
+device and dtype.
 
-The baselines replace a layer by an ``nn.Sequential`` of standard layers, so counting, ONNX
-export and ``torch.compile`` see nothing new.
+svd, tucker and cp replace a layer by an ``nn.Sequential`` of standard layers, so counting,
+ONNX export and ``torch.compile`` see nothing new; tensor_train and tensor_ring keep their
+cores in a layer of their own (see ``_tensorized.py``).
 """
 
 from __future__ import annotations
@@ -42,14 +44,33 @@ def layer_reason(
     return None
 
 
-def no_override(ctx: LayerContext, method: str) -> None:
-    """The planner's per-layer overrides (``a_shape``/``rank``) describe GKPD factors."""
-    given = sorted(k for k in ctx.override if k != "skip")
-    if given:
+def override_settings(ctx: LayerContext, method: str, keys: Sequence[str]) -> dict:
+    """The per-layer override for ``ctx`` without ``skip``; every key must be one of
+    ``keys`` (the method's own settings)."""
+    given = {k: v for k, v in ctx.override.items() if k != "skip"}
+    unknown = sorted(k for k in given if k not in keys)
+    if unknown:
         raise ValueError(
-            f"overrides[{ctx.name!r}] gives {given}, which method {method!r} does not take "
-            "(only 'skip' applies to it)"
+            f"overrides[{ctx.name!r}] gives {unknown}, which method {method!r} does not take "
+            f"(it takes {', '.join(sorted([*keys, 'skip']))})"
         )
+    return given
+
+
+def restrict(
+    ctx: LayerContext, params: np.ndarray, macs: np.ndarray, configs: Sequence, wanted, method: str
+) -> np.ndarray:
+    """Indices of the configurations to offer: the override's ``wanted`` one alone (whatever
+    the budget: the user asked for it), else those :func:`affordable`."""
+    if wanted is None:
+        return affordable(ctx, params, macs)
+    hits = [i for i, c in enumerate(configs) if c == wanted]
+    if not hits:
+        raise ValueError(
+            f"overrides[{ctx.name!r}] asks {method} for {wanted!r}, which does not fit layer "
+            f"{ctx.name!r} (weight shape {tuple(ctx.module.weight.shape)})"
+        )
+    return np.array(hits[:1], dtype=np.int64)
 
 
 def conv_geometry(module: nn.Module, input_shape: Sequence[int]):

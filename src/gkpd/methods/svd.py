@@ -1,10 +1,11 @@
 """``svd``: plain low rank of the flattened weight.
 
 A conv weight ``(F, C/g, *K)`` is flattened per group to ``(F/g, C/g·∏K)`` and truncated to
-rank ``r`` (a batched SVD over the groups). The layer becomes a conv ``C → g·r`` with the
-original kernel, stride, padding, dilation and padding mode, then a 1×1 conv ``g·r → F`` with
-the bias (both with ``groups=g``). A linear layer becomes ``Linear(in → r, no bias)`` then
-``Linear(r → out)``. Each factor carries ``√σ``. The error of every rank comes from one SVD.
+rank ``r`` (a batched SVD over the groups; per-layer override ``{"rank": r}``). The layer
+becomes a conv ``C → g·r`` with the original kernel, stride, padding, dilation and padding
+mode, then a 1×1 conv ``g·r → F`` with the bias (both with ``groups=g``). A linear layer
+becomes ``Linear(in → r, no bias)`` then ``Linear(r → out)``. Each factor carries ``√σ``.
+The error of every rank comes from one SVD.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from torch import nn
 
 from gkpd.methods.base import LayerContext
 from gkpd.methods.lowrank import (
-    affordable,
     conv_geometry,
     conv_like,
     is_conv,
@@ -26,8 +26,9 @@ from gkpd.methods.lowrank import (
     linear_like,
     linear_rows,
     load,
-    no_override,
+    override_settings,
     positive_int,
+    restrict,
     setting,
 )
 from gkpd.plan.candidates import Candidates
@@ -86,12 +87,14 @@ class SVD:
         return math.prod(out) * _params_per_rank(module)
 
     def candidates(self, ctx: LayerContext) -> Candidates:
-        no_override(ctx, self.name)
         module = ctx.module
+        wanted = override_settings(ctx, self.name, ("rank",)).get("rank")
+        if wanted is not None:
+            wanted = positive_int(wanted, f"overrides[{ctx.name!r}]['rank']", _full_rank(module))
         ranks = np.arange(1, _full_rank(module) + 1)
         params = ranks * _params_per_rank(module) + _bias(module)
         macs = ranks * self._macs_per_rank(ctx)
-        keep = affordable(ctx, params, macs)
+        keep = restrict(ctx, params, macs, ranks.tolist(), wanted, self.name)
         if not len(keep):
             return Candidates.empty()
         s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()  # (g, k)

@@ -7,9 +7,10 @@ mode, and a 1×1 conv ``r_out → F`` with the bias. Padding after a pointwise, 
 equals the pointwise conv of the padded input for every padding mode, so the three stages
 compute exactly the conv with the reconstructed weight.
 
-Factors: plain-torch HOSVD refined by HOOI (no TensorLy needed). Candidate errors for every
-``(r_in, r_out)`` pair come from one HOSVD (the energy of the rotated kernel, cumulated over
-both channel modes); they bound HOOI's error from above, and ``exact_error`` reports HOOI's.
+Factors: TensorLy's ``partial_tucker`` (HOSVD refined by HOOI, PyTorch backend, float64).
+Candidate errors for every ``(r_in, r_out)`` pair come from one plain-torch HOSVD (the energy
+of the rotated kernel, cumulated over both channel modes); they bound HOOI's error from above,
+and ``exact_error`` reports HOOI's. Per-layer override: ``{"ranks": [r_in, r_out]}``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from gkpd.methods._tensorly import pytorch_backend, require_tensorly
 from gkpd.methods.base import LayerContext
 from gkpd.methods.lowrank import (
-    affordable,
     conv_geometry,
     conv_like,
     layer_reason,
     load,
-    no_override,
+    override_settings,
     positive_int,
     relative_error,
+    restrict,
     setting,
 )
 from gkpd.plan.candidates import Candidates
@@ -71,22 +73,16 @@ def _check_ranks(weight_shape, r_in: int, r_out: int) -> None:
 def tucker2(
     weight: torch.Tensor, r_in: int, r_out: int, iterations: int = HOOI_ITERATIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(u_in (C, r_in), core (r_out, r_in, *K), u_out (F, r_out))`` in float64: HOSVD, then
-    up to ``iterations`` HOOI sweeps (stopping once the captured energy stops growing)."""
+    """``(u_in (C, r_in), core (r_out, r_in, *K), u_out (F, r_out))`` in float64: TensorLy's
+    ``partial_tucker`` on the two channel modes (HOSVD start, ``iterations`` HOOI sweeps)."""
     w = weight.detach().double()
     _check_ranks(w.shape, r_in, r_out)
-    u_in = _leading(w, 1, r_in)
-    u_out = _leading(w, 0, r_out)
-    captured = float(torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in).square().sum())
-    for _ in range(iterations):
-        u_out = _leading(torch.einsum("fc...,ci->fi...", w, u_in), 0, r_out)
-        u_in = _leading(torch.einsum("fc...,fo->oc...", w, u_out), 1, r_in)
-        core_energy = float(torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in).square().sum())
-        done = core_energy - captured <= 1e-12 * max(captured, 1e-300)
-        captured = core_energy
-        if done:
-            break
-    core = torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in)
+    with pytorch_backend("tucker"):
+        from tensorly.decomposition import partial_tucker
+
+        (core, (u_out, u_in)), _ = partial_tucker(
+            w, rank=[r_out, r_in], modes=[0, 1], n_iter_max=iterations, init="svd", tol=0
+        )
     return u_in, core, u_out
 
 
@@ -96,6 +92,9 @@ def reconstruct(u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor) -> 
 
 class Tucker:
     name = "tucker"
+
+    def check_available(self) -> None:
+        require_tensorly(self.name)
 
     def supports(self, module: nn.Module) -> str | None:
         reason = layer_reason(module, self.name, linear=False, grouped=False)
@@ -113,8 +112,10 @@ class Tucker:
     # ------------------------------------------------------------------ planning
 
     def candidates(self, ctx: LayerContext) -> Candidates:
-        no_override(ctx, self.name)
         module = ctx.module
+        wanted = override_settings(ctx, self.name, ("ranks",)).get("ranks")
+        if wanted is not None:
+            wanted = self._override_ranks(ctx, wanted)
         w = module.weight.detach().double()
         f, c, *k = w.shape
         kk = math.prod(k)
@@ -130,7 +131,8 @@ class Tucker:
         spatial, out, _ = conv_geometry(module, ctx.input_shape)
         o = math.prod(out)
         macs = c * r_in * math.prod(spatial) + r_out * r_in * kk * o + f * r_out * o
-        keep = affordable(ctx, params, macs)
+        configs = list(zip(r_in.tolist(), r_out.tolist(), strict=True))
+        keep = restrict(ctx, params, macs, configs, wanted, self.name)
         if not len(keep):
             return Candidates.empty()
         rotated = torch.einsum("fc...,fo,ci->oi...", w, _leading(w, 0), _leading(w, 1))
@@ -144,6 +146,17 @@ class Tucker:
         )
         configs = [(int(r_in[i]), int(r_out[i])) for i in keep]
         return Candidates(params[keep], macs[keep], errors, configs)
+
+    def _override_ranks(self, ctx: LayerContext, ranks: Any) -> tuple[int, int]:
+        what = f"overrides[{ctx.name!r}]['ranks']"
+        if not isinstance(ranks, list | tuple) or len(ranks) != 2:
+            raise ValueError(f"{what} must be [r_in, r_out], got {ranks!r}")
+        r_in, r_out = (positive_int(r, what) for r in ranks)
+        try:
+            _check_ranks(ctx.module.weight.shape, r_in, r_out)
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from None
+        return r_in, r_out
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         r_in, r_out = config

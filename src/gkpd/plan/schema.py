@@ -12,6 +12,22 @@ from gkpd.text_table import format_table
 PLAN_VERSION = 1
 
 
+# Settings that are the same for every layer of a method say nothing in a per-layer table.
+_QUIET_SETTINGS = frozenset({"iterations", "seed"})
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    """A method's settings in a few characters: ``ranks=4,8 in_modes=4,4``."""
+    parts = []
+    for key, value in settings.items():
+        if key in _QUIET_SETTINGS:
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        parts.append(f"{key}={value}")
+    return " ".join(parts) or "-"
+
+
 @dataclass
 class LayerPlan:
     """One conv/linear layer: its dense facts and, when compressed, the chosen configuration.
@@ -144,7 +160,7 @@ class CompressionPlan:
     # ------------------------------------------------------------------ table
 
     def table(self) -> str:
-        rows = [("layer", "method", "a_shape", "b_shape", "rank", "order", "params",
+        rows = [("layer", "method", "a_shape", "b_shape", "rank", "order", "settings", "params",
                  "dense", "MACs", "dense MACs", "rel.err", "note")]
         for e in self.layers:
             rows.append((
@@ -152,6 +168,7 @@ class CompressionPlan:
                 "×".join(map(str, e.a_shape)) if e.a_shape else "-",
                 "×".join(map(str, e.b_shape)) if e.b_shape else "-",
                 str(e.rank) if e.rank is not None else "-", e.order or "-",
+                _settings_text(e.settings),
                 f"{e.params:,}", f"{e.dense_params:,}", f"{e.macs:,}", f"{e.dense_macs:,}",
                 f"{e.relative_error:.4f}" if e.compressed else "-", e.reason,
             ))
@@ -161,7 +178,7 @@ class CompressionPlan:
             f"{self.target_ratio:g}x); MACs {self.dense_macs:,} -> {self.macs:,} "
             f"({self.mac_ratio:.2f}x)"
         )
-        return format_table(rows, footer, right={6, 7, 8, 9, 10})
+        return format_table(rows, footer, right={7, 8, 9, 10, 11})
 
     def __str__(self) -> str:
         return self.table()

@@ -69,8 +69,10 @@ def select_layers(
     """Decide for each layer (conv/linear modules called by the example input, in call order).
 
     Defaults: the first conv on 1–4 input channels stays dense (little to gain, much to
-    lose), and so do layers with fewer than ``min_params`` weights. Every include/exclude
-    pattern and every override must name at least one layer.
+    lose), and so do layers with fewer than ``min_params`` weights; a layer given settings by
+    an override is compressed whatever the defaults say. Every include/exclude pattern and
+    every override must name at least one layer. Override keys other than ``skip`` are the
+    method's settings, checked by the method (``LayerContext.override``).
     """
     include_list = as_pattern_list(include, "include")
     exclude_list = as_pattern_list(exclude, "exclude")
@@ -92,23 +94,25 @@ def select_layers(
             continue
         if not isinstance(value, Mapping):
             raise TypeError(
-                f"overrides[{name!r}] must be 'skip' or a dict with a_shape/rank/skip, "
-                f"got {value!r}"
+                f"overrides[{name!r}] must be 'skip' or a dict of the method's settings "
+                f"(gkpd: a_shape/rank; svd, cp, tensor_train, tensor_ring: rank; tucker: "
+                f"ranks), got {value!r}"
             )
-        unknown = set(value) - {"a_shape", "rank", SKIP}
-        if unknown:
-            raise ValueError(
-                f"overrides[{name!r}] has unknown keys {sorted(unknown)}; "
-                "expected a_shape, rank, skip"
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"overrides[{name!r}] keys must be setting names, got {bad!r}")
+        if not isinstance(value.get(SKIP, False), bool):
+            raise TypeError(
+                f"overrides[{name!r}]['skip'] must be True or False, got {value[SKIP]!r}"
             )
-        if "rank" in value and "a_shape" not in value:
-            raise ValueError(f"overrides[{name!r}] gives a rank without an a_shape")
+        # the keys themselves are the method's to check (each takes its own settings)
         clean_overrides[name] = dict(value)
 
     reasons: dict[str, str | None] = {}
     for name, module in layers.items():
         override = clean_overrides.get(name, {})
-        forced = "a_shape" in override
+        # settings given for a layer compress it even where the defaults would not
+        forced = any(k != SKIP for k in override)
         if override.get(SKIP):
             reasons[name] = "skipped by override"
         elif include_list and not any(_matches(p, name, module) for p in include_list):
