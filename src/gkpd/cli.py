@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gkpd.cli_compress import add_parsers
 
     add_parsers(sub)
+    from gkpd.cli_export import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)
     from gkpd.cli_bench import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)

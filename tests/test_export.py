@@ -1,0 +1,290 @@
+"""gkpd.export: merge back to dense, ONNX export checked in onnxruntime, torch.export and
+torch.compile of compressed models, and ``gkpd export``."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gkpd
+from gkpd.cli import main
+from gkpd.export import OnnxVerificationError, default_opset, export_program, merge, to_onnx
+from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_dense(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 12),
+    ).to(dtype)
+
+
+def small_compressed(dtype=torch.float32) -> nn.Module:
+    """small_dense with its convs and linear replaced by (low-rank) Kronecker layers."""
+    dense = small_dense(dtype)
+    dense[0] = KroneckerConv2d.from_dense(dense[0], a_shape=(2, 2, 1, 3), rank=2)
+    dense[3] = KroneckerConv2d.from_dense(dense[3], a_shape=(2, 2, 3, 1), rank=2)
+    dense[5] = KroneckerLinear.from_dense(dense[5], a_shape=(3, 8), rank=3)
+    return dense.eval()
+
+
+def ort_run(path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def test_merge_matches_compressed_and_has_dense_param_count():
+    model = small_compressed(torch.float64)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    merged = merge(model)
+    assert merged is not model and isinstance(model[0], KroneckerConv2d)  # copy by default
+    assert [type(m) for m in merged] == [type(m) for m in small_dense()]
+    assert merged[0].weight.dtype == torch.float64 and not merged.training
+    n_dense = sum(p.numel() for p in small_dense().parameters())
+    assert sum(p.numel() for p in merged.parameters()) == n_dense
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_merge_inplace_shared_nested_root_and_training_mode():
+    conv1d = KroneckerConv1d(4, 6, 3, padding=1, a_shape=(2, 2, 1), rank=2).double()
+    conv3d = KroneckerConv3d(2, 4, 3, a_shape=(2, 1, 1, 3, 1), rank=1).double().eval()
+    shared = KroneckerLinear(6, 4, a_shape=(2, 3), rank=1).double()
+    model = nn.ModuleDict({"c1": conv1d, "blocks": nn.ModuleList([shared, nn.Sequential(shared)]),
+                           "c3": conv3d})
+    same = merge(model, inplace=True)
+    assert same is model
+    assert isinstance(model["c1"], nn.Conv1d) and model["c1"].training
+    assert isinstance(model["c3"], nn.Conv3d) and not model["c3"].training
+    shared_dense = model["blocks"][0]
+    assert isinstance(shared_dense, nn.Linear) and model["blocks"][1][0] is shared_dense
+    torch.testing.assert_close(shared_dense.weight, shared.reconstruct_weight())
+    root = merge(conv1d)  # the root itself
+    assert isinstance(root, nn.Conv1d)
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    torch.testing.assert_close(root(x), conv1d(x), rtol=1e-12, atol=1e-12)
+
+
+class _Factored(nn.Module):
+    """A stand-in for another factorized layer that offers ``to_dense()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
+        self.v = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.v.t() @ self.u.t()
+
+    def to_dense(self):
+        linear = nn.Linear(3, 5, bias=False)  # float32 on purpose: merge restores the dtype
+        with torch.no_grad():
+            linear.weight.copy_(self.u @ self.v)
+        return linear
+
+
+def test_merge_uses_any_to_dense_and_keeps_plain_baselines():
+    model = nn.Sequential(_Factored(), nn.Sequential(nn.Linear(5, 2), nn.Linear(2, 4)))
+    merged = merge(model)
+    assert isinstance(merged[0], nn.Linear) and merged[0].weight.dtype == torch.float64
+    assert merged[1][0].weight.data_ptr() != model[1][0].weight.data_ptr()  # deep copy
+    x = torch.randn(4, 3, dtype=torch.float64)
+    # the stand-in rounded its weight through float32
+    torch.testing.assert_close(merged[0](x), model[0](x), rtol=1e-6, atol=1e-6)
+
+
+def test_merge_compressed_resnet_float64():
+    dense = gkpd.models.create("resnet20", num_classes=10, in_channels=1).double().eval()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    compressed, plan = gkpd.compress(dense, x, ratio=3)
+    merged = merge(compressed)
+    assert not any(hasattr(m, "to_dense") for m in merged.modules())
+    assert sum(p.numel() for p in merged.parameters()) == plan.dense_params
+    torch.testing.assert_close(merged(x), compressed(x), rtol=1e-10, atol=1e-10)
+
+
+def test_merge_rejects_non_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        merge("resnet32")
+
+
+# ----------------------------------------------------------------------------- onnx
+
+
+def test_to_onnx_dynamic_batch_through_onnxruntime(tmp_path):
+    model = small_compressed()
+    path = to_onnx(model, torch.randn(1, 4, 6, 6), tmp_path / "m.onnx")
+    assert path == tmp_path / "m.onnx" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == default_opset()
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces, local paths
+    for batch in (1, 5):
+        x = torch.randn(batch, 4, 6, 6)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(ort_run(path, x), expected, rtol=1e-4, atol=1e-5)
+    assert not model.training
+
+
+def test_to_onnx_static_batch_opset_and_training_mode_restored(tmp_path):
+    model = small_compressed().train()
+    path = to_onnx(model, torch.randn(2, 4, 6, 6), tmp_path / "s.onnx", opset=18,
+                   dynamic_batch=False)
+    assert model.training  # exported in eval mode, then restored
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == 18
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+class _DiffersWhenExported(nn.Module):
+    def forward(self, x):
+        return x + 1 if torch.compiler.is_exporting() else x
+
+
+def test_to_onnx_verification_failure_leaves_no_file(tmp_path):
+    target = tmp_path / "bad.onnx"
+    target.write_bytes(b"older file")
+    with pytest.raises(OnnxVerificationError, match=r"max \|difference\| 1"):
+        to_onnx(_DiffersWhenExported(), torch.randn(2, 3), target)
+    assert target.read_bytes() == b"older file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]  # no temp file left
+
+
+def test_to_onnx_argument_errors(tmp_path):
+    model, x = small_compressed(), torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match="path .* is a directory"):
+        to_onnx(model, x, tmp_path)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        to_onnx(lambda t: t, x, tmp_path / "a.onnx")
+    with pytest.raises(TypeError, match="example_input must be a tensor"):
+        to_onnx(model, "x", tmp_path / "a.onnx")
+    with pytest.raises(TypeError, match=r"example_input\[1\] must be a tensor"):
+        to_onnx(model, (x, 3), tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match="share the batch size"):
+        to_onnx(model, (x, torch.zeros(2, 1)), tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match="opset must be an int"):
+        to_onnx(model, x, tmp_path / "a.onnx", opset=5)
+    with pytest.raises(ValueError, match="atol must be"):
+        to_onnx(model, x, tmp_path / "a.onnx", atol=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_to_onnx_without_onnxruntime_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'gkpd\[export\]'"):
+        to_onnx(small_compressed(), torch.randn(1, 4, 6, 6), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- torch.export
+
+
+def test_torch_export_dynamic_batch_matches_eager():
+    model = small_compressed()
+    program = export_program(model, torch.randn(1, 4, 6, 6))
+    plain = torch.export.export(model, (torch.randn(3, 4, 6, 6),))  # the bare call works too
+    for batch in (1, 4):
+        x = torch.randn(batch, 4, 6, 6)
+        with torch.no_grad():
+            expected = model(x)
+        torch.testing.assert_close(program.module()(x), expected)
+    x = torch.randn(3, 4, 6, 6)
+    torch.testing.assert_close(plain.module()(x), model(x))
+
+
+def test_torch_compile_matches_eager():
+    # backend "inductor" works too but compiles for ~20 s on one core; aot_eager traces the
+    # same graph through dynamo and AOTAutograd
+    model = small_compressed()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for batch in (2, 5):
+            x = torch.randn(batch, 4, 6, 6)
+            torch.testing.assert_close(compiled(x), model(x))
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- the issue's check
+
+
+@pytest.fixture(scope="module")
+def resnet32_onnx(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("resnet32")
+    dense = gkpd.models.load_pretrained("resnet32_fashion_mnist").eval()
+    x = torch.randn(1, 1, 28, 28)
+    compressed, plan = gkpd.compress(dense, x, ratio=5)
+    dense_path = to_onnx(dense, x, root / "dense.onnx")
+    compressed_path = to_onnx(compressed, x, root / "compressed.onnx", atol=1e-4, rtol=0)
+    return compressed, plan, dense_path, compressed_path
+
+
+def test_resnet32_onnx_matches_torch_and_is_smaller_by_the_plan_ratio(resnet32_onnx):
+    compressed, plan, dense_path, compressed_path = resnet32_onnx
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            expected = compressed(x).numpy()
+        assert np.abs(ort_run(compressed_path, x) - expected).max() <= 1e-4
+    ratio = dense_path.stat().st_size / compressed_path.stat().st_size
+    assert ratio == pytest.approx(plan.achieved_ratio, rel=0.05)
+    # the factors are stored, not a reconstructed dense weight of a compressed layer
+    proto = onnx.load(str(compressed_path))
+    shapes = {tuple(t.dims) for t in proto.graph.initializer}
+    modules = dict(compressed.named_modules())
+    for entry in plan.compressed_layers:
+        assert tuple(modules[entry.name].weight_shape) not in shapes, entry.name
+
+
+# ----------------------------------------------------------------------------- cli
+
+
+def test_cli_export_onnx_and_merge(tmp_path, capsys):
+    saved = tmp_path / "compressed"
+    assert main(["compress", "resnet32_fashion_mnist", "--ratio", "5", "--out", str(saved)]) == 0
+    capsys.readouterr()
+    out, merged_dir = tmp_path / "m.onnx", tmp_path / "dense"
+    code = main(["export", str(saved), "--onnx", str(out), "--batch", "2", "--merge-out",
+                 str(merged_dir), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["onnx"] == str(out) and result["onnx_bytes"] == out.stat().st_size
+    assert result["verified"] and result["input_shape"] == [2, 1, 28, 28]
+    from gkpd.cli import resolve_model
+
+    compressed, _ = resolve_model(str(saved))
+    merged, card = resolve_model(str(merged_dir))
+    assert result["merged_params"] == sum(p.numel() for p in merged.parameters())
+    assert card["architecture"] == "resnet32" and card["merged_from"] == str(saved.resolve())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = compressed(x)
+        torch.testing.assert_close(merged(x), expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(ort_run(out, x) - expected.numpy()).max() <= 1e-4
+    # existing outputs are refused without --force; nothing to do is an error
+    assert main(["export", str(saved), "--onnx", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", str(saved)]) == 2
+    assert "nothing to do" in capsys.readouterr().err
