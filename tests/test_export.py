@@ -157,6 +157,21 @@ def test_to_onnx_static_batch_opset_and_training_mode_restored(tmp_path):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
 
 
+def test_to_onnx_weight_path_stores_the_factors_not_the_dense_weight(tmp_path):
+    torch.manual_seed(0)
+    conv = KroneckerConv2d.from_dense(nn.Conv2d(16, 32, 3, padding=1), a_shape=(4, 4, 1, 3),
+                                      rank=3)
+    linear = KroneckerLinear.from_dense(nn.Linear(32, 64), a_shape=(8, 4), rank=2)
+    conv.order = linear.order = "weight"  # the dense op with Σ a⊗b, as latency plans pick
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear).eval()
+    path = to_onnx(model, torch.randn(1, 16, 8, 8), tmp_path / "w.onnx")
+    proto = onnx.load(str(path))
+    shapes = [tuple(t.dims) for t in proto.graph.initializer]
+    assert (32, 16, 3, 3) not in shapes and (64, 32) not in shapes
+    stored = sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type == 1)
+    assert stored == sum(p.numel() for p in model.parameters())
+
+
 class _DiffersWhenExported(nn.Module):
     def forward(self, x):
         return x + 1 if torch.compiler.is_exporting() else x

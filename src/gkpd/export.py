@@ -4,8 +4,9 @@
   and any other factorized layer that offers one) for the dense ``nn.Conv*d`` / ``nn.Linear``
   it stands for: the same function, the dense model's size and speed.
 * :func:`to_onnx` writes an ONNX file with ``torch.onnx.export(..., dynamo=True)``, a dynamic
-  batch dimension, the factors stored as they are (never multiplied out into a dense weight),
-  and checks it in onnxruntime against PyTorch before the file appears.
+  batch dimension, the factors stored as they are (constant folding never multiplies them out
+  into a dense weight, not even for a layer on the ``"weight"`` path), and checks it in
+  onnxruntime against PyTorch before the file appears.
 * :func:`export_program` is ``torch.export.export`` with a dynamic batch dimension; compressed
   models also run under ``torch.compile``.
 
@@ -216,6 +217,44 @@ def _check_path(path: str | os.PathLike) -> Path:
     return path
 
 
+# constant results up to this many elements may be stored even if larger than their inputs
+_SMALL_CONSTANT = 1024
+
+
+def _known_size(value) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    dims = list(shape)
+    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _folds_without_growth(node) -> bool | None:
+    """``should_fold`` for onnxscript's constant folding: never fold a node whose result is
+    larger than its constant inputs. The "weight" path of a Kronecker layer builds
+    ``Σ_r a[r] ⊗ b[r]`` from the factors; folded, the file would store that dense weight
+    instead of the factors. Reshapes and transposes of the factors still fold (``None``:
+    the folder's own rules decide)."""
+    sizes_in = [_known_size(v) for v in node.inputs if v is not None]
+    sizes_out = [_known_size(v) for v in node.outputs]
+    if None in sizes_in or None in sizes_out:
+        return None
+    if sum(sizes_out) > max(_SMALL_CONSTANT, sum(sizes_in)):
+        return False
+    return None
+
+
+def _optimize(program) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs (onnxscript's constant folding and
+    clean-ups, then its fusions), with folding that never multiplies factors out."""
+    import onnxscript
+
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_folds_without_growth)
+    from onnxscript.rewriter import onnx_fusions
+
+    onnx_fusions.fuse(program.model)
+
+
 def _strip_debug_info(proto) -> None:
     """Drop what only helps debugging the exporter: node names, stack traces with local file
     paths, FX node texts, the export signature, intermediate value_info, and the long names
@@ -356,8 +395,9 @@ def to_onnx(
             program = torch.onnx.export(
                 model, trace_args, dynamo=True, opset_version=opset, input_names=names,
                 dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-                optimize=True,
+                optimize=False,
             )
+        _optimize(program)
         proto = program.model_proto
         if not keep_debug_info:
             _strip_debug_info(proto)
