@@ -5,6 +5,7 @@ from __future__ import annotations
 from gkpd.methods.base import LayerContext, Method
 from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD
+from gkpd.methods.pruning import Prune
 from gkpd.methods.svd import SVD
 from gkpd.methods.tensor_ring import TensorRing
 from gkpd.methods.tensor_train import TensorTrain
@@ -17,6 +18,7 @@ _METHODS: dict[str, Method] = {
     "cp": CP(),
     "tensor_train": TensorTrain(),
     "tensor_ring": TensorRing(),
+    "prune": Prune(),
 }
 
 
