@@ -209,10 +209,22 @@ class _Bench:
                 seed=self.config.seed,
             )
             return model, None, {"model_kwargs": kwargs}
-        model, plan = compress(self.teacher, self.x, ratio=ratio, method=method)
+        from gkpd.plan.budget import UnreachableRatio
+
+        notes: dict[str, Any] = {"strategy": "uniform"}
+        try:
+            model, plan = compress(self.teacher, self.x, ratio=ratio, method=method)
+        except UnreachableRatio as error:
+            # Uniform rank steps can be too coarse for a method (svd, tensor_ring on
+            # ResNet-32): the global allocation reaches the same size, and the table says so.
+            log.info("%s at %gx: %s; trying strategy='global'", method, ratio, error)
+            model, plan = compress(
+                self.teacher, self.x, ratio=ratio, method=method, strategy="global"
+            )
+            notes = {"strategy": "global", "uniform_error": str(error)}
         for p in model.parameters():  # fit() froze the teacher's, which the copy inherited
             p.requires_grad_(True)
-        return model, plan, {}
+        return model, plan, notes
 
     def run_cell(self, method: str, ratio: float, dense: dict[str, Any]) -> dict[str, Any]:
         cell = self.out / cell_name(method, ratio)
