@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
+from gkpd.layers.base import WEIGHT_PATH
 from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import Pattern, as_pattern_list, select_layers
@@ -19,6 +22,7 @@ from gkpd.plan.select import Pattern, as_pattern_list, select_layers
 log = logging.getLogger(__name__)
 
 _LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+OBJECTIVES = ("error", "latency")
 
 
 @dataclass
@@ -87,6 +91,10 @@ def plan(
     min_layer_ratio: float | None = None,
     tolerance: float = 0.03,
     exhaustive: bool = False,
+    objective: str = "error",
+    latency_batch: int | None = None,
+    latency_slack: float = 0.1,
+    latency_cache: str | Path | None = "default",
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
@@ -100,6 +108,13 @@ def plan(
     uniform, ``ratio/4`` for global; at least 1). Layers with the same shape, settings and
     input size share the search of the first of them (only the factor shapes on its Pareto
     front are tried again) unless ``exhaustive``. Pure: the model is not changed.
+
+    ``objective="latency"`` (GKPD only) then times, on this machine at batch
+    ``latency_batch`` (default: the example input's), every configuration of each layer
+    whose error is within ``1 + latency_slack`` times the chosen one's and that keeps the
+    model within budget, in both stage orders and on the reconstructed-weight path, and
+    keeps the fastest. Timings are cached in ``latency_cache`` (a JSON file; ``"default"``:
+    ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
@@ -109,6 +124,22 @@ def plan(
         raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "latency":
+        if method != "gkpd":
+            raise ValueError(
+                f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
+            )
+        if latency_batch is not None and (
+            isinstance(latency_batch, bool) or not isinstance(latency_batch, int)
+            or latency_batch < 1
+        ):
+            raise ValueError(f"latency_batch must be a positive int or None, got {latency_batch!r}")
+        if isinstance(latency_slack, bool) or not isinstance(latency_slack, numbers.Real) or not (
+            latency_slack >= 0
+        ):
+            raise ValueError(f"latency_slack must be a number >= 0, got {latency_slack!r}")
     from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
 
     compressor = get_method(method)
@@ -135,7 +166,7 @@ def plan(
 
     entries: dict[str, LayerPlan] = {}
     shared_families: dict[tuple, frozenset] = {}
-    contexts, tables = [], []
+    contexts, tables, full_tables = [], [], []
     for name, call in calls.items():
         module = call.module
         per_sample = _per_sample(call.input_shape)
@@ -161,9 +192,13 @@ def plan(
             dense_macs=dense_macs // call.calls,
             max_macs=None if allow_more_macs else dense_macs // call.calls,
             min_ratio=min_layer_ratio, override=override,
-            families=None if exhaustive or override else shared_families.get(shape_key),
+            families=(
+                None if exhaustive or override or objective == "latency"
+                else shared_families.get(shape_key)
+            ),
         )
-        table = compressor.candidates(ctx).pareto()
+        full_table = compressor.candidates(ctx)
+        table = full_table.pareto()
         family = getattr(compressor, "family", None)
         if family is not None and not override and shape_key not in shared_families:
             shared_families[shape_key] = frozenset(family(c) for c in table.configs)
@@ -175,6 +210,8 @@ def plan(
             continue
         contexts.append(ctx)
         tables.append(table)
+        if objective == "latency":
+            full_tables.append(full_table)
 
     dense_total = module_params(model)
     dense_layers = [ctx.dense_params for ctx in contexts]
@@ -187,8 +224,20 @@ def plan(
     picks = STRATEGIES[strategy](tables, dense_layers, fixed, ratio, dense_total, tolerance)
     total = achieved(picks, tables, dense_layers, fixed)
     check_tolerance(total, dense_total, ratio, tolerance)
+    timings: list = [None] * len(picks)
+    if objective == "latency":
+        start = total
 
-    for ctx, table, pick in zip(contexts, tables, picks, strict=True):
+        def fits(extra: int) -> bool:
+            return _within(start + extra, dense_total, ratio, tolerance)
+
+        tables, picks, timings, change = _fastest(
+            contexts, tables, full_tables, picks, example_input, latency_batch, latency_slack,
+            latency_cache, fits,
+        )
+        total += change
+
+    for ctx, table, pick, timed in zip(contexts, tables, picks, timings, strict=True):
         entry = entries[ctx.name]
         if pick is None:
             entry.reason = "kept dense by the global allocation"
@@ -197,19 +246,25 @@ def plan(
         entry.method = compressor.name
         entry.params = int(table.params[pick])
         entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
+        if timed is not None:
+            _describe_timing(entry, timed, latency_batch or _batch_of(example_input))
+            if timed.order == WEIGHT_PATH:
+                entry.macs = entry.dense_macs
         entry.relative_error = compressor.exact_error(ctx.module, entry)
         entry.reason = "compressed"
 
     layers = list(entries.values())
     result = CompressionPlan(
         model_type=type(model).__name__, method=compressor.name, target_ratio=float(ratio),
-        strategy=strategy, objective="error", dense_params=dense_total, params=total,
+        strategy=strategy, objective=objective, dense_params=dense_total, params=total,
         dense_macs=sum(e.dense_macs for e in layers), macs=sum(e.macs for e in layers),
         layers=layers,
         options={
             "min_params": min_params, "allow_more_macs": allow_more_macs,
             "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
             "exhaustive": exhaustive,
+            **({"latency_batch": latency_batch or _batch_of(example_input),
+                "latency_slack": latency_slack} if objective == "latency" else {}),
             "include": _pattern_names(include, "include"),
             "exclude": _pattern_names(exclude, "exclude"),
         },
@@ -217,3 +272,54 @@ def plan(
     log.info("plan: %d of %d layers compressed, ratio %.2f", len(result.compressed_layers),
              len(layers), result.achieved_ratio)
     return result
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def _batch_of(example_input: Any) -> int:
+    first = example_input[0] if isinstance(example_input, tuple) else example_input
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
+
+
+def _within(total: int, dense_total: int, ratio: float, tolerance: float) -> bool:
+    return math.isclose(dense_total / total, ratio, rel_tol=tolerance)
+
+
+def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, cache_path, fits):
+    """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
+    picks then index the full candidate tables."""
+    from gkpd.plan.latency import (
+        LatencyCache,
+        LayerTimer,
+        default_cache_path,
+        fastest_within_budget,
+    )
+
+    # picks index the Pareto tables; find the same configurations in the full tables
+    full_picks = []
+    for table, full, pick in zip(tables, full_tables, picks, strict=True):
+        full_picks.append(None if pick is None else full.configs.index(table.configs[pick]))
+    cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
+    timer = LayerTimer(batch or _batch_of(example_input), cache)
+    timings = fastest_within_budget(
+        contexts, full_tables, full_picks, timer=timer, error_slack=slack, fits=fits
+    )
+    cache.save()
+    picks = [None if t is None else t.pick for t in timings]
+    total_change = sum(
+        int(full.params[p]) - int(full.params[q])
+        for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
+    )
+    log.info("latency: %d configurations timed (%d from the cache)", timer.measured,
+             len(cache.entries) - timer.measured)
+    return full_tables, picks, timings, total_change
+
+
+def _describe_timing(entry: LayerPlan, timed, batch: int) -> None:
+    entry.order = timed.order
+    entry.settings = {
+        "latency_batch": batch,
+        "latency_ms": round(timed.seconds * 1e3, 4),
+        "dense_latency_ms": round(timed.dense_seconds * 1e3, 4),
+    }

@@ -1,0 +1,245 @@
+"""``objective="latency"``: time the configurations of each layer on this machine and keep the
+fastest one within the plan's error and size budget.
+
+Configurations of equal size differ in forward time by orders of magnitude (oneDNN is fast on
+some conv shapes and slow on others; some splits need activation permutes), so the planner
+measures instead of modelling. Timings are per layer configuration at the layer's input size,
+interleaved round by round with the dense layer (the machine's load then hits both alike),
+and cached on disk keyed by torch version, device, CPU model, dtype, thread count and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gkpd.layers.base import WEIGHT_PATH
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "GKPD_CACHE_DIR"
+_CACHE_VERSION = 1
+_ROUNDS = 7
+_WARMUP = 2
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gkpd"
+    return Path(root) / "latency.json"
+
+
+@cache
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__} | {device.type}: {where} | {dtype}"
+
+
+class LatencyCache:
+    """Seconds per forward call, by key, in a JSON file (``path=None``: memory only).
+
+    A missing, unreadable or foreign file is an empty cache (it is only ever a cache); saving
+    writes a temp file and renames it, so a crash never leaves half a file.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, float] = {}
+        self._dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                log.warning("ignoring unreadable latency cache %s: %s", self.path, error)
+                return
+            if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
+                self.entries = {
+                    str(k): float(v)
+                    for k, v in data.get("entries", {}).items()
+                    if isinstance(v, int | float) and v > 0
+                }
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, seconds: float) -> None:
+        self.entries[key] = float(seconds)
+        self._dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        from gkpd.train.checkpoint import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": _CACHE_VERSION, "entries": dict(sorted(self.entries.items()))}
+        atomic_write_text(self.path, json.dumps(payload, indent=0) + "\n")
+        self._dirty = False
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP
+) -> dict[str, float]:
+    """Median seconds of each call, timed round by round so that load changes hit all."""
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        for _ in range(rounds):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                samples[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a layer: a GKPD configuration and the path it runs on."""
+
+    config: tuple  # (a_shape, b_shape, rank, order) as the GKPD method describes it
+    order: str  # "b_first", "a_first" or "weight"
+
+
+class LayerTimer:
+    """Times options of layers at a batch size, with a shared cache; ``measured`` counts
+    what was not in the cache."""
+
+    def __init__(self, batch: int, cache: LatencyCache) -> None:
+        self.batch = batch
+        self.cache = cache
+        self.measured = 0
+
+    def _key(self, env: str, module: nn.Module, input_shape: Sequence[int], option: Option):
+        what = f"a={option.config[0]} r={option.config[2]}"
+        if option.order == WEIGHT_PATH:
+            what = "dense"  # the weight path runs the dense op, whatever the factors
+        shape = (self.batch, *input_shape[1:])
+        return f"{env} | {module!r} | {shape} | {what} | {option.order}"
+
+    def times(
+        self, module: nn.Module, input_shape: Sequence[int], options: Sequence[Option]
+    ) -> dict[Option, float]:
+        """Seconds per call of each option on an input of ``input_shape`` at ``self.batch``."""
+        weight = module.weight
+        env = environment_key(weight.device, weight.dtype)
+        keys = {o: self._key(env, module, input_shape, o) for o in options}
+        result = {o: self.cache.get(k) for o, k in keys.items()}
+        missing = [o for o, t in result.items() if t is None]
+        if missing:
+            x = torch.randn(
+                self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype
+            )
+            layers = {o: _runnable(module, o) for o in missing}
+            timed = time_interleaved({keys[o]: (lambda m=m: m(x)) for o, m in layers.items()})
+            for o in missing:
+                result[o] = timed[keys[o]]
+                self.cache.put(keys[o], timed[keys[o]])
+            self.measured += len(missing)
+        return result  # type: ignore[return-value]
+
+
+def _runnable(module: nn.Module, option: Option) -> nn.Module:
+    """A module that runs like ``option`` would (fresh factors: timing needs only shapes)."""
+    if option.order == WEIGHT_PATH:
+        return module  # the weight path runs the dense op with a cached weight
+    from gkpd.methods import get_method
+    from gkpd.plan.schema import LayerPlan
+
+    a_shape, b_shape, rank, _ = option.config
+    entry = LayerPlan("timing", type(module).__name__, tuple(module.weight.shape), (), 0, 0,
+                      a_shape=a_shape, b_shape=b_shape, rank=rank)
+    layer = get_method("gkpd").build(module, entry, decompose=False)
+    layer.order = option.order
+    return layer.eval()
+
+
+@dataclass
+class Timed:
+    """The option a layer runs with, its time, and the dense layer's time, per call."""
+
+    pick: int  # index into the layer's candidate table
+    order: str
+    seconds: float
+    dense_seconds: float
+
+
+def fastest_within_budget(
+    contexts: Sequence,
+    tables: Sequence,
+    picks: Sequence[int | None],
+    *,
+    timer: LayerTimer,
+    error_slack: float,
+    fits: Callable[[int], bool],
+) -> list[Timed | None]:
+    """For each picked layer, the fastest way to run it whose error is at most
+    ``(1 + error_slack)`` times the picked configuration's and whose size keeps the whole
+    model within budget (``fits(extra_params)`` for the sum of size changes).
+
+    Options are the configurations (per factor shape, the largest rank no bigger than the
+    pick: the best error that shape has there) in both stage orders, and the pick on the
+    ``"weight"`` path (dense speed). Layers move greedily, largest time saving first.
+    ``tables`` are full candidate tables: a slightly worse but much faster configuration is
+    off the Pareto front.
+    """
+    from gkpd.counting import ORDERS
+
+    result: list[Timed | None] = [None] * len(picks)
+    offers = []  # (saving, layer, Timed, extra params)
+    for i, (ctx, table, pick) in enumerate(zip(contexts, tables, picks, strict=True)):
+        if pick is None:
+            continue
+        bound = table.error[pick] * (1 + error_slack) + 1e-12
+        best: dict[tuple, int] = {}
+        for j, config in enumerate(table.configs):
+            if table.params[j] <= table.params[pick] and table.error[j] <= bound:
+                if config[0] not in best or table.params[j] > table.params[best[config[0]]]:
+                    best[config[0]] = j
+        best[table.configs[pick][0]] = pick
+        options = {(pick, WEIGHT_PATH): Option(table.configs[pick], WEIGHT_PATH)}
+        for j in best.values():
+            for order in ORDERS:
+                options[(j, order)] = Option(table.configs[j], order)
+        times = timer.times(ctx.module, ctx.input_shape, list(options.values()))
+        dense = times[options[(pick, WEIGHT_PATH)]]
+        timed = [Timed(j, order, times[o], dense) for (j, order), o in options.items()]
+        current = min((t for t in timed if t.pick == pick and t.order in ORDERS),
+                      key=lambda t: t.seconds)
+        result[i] = current
+        for t in timed:
+            if t.seconds < current.seconds:
+                extra = int(table.params[t.pick]) - int(table.params[pick])
+                offers.append((current.seconds - t.seconds, i, t, extra))
+    extra_total = 0
+    moved = set()
+    for _, i, t, extra in sorted(offers, key=lambda o: -o[0]):
+        if i not in moved and fits(extra_total + extra):
+            result[i] = t
+            extra_total += extra
+            moved.add(i)
+    return result

@@ -1,0 +1,172 @@
+"""objective="latency": the fastest option within the error and size budget, cached timings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gkpd
+from gkpd.plan import latency
+from gkpd.plan.candidates import Candidates
+from gkpd.plan.latency import LatencyCache, LayerTimer, fastest_within_budget
+
+
+class _Ctx:
+    def __init__(self, name):
+        self.name = name
+        self.module = nn.Conv2d(4, 4, 3)
+        self.input_shape = (1, 4, 8, 8)
+
+
+class _FakeTimer(LayerTimer):
+    """Seconds from a table keyed by (a_shape, rank, order); the weight path by "weight"."""
+
+    def __init__(self, seconds):
+        super().__init__(1, LatencyCache(None))
+        self.seconds = seconds
+
+    def times(self, module, input_shape, options):
+        return {
+            o: self.seconds.get((o.config[0], o.config[2], o.order), self.seconds["weight"])
+            if o.order != "weight" else self.seconds["weight"]
+            for o in options
+        }
+
+
+def _table():
+    # three factor shapes; params/error of each configuration; index 0 is the error pick
+    configs = [((1,), (4,), 2, "a_first"), ((2,), (2,), 2, "a_first"), ((4,), (1,), 1, "a_first"),
+               ((2,), (2,), 1, "a_first")]
+    return Candidates(
+        np.array([100, 98, 100, 60]), np.array([10, 10, 10, 6]),
+        np.array([0.50, 0.54, 0.60, 0.58]), configs,
+    )
+
+
+def test_fastest_within_error_slack_and_budget():
+    table = _table()
+    slow = {"weight": 9.0, ((1,), 2, "a_first"): 5.0, ((1,), 2, "b_first"): 6.0,
+            ((2,), 2, "a_first"): 2.0, ((2,), 2, "b_first"): 3.0,
+            ((4,), 1, "a_first"): 1.0, ((4,), 1, "b_first"): 1.5}
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.1, fits=lambda extra: True)
+    # (4,) is fastest but 20% worse; (2,) rank 2 is within 10% and the largest rank of its shape
+    assert (timed.pick, timed.order, timed.seconds, timed.dense_seconds) == (1, "a_first", 2.0, 9.0)
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.25, fits=lambda extra: True)
+    assert (timed.pick, timed.order) == (2, "a_first")
+    # a budget that allows no change in size keeps the pick's own shape, in its faster order
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.25, fits=lambda extra: extra == 0)
+    assert (timed.pick, timed.order) == (2, "a_first")  # same params (100): allowed
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.1, fits=lambda extra: extra == 0)
+    assert (timed.pick, timed.order) == (0, "a_first")
+
+
+def test_weight_path_wins_when_factors_are_slower_than_dense():
+    table = _table()
+    times = {"weight": 1.0, ((1,), 2, "a_first"): 5.0, ((1,), 2, "b_first"): 6.0,
+             ((2,), 2, "a_first"): 4.0, ((2,), 2, "b_first"): 3.0}
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(times),
+                                    error_slack=0.1, fits=lambda extra: True)
+    assert (timed.pick, timed.order, timed.seconds) == (0, "weight", 1.0)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def test_latency_plan_runs_what_it_timed(tmp_path):
+    model = _net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    plan = gkpd.plan(model, x, ratio=3, objective="latency", latency_batch=4,
+                     latency_cache=cache, tolerance=0.05)
+    assert plan.objective == "latency" and plan.options["latency_batch"] == 4
+    assert abs(plan.achieved_ratio / 3 - 1) <= 0.05
+    error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
+    for entry in plan.compressed_layers:
+        assert entry.settings["latency_batch"] == 4
+        # the weight path (dense speed) is always an option, so no layer is planned slower
+        assert entry.settings["latency_ms"] <= entry.settings["dense_latency_ms"] * 1.0001
+        assert entry.order in ("a_first", "b_first", "weight")
+        assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
+    compressed = gkpd.apply_(_net().eval(), plan)
+    for entry in plan.compressed_layers:
+        layer = compressed.get_submodule(entry.name)
+        assert layer.order == entry.order  # the timed path is pinned
+    # the oracle: every layer replaced by its dense reconstruction
+    merged = gkpd.apply_(_net().eval(), plan)
+    for entry in plan.compressed_layers:
+        parent, _, child = entry.name.rpartition(".")
+        holder = merged.get_submodule(parent) if parent else merged
+        setattr(holder, child, merged.get_submodule(entry.name).to_dense())
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), merged(x), rtol=1e-4, atol=1e-5)
+    # a plan saved and loaded keeps the pinned paths
+    gkpd.save(tmp_path / "saved", compressed, plan)
+    loaded = gkpd.load(tmp_path / "saved", _net().eval())
+    for entry in plan.compressed_layers:
+        assert loaded.get_submodule(entry.name).order == entry.order
+    saved = json.loads(cache.read_text())
+    assert saved["version"] == 1 and saved["entries"]
+
+
+def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
+    model = _net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    first = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
+                      tolerance=0.05)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again although every option is cached")
+
+    monkeypatch.setattr(latency, "time_interleaved", no_timing)
+    second = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
+                       tolerance=0.05)
+    assert [e.order for e in second.layers] == [e.order for e in first.layers]
+    assert [e.a_shape for e in second.layers] == [e.a_shape for e in first.layers]
+
+
+def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):
+    path = tmp_path / "sub" / "latency.json"
+    path.parent.mkdir()
+    path.write_text("{ not json")
+    cache = LatencyCache(path)
+    assert cache.entries == {}
+    cache.put("k", 0.5)
+    cache.save()
+    assert LatencyCache(path).get("k") == 0.5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latency.json"]
+    path.write_text(json.dumps({"version": 99, "entries": {"k": 1.0}}))
+    assert LatencyCache(path).get("k") is None  # another format: not trusted
+
+
+def test_environment_key_names_torch_device_and_dtype():
+    key = latency.environment_key(torch.device("cpu"), torch.float32)
+    assert torch.__version__ in key and "cpu" in key and "float32" in key and "threads" in key
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"objective": "speed"}, "objective must be one of"),
+        ({"objective": "latency", "method": "svd"}, "supported for method 'gkpd' only"),
+        ({"objective": "latency", "latency_batch": 0}, "latency_batch must be a positive int"),
+        ({"objective": "latency", "latency_slack": -1}, "latency_slack must be a number >= 0"),
+    ],
+)
+def test_bad_latency_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        gkpd.plan(_net(), torch.randn(1, 3, 8, 8), ratio=3, **options)
