@@ -105,7 +105,9 @@ def time_interleaved(
 ) -> dict[str, float]:
     """Median seconds of each call, timed round by round so that load changes hit all."""
     samples: dict[str, list[float]] = {k: [] for k in calls}
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: compiled callables guard on the grad mode they
+    # were compiled in, and inference tensors would send them back to the compiler
+    with torch.no_grad():
         for _ in range(warmup):
             for call in calls.values():
                 call()
