@@ -192,9 +192,15 @@ def _removed(tp_group, names: dict) -> dict[str, dict[str, list[int]]]:
     return result
 
 
+def _energy(w: torch.Tensor) -> float:
+    """Σ w², exactly rounded: a threaded torch sum can differ in the last bit between calls
+    (it depends on the tensor's memory alignment), and plans must be reproducible."""
+    return math.fsum(w.square().flatten().tolist())
+
+
 def _relative_error(module: nn.Module, removed: dict[str, list[int]]) -> float:
     w = module.weight.detach().double()
-    total = float(w.square().sum())
+    total = _energy(w)
     if not total:
         return 0.0
     keep_out = torch.ones(w.shape[0], dtype=torch.bool)
@@ -202,7 +208,7 @@ def _relative_error(module: nn.Module, removed: dict[str, list[int]]) -> float:
     keep_in = torch.ones(w.shape[1], dtype=torch.bool)
     if removed.get("in") and not _is_depthwise(module):
         keep_in[[i for i in removed["in"] if i < w.shape[1]]] = False
-    kept = float(w[keep_out][:, keep_in].square().sum())
+    kept = _energy(w[keep_out][:, keep_in])
     return math.sqrt(max(total - kept, 0.0) / total)
 
 
@@ -355,20 +361,15 @@ class Prune:
             )
 
     def _layers(self, calls, pruned, removed, reasons, roots, args) -> list[LayerPlan]:
-        from gkpd.plan.planner import _per_sample, trace_layers
+        from gkpd.plan.planner import _per_sample, dense_entry, trace_layers
 
         pruned_calls = trace_layers(pruned, args if len(args) > 1 else args[0])
         layers = []
         for name, call in calls.items():
-            module, per_sample = call.module, _per_sample(call.input_shape)
-            dense_macs = module_macs(module, per_sample) * call.calls
-            entry = LayerPlan(
-                name=name, module_type=type(module).__name__,
-                weight_shape=tuple(module.weight.shape), input_shape=per_sample,
-                dense_params=module_params(module), dense_macs=dense_macs,
-                params=module_params(module), macs=dense_macs,
-                reason=reasons.get(name, "kept: no channel removed at this ratio"),
+            entry = dense_entry(
+                name, call, reason=reasons.get(name, "kept: no channel removed at this ratio")
             )
+            module = call.module
             change = removed.get(name)
             if change:
                 after = pruned_calls[name]
