@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,6 +30,7 @@ from gkpd import cli, data, train
 from gkpd.cli import resolve_model
 from gkpd.cli_compress import example_input
 from gkpd.latency import measure_latency
+from gkpd.plan.latency import cpu_model
 from gkpd.plan.schema import CompressionPlan
 from gkpd.report import summary
 
@@ -138,16 +138,6 @@ def choose_subset(args, per_train: float, per_test: float, started_at: float) ->
             f"fine-tuning on {10 * args.batch_size} anyway (raise --budget-minutes)"
         )
     return max(10 * args.batch_size, min(samples, TRAIN_SIZE))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def latencies(dense, compressed, repeats: int) -> dict[str, Any]:
@@ -435,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "plot": plotted,
         "machine": {
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],

@@ -10,6 +10,7 @@ Peak memory is the growth of a fresh process's peak resident set over one forwar
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing
@@ -87,8 +88,6 @@ def tltorch_peer(model: nn.Module, plan, factorization: str) -> nn.Module:
         raise ImportError(
             "the speed benchmark's peers need TensorLy-Torch: pip install tensorly-torch"
         ) from error
-    import copy
-
     from gkpd.apply import _set_submodule
 
     peer = copy.deepcopy(model)
@@ -116,7 +115,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     for ratio in config.ratios:
         graph = ratio in config.graph_ratios
         error_plan = make_plan(model, example[:1], ratio=ratio)
-        compressed = apply_(_copy(model), error_plan).eval()
+        compressed = apply_(copy.deepcopy(model), error_plan).eval()
         variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
                                 dense / _params(compressed), graph=graph))
         for batch in config.batches:
@@ -125,7 +124,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 model, example[:1], ratio=ratio, objective="latency", latency_batch=batch,
                 latency_cache=config.latency_cache,
             )
-            fast = apply_(_copy(model), latency_plan).eval()
+            fast = apply_(copy.deepcopy(model), latency_plan).eval()
             orders = [e.order for e in latency_plan.compressed_layers]
             paths = ", ".join(f"{o}: {orders.count(o)}" for o in sorted(set(orders)))
             variants.append(Variant(
@@ -139,12 +138,6 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 variants.append(Variant(f"tltorch {factorization} {ratio:g}x", peer,
                                         _params(peer), dense / _params(peer), graph=graph))
     return variants
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _onnx_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str,
@@ -257,9 +250,9 @@ def _call(model, x, backend, folder, name, threads) -> Callable[[], object]:
 
 
 def _describe_machine(threads: int) -> str:
-    from gkpd.plan.latency import _cpu_model
+    from gkpd.plan.latency import cpu_model
 
-    return f"{_cpu_model()}, {threads} torch thread(s)"
+    return f"{cpu_model()}, {threads} torch thread(s)"
 
 
 def format_table(result: dict[str, Any]) -> str:

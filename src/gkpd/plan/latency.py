@@ -40,7 +40,8 @@ def default_cache_path() -> Path:
 
 
 @cache
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -54,7 +55,7 @@ def environment_key(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+        where = f"{cpu_model()}, {torch.get_num_threads()} threads"
     return f"torch {torch.__version__} | {device.type}: {where} | {dtype}"
 
 
@@ -128,13 +129,14 @@ class Option:
 
 
 class LayerTimer:
-    """Times options of layers at a batch size, with a shared cache; ``measured`` counts
-    what was not in the cache."""
+    """Times options of layers at a batch size, with a shared cache; ``measured`` and
+    ``cached`` count the options timed and those found in the cache."""
 
     def __init__(self, batch: int, cache: LatencyCache) -> None:
         self.batch = batch
         self.cache = cache
         self.measured = 0
+        self.cached = 0
 
     def _key(self, env: str, module: nn.Module, input_shape: Sequence[int], option: Option):
         what = f"a={option.config[0]} r={option.config[2]}"
@@ -152,6 +154,7 @@ class LayerTimer:
         keys = {o: self._key(env, module, input_shape, o) for o in options}
         result = {o: self.cache.get(k) for o, k in keys.items()}
         missing = [o for o, t in result.items() if t is None]
+        self.cached += len(result) - len(missing)
         if missing:
             x = torch.randn(
                 self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype

@@ -68,6 +68,18 @@ def trace_layers(model: nn.Module, example_input: Any) -> dict[str, _Call]:
     return seen
 
 
+def dense_entry(name: str, call: _Call, **fields: Any) -> LayerPlan:
+    """The plan entry of a layer left as it is: its dense size and MACs per sample."""
+    module, per_sample = call.module, _per_sample(call.input_shape)
+    dense_macs = module_macs(module, per_sample) * call.calls
+    params = module_params(module)
+    return LayerPlan(
+        name=name, module_type=type(module).__name__, weight_shape=tuple(module.weight.shape),
+        input_shape=per_sample, dense_params=params, dense_macs=dense_macs, params=params,
+        macs=dense_macs, **fields,
+    )
+
+
 def _pattern_names(patterns, argument: str) -> list[str]:
     return [p.__name__ if isinstance(p, type) else p for p in as_pattern_list(patterns, argument)]
 
@@ -169,14 +181,8 @@ def plan(
     contexts, tables, full_tables = [], [], []
     for name, call in calls.items():
         module = call.module
-        per_sample = _per_sample(call.input_shape)
-        dense_macs = module_macs(module, per_sample) * call.calls
-        entry = LayerPlan(
-            name=name, module_type=type(module).__name__,
-            weight_shape=tuple(module.weight.shape), input_shape=per_sample,
-            dense_params=module_params(module), dense_macs=dense_macs,
-            params=module_params(module), macs=dense_macs,
-        )
+        entry = dense_entry(name, call)
+        per_sample, dense_macs = entry.input_shape, entry.dense_macs
         entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
         if reason:
@@ -311,8 +317,8 @@ def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, 
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
     )
-    log.info("latency: %d configurations timed (%d from the cache)", timer.measured,
-             len(cache.entries) - timer.measured)
+    log.info("latency: %d configurations timed, %d from the cache", timer.measured,
+             timer.cached)
     return full_tables, picks, timings, total_change
 
 
