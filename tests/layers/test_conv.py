@@ -305,8 +305,8 @@ def test_weight_path_cache_follows_factor_updates():
     with torch.no_grad():
         first = layer(x)
         assert layer._weight_cache is not None
-        cached = layer._weight_cache[1]
-        assert layer(x).equal(first) and layer._weight_cache[1] is cached
+        cached = layer._weight_cache["weight"][1]
+        assert layer(x).equal(first) and layer._weight_cache["weight"][1] is cached
         layer.a.mul_(2.0)  # an optimizer step or load_state_dict changes the factors in place
         torch.testing.assert_close(layer(x) - layer.bias.view(1, -1, 1, 1),
                                    2 * (first - layer.bias.view(1, -1, 1, 1)))
@@ -316,3 +316,74 @@ def test_weight_path_cache_follows_factor_updates():
     layer(x)
     assert layer._weight_cache is None  # training never reuses a stale weight
     assert layer.macs(x.shape) == 2 * 8 * 8 * 9 * 36
+
+
+CHANNEL_CASES = [  # (in, out, kernel, stride, padding, dilation, padding_mode, a_shape, rank)
+    (16, 16, 3, 1, 1, 1, "zeros", (2, 1, 3, 1), 2),  # C1 == 1: a channel shuffle at the end
+    (16, 16, 3, 1, 2, 2, "zeros", (4, 1, 3, 3), 2),
+    (8, 12, 3, 2, 1, 1, "reflect", (3, 1, 3, 3), 2),
+    (16, 16, 3, 1, 1, 1, "zeros", (16, 2, 3, 1), 3),  # F2 == 1
+    (8, 12, 3, 2, 1, 1, "circular", (12, 2, 1, 3), 2),
+    (16, 16, 3, 1, 1, 1, "zeros", (8, 16, 3, 1), 2),  # C2 == 1: a_first_channels
+    (8, 12, 3, 2, 1, 1, "replicate", (4, 8, 3, 1), 2),
+    (1, 8, 1, 1, 0, 1, "zeros", (1, 1, 1, 1), 1),  # both paths
+]
+
+
+@pytest.mark.parametrize("case", CHANNEL_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_paths_match_the_dense_layer(case, channels_last):
+    cin, cout, k, s, p, d, mode, a_shape, rank = case
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(cin, cout, k, s, p, d, padding_mode=mode, a_shape=a_shape,
+                                 rank=rank, dtype=f64)
+    x = torch.randn(3, cin, 9, 10, dtype=f64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dense = layer.to_dense()
+    expected = dense(x)
+    paths = layer.channel_paths()
+    assert paths, "every case has a channel path"
+    for path in paths:
+        layer.order = path
+        layer.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected)
+            torch.testing.assert_close(layer(x), expected)  # from the cached weights
+        if channels_last and mode == "zeros":  # the input's layout stays (F.pad of the other
+            # padding modes returns NCHW)
+            assert layer(x).is_contiguous(memory_format=torch.channels_last)
+        layer.train()
+        x_grad = x.detach().requires_grad_()
+        layer(x_grad).square().sum().backward()
+        a_grad = layer.a.grad.clone()
+        layer.a.grad = None
+        # the gradient reaching the factors is that of the dense op through the weight
+        layer.order = "weight"
+        layer(x).square().sum().backward()
+        torch.testing.assert_close(a_grad, layer.a.grad)
+        layer.a.grad = None
+        assert layer.macs(x.shape) == layer.dense_macs(x.shape)
+        layer.order = path
+        base = path.removesuffix("_channels")
+        assert layer.macs(x.shape) == layer.order_macs(x.shape)[base]
+
+
+@pytest.mark.parametrize("nd, a_shape, b_path", [(1, (2, 1, 3), True), (3, (2, 1, 3, 1, 3), True),
+                                                 (3, (4, 8, 1, 3, 1), False)])
+def test_channel_paths_in_1d_and_3d(nd, a_shape, b_path):
+    torch.manual_seed(0)
+    layer = KRON[nd](8, 8, 3, 1, 1, a_shape=a_shape, rank=2, dtype=f64).eval()
+    x = torch.randn(2, 8, *([5] * nd), dtype=f64)
+    layer.order = "b_first_channels" if b_path else "a_first_channels"
+    torch.testing.assert_close(layer(x), layer.to_dense()(x))
+
+
+def test_channel_path_needs_matching_shapes():
+    layer = gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1)
+    assert layer.channel_paths() == ()
+    with pytest.raises(ValueError, match="b_first_channels.*a_shape"):
+        layer.order = "b_first_channels"
+    grouped = gkpd.KroneckerConv2d(8, 8, 3, groups=2, a_shape=(2, 1, 3, 3), rank=1)
+    assert grouped.channel_paths() == ()
+    assert layer.order == "auto"  # a refused order changes nothing

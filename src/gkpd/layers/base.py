@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,11 @@ from gkpd.decompose import KroneckerFactors, kron_sum
 # "weight": run the dense op with the reconstructed weight Σ_r a[r] ⊗ b[r] (cached at
 # inference). As fast as the dense layer whatever the factor shapes, at the factors' size.
 WEIGHT_PATH = "weight"
-ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH)
+# The two stages as plain convolutions over channels (the batch never grows), for the factor
+# shapes that allow it (``channel_paths``); MACs as in the stage order each is named after.
+# Fast where grouped and depthwise convolutions are, e.g. in channels_last.
+CHANNEL_PATHS = {"b_first_channels": "b_first", "a_first_channels": "a_first"}
+ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH, *CHANNEL_PATHS)
 
 
 class KroneckerLayer(nn.Module):
@@ -24,19 +28,29 @@ class KroneckerLayer(nn.Module):
     b: nn.Parameter
     _order: str = "auto"
 
-    _weight_cache: tuple[tuple, Tensor] | None = None
+    _weight_cache: dict[str, tuple[tuple, Tensor]] | None = None
 
     @property
     def order(self) -> str:
-        """``"auto"`` (the cheaper order for each input size), ``"b_first"``, ``"a_first"``
-        or ``"weight"`` (the dense op with the reconstructed weight)."""
+        """``"auto"`` (the cheaper order for each input size), ``"b_first"``, ``"a_first"``,
+        ``"weight"`` (the dense op with the reconstructed weight), or one of
+        ``channel_paths()``."""
         return self._order
 
     @order.setter
     def order(self, value: str) -> None:
         if value not in ORDER_CHOICES:
             raise ValueError(f"order {value!r} is not supported: expected one of {ORDER_CHOICES}")
+        if value in CHANNEL_PATHS and value not in self.channel_paths():
+            raise ValueError(
+                f"order {value!r} needs other factor shapes (a_shape={self.a_shape}, "
+                f"b_shape={self.b_shape}): this layer has {self.channel_paths() or 'none'}"
+            )
         self._order = value
+
+    def channel_paths(self) -> tuple[str, ...]:
+        """The ``CHANNEL_PATHS`` this layer's factor shapes allow."""
+        return ()
 
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         raise NotImplementedError
@@ -53,24 +67,31 @@ class KroneckerLayer(nn.Module):
         order = self.resolve_order(input_shape)
         if order == WEIGHT_PATH:
             return self.dense_macs(input_shape)
-        return self.order_macs(input_shape)[order]
+        return self.order_macs(input_shape)[CHANNEL_PATHS.get(order, order)]
 
     def reconstruct_weight(self) -> Tensor:
         """The dense weight ``Σ_r a[r] ⊗ b[r]``."""
         return kron_sum(self.a, self.b)
 
     def _path_weight(self) -> Tensor:
-        """The weight the ``"weight"`` path runs with. At inference (eval mode, no grad, not
-        being traced) it is rebuilt only when ``a`` or ``b`` changed; otherwise it is built
-        on every call so gradients reach the factors."""
+        """The weight the ``"weight"`` path runs with."""
+        return self._derived("weight", self.reconstruct_weight)
+
+    def _derived(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        """``build()``, a tensor computed from the factors. At inference (eval mode, no grad,
+        not being traced) it is rebuilt only when ``a`` or ``b`` changed; otherwise it is
+        built on every call so gradients reach the factors."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._weight_cache = None
-            return self.reconstruct_weight()
+            return build()
         a, b = self.a, self.b
         key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.dtype, a.device)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, self.reconstruct_weight())
-        return self._weight_cache[1]
+        if self._weight_cache is None:
+            self._weight_cache = {}
+        cached = self._weight_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._weight_cache[name] = (key, build())
+        return cached[1]
 
     def _copy_from(self, factors: KroneckerFactors, dense: nn.Module) -> None:
         """Take the factors of ``dense.weight`` and ``dense``'s bias (``from_dense``)."""

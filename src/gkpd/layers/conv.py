@@ -27,7 +27,7 @@ from gkpd.counting import (
     stage_strides,
 )
 from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
-from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer
+from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH, KroneckerLayer
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -86,6 +86,23 @@ def _stage(
         wg = w.reshape(groups, f // groups, c // groups)
         y = torch.matmul(wg, x.reshape(m, groups, c // groups, -1))
     return y.reshape(m, f, *x.shape[2:])
+
+
+def conv_channel_paths(a_shape: Sequence[int], b_shape: Sequence[int], groups: int
+                       ) -> tuple[str, ...]:
+    """The ``CHANNEL_PATHS`` a Kronecker convolution with these factor shapes can run:
+    ``b_first_channels`` when ``C1 == 1`` (B over all input channels, then A per output
+    channel of B, then a channel shuffle) or ``F2 == 1`` (B per input-channel block, then A
+    over all); ``a_first_channels`` when ``C2 == 1`` (A over all input channels, then B per
+    output channel of A). Ungrouped convolutions only."""
+    if groups != 1:
+        return ()
+    paths = []
+    if a_shape[1] == 1 or b_shape[0] == 1:
+        paths.append("b_first_channels")
+    if b_shape[1] == 1:
+        paths.append("a_first_channels")
+    return tuple(paths)
 
 
 def check_dtype(dtype: torch.dtype | None) -> None:
@@ -253,6 +270,9 @@ class KroneckerConvNd(KroneckerLayer):
             batch=batch, padding_mode=self.padding_mode,
         )
 
+    def channel_paths(self) -> tuple[str, ...]:
+        return conv_channel_paths(self.a_shape, self.b_shape, self.groups)
+
     def _pads_as_arg(self) -> str | tuple[int, ...]:
         return self.padding if isinstance(self.padding, str) else tuple(self.padding)
 
@@ -323,11 +343,16 @@ class KroneckerConvNd(KroneckerLayer):
         if order == WEIGHT_PATH:
             y = self._with_weight(x)
             return y.squeeze(0) if unbatched else y
-        plan = self._plans[order]
+        plan = self._plans[CHANNEL_PATHS.get(order, order)]
         if plan.pad_input is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, plan.pad_input, mode=mode)
-        y = self._b_first(x, plan) if order == "b_first" else self._a_first(x, plan)
+        if order in CHANNEL_PATHS:
+            y = self._over_channels(x, plan, order)
+        elif order == "b_first":
+            y = self._b_first(x, plan)
+        else:
+            y = self._a_first(x, plan)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * n))
         return y.squeeze(0) if unbatched else y
@@ -382,6 +407,40 @@ class KroneckerConvNd(KroneckerLayer):
         wb = self.b.transpose(0, 1).reshape(f2, r * c2, *k2)
         z = _stage(y, wb, plan.s2, plan.pad2, plan.dil2, g2, plan.pointwise2)  # (N·F1, F2)
         return z.reshape(n, f1 * f2, *z.shape[2:])
+
+    def _over_channels(self, x: Tensor, plan: _StagePlan, order: str) -> Tensor:
+        """A channel path: two ungrouped/grouped convolutions with weights expanded from the
+        factors (cached at inference), the batch left as it is."""
+        conv = _CONV[len(self.kernel_size)]
+        w1, groups1, w2, groups2 = self._derived(order, lambda: self._channel_weights(order))
+        y = conv(x, w1, None, plan.s1, plan.pad1, plan.dil1, groups1)
+        z = conv(y, w2, None, plan.s2, plan.pad2, plan.dil2, groups2)
+        f1, f2 = self.a_shape[0], self.b_shape[0]
+        if order == "a_first_channels" or self.a_shape[1] != 1 or f1 == 1 or f2 == 1:
+            return z
+        # C1 == 1: the outputs come as (F2, F1); the Kronecker product orders them (F1, F2)
+        last = z.movedim(1, -1)  # a view, contiguous when z is channels_last
+        last = last.unflatten(-1, (f2, f1)).transpose(-1, -2).flatten(-2)
+        return last.movedim(-1, 1)
+
+    def _channel_weights(self, order: str) -> tuple[Tensor, int, Tensor, int]:
+        """``(w1, groups1, w2, groups2)`` of the two convolutions of a channel path."""
+        r = self.rank
+        f1, c1, *k1 = self.a_shape
+        f2, c2, *k2 = self.b_shape
+        a, b = self.a, self.b
+        if order == "a_first_channels":  # C2 == 1: A to channels (F1, R), B per F1 channel
+            w1 = a.transpose(0, 1).reshape(f1 * r, c1, *k1)
+            w2 = b.reshape(r, f2, *k2).transpose(0, 1)
+            return w1, 1, w2.expand(f1, *w2.shape).reshape(f1 * f2, r, *k2), f1
+        if c1 == 1:  # B to channels (F2, R), A per F2 channel: outputs (F2, F1)
+            w1 = b.transpose(0, 1).reshape(f2 * r, c2, *k2)
+            w2 = a.reshape(r, f1, *k1).transpose(0, 1)
+            return w1, 1, w2.expand(f2, *w2.shape).reshape(f2 * f1, r, *k1), f2
+        # F2 == 1: B per input block to channels (C1, R), A over all of them
+        w1 = b.reshape(1, r, c2, *k2).expand(c1, r, c2, *k2).reshape(c1 * r, c2, *k2)
+        w2 = a.movedim(0, 2).reshape(f1, c1 * r, *k1)
+        return w1, c1, w2, 1
 
     def extra_repr(self) -> str:
         s = (
