@@ -2,8 +2,11 @@
 
 Closed forms for a given input size, for either stage order of a Kronecker layer
 (DESIGN.md §1), and :func:`count_model`, which runs a model once with forward hooks and counts
-every ``nn.Conv*d``, ``nn.Linear`` and Kronecker layer it calls. The Kronecker layers use the
-same formulas to pick the cheaper order, so what is counted here is what runs.
+every ``nn.Conv*d`` and ``nn.Linear`` it calls, and every module that counts itself: one with
+a ``macs(input_shape)`` method (the Kronecker layers, the tensor-train/ring layers of
+``gkpd.methods``). Such a module's own count covers everything its forward runs, so the
+modules it calls are not counted again. The Kronecker layers use the same formulas to pick
+the cheaper order, so what is counted here is what runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "conv_output_shape",
     "conv_params",
     "count_model",
+    "counts_itself",
     "group_split",
     "kronecker_conv_macs",
     "kronecker_conv_order_macs",
@@ -326,14 +330,18 @@ def module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs of one call of a conv, linear or Kronecker ``module`` on an input of
-    ``input_shape`` (0 for other modules)."""
-    from gkpd.layers import KroneckerConvNd, KroneckerLinear
+def counts_itself(module: nn.Module) -> bool:
+    """Whether ``module`` gives its own MACs: it has a ``macs(input_shape)`` method, whose
+    count covers every operation of its forward (its submodules included)."""
+    return callable(getattr(module, "macs", None))
 
+
+def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of one call of ``module`` on an input of ``input_shape``: its own ``macs`` (see
+    :func:`counts_itself`), else those of a conv or linear layer (0 for other modules)."""
     shape = tuple(int(s) for s in input_shape)
-    if isinstance(module, KroneckerConvNd | KroneckerLinear):
-        return module.macs(shape)
+    if counts_itself(module):
+        return int(module.macs(shape))
     if isinstance(module, nn.Linear):
         return linear_macs(module.in_features, module.out_features, math.prod(shape[:-1]))
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -368,7 +376,8 @@ class LayerCount:
 
 @dataclass
 class ModelCount:
-    """Per-layer counts (conv, linear and Kronecker layers) and whole-model totals.
+    """Per-layer counts (conv and linear layers, modules that count themselves) and
+    whole-model totals.
 
     ``total_params`` counts every parameter of the model; ``total_macs`` sums the layers.
     """
@@ -389,20 +398,26 @@ class ModelCount:
 
 def count_model(model: nn.Module, example_input: object) -> ModelCount:
     """Run ``model`` once on ``example_input`` (in eval mode, without gradients) and count the
-    parameters and MACs of every conv, linear and Kronecker layer it calls.
+    parameters and MACs of every conv and linear layer it calls, and of every module that
+    counts itself (:func:`counts_itself`: Kronecker, tensor-train and tensor-ring layers).
 
-    ``example_input`` is a tensor, or a tuple of positional arguments.
+    A call made inside the forward of a module that counts itself is part of that module's
+    count and is not counted again. ``example_input`` is a tensor, or a tuple of positional
+    arguments.
     """
-    from gkpd.layers import KroneckerConvNd, KroneckerLinear
-
-    counted = (nn.modules.conv._ConvNd, nn.Linear, KroneckerConvNd, KroneckerLinear)
     result = ModelCount(total_params=module_params(model))
     entries: dict[str, LayerCount] = {}
     handles = []
+    inside = [0]  # calls of self-counting modules now running
 
-    def hook_for(name: str):
+    def enter(module: nn.Module, args: tuple) -> None:
+        inside[0] += 1
+
+    def hook_for(name: str, own: bool):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
+            if own:
+                inside[0] -= 1
+            if inside[0] or not args or not isinstance(args[0], torch.Tensor):
                 return
             shape = tuple(args[0].shape)
             macs = module_macs(module, shape)
@@ -420,8 +435,11 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, counted):
-            handles.append(module.register_forward_hook(hook_for(name)))
+        own = counts_itself(module)
+        if own:
+            handles.append(module.register_forward_pre_hook(enter))
+        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            handles.append(module.register_forward_hook(hook_for(name, own)))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

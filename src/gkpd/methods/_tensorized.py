@@ -12,8 +12,9 @@ with ``r_0 = r_m = 1`` for a train and ``r_0 = r_m = R`` for a ring.
 The layer rebuilds the dense weight from its cores on every call and runs ``F.conv{n}d`` /
 ``F.linear`` with every option of the original layer (stride, padding, string padding,
 dilation, groups, padding mode, bias): exact, and how such layers are usually run. Its MACs
-are the dense layer's at the planner's input size (rebuilding the weight is per call, not per
-sample, and is not counted).
+(``macs``, which :func:`gkpd.counting.count_model` counts and the planner budgets) are the dense
+layer's at the input size: rebuilding the weight is per call, not per sample, and is not
+counted; ``reconstruction_macs`` gives its cost, the contraction of the cores.
 """
 
 from __future__ import annotations
@@ -163,8 +164,20 @@ class TensorizedLayer(nn.Module):
         conv = _CONV_FN[self.conv_dims]
         return conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def reconstruction_macs(self) -> int:
+        """MACs of rebuilding the weight from the cores (``contract``), once per call and
+        whatever the batch: ``Σ_k r_0·(n_0⋯n_{k-1})·r_k·n_k·r_{k+1}`` over the cores after the
+        first. Not part of ``macs``."""
+        total, (r0, rows, _) = 0, self.cores[0].shape
+        for g in list(self.cores)[1:]:
+            rk, nk, rk1 = g.shape
+            total += r0 * rows * rk * nk * rk1
+            rows *= nk
+        return total
+
     def macs(self, input_shape: Sequence[int]) -> int:
-        """MACs of one call on ``input_shape``: the dense layer's (what runs)."""
+        """MACs of one call on ``input_shape``: the dense conv/linear op with the rebuilt
+        weight (the rebuild, ``reconstruction_macs``, is not included)."""
         shape = tuple(int(s) for s in input_shape)
         if not self.conv_dims:
             return linear_macs(self.in_features, self.out_features, math.prod(shape[:-1]))
