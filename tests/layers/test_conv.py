@@ -387,3 +387,23 @@ def test_channel_path_needs_matching_shapes():
     grouped = gkpd.KroneckerConv2d(8, 8, 3, groups=2, a_shape=(2, 1, 3, 3), rank=1)
     assert grouped.channel_paths() == ()
     assert layer.order == "auto"  # a refused order changes nothing
+
+
+@pytest.mark.parametrize("nd, layout", [(1, torch.channels_last), (1, torch.channels_last_3d),
+                                        (2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_model_to_channels_last_converts_the_factors(nd, layout):
+    # Module.to(memory_format=...) refuses tensors of a rank other than the format's; the
+    # factors carry a leading rank dim, so a plain conversion would fail on them
+    torch.manual_seed(0)
+    a_shape = (2, 1, *([3] + [1] * (nd - 1)))
+    model = nn.Sequential(KRON[nd](8, 8, 3, padding=1, a_shape=a_shape, rank=2, dtype=f64))
+    x = torch.randn(2, 8, *([5] * nd), dtype=f64)
+    expected = model(x)
+    model[0].a.grad = torch.ones_like(model[0].a)
+    a, b = model[0].a.detach().clone(), model[0].b.detach().clone()
+    model.to(memory_format=layout)
+    assert model[0].a.equal(a) and model[0].b.equal(b)
+    assert model[0].a.grad.equal(torch.ones_like(a))
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(RuntimeError, match="channels_last"):  # other tensors still refuse
+        nn.Sequential(nn.Conv2d(2, 2, 1)).to(memory_format=torch.channels_last_3d)

@@ -18,8 +18,8 @@ from gkpd.plan.latency import LatencyCache, LayerTimer, fastest_within_budget
 class _Ctx:
     def __init__(self, name):
         self.name = name
-        self.module = nn.Conv2d(4, 4, 3)
-        self.input_shape = (1, 4, 8, 8)
+        self.module = nn.Linear(4, 4)  # the toy configurations below have no kernel dims
+        self.input_shape = (1, 4)
 
 
 class _FakeTimer(LayerTimer):
@@ -68,6 +68,28 @@ def test_fastest_within_error_slack_and_budget():
     assert (timed.pick, timed.order) == (0, "a_first")
 
 
+def test_channel_paths_are_offered_where_the_factor_shapes_allow():
+    ctx = _Ctx("conv")
+    ctx.module, ctx.input_shape = nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8)
+    shuffle, square = ((2, 1, 3, 1), (8, 16, 1, 3)), ((4, 4, 3, 1), (4, 4, 1, 3))
+    configs = [(*square, 1, "b_first"), (*shuffle, 1, "b_first")]
+    table = Candidates(np.array([100, 100]), np.array([10, 10]), np.array([0.5, 0.5]), configs)
+    offered = []
+
+    class Recording(_FakeTimer):
+        def times(self, module, input_shape, options):
+            offered.extend((o.config[0], o.order) for o in options)
+            return super().times(module, input_shape, options)
+
+    times = {"weight": 9.0, ((2, 1, 3, 1), 1, "b_first_channels"): 1.0}
+    [timed] = fastest_within_budget([ctx], [table], [0], timer=Recording(times),
+                                    error_slack=0.0, fits=lambda extra: True)
+    assert (timed.pick, timed.order) == (1, "b_first_channels")
+    assert ((2, 1, 3, 1), "b_first_channels") in offered
+    assert ((2, 1, 3, 1), "a_first_channels") not in offered  # C2 = 16
+    assert not any(a == (4, 4, 3, 1) and order.endswith("channels") for a, order in offered)
+
+
 def test_weight_path_wins_when_factors_are_slower_than_dense():
     table = _table()
     times = {"weight": 1.0, ((1,), 2, "a_first"): 5.0, ((1,), 2, "b_first"): 6.0,
@@ -86,31 +108,38 @@ def _net():
     )
 
 
-def test_latency_plan_runs_what_it_timed(tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_latency_plan_runs_what_it_timed(tmp_path, channels_last):
     model = _net().eval()
     x = torch.randn(2, 3, 8, 8)
     cache = tmp_path / "latency.json"
     plan = gkpd.plan(model, x, ratio=3, objective="latency", latency_batch=4,
-                     latency_cache=cache, tolerance=0.05)
+                     latency_cache=cache, tolerance=0.05, latency_channels_last=channels_last)
     assert plan.objective == "latency" and plan.options["latency_batch"] == 4
+    assert plan.options["latency_channels_last"] is channels_last
     assert abs(plan.achieved_ratio / 3 - 1) <= 0.05
     error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
     for entry in plan.compressed_layers:
         assert entry.settings["latency_batch"] == 4
         # the weight path (dense speed) is always an option, so no layer is planned slower
         assert entry.settings["latency_ms"] <= entry.settings["dense_latency_ms"] * 1.0001
-        assert entry.order in ("a_first", "b_first", "weight")
+        assert entry.order in ("a_first", "b_first", "weight", "b_first_channels",
+                               "a_first_channels")
         assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
     compressed = gkpd.apply_(_net().eval(), plan)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
         assert layer.order == entry.order  # the timed path is pinned
+        assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
     # the oracle: every layer replaced by its dense reconstruction
     merged = gkpd.apply_(_net().eval(), plan)
     for entry in plan.compressed_layers:
         parent, _, child = entry.name.rpartition(".")
         holder = merged.get_submodule(parent) if parent else merged
         setattr(holder, child, merged.get_submodule(entry.name).to_dense())
+    if channels_last:
+        compressed = compressed.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(compressed(x), merged(x), rtol=1e-4, atol=1e-5)
     # a plan saved and loaded keeps the pinned paths
@@ -120,6 +149,9 @@ def test_latency_plan_runs_what_it_timed(tmp_path):
         assert loaded.get_submodule(entry.name).order == entry.order
     saved = json.loads(cache.read_text())
     assert saved["version"] == 1 and saved["entries"]
+    # convolutions are timed in the layout asked for; a linear layer has no such layout
+    for key in saved["entries"]:
+        assert ("channels_last" in key) is (channels_last and "Conv2d" in key), key
 
 
 def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
@@ -165,6 +197,8 @@ def test_environment_key_names_torch_device_and_dtype():
         ({"objective": "latency", "method": "svd"}, "supported for method 'gkpd' only"),
         ({"objective": "latency", "latency_batch": 0}, "latency_batch must be a positive int"),
         ({"objective": "latency", "latency_slack": -1}, "latency_slack must be a number >= 0"),
+        ({"objective": "latency", "latency_channels_last": "yes"},
+         "latency_channels_last must be True or False"),
     ],
 )
 def test_bad_latency_arguments(options, message):

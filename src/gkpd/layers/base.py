@@ -52,6 +52,22 @@ class KroneckerLayer(nn.Module):
         """The ``CHANNEL_PATHS`` this layer's factor shapes allow."""
         return ()
 
+    def _apply(self, fn, recurse=True):
+        # model.to(memory_format=torch.channels_last) converts every 4-d and 5-d tensor, and
+        # refuses ranks other than the format's: the factors carry a leading rank dim (a
+        # Conv2d's are 5-d). Their layout is irrelevant, so convert them at the rank it needs.
+        def convert(t: Tensor) -> Tensor:
+            try:
+                return fn(t)
+            except RuntimeError as error:
+                if "channels_last" not in str(error) or t.dim() not in (4, 5):
+                    raise
+                if t.dim() == 5:
+                    return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+                return fn(t.unsqueeze(0)).squeeze(0)
+
+        return super()._apply(convert, recurse)
+
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         raise NotImplementedError
 

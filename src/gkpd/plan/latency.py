@@ -10,6 +10,7 @@ and cached on disk keyed by torch version, device, CPU model, dtype, thread coun
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -125,16 +126,17 @@ class Option:
     """One way to run a layer: a GKPD configuration and the path it runs on."""
 
     config: tuple  # (a_shape, b_shape, rank, order) as the GKPD method describes it
-    order: str  # "b_first", "a_first" or "weight"
+    order: str  # a stage order, a channel path or "weight"
 
 
 class LayerTimer:
     """Times options of layers at a batch size, with a shared cache; ``measured`` and
     ``cached`` count the options timed and those found in the cache."""
 
-    def __init__(self, batch: int, cache: LatencyCache) -> None:
+    def __init__(self, batch: int, cache: LatencyCache, *, channels_last: bool = False) -> None:
         self.batch = batch
         self.cache = cache
+        self.channels_last = channels_last
         self.measured = 0
         self.cached = 0
 
@@ -143,7 +145,11 @@ class LayerTimer:
         if option.order == WEIGHT_PATH:
             what = "dense"  # the weight path runs the dense op, whatever the factors
         shape = (self.batch, *input_shape[1:])
-        return f"{env} | {module!r} | {shape} | {what} | {option.order}"
+        layout = " | channels_last" if self._channels_last(input_shape) else ""
+        return f"{env} | {module!r} | {shape} | {what} | {option.order}{layout}"
+
+    def _channels_last(self, input_shape: Sequence[int]) -> bool:
+        return self.channels_last and len(input_shape) in (4, 5)
 
     def times(
         self, module: nn.Module, input_shape: Sequence[int], options: Sequence[Option]
@@ -160,6 +166,11 @@ class LayerTimer:
                 self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype
             )
             layers = {o: _runnable(module, o) for o in missing}
+            if self._channels_last(input_shape):
+                layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+                x = x.to(memory_format=layout)
+                layers = {o: copy.deepcopy(m).to(memory_format=layout)
+                          for o, m in layers.items()}
             timed = time_interleaved({keys[o]: (lambda m=m: m(x)) for o, m in layers.items()})
             for o in missing:
                 result[o] = timed[keys[o]]
@@ -181,6 +192,16 @@ def _runnable(module: nn.Module, option: Option) -> nn.Module:
     layer = get_method("gkpd").build(module, entry, decompose=False)
     layer.order = option.order
     return layer.eval()
+
+
+def _orders(module: nn.Module, config: tuple) -> tuple[str, ...]:
+    """The stage orders and channel paths a GKPD configuration of ``module`` can run."""
+    from gkpd.counting import ORDERS
+    from gkpd.layers.conv import conv_channel_paths
+
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return ORDERS
+    return (*ORDERS, *conv_channel_paths(config[0], config[1], module.groups))
 
 
 @dataclass
@@ -207,13 +228,11 @@ def fastest_within_budget(
     model within budget (``fits(extra_params)`` for the sum of size changes).
 
     Options are the configurations (per factor shape, the largest rank no bigger than the
-    pick: the best error that shape has there) in both stage orders, and the pick on the
-    ``"weight"`` path (dense speed). Layers move greedily, largest time saving first.
+    pick: the best error that shape has there) in both stage orders and on the channel paths
+    their shapes allow, and the pick on the ``"weight"`` path (dense speed). Layers move greedily, largest time saving first.
     ``tables`` are full candidate tables: a slightly worse but much faster configuration is
     off the Pareto front.
     """
-    from gkpd.counting import ORDERS
-
     result: list[Timed | None] = [None] * len(picks)
     offers = []  # (saving, layer, Timed, extra params)
     for i, (ctx, table, pick) in enumerate(zip(contexts, tables, picks, strict=True)):
@@ -228,12 +247,12 @@ def fastest_within_budget(
         best[table.configs[pick][0]] = pick
         options = {(pick, WEIGHT_PATH): Option(table.configs[pick], WEIGHT_PATH)}
         for j in best.values():
-            for order in ORDERS:
+            for order in _orders(ctx.module, table.configs[j]):
                 options[(j, order)] = Option(table.configs[j], order)
         times = timer.times(ctx.module, ctx.input_shape, list(options.values()))
         dense = times[options[(pick, WEIGHT_PATH)]]
         timed = [Timed(j, order, times[o], dense) for (j, order), o in options.items()]
-        current = min((t for t in timed if t.pick == pick and t.order in ORDERS),
+        current = min((t for t in timed if t.pick == pick and t.order != WEIGHT_PATH),
                       key=lambda t: t.seconds)
         result[i] = current
         for t in timed:

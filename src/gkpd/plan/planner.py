@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
-from gkpd.layers.base import WEIGHT_PATH
 from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import Pattern, as_pattern_list, select_layers
@@ -107,6 +106,7 @@ def plan(
     latency_batch: int | None = None,
     latency_slack: float = 0.1,
     latency_cache: str | Path | None = "default",
+    latency_channels_last: bool = False,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
@@ -114,7 +114,9 @@ def plan(
     ``strategy``: ``"uniform"`` (every compressed layer at the same ratio, the paper's
     setting) or ``"global"`` (minimize the summed squared relative error). ``include`` /
     ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
-    ``"skip"`` or a dict with ``a_shape`` (and optionally ``rank``). Unless
+    ``"skip"`` or a dict of settings the method fixes for that layer (gkpd: ``a_shape``
+    and optionally ``rank``; svd, cp, tensor_train, tensor_ring: ``rank``; tucker:
+    ``ranks``). Unless
     ``allow_more_macs``, no configuration costs more MACs than its dense layer. Layers are
     offered ranks down to a layer ratio of ``min_layer_ratio`` (default: ``ratio/1.5`` for
     uniform, ``ratio/4`` for global; at least 1). Layers with the same shape, settings and
@@ -124,8 +126,11 @@ def plan(
     ``objective="latency"`` (GKPD only) then times, on this machine at batch
     ``latency_batch`` (default: the example input's), every configuration of each layer
     whose error is within ``1 + latency_slack`` times the chosen one's and that keeps the
-    model within budget, in both stage orders and on the reconstructed-weight path, and
-    keeps the fastest. Timings are cached in ``latency_cache`` (a JSON file; ``"default"``:
+    model within budget, in both stage orders, on the channel paths its factor shapes allow
+    and on the reconstructed-weight path, and keeps the fastest. ``latency_channels_last``
+    times on channels_last inputs: for models run in that memory format
+    (``model.to(memory_format=torch.channels_last)``), where grouped convolutions are much
+    faster on CPU. Timings are cached in ``latency_cache`` (a JSON file; ``"default"``:
     ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
@@ -152,6 +157,10 @@ def plan(
             latency_slack >= 0
         ):
             raise ValueError(f"latency_slack must be a number >= 0, got {latency_slack!r}")
+        if not isinstance(latency_channels_last, bool):
+            raise ValueError(
+                f"latency_channels_last must be True or False, got {latency_channels_last!r}"
+            )
     from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
 
     compressor = get_method(method)
@@ -239,7 +248,7 @@ def plan(
 
         tables, picks, timings, change = _fastest(
             contexts, tables, full_tables, picks, example_input, latency_batch, latency_slack,
-            latency_cache, fits,
+            latency_cache, latency_channels_last, fits,
         )
         total += change
 
@@ -254,8 +263,9 @@ def plan(
         entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
         if timed is not None:
             _describe_timing(entry, timed, latency_batch or _batch_of(example_input))
-            if timed.order == WEIGHT_PATH:
-                entry.macs = entry.dense_macs
+            # the timed path may run the other stage order than the one the MACs were for
+            layer = compressor.build(ctx.module, entry, decompose=False)
+            entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
         entry.relative_error = compressor.exact_error(ctx.module, entry)
         entry.reason = "compressed"
 
@@ -270,7 +280,8 @@ def plan(
             "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
             "exhaustive": exhaustive,
             **({"latency_batch": latency_batch or _batch_of(example_input),
-                "latency_slack": latency_slack} if objective == "latency" else {}),
+                "latency_slack": latency_slack, "latency_channels_last": latency_channels_last}
+               if objective == "latency" else {}),
             "include": _pattern_names(include, "include"),
             "exclude": _pattern_names(exclude, "exclude"),
         },
@@ -292,7 +303,8 @@ def _within(total: int, dense_total: int, ratio: float, tolerance: float) -> boo
     return math.isclose(dense_total / total, ratio, rel_tol=tolerance)
 
 
-def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, cache_path, fits):
+def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, cache_path,
+             channels_last, fits):
     """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
     picks then index the full candidate tables."""
     from gkpd.plan.latency import (
@@ -307,7 +319,7 @@ def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, 
     for table, full, pick in zip(tables, full_tables, picks, strict=True):
         full_picks.append(None if pick is None else full.configs.index(table.configs[pick]))
     cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
-    timer = LayerTimer(batch or _batch_of(example_input), cache)
+    timer = LayerTimer(batch or _batch_of(example_input), cache, channels_last=channels_last)
     timings = fastest_within_budget(
         contexts, full_tables, full_picks, timer=timer, error_slack=slack, fits=fits
     )
