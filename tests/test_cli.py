@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_fashion_mnist import write_fake_fashion_mnist  # noqa: E402
 
 from gkpd import io, models  # noqa: E402
-from gkpd.cli import main  # noqa: E402
+from gkpd.cli import main, resolve_model  # noqa: E402
 from gkpd.plan.schema import CompressionPlan  # noqa: E402
 
 
@@ -129,6 +129,46 @@ def test_compress_json_and_table(capsys, workspace, tmp_path):
     assert "written to" in text and "layer1.0.conv1" in text
     plan = CompressionPlan.load(out / "plan.json")
     assert plan.strategy == "global" and not plan.layer("fc").compressed
+
+
+def test_compress_latency_objective(capsys, workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("GKPD_CACHE_DIR", str(tmp_path / "cache"))
+    _, _, teacher = workspace
+    out = tmp_path / "fast"
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--objective", "latency",
+                       "--latency-batch", 2, "--latency-slack", 0, "--channels-last",
+                       "--out", out)
+    assert code == 0, err
+    plan = CompressionPlan.load(out / "plan.json")
+    assert plan.objective == "latency"
+    assert plan.options["latency_batch"] == 2 and plan.options["latency_slack"] == 0
+    assert plan.options["latency_channels_last"] is True
+    card = io.read_card(out)
+    assert card["compression"]["objective"] == "latency"
+    assert card["compression"]["latency_channels_last"] is True
+    assert (tmp_path / "cache" / "latency.json").is_file()
+    loaded, _ = resolve_model(str(out))
+    for entry in plan.compressed_layers:  # the timed paths come back pinned
+        assert loaded.get_submodule(entry.name).order == entry.order
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency-slack", "-1"], "--latency-slack"),
+    (["--latency-slack", "x"], "--latency-slack"),
+    (["--objective", "speed"], "--objective"),
+])
+def test_compress_rejects_latency_options(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "resnet32_fashion_mnist", "--ratio", "2", "--out", str(tmp_path / "o"),
+              *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compress_latency_options_need_the_latency_objective(capsys, tmp_path):
+    code, _, err = run(capsys, "compress", "resnet32_fashion_mnist", "--ratio", 2,
+                       "--channels-last", "--out", tmp_path / "o")
+    assert code == 2 and "--objective latency" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_compress_refuses_to_overwrite(capsys, workspace, compressed):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 from datetime import UTC, datetime
@@ -21,6 +22,16 @@ log = logging.getLogger("gkpd")
 
 # card keys that describe the dense architecture and its data; carried from teacher to student
 CARRIED_KEYS = ("architecture", "model_kwargs", "dataset", "normalization", "input_size")
+
+
+def _slack(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _ratio(text: str) -> float:
@@ -113,6 +124,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         options["include"] = args.include
     if args.exclude:
         options["exclude"] = args.exclude
+    if args.objective == "latency":
+        options.update(objective="latency", latency_batch=args.latency_batch,
+                       latency_channels_last=args.channels_last)
+        if args.latency_slack is not None:
+            options["latency_slack"] = args.latency_slack
+    elif args.latency_batch is not None or args.latency_slack is not None or args.channels_last:
+        raise CliError("--latency-batch, --latency-slack and --channels-last need "
+                       "--objective latency")
     log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
     compressed, plan = compress(model, x, **options)
     source = _model_dir(args.model)
@@ -130,6 +149,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "layers": len(plan.layers),
         "include": args.include or [],
         "exclude": args.exclude or [],
+        "objective": plan.objective,
+        **{k: v for k, v in plan.options.items() if k.startswith("latency_")},
     }
     new_card["teacher"] = {
         "model": str(source) if source is not None else args.model,
@@ -339,6 +360,20 @@ def add_parsers(sub) -> None:
         default=None,
         help="keep these layers dense: module type, name, or re:REGEX; repeatable",
     )
+    p.add_argument(
+        "--objective",
+        choices=["error", "latency"],
+        default="error",
+        help="error: the most accurate configuration per layer; latency (gkpd only): time "
+        "the configurations on this machine and keep the fastest within --latency-slack",
+    )
+    p.add_argument("--latency-batch", type=_positive_int, default=None,
+                   help="batch size to time at (default: 1)")
+    p.add_argument("--latency-slack", type=_slack, default=None,
+                   help="accept configurations whose error is up to 1+SLACK times the most "
+                   "accurate one's (default: 0.1)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="time on channels_last inputs, for a model run in that memory format")
     p.add_argument("--out", required=True, help="directory for the compressed model")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
