@@ -5,18 +5,25 @@ Every variant of one batch size and backend is timed round by round in the same 
 (``time_interleaved``), so the machine's load hits all alike; the table reports each one's
 median and its speed-up over the dense model on the same backend. Backends: ``eager``,
 ``compile`` (``torch.compile``, inductor) and ``onnxruntime`` (through :func:`gkpd.export.to_onnx`).
-Peak memory is the growth of a fresh process's peak resident set over one forward pass.
+Peak memory is the growth of a fresh process's peak resident set from loading the model to the
+end of one forward pass (:func:`peak_memory_mb`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
+import math
 import multiprocessing
-import resource
+import numbers
+import os
+import pickle
+import queue as queue_module
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,38 +36,84 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 PEERS = ("cp", "tucker", "tt")
+OBJECTIVES = ("error", "latency")
 RESULTS_JSON = "speed.json"
 RESULTS_MD = "speed.md"
 
 
 @dataclass
 class SpeedConfig:
+    """What ``gkpd bench speed`` measures. ``graph_ratios`` / ``peer_ratios``: the ratios (of
+    ``ratios``) whose variants also run compiled and in onnxruntime / get TensorLy-Torch peers;
+    ``None``: all of ``ratios``. ``threads``: torch (and onnxruntime) threads while timing
+    (``None``: torch's setting). ``objectives``: the GKPD plans, for the smallest error and/or
+    (one per batch size) for latency, which times every layer's options on this machine (for
+    ResNet-50 at 224x224 that takes long; a cache keeps the timings). ``latency_cache``: that
+    cache's file (``"default"``, a path, or ``None`` for none)."""
+
     ratios: tuple[float, ...] = (2.0, 5.0, 10.0)
     batches: tuple[int, ...] = (1, 64)
+    objectives: tuple[str, ...] = OBJECTIVES
     backends: tuple[str, ...] = BACKENDS
     # compile and onnxruntime only for the variants at these ratios (compiling is slow)
-    graph_ratios: tuple[float, ...] = (5.0,)
+    graph_ratios: tuple[float, ...] | None = (5.0,)
     peers: tuple[str, ...] = PEERS
-    peer_ratios: tuple[float, ...] = (5.0,)
+    peer_ratios: tuple[float, ...] | None = (5.0,)
     rounds: int = 15
     threads: int | None = None
     memory: bool = True
-    latency_cache: str | None = "default"
+    latency_cache: str | Path | None = "default"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("backends", "peers"):
-            known = BACKENDS if name == "backends" else PEERS
-            bad = [v for v in getattr(self, name) if v not in known]
-            if bad:
-                raise ValueError(f"{name}: unknown {bad}; expected some of {list(known)}")
-        for name in ("ratios", "graph_ratios", "peer_ratios"):
-            if any(not r > 1 for r in getattr(self, name)):
-                raise ValueError(f"{name} must all be > 1, got {getattr(self, name)}")
-        if not self.batches or any(isinstance(b, bool) or b < 1 for b in self.batches):
-            raise ValueError(f"batches must be positive ints, got {self.batches}")
-        if self.rounds < 3:
-            raise ValueError(f"rounds must be >= 3, got {self.rounds}")
+        """Raise ``ValueError`` naming the first bad field."""
+        ratio_ok = lambda r: _is_real(r) and r > 1  # noqa: E731
+        self._check("backends", lambda b: b in BACKENDS, f"some of {list(BACKENDS)}", empty=False)
+        self._check("peers", lambda p: p in PEERS, f"some of {list(PEERS)}")
+        self._check("objectives", lambda o: o in OBJECTIVES, f"some of {list(OBJECTIVES)}",
+                    empty=False)
+        self._check("ratios", ratio_ok, "numbers > 1", empty=False)
+        self._check("batches", _is_positive_int, "positive ints", empty=False)
+        graph = any(b != "eager" for b in self.backends)
+        for name, used in (("graph_ratios", graph), ("peer_ratios", bool(self.peers))):
+            if used and getattr(self, name) is not None:
+                self._check(name, lambda r: ratio_ok(r) and r in self.ratios,
+                            f"numbers among ratios {list(self.ratios)}")
+        if not _is_positive_int(self.rounds) or self.rounds < 3:
+            raise ValueError(f"rounds must be an int >= 3, got {self.rounds!r}")
+        if self.threads is not None and not _is_positive_int(self.threads):
+            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if not isinstance(self.memory, bool):
+            raise ValueError(f"memory must be a bool, got {self.memory!r}")
+        if self.latency_cache is not None and not isinstance(self.latency_cache, str | Path):
+            raise ValueError(
+                f"latency_cache must be 'default', a path or None, got {self.latency_cache!r}"
+            )
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+    def _check(self, name: str, ok: Callable[[Any], bool], expected: str,
+               empty: bool = True) -> None:
+        values = getattr(self, name)
+        if (isinstance(values, str) or not isinstance(values, Sequence)
+                or not all(ok(v) for v in values) or len(set(values)) != len(values)
+                or not (values or empty)):
+            raise ValueError(f"{name} must be a{'' if empty else ' non-empty'} sequence of "
+                             f"{expected} without duplicates, got {values!r}")
+
+    def graph_at(self, ratio: float) -> bool:
+        return self.graph_ratios is None or ratio in self.graph_ratios
+
+    def peers_at(self, ratio: float) -> bool:
+        return self.peer_ratios is None or ratio in self.peer_ratios
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -78,10 +131,24 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tltorch_peer(model: nn.Module, plan, factorization: str) -> nn.Module:
-    """``model`` with every layer the GKPD ``plan`` compressed (convolutions) replaced by
-    TensorLy-Torch's ``FactorizedConv`` of the same layer ratio (``rank`` as a fraction of the
-    layer's parameters), decomposed from the trained weights, run factorized."""
+def tltorch_peer(model: nn.Module, plan, factorization: str, *,
+                 decompose: bool = True) -> nn.Module:
+    """A copy of ``model`` with every 2-d convolution the GKPD ``plan`` compressed replaced by
+    TensorLy-Torch's ``FactorizedConv`` (``factorization`` cp, tucker — Tucker-2, spatial modes
+    kept whole — or tt), run factorized, with the parameter count closest to the GKPD layer's
+    (the rank is searched per layer). With ``decompose`` the factors are decomposed from the
+    layer's weights (a CP decomposition of a large layer takes minutes); without, they are
+    random, scaled to the layer's weight norm, and time the same. Compressed layers
+    TensorLy-Torch cannot take (linear, grouped, non-2-d, non-square strides, string
+    paddings, non-zero padding modes) stay dense; the benchmark's notes count them."""
+    return _tltorch_peer(model, plan, factorization, decompose)[0]
+
+
+def _tltorch_peer(model: nn.Module, plan, factorization: str,
+                  decompose: bool) -> tuple[nn.Module, int]:
+    """:func:`tltorch_peer` and the number of compressed layers it left dense."""
+    if factorization not in PEERS:
+        raise ValueError(f"factorization must be one of {list(PEERS)}, got {factorization!r}")
     try:
         import tltorch
     except ImportError as error:
@@ -91,21 +158,96 @@ def tltorch_peer(model: nn.Module, plan, factorization: str) -> nn.Module:
     from gkpd.apply import _set_submodule
 
     peer = copy.deepcopy(model)
+    skipped = 0
     for entry in plan.compressed_layers:
         conv = peer.get_submodule(entry.name)
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        if not _tltorch_can_take(conv):
+            skipped += 1
             continue
-        fraction = (entry.params - (conv.bias.numel() if conv.bias is not None else 0)) / (
-            conv.weight.numel()
-        )
-        layer = tltorch.FactorizedConv.from_conv(
-            conv, rank=fraction, factorization=factorization, implementation="factorized",
-        )
+        bias = conv.bias.numel() if conv.bias is not None else 0
+        rank = _peer_rank(tltorch, conv, entry.params - bias, factorization, decompose)
+        with warnings.catch_warnings():  # tensorly: "n_eigenvecs ... larger than ..."
+            warnings.filterwarnings("ignore", message=".*n_eigenvecs", category=UserWarning)
+            layer = tltorch.FactorizedConv.from_conv(
+                conv, rank=rank, factorization=factorization, implementation="factorized",
+                decompose_weights=decompose,
+            )
+        if not decompose:
+            _match_scale(layer, conv)
         _set_submodule(peer, entry.name, layer)
-    return peer.eval()
+    return peer.eval(), skipped
+
+
+@torch.no_grad()
+def _match_scale(layer: nn.Module, conv: nn.Conv2d) -> None:
+    """Give the randomly initialized ``layer`` the dense layer's bias and weight norm, so its
+    activations are on the model's scale (tiny ones could turn subnormal, and slow)."""
+    if conv.bias is not None:
+        layer.bias.copy_(conv.bias)
+    # the weight is multilinear in its parameters: scaling one of them scales it
+    norm = layer.weight.to_tensor().norm()
+    if norm > 0:
+        next(layer.weight.parameters()).mul_(conv.weight.norm() / norm)
+
+
+def _tltorch_can_take(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d) and module.groups == 1
+        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        and len(set(module.stride)) == 1
+    )
+
+
+def _peer_rank(tltorch, conv: nn.Conv2d, target: int, factorization: str,
+               decompose: bool) -> float | tuple[int, ...]:
+    """The rank whose factorized weight has the parameter count closest to ``target``.
+    Tucker: Tucker-2 (full spatial ranks), over the integer channel ranks; CP and TT: a fraction
+    of the weight's size, as TensorLy-Torch takes it, by bisection."""
+    out_channels, in_channels, *kernel = conv.weight.shape
+    if factorization == "tucker":
+        spatial, volume = sum(k * k for k in kernel), math.prod(kernel)
+        options = []
+        for r_out in range(1, out_channels + 1):
+            ideal = (target - out_channels * r_out - spatial) / (in_channels + r_out * volume)
+            for r_in in {max(1, min(in_channels, int(ideal) + d)) for d in (0, 1)}:
+                size = out_channels * r_out + in_channels * r_in + r_out * r_in * volume + spatial
+                balance = abs(r_out / out_channels - r_in / in_channels)
+                options.append((abs(size - target), balance, r_out, r_in))
+        # the ranks nearest the channels' proportion within 3% of the size, else the closest
+        near = [(b, d, r, q) for d, b, r, q in options if d <= 0.03 * target]
+        _, _, r_out, r_in = min(near) if near else min(options)
+        return (r_out, r_in, *kernel)
+
+    def size(fraction: float) -> int:
+        weight = tltorch.FactorizedConv(
+            in_channels, out_channels, conv.kernel_size, factorization=factorization,
+            rank=fraction, implementation="factorized",
+        ).weight
+        if factorization != "tt" or not decompose:
+            return sum(p.numel() for p in weight.parameters())
+        # TT-SVD caps each rank at its unfolding's smaller side
+        shape, ranks = list(weight.shape), [1]
+        for k, wanted in enumerate(weight.rank[1:-1], start=1):
+            ranks.append(min(wanted, ranks[-1] * shape[k - 1], math.prod(shape[k:])))
+        ranks.append(1)
+        return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(shape))
+
+    low, high = 1e-4, 1.0
+    while size(high) < target and high < 64:
+        high *= 2
+    for _ in range(30):
+        middle = (low + high) / 2
+        if size(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda f: abs(size(f) - target))
 
 
 def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig) -> list[Variant]:
+    """Dense, GKPD (the error plan, and a latency plan per batch size, as ``objectives`` say)
+    and the TensorLy-Torch peers (sized by the error plan) at every ratio of ``config``;
+    ``model`` is put in eval mode, the others are copies."""
     from gkpd.apply import apply_
     from gkpd.plan import plan as make_plan
 
@@ -113,12 +255,15 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     dense = _params(model)
     variants = [Variant("dense", model, dense, 1.0, graph=True)]
     for ratio in config.ratios:
-        graph = ratio in config.graph_ratios
-        error_plan = make_plan(model, example[:1], ratio=ratio)
-        compressed = apply_(copy.deepcopy(model), error_plan).eval()
-        variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
-                                dense / _params(compressed), graph=graph))
-        for batch in config.batches:
+        graph = config.graph_at(ratio)
+        peers = config.peers if config.peers_at(ratio) else ()
+        if "error" in config.objectives or peers:
+            error_plan = make_plan(model, example[:1], ratio=ratio)
+        if "error" in config.objectives:
+            compressed = apply_(copy.deepcopy(model), error_plan).eval()
+            variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
+                                    dense / _params(compressed), graph=graph))
+        for batch in config.batches if "latency" in config.objectives else ():
             started = time.perf_counter()
             latency_plan = make_plan(
                 model, example[:1], ratio=ratio, objective="latency", latency_batch=batch,
@@ -132,11 +277,13 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 dense / _params(fast), batch=batch, graph=graph,
                 notes=f"planned in {time.perf_counter() - started:.1f} s; layers by path: {paths}",
             ))
-        if ratio in config.peer_ratios:
-            for factorization in config.peers:
-                peer = tltorch_peer(model, error_plan, factorization)
-                variants.append(Variant(f"tltorch {factorization} {ratio:g}x", peer,
-                                        _params(peer), dense / _params(peer), graph=graph))
+        for factorization in peers:
+            peer, skipped = _tltorch_peer(model, error_plan, factorization, False)
+            notes = "random factors in the decomposition's shapes (they time the same)"
+            if skipped:
+                notes += f"; {skipped} compressed layer(s) TensorLy-Torch cannot take left dense"
+            variants.append(Variant(f"tltorch {factorization} {ratio:g}x", peer, _params(peer),
+                                    dense / _params(peer), graph=graph, notes=notes))
     return variants
 
 
@@ -146,7 +293,7 @@ def _onnx_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str,
 
     from gkpd.export import to_onnx
 
-    path = to_onnx(model, x, folder / f"{len(list(folder.iterdir()))}.onnx", verify=True)
+    path = to_onnx(model, x, folder / f"{len(list(folder.glob('*.onnx')))}.onnx", verify=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -157,78 +304,164 @@ def _onnx_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str,
     return lambda: session.run(None, feed)
 
 
-def _peak_memory_child(model: nn.Module, x: torch.Tensor, queue) -> None:
-    torch.set_num_threads(1)
-    with open("/proc/self/statm") as f:
-        start_kb = int(f.read().split()[1]) * resource.getpagesize() // 1024
-    with torch.inference_mode():
-        model(x)
-    queue.put(max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kb))
+def _status_kb(field_name: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style line of ``/proc/self/status``, in kB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field_name}")
 
 
-def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float | None:
-    """MB a fresh process's peak resident set grows by over one forward of ``model`` on ``x``
-    (weights included once they are touched; ``None`` where it cannot be measured)."""
+def _peak_memory_child(connection, shape: tuple[int, ...], dtype: torch.dtype, queue) -> None:
+    # ru_maxrss is no use here: a spawned process inherits the peak of the process it was
+    # forked from (the whole benchmark). VmHWM is this process's own; writing 5 to clear_refs
+    # resets it to the current resident set (Linux >= 4.0).
+    try:
+        torch.set_num_threads(1)
+        blob = connection.recv_bytes()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, dtype=dtype, generator=generator)
+        # a first copy, run at batches 1 and 2 and kept, takes the code and torch's one-time
+        # set-up (several MB, more on the first batch > 1); the copy measured then finds
+        # little freed memory to reuse
+        warm = pickle.loads(blob)
+        with torch.no_grad():
+            warm(x[:1].clone())
+            warm(x[:2].clone())
+        start = _status_kb("VmRSS")
+        model = pickle.loads(blob)
+        with open("/proc/self/clear_refs", "w") as f:  # the pickle's transient copies: out
+            f.write("5")
+        peak = _status_kb("VmHWM")
+        with torch.no_grad():
+            model(x)
+        queue.put(("ok", max(0, _status_kb("VmHWM") - start), max(0, peak - start)))
+    except BaseException as error:  # noqa: BLE001 — reported to the parent
+        queue.put(("error", f"{type(error).__name__}: {error}", None))
+
+
+_MALLOC_KNOB = "MALLOC_MMAP_THRESHOLD_"
+
+
+def peak_memory_mb(model: nn.Module, x: torch.Tensor, timeout: float = 300) -> float | None:
+    """MB a fresh process's peak resident set grows by from before ``model`` is loaded to
+    the end of one forward on an input like ``x``: the weights, the input, activations,
+    workspaces and anything built on the first call (e.g. a reconstructed weight). Linux only;
+    ``None`` where it cannot be measured (a warning says why).
+
+    The process is started with ``spawn``, which imports the caller's ``__main__`` again: a
+    script calling this needs the ``if __name__ == "__main__":`` guard."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_memory_child, args=(model, x, queue))
-    child.start()
-    child.join(300)
-    if child.exitcode != 0:
-        log.warning("peak memory: the measuring process failed (exit %s)", child.exitcode)
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_peak_memory_child, daemon=True,
+                            args=(receiver, tuple(x.shape), x.dtype, queue))
+    # glibc: blocks of 64 kB and up are mapped and unmapped on their own, so the resident set
+    # follows the live memory instead of what malloc keeps (runs agree to a few percent)
+    previous = os.environ.get(_MALLOC_KNOB)
+    os.environ[_MALLOC_KNOB] = "65536"
+    try:
+        child.start()
+    finally:
+        if previous is None:
+            del os.environ[_MALLOC_KNOB]
+        else:
+            os.environ[_MALLOC_KNOB] = previous
+    receiver.close()
+    try:
+        sender.send_bytes(pickle.dumps(model))
+        status, value, _ = queue.get(timeout=timeout)
+    except (OSError, queue_module.Empty) as error:
+        status, value = "error", f"{type(error).__name__} {error} (exit code {child.exitcode})"
+    finally:
+        sender.close()
+        child.join(10)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    if status != "ok":
+        log.warning("peak memory: the measuring process failed: %s", value)
         return None
-    return queue.get() / 1024
+    return value / 1024
+
+
+def _require(module: str, why: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{why} needs {module}: pip install {install}")
 
 
 def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedConfig,
               out: str | Path | None = None) -> dict[str, Any]:
-    """Build every variant, time it, and write ``speed.json``/``speed.md`` under ``out``."""
+    """Build every variant, time it, and write ``speed.json``/``speed.md`` under ``out``.
+
+    ``example_input``: one input (batch first; its batch size does not matter). Torch's
+    thread count is set to ``config.threads`` for the run and restored after."""
     from gkpd.plan.latency import time_interleaved
 
     config.validate()
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise TypeError(f"example_input must be a tensor (N, C, ...), got "
+                        f"{type(example_input).__name__} {getattr(example_input, 'shape', '')}")
+    if "onnxruntime" in config.backends:
+        _require("onnxruntime", "backend 'onnxruntime'", "onnxruntime onnx onnxscript")
+    if config.peers and (config.peer_ratios is None or config.peer_ratios):
+        _require("tltorch", f"peers {list(config.peers)}", "tensorly-torch")
+    previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    threads = torch.get_num_threads()
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError("example_input must be a tensor (N, C, ...)")
-    variants = build_variants(model, example_input, config)
-    rows = {v.name: {"params": v.params, "ratio": round(v.ratio, 3), "notes": v.notes,
-                     "times_ms": {}} for v in variants}
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        for batch in config.batches:
-            x = torch.randn(batch, *example_input.shape[1:])
-            for backend in config.backends:
-                chosen = [v for v in variants if (backend == "eager" or v.graph)
-                          and v.batch in (None, batch)]
-                calls = {}
-                for v in chosen:
-                    try:
-                        calls[v.name] = _call(v.model, x, backend, Path(tmp), v.name, threads)
-                    except Exception as error:  # noqa: BLE001 — recorded, the others go on
-                        log.warning("%s on %s: %s", v.name, backend, error)
-                        rows[v.name]["times_ms"][f"{backend}@b{batch}"] = f"failed: {error}"[:200]
-                log.info("timing %d variants, batch %d, %s", len(calls), batch, backend)
-                times = time_interleaved(calls, rounds=config.rounds, warmup=3)
-                dense = times.get("dense")
-                for name, seconds in times.items():
-                    rows[name]["times_ms"][f"{backend}@b{batch}"] = {
-                        "ms": round(seconds * 1e3, 4),
-                        "speedup": round(dense / seconds, 3) if dense else None,
-                    }
+    try:
+        threads = torch.get_num_threads()
+        variants = build_variants(model, example_input, config)
+        rows = {v.name: {"params": v.params, "ratio": round(v.ratio, 3), "notes": v.notes,
+                         "times_ms": {}} for v in variants}
+        generator = torch.Generator().manual_seed(0)
+        shape = tuple(example_input.shape[1:])
+        with tempfile.TemporaryDirectory() as tmp:
+            for batch in config.batches:
+                x = torch.randn(batch, *shape, generator=generator, dtype=example_input.dtype)
+                for backend in config.backends:
+                    chosen = [v for v in variants if (backend == "eager" or v.graph)
+                              and v.batch in (None, batch)]
+                    calls = {}
+                    for v in chosen:
+                        key = f"{backend}@b{batch}"
+                        try:
+                            calls[v.name] = _call(v.model, x, backend, Path(tmp), v.name, threads)
+                        except Exception as error:  # noqa: BLE001 — recorded, the others go on
+                            log.warning("%s on %s: %s", v.name, backend, error)
+                            rows[v.name]["times_ms"][key] = f"failed: {error}"[:200]
+                    log.info("timing %d variants, batch %d, %s", len(calls), batch, backend)
+                    times = time_interleaved(calls, rounds=config.rounds, warmup=3)
+                    dense = times.get("dense")
+                    for name, seconds in times.items():
+                        rows[name]["times_ms"][f"{backend}@b{batch}"] = {
+                            "ms": float(f"{seconds * 1e3:.4g}"),
+                            "speedup": 1.0 if name == "dense" else
+                            (round(dense / seconds, 3) if dense else None),
+                        }
+        memory_batch = max(config.batches) if config.memory else None
         if config.memory:
-            batch = max(config.batches)
-            x = torch.randn(batch, *example_input.shape[1:])
+            x = torch.randn(memory_batch, *shape, generator=generator, dtype=example_input.dtype)
             for v in variants:
-                if v.batch in (None, batch):
-                    rows[v.name]["peak_memory_mb"] = peak_memory_mb(v.model, x)
+                if v.batch in (None, memory_batch):
+                    log.info("peak memory: %s, batch %d", v.name, memory_batch)
+                    peak = peak_memory_mb(v.model, x)
+                    rows[v.name]["peak_memory_mb"] = None if peak is None else round(peak, 3)
+    finally:
+        torch.set_num_threads(previous_threads)
+    config_dict = {k: v for k, v in asdict(config).items() if k != "extra"}
+    config_dict["latency_cache"] = (None if config.latency_cache is None
+                                    else str(config.latency_cache))
     result = {
-        "config": {k: v for k, v in asdict(config).items() if k != "extra"} | config.extra,
+        "config": config_dict | config.extra,
         "device": _describe_machine(threads),
         "torch": torch.__version__,
-        "input_shape": list(example_input.shape[1:]),
+        "input_shape": list(shape),
+        "memory_batch": memory_batch,
         "variants": rows,
     }
+    result = json.loads(json.dumps(result))  # as speed.json has it (lists, not tuples)
     if out is not None:
         write_results(Path(out), result)
     return result
@@ -256,30 +489,37 @@ def _describe_machine(threads: int) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    keys = list(dict.fromkeys(k for row in result["variants"].values() for k in row["times_ms"]))
-    header = ["variant", "params", "ratio", *[f"{k} ms (×dense)" for k in keys], "peak MB"]
+    """The markdown of ``speed.md``: one row per variant, one column per backend and batch."""
+    variants = result["variants"]
+    keys = list(dict.fromkeys(k for row in variants.values() for k in row["times_ms"]))
+    memory = result.get("memory_batch") is not None
+    header = ["variant", "params", "ratio", *[f"{k} ms (×dense)" for k in keys]]
+    header += [f"peak MB @b{result['memory_batch']}"] if memory else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, row in result["variants"].items():
+    for name, row in variants.items():
         cells = [name, f"{row['params']:,}", f"{row['ratio']:.2f}"]
         for k in keys:
             t = row["times_ms"].get(k)
             if isinstance(t, dict):
-                cells.append(f"{t['ms']:.2f} ({t['speedup']:.2f}×)" if t["speedup"] else
-                             f"{t['ms']:.2f}")
+                cells.append(f"{t['ms']:.3g} ({t['speedup']:.2f}×)" if t["speedup"] else
+                             f"{t['ms']:.3g}")
             else:
                 cells.append("–" if t is None else "failed")
-        memory = row.get("peak_memory_mb")
-        cells.append("–" if memory is None else f"{memory:.0f}")
+        if memory:
+            peak = row.get("peak_memory_mb")
+            cells.append("–" if peak is None else f"{peak:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {name}: {row['notes']}" for name, row in result["variants"].items()
-             if row["notes"]]
-    failures = [f"- {name} {k}: {t}" for name, row in result["variants"].items()
+    notes = [f"- {name}: {row['notes']}" for name, row in variants.items() if row["notes"]]
+    failures = [f"- {name} {k}: {t}" for name, row in variants.items()
                 for k, t in row["times_ms"].items() if isinstance(t, str)]
     head = (f"Input {tuple(result['input_shape'])}, {result['device']}, torch "
             f"{result['torch']}; median of {result['config']['rounds']} interleaved rounds; "
             "×dense: the dense model's time on the same backend and batch divided by the "
             "variant's (above 1: faster).")
-    return "\n".join([head, "", *lines, "", *notes, *failures]) + "\n"
+    if memory:
+        head += (" Peak MB: growth of a fresh process's peak resident set from loading the "
+                 "model to the end of one eager forward pass (weights, activations, workspaces).")
+    return "\n".join([head, "", *lines, "", *notes, *failures]).rstrip("\n") + "\n"
 
 
 def write_results(out: Path, result: dict[str, Any]) -> None:
@@ -296,5 +536,5 @@ def variants_at(result: dict[str, Any], key: str) -> dict[str, float]:
             if isinstance(r["times_ms"].get(key), dict)}
 
 
-__all__: Sequence[str] = ["SpeedConfig", "run_speed", "tltorch_peer", "format_table",
-                          "variants_at"]
+__all__: Sequence[str] = ["SpeedConfig", "build_variants", "run_speed", "tltorch_peer",
+                          "peak_memory_mb", "format_table", "write_results", "variants_at"]
