@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 import gkpd
 from gkpd.plan import latency
 from gkpd.plan.candidates import Candidates
-from gkpd.plan.latency import LatencyCache, LayerTimer, fastest_within_budget
+from gkpd.plan.latency import LatencyCache, LayerTimer, Option, fastest_within_budget
 
 
 class _Ctx:
@@ -152,6 +153,28 @@ def test_latency_plan_runs_what_it_timed(tmp_path, channels_last):
     # convolutions are timed in the layout asked for; a linear layer has no such layout
     for key in saved["entries"]:
         assert ("channels_last" in key) is (channels_last and "Conv2d" in key), key
+
+
+def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
+    class Counting(nn.Module):
+        def __init__(self, delay):
+            super().__init__()
+            self.delay, self.calls = delay, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.delay)
+            return x
+
+    modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
+    monkeypatch.setattr(latency, "_runnable", lambda module, option: modules[option.order])
+    timer = LayerTimer(2, LatencyCache(None))
+    config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
+    options = [Option(config, order) for order in modules]
+    times = timer.times(nn.Conv2d(4, 4, 3), (1, 4, 8, 8), options)
+    assert modules["a_first"].calls == 2  # a warm-up call and one timed call
+    assert modules["b_first"].calls == modules["weight"].calls > 2
+    assert times[options[1]] >= 0.02 and timer.measured == 3
 
 
 def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
