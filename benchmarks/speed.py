@@ -9,7 +9,8 @@ usage:
 Default run (the recorded one): resnet32_fashion_mnist at 2x, 5x and 10x, batches 1 and 64;
 GKPD planned for the smallest error and, per batch, for latency; eager for every variant,
 torch.compile and onnxruntime for dense and the 5x variants; TensorLy-Torch CP, Tucker and TT
-at 5x; one torch thread. Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
+at 5x; two torch threads (this machine's cores). The latency plans accept 1.3x the smallest
+error per layer and are timed and run in channels_last (beside the dense model in both layouts). Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
 
 Any other MODEL (a gkpd.models architecture such as resnet50, which has torchvision's
 ResNet-50 layout, with random weights; or a trained model directory) needs --input-size unless
@@ -34,7 +35,9 @@ FASHION_MNIST = {
     "graph_ratios": "5",
     "peer_ratios": "5",
     "batches": "1,64",
-    "threads": "1",
+    "threads": "2",
+    "latency_slacks": "0.3",
+    "layouts": "channels_last",
 }
 
 
@@ -66,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--latency-cache", default=None,
                         help="latency planner's cache file, or none")
+    parser.add_argument("--latency-slacks", default=None,
+                        help="error slacks of the latency plans (default 0.1)")
+    parser.add_argument("--layouts", default=None,
+                        help="of contiguous,channels_last (default: contiguous)")
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("--dry-run", action="store_true", help="print the command only")
     return parser.parse_args(argv)
@@ -88,6 +95,9 @@ def command(args: argparse.Namespace) -> list[str]:
         ("--graph-ratios", graph_ratios), ("--peers", args.peers),
         ("--peer-ratios", peer_ratios), ("--rounds", args.rounds),
         ("--latency-cache", args.latency_cache),
+        ("--latency-slacks", args.latency_slacks
+         or (FASHION_MNIST["latency_slacks"] if default_run else None)),
+        ("--layouts", args.layouts or (FASHION_MNIST["layouts"] if default_run else None)),
     ):
         if value is not None:
             line += [option, value]

@@ -94,6 +94,21 @@ def _rounds(text: str) -> int:
     return value
 
 
+def _slacks(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = float("nan")
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers >= 0, got {text!r}"
+            )
+        values.append(value)
+    return values
+
+
 def _latency_cache(text: str) -> str | None:
     if text == "none":
         return None
@@ -336,6 +351,8 @@ def _cmd_speed(args: argparse.Namespace) -> int:
         threads=args.threads,
         memory=not args.no_memory,
         latency_cache=args.latency_cache,
+        latency_slacks=tuple(args.latency_slacks),
+        layouts=tuple(args.layouts),
         extra={"model": str(Path(args.model).resolve()) if Path(args.model).exists()
                else args.model},
     )
@@ -360,7 +377,7 @@ def _cmd_speed(args: argparse.Namespace) -> int:
 
 
 def _add_speed(bench) -> None:
-    from gkpd.bench.speed import BACKENDS, OBJECTIVES, PEERS
+    from gkpd.bench.speed import BACKENDS, LAYOUTS, OBJECTIVES, PEERS
 
     p = bench.add_parser(
         "speed",
@@ -414,6 +431,12 @@ def _add_speed(bench) -> None:
     p.add_argument("--latency-cache", type=_latency_cache, default="default", metavar="PATH",
                    help="latency planner's timing cache: a JSON file, 'default' "
                    "($GKPD_CACHE_DIR or ~/.cache/gkpd/latency.json) or 'none'")
+    p.add_argument("--latency-slacks", type=_slacks, default=[0.1],
+                   help="comma-separated error slacks of the latency plans, one plan each "
+                   "(default 0.1)")
+    p.add_argument("--layouts", type=_choices(LAYOUTS), default=["contiguous"],
+                   help="memory layouts the dense model and the latency plans run in, of "
+                   f"{','.join(LAYOUTS)} (default: contiguous)")
     p.add_argument("--out", required=True, help="directory for speed.md and speed.json")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=_cmd_speed)

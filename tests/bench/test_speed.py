@@ -222,6 +222,10 @@ def test_thread_count_is_restored():
         ({"threads": 0}, "threads"),
         ({"memory": "yes"}, "memory"),
         ({"latency_cache": 3}, "latency_cache"),
+        ({"latency_slacks": ()}, "latency_slacks"),
+        ({"latency_slacks": (-0.1,)}, "latency_slacks"),
+        ({"layouts": ("nhwc",)}, "layouts"),
+        ({"layouts": ()}, "layouts"),
     ],
 )
 def test_bad_config_names_the_field(changes, field):
@@ -242,6 +246,46 @@ def test_objectives_choose_the_gkpd_plans():
     ]
     assert only_latency[-1].params == only_error[-1].params
     assert [v.batch for v in only_latency] == [None, 1, 4, None]
+
+
+def test_latency_plans_per_slack_and_layout(tmp_path):
+    cfg = config(objectives=("latency",), batches=(4,), latency_slacks=(0.0, 0.5),
+                 layouts=("contiguous", "channels_last"))
+    result = run_speed(tiny_cnn(), torch.zeros(1, *INPUT), config=cfg, out=tmp_path)
+    names = list(result["variants"])
+    assert names == [
+        "dense", "dense [channels_last]",
+        "gkpd 2x (latency@b4, slack 0)", "gkpd 2x (latency@b4, slack 0) [channels_last]",
+        "gkpd 2x (latency@b4, slack 0.5)", "gkpd 2x (latency@b4, slack 0.5) [channels_last]",
+    ]
+    for name, row in result["variants"].items():
+        assert isinstance(row["times_ms"]["eager@b4"], dict), name
+    assert result["variants"]["dense [channels_last]"]["ratio"] == 1.0
+    variants = build_variants(tiny_cnn(), torch.zeros(1, *INPUT), cfg)
+    x = torch.randn(4, *INPUT)
+    dense = variants[0].model(x)
+    assert [v.channels_last for v in variants] == [False, True, False, True, False, True]
+    weight = variants[1].model[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(variants[1].model(x), dense)
+    for v in variants[2:]:
+        assert v.model(x.to(memory_format=torch.channels_last)).shape == dense.shape
+
+
+def test_cli_latency_slacks_and_layouts(saved_resnet, tmp_path, capsys):
+    argv = ["bench", "speed", str(saved_resnet), "--out", str(tmp_path), "--ratios", "2",
+            "--batches", "2", "--backends", "eager", "--peers", "none", "--rounds", "3",
+            "--objectives", "latency", "--latency-slacks", "0.2", "--layouts", "channels_last",
+            "--latency-cache", "none", "--no-memory", "--json"]
+    assert main(argv) == 0
+    variants = json.loads((tmp_path / "speed.json").read_text())["variants"]
+    assert list(variants) == ["dense", "dense [channels_last]",
+                              "gkpd 2x (latency@b2) [channels_last]"]
+    for bad, message in ((["--latency-slacks", "-1"], "argument --latency-slacks"),
+                         (["--layouts", "nhwc"], "argument --layouts")):
+        with pytest.raises(SystemExit):
+            main(["bench", "speed", str(saved_resnet), "--out", str(tmp_path), *bad])
+        assert message in capsys.readouterr().err
 
 
 def test_unused_ratio_subsets_are_not_checked():
@@ -393,6 +437,9 @@ def test_script_default_run_is_the_shipped_resnet32(script):
     assert option(step, "--out") == str(script.HERE / "speed_fashion_mnist")
     assert option(step, "--ratios") == "2,5,10" and option(step, "--batches") == "1,64"
     assert option(step, "--graph-ratios") == "5" and option(step, "--peer-ratios") == "5"
+    assert option(step, "--threads") == "2"  # this machine's two cores
+    assert option(step, "--layouts") == "channels_last"
+    assert option(step, "--latency-slacks") == "0.3"
     # the command it builds parses
     from gkpd.cli import build_parser
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("eager", "compile", "onnxruntime")
 PEERS = ("cp", "tucker", "tt")
 OBJECTIVES = ("error", "latency")
+LAYOUTS = ("contiguous", "channels_last")
 RESULTS_JSON = "speed.json"
 RESULTS_MD = "speed.md"
 
@@ -63,6 +64,12 @@ class SpeedConfig:
     threads: int | None = None
     memory: bool = True
     latency_cache: str | Path | None = "default"
+    # latency plans accept configurations up to 1 + slack times the smallest error; one plan
+    # per slack (and batch, and layout)
+    latency_slacks: tuple[float, ...] = (0.1,)
+    # "contiguous" (NCHW, as models come) and/or "channels_last": the dense model and the
+    # latency plans (timed in that layout) run in each; error plans and peers in NCHW
+    layouts: tuple[str, ...] = ("contiguous",)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -73,6 +80,9 @@ class SpeedConfig:
         self._check("objectives", lambda o: o in OBJECTIVES, f"some of {list(OBJECTIVES)}",
                     empty=False)
         self._check("ratios", ratio_ok, "numbers > 1", empty=False)
+        self._check("latency_slacks", lambda v: _is_real(v) and v >= 0, "numbers >= 0",
+                    empty=False)
+        self._check("layouts", lambda v: v in LAYOUTS, f"some of {list(LAYOUTS)}", empty=False)
         self._check("batches", _is_positive_int, "positive ints", empty=False)
         graph = any(b != "eager" for b in self.backends)
         for name, used in (("graph_ratios", graph), ("peer_ratios", bool(self.peers))):
@@ -125,6 +135,7 @@ class Variant:
     batch: int | None = None  # a latency plan is made for one batch size
     graph: bool = False  # also compiled / exported
     notes: str = ""
+    channels_last: bool = False  # model and inputs in torch.channels_last
 
 
 def _params(model: nn.Module) -> int:
@@ -254,6 +265,9 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     model = model.eval()
     dense = _params(model)
     variants = [Variant("dense", model, dense, 1.0, graph=True)]
+    if "channels_last" in config.layouts:
+        variants.append(Variant("dense [channels_last]", _channels_last(model), dense, 1.0,
+                                graph=True, channels_last=True))
     for ratio in config.ratios:
         graph = config.graph_at(ratio)
         peers = config.peers if config.peers_at(ratio) else ()
@@ -263,18 +277,28 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
             compressed = apply_(copy.deepcopy(model), error_plan).eval()
             variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
                                     dense / _params(compressed), graph=graph))
-        for batch in config.batches if "latency" in config.objectives else ():
+        latency = [(b, s, layout) for b in config.batches for s in config.latency_slacks
+                   for layout in config.layouts] if "latency" in config.objectives else []
+        for batch, slack, layout in latency:
             started = time.perf_counter()
+            channels_last = layout == "channels_last"
             latency_plan = make_plan(
                 model, example[:1], ratio=ratio, objective="latency", latency_batch=batch,
-                latency_cache=config.latency_cache,
+                latency_cache=config.latency_cache, latency_slack=slack,
+                latency_channels_last=channels_last,
             )
             fast = apply_(copy.deepcopy(model), latency_plan).eval()
+            if channels_last:
+                fast = _channels_last(fast)
             orders = [e.order for e in latency_plan.compressed_layers]
             paths = ", ".join(f"{o}: {orders.count(o)}" for o in sorted(set(orders)))
+            name = f"gkpd {ratio:g}x (latency@b{batch}"
+            if len(config.latency_slacks) > 1:
+                name += f", slack {slack:g}"
+            name += ")" + (" [channels_last]" if channels_last else "")
             variants.append(Variant(
-                f"gkpd {ratio:g}x (latency@b{batch})", fast, _params(fast),
-                dense / _params(fast), batch=batch, graph=graph,
+                name, fast, _params(fast), dense / _params(fast), batch=batch, graph=graph,
+                channels_last=channels_last,
                 notes=f"planned in {time.perf_counter() - started:.1f} s; layers by path: {paths}",
             ))
         for factorization in peers:
@@ -285,6 +309,14 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
             variants.append(Variant(f"tltorch {factorization} {ratio:g}x", peer, _params(peer),
                                     dense / _params(peer), graph=graph, notes=notes))
     return variants
+
+
+def _channels_last(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def _onnx_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str,
@@ -421,13 +453,16 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
             for batch in config.batches:
                 x = torch.randn(batch, *shape, generator=generator, dtype=example_input.dtype)
                 for backend in config.backends:
+                    # onnxruntime has its own layouts: the channels_last variants are torch's
                     chosen = [v for v in variants if (backend == "eager" or v.graph)
-                              and v.batch in (None, batch)]
+                              and v.batch in (None, batch)
+                              and not (v.channels_last and backend == "onnxruntime")]
                     calls = {}
                     for v in chosen:
                         key = f"{backend}@b{batch}"
                         try:
-                            calls[v.name] = _call(v.model, x, backend, Path(tmp), v.name, threads)
+                            calls[v.name] = _call(v.model, _layout(x, v.channels_last), backend,
+                                                  Path(tmp), v.name, threads)
                         except Exception as error:  # noqa: BLE001 — recorded, the others go on
                             log.warning("%s on %s: %s", v.name, backend, error)
                             rows[v.name]["times_ms"][key] = f"failed: {error}"[:200]
@@ -444,7 +479,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         if config.memory:
             x = torch.randn(memory_batch, *shape, generator=generator, dtype=example_input.dtype)
             for v in variants:
-                if v.batch in (None, memory_batch):
+                if v.batch in (None, memory_batch) and not v.channels_last:
                     log.info("peak memory: %s, batch %d", v.name, memory_batch)
                     peak = peak_memory_mb(v.model, x)
                     rows[v.name]["peak_memory_mb"] = None if peak is None else round(peak, 3)
