@@ -10,7 +10,8 @@ Default run (the recorded one): resnet32_fashion_mnist at 2x, 5x and 10x, batche
 GKPD planned for the smallest error and, per batch, for latency; eager for every variant,
 torch.compile and onnxruntime for dense and the 5x variants; TensorLy-Torch CP, Tucker and TT
 at 5x; two torch threads (this machine's cores). The latency plans accept 1.3x the smallest
-error per layer and are timed and run in channels_last (beside the dense model in both layouts). Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
+error per layer and are timed and run in channels_last (beside the dense model in both
+layouts). Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
 
 Any other MODEL (a gkpd.models architecture such as resnet50, which has torchvision's
 ResNet-50 layout, with random weights; or a trained model directory) needs --input-size unless

@@ -237,7 +237,8 @@ def fastest_within_budget(
 
     Options are the configurations (per factor shape, the largest rank no bigger than the
     pick: the best error that shape has there) in both stage orders and on the channel paths
-    their shapes allow, and the pick on the ``"weight"`` path (dense speed). Layers move greedily, largest time saving first.
+    their shapes allow, and the pick on the ``"weight"`` path (dense speed). Layers move
+    greedily, largest time saving first.
     ``tables`` are full candidate tables: a slightly worse but much faster configuration is
     off the Pareto front.
     """
