@@ -400,7 +400,7 @@ def test_cli_bad_arguments_exit_naming_them(saved_resnet, tmp_path, capsys, extr
     [
         (None, ["--ratios", "2", "--graph-ratios", "5"], "--graph-ratios: 5 not among --ratios"),
         (None, ["--ratios", "2", "--peer-ratios", "3"], "--peer-ratios: 3 not among --ratios"),
-        (None, ["--ratios", "2,2"], "--ratios must be"),
+        (None, ["--ratios", "2,2", "--peers", "none"], "--ratios must be"),
         (None, ["--input-size", "1,8,8"], "does not run on an input of shape (1, 8, 8)"),
         ("resnet50", [], "give its input with --input-size"),
         ("no_such_model", [], "neither an existing path"),
