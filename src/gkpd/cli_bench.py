@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from gkpd.cli import CliError, _common_args, _data_args, _emit, _positive_int, resolve_model
+from gkpd.cli_compress import _slack
 
 log = logging.getLogger("gkpd")
 
@@ -95,18 +96,7 @@ def _rounds(text: str) -> int:
 
 
 def _slacks(text: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            value = float("nan")
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated numbers >= 0, got {text!r}"
-            )
-        values.append(value)
-    return values
+    return [_slack(part) for part in text.split(",")]
 
 
 def _latency_cache(text: str) -> str | None:

@@ -170,7 +170,8 @@ class LayerTimer:
             if self._channels_last(input_shape):
                 layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
                 x = x.to(memory_format=layout)
-                layers = {o: copy.deepcopy(m).to(memory_format=layout)
+                # a copy of the caller's module only (the weight path); the others are new
+                layers = {o: (copy.deepcopy(m) if m is module else m).to(memory_format=layout)
                           for o, m in layers.items()}
             calls = {keys[o]: (lambda m=m: m(x)) for o, m in layers.items()}
             # one call each first: an option several times slower than the fastest cannot win
