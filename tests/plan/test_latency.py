@@ -19,8 +19,9 @@ from gkpd.plan.latency import LatencyCache, LayerTimer, Option, fastest_within_b
 class _Ctx:
     def __init__(self, name):
         self.name = name
-        self.module = nn.Linear(4, 4)  # the toy configurations below have no kernel dims
+        self.module = nn.Linear(4, 4)
         self.input_shape = (1, 4)
+        self.dense_macs = 10**6  # room for every path of the toy configurations
 
 
 class _FakeTimer(LayerTimer):
@@ -40,8 +41,8 @@ class _FakeTimer(LayerTimer):
 
 def _table():
     # three factor shapes; params/error of each configuration; index 0 is the error pick
-    configs = [((1,), (4,), 2, "a_first"), ((2,), (2,), 2, "a_first"), ((4,), (1,), 1, "a_first"),
-               ((2,), (2,), 1, "a_first")]
+    configs = [((1, 1), (4, 4), 2, "a_first"), ((2, 2), (2, 2), 2, "a_first"),
+               ((4, 4), (1, 1), 1, "a_first"), ((2, 2), (2, 2), 1, "a_first")]
     return Candidates(
         np.array([100, 98, 100, 60]), np.array([10, 10, 10, 6]),
         np.array([0.50, 0.54, 0.60, 0.58]), configs,
@@ -50,12 +51,12 @@ def _table():
 
 def test_fastest_within_error_slack_and_budget():
     table = _table()
-    slow = {"weight": 9.0, ((1,), 2, "a_first"): 5.0, ((1,), 2, "b_first"): 6.0,
-            ((2,), 2, "a_first"): 2.0, ((2,), 2, "b_first"): 3.0,
-            ((4,), 1, "a_first"): 1.0, ((4,), 1, "b_first"): 1.5}
+    slow = {"weight": 9.0, ((1, 1), 2, "a_first"): 5.0, ((1, 1), 2, "b_first"): 6.0,
+            ((2, 2), 2, "a_first"): 2.0, ((2, 2), 2, "b_first"): 3.0,
+            ((4, 4), 1, "a_first"): 1.0, ((4, 4), 1, "b_first"): 1.5}
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.1, fits=lambda extra: True)
-    # (4,) is fastest but 20% worse; (2,) rank 2 is within 10% and the largest rank of its shape
+    # (4, 4) is fastest but 20% worse; (2, 2) rank 2 is within 10%, the largest rank of its shape
     assert (timed.pick, timed.order, timed.seconds, timed.dense_seconds) == (1, "a_first", 2.0, 9.0)
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.25, fits=lambda extra: True)
@@ -91,10 +92,50 @@ def test_channel_paths_are_offered_where_the_factor_shapes_allow():
     assert not any(a == (4, 4, 3, 1) and order.endswith("channels") for a, order in offered)
 
 
+def test_paths_with_more_macs_than_dense_are_not_timed_but_the_picks_own_order_is():
+    from gkpd.layers.base import CHANNEL_PATHS
+    from gkpd.methods.gkpd import order_macs
+
+    ctx = _Ctx("conv")
+    ctx.module, ctx.input_shape = nn.Conv2d(16, 16, 1), (1, 16, 8, 8)
+    ctx.dense_macs = 16 * 16 * 8 * 8
+    # a_first with C1 = 1 folds all 16 input channels into the batch: 16x the dense MACs
+    configs = [((4, 1, 1, 1), (4, 16, 1, 1), 1, "b_first"),
+               ((2, 4, 1, 1), (8, 4, 1, 1), 4, "b_first"),
+               ((16, 1, 1, 1), (1, 16, 1, 1), 1, "a_first")]
+    table = Candidates(np.array([80, 80, 80]), np.array([1, 1, 1]), np.array([0.5, 0.5, 0.5]),
+                       configs)
+    offered = []
+
+    class Recording(_FakeTimer):
+        def times(self, module, input_shape, options):
+            offered.extend(options)
+            return super().times(module, input_shape, options)
+
+    for pick in (0, 2):
+        offered.clear()
+        fastest_within_budget([ctx], [table], [pick], timer=Recording({"weight": 1.0}),
+                              error_slack=0.0, fits=lambda extra: True)
+        left_out = 0
+        for j, (a, b, rank, order) in enumerate(configs):
+            macs = order_macs(ctx.module, ctx.input_shape, a, b, rank)
+            for path in latency._orders(ctx.module, configs[j]):
+                option = Option(configs[j], path)
+                own = j == pick and path == order
+                if macs[CHANNEL_PATHS.get(path, path)] <= ctx.dense_macs or own:
+                    assert option in offered, (j, path)
+                else:
+                    assert option not in offered, (j, path)
+                    left_out += 1
+        assert left_out >= 1
+    # the pick (16, 1, 1, 1) is itself above dense MACs in a_first and still timed there
+    assert order_macs(ctx.module, ctx.input_shape, *configs[2][:3])["a_first"] > ctx.dense_macs
+
+
 def test_weight_path_wins_when_factors_are_slower_than_dense():
     table = _table()
-    times = {"weight": 1.0, ((1,), 2, "a_first"): 5.0, ((1,), 2, "b_first"): 6.0,
-             ((2,), 2, "a_first"): 4.0, ((2,), 2, "b_first"): 3.0}
+    times = {"weight": 1.0, ((1, 1), 2, "a_first"): 5.0, ((1, 1), 2, "b_first"): 6.0,
+             ((2, 2), 2, "a_first"): 4.0, ((2, 2), 2, "b_first"): 3.0}
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(times),
                                     error_slack=0.1, fits=lambda extra: True)
     assert (timed.pick, timed.order, timed.seconds) == (0, "weight", 1.0)

@@ -84,24 +84,7 @@ class GKPD:
 
     def _rank_one_macs(self, ctx: LayerContext, a: tuple[int, ...], b: tuple[int, ...]):
         """``(order, MACs per unit of rank)`` for one sample at the planner's input size."""
-        module = ctx.module
-        if isinstance(module, nn.Linear):
-            rows = math.prod(ctx.input_shape[1:-1]) if len(ctx.input_shape) > 1 else 1
-            macs = kronecker_linear_order_macs(a, b, 1, batch=rows)
-        else:
-            n = len(module.kernel_size)
-            macs = kronecker_conv_order_macs(
-                ctx.input_shape[-n:],
-                a,
-                b,
-                1,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                batch=1,
-                padding_mode=module.padding_mode,
-            )
+        macs = order_macs(ctx.module, ctx.input_shape, a, b, 1)
         order = best_order(macs)
         return order, macs[order]
 
@@ -235,6 +218,24 @@ class GKPD:
             device=w.device,
             dtype=w.dtype,
         )
+
+
+def order_macs(
+    module: nn.Module, input_shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...],
+    rank: int,
+) -> dict[str, int]:
+    """MACs per stage order of the Kronecker layer (factor shapes ``a``, ``b``, ``rank``)
+    that would replace the conv/linear ``module``, for one sample of ``input_shape``
+    (batch dim first)."""
+    if isinstance(module, nn.Linear):
+        rows = math.prod(input_shape[1:-1]) if len(input_shape) > 1 else 1
+        return kronecker_linear_order_macs(a, b, rank, batch=rows)
+    n = len(module.kernel_size)
+    return kronecker_conv_order_macs(
+        input_shape[-n:], a, b, rank, stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=module.groups, batch=1,
+        padding_mode=module.padding_mode,
+    )
 
 
 def is_kronecker(module: nn.Module) -> bool:
