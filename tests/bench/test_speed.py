@@ -173,6 +173,19 @@ def test_onnxruntime_backend(tmp_path):
     assert result["variants"]["dense"]["times_ms"]["onnxruntime@b2"]["speedup"] == 1.0
 
 
+def test_onnxruntime_runs_channels_last_plans_but_not_dense_twice(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cfg = config(batches=(2,), backends=("eager", "onnxruntime"), objectives=("latency",),
+                 layouts=("channels_last",))
+    variants = run_speed(tiny_cnn(), torch.zeros(1, *INPUT), config=cfg)["variants"]
+    assert list(variants) == ["dense", "dense [channels_last]", "gkpd 2x (latency@b2)"
+                              " [channels_last]"]
+    # the exported graph has no layout: dense in channels_last is the dense model there
+    assert set(variants["dense [channels_last]"]["times_ms"]) == {"eager@b2"}
+    plan_times = variants["gkpd 2x (latency@b2) [channels_last]"]["times_ms"]
+    assert plan_times["onnxruntime@b2"]["ms"] > 0
+
+
 def test_compile_backend_only_for_graph_ratios(tmp_path):
     # graph_ratios=(): only the dense model is compiled (one small graph, a few seconds)
     result = run_speed(tiny_cnn(), torch.zeros(1, *INPUT), out=tmp_path,

@@ -136,6 +136,7 @@ class Variant:
     graph: bool = False  # also compiled / exported
     notes: str = ""
     channels_last: bool = False  # model and inputs in torch.channels_last
+    layout_only: bool = False  # differs from another variant only in memory layout
 
 
 def _params(model: nn.Module) -> int:
@@ -267,7 +268,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     variants = [Variant("dense", model, dense, 1.0, graph=True)]
     if "channels_last" in config.layouts:
         variants.append(Variant("dense [channels_last]", _channels_last(model), dense, 1.0,
-                                graph=True, channels_last=True))
+                                graph=True, channels_last=True, layout_only=True))
     for ratio in config.ratios:
         graph = config.graph_at(ratio)
         peers = config.peers if config.peers_at(ratio) else ()
@@ -453,16 +454,17 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
             for batch in config.batches:
                 x = torch.randn(batch, *shape, generator=generator, dtype=example_input.dtype)
                 for backend in config.backends:
-                    # onnxruntime has its own layouts: the channels_last variants are torch's
+                    # an ONNX graph has no memory layout: dense in channels_last would export
+                    # as dense; a plan timed in channels_last still runs its own paths
+                    onnx = backend == "onnxruntime"
                     chosen = [v for v in variants if (backend == "eager" or v.graph)
-                              and v.batch in (None, batch)
-                              and not (v.channels_last and backend == "onnxruntime")]
+                              and v.batch in (None, batch) and not (onnx and v.layout_only)]
                     calls = {}
                     for v in chosen:
                         key = f"{backend}@b{batch}"
                         try:
-                            calls[v.name] = _call(v.model, _layout(x, v.channels_last), backend,
-                                                  Path(tmp), v.name, threads)
+                            calls[v.name] = _call(v.model, _layout(x, v.channels_last and not onnx),
+                                                  backend, Path(tmp), v.name, threads)
                         except Exception as error:  # noqa: BLE001 — recorded, the others go on
                             log.warning("%s on %s: %s", v.name, backend, error)
                             rows[v.name]["times_ms"][key] = f"failed: {error}"[:200]
