@@ -218,6 +218,30 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
     assert times[options[1]] >= 0.02 and timer.measured == 3
 
 
+def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
+    counts = {"fast": 0, "slow": 0}
+
+    def fast():
+        counts["fast"] += 1
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.002)
+
+    latency.time_interleaved({"fast": fast}, rounds=3, warmup=1, min_seconds=0.01,
+                             max_rounds=50)
+    assert counts["fast"] == 1 + 50  # a no-op never reaches 10 ms: the cap holds
+    latency.time_interleaved({"slow": slow}, rounds=3, warmup=1, min_seconds=0.004)
+    assert counts["slow"] == 1 + 3  # 3 rounds of 2 ms already run 6 ms
+    counts["slow"] = 0
+    latency.time_interleaved({"slow": slow}, rounds=3, warmup=0, min_seconds=0.02)
+    # about 20 ms of calls of at least 2 ms (more than 3 unless the sleeps overrun 2.5x)
+    assert 4 <= counts["slow"] <= 10
+    counts["fast"] = 0
+    latency.time_interleaved({"fast": fast}, rounds=3, warmup=0)
+    assert counts["fast"] == 3  # no min_seconds: the rounds asked for
+
+
 def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
     model = _net().eval()
     x = torch.randn(1, 3, 8, 8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -34,6 +35,8 @@ _CACHE_VERSION = 1
 _ROUNDS = 7
 _WARMUP = 2
 _PROBE_MARGIN = 4.0
+_MIN_SECONDS = 0.05  # per option, spread over its rounds
+_MAX_ROUNDS = 200
 
 
 def default_cache_path() -> Path:
@@ -104,21 +107,34 @@ class LatencyCache:
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP
+    calls: dict[str, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
+    *, min_seconds: float = 0.0, max_rounds: int = _MAX_ROUNDS,
 ) -> dict[str, float]:
-    """Median seconds of each call, timed round by round so that load changes hit all."""
+    """Median seconds of each call, timed round by round so that load changes hit all.
+
+    With ``min_seconds``, rounds are added (up to ``max_rounds``) until the fastest call has
+    run that long in total: a burst of load on a shared machine lasts milliseconds, which is
+    all of 7 rounds of a 0.2 ms layer, and the median of such rounds is the burst's."""
     samples: dict[str, list[float]] = {k: [] for k in calls}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                samples[key].append(time.perf_counter() - start)
+
     # no_grad rather than inference_mode: compiled callables guard on the grad mode they
     # were compiled in, and inference tensors would send them back to the compiler
     with torch.no_grad():
         for _ in range(warmup):
             for call in calls.values():
                 call()
-        for _ in range(rounds):
-            for key, call in calls.items():
-                start = time.perf_counter()
-                call()
-                samples[key].append(time.perf_counter() - start)
+        run(rounds)
+        if calls and min_seconds > 0:
+            fastest = min(statistics.median(v) for v in samples.values())
+            wanted = min(max_rounds, math.ceil(min_seconds / max(fastest, 1e-9)))
+            run(max(0, wanted - rounds))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -179,7 +195,7 @@ class LayerTimer:
             timed = time_interleaved(calls, rounds=1, warmup=1)
             fastest = min(timed.values())
             close = {k: c for k, c in calls.items() if timed[k] <= _PROBE_MARGIN * fastest}
-            timed.update(time_interleaved(close))
+            timed.update(time_interleaved(close, min_seconds=_MIN_SECONDS))
             for o in missing:
                 result[o] = timed[keys[o]]
                 self.cache.put(keys[o], timed[keys[o]])
