@@ -3,7 +3,8 @@
 usage:
   python benchmarks/speed.py                    # the shipped ResNet-32 on Fashion-MNIST
   python benchmarks/speed.py resnet50 --input-size 3,224,224 --ratios 2 --batches 8 \
-      [--objectives error]   # the latency plans of ResNet-50 take long the first time
+      --layouts channels_last   # the ResNet-50 table in RESULTS.md (its latency plans take
+                                # a minute or two each the first time, then come from the cache)
   add --dry-run to print the gkpd command instead of running it
 
 Default run (the recorded one): resnet32_fashion_mnist at 2x, 5x and 10x, batches 1 and 64;
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes "
                         "(default 1,64)")
     parser.add_argument("--objectives", default=None,
-                        help="GKPD plans: error,latency (default: both; the latency plans of "
-                        "a large model take long the first time)")
+                        help="GKPD plans: error,latency (default: both; the latency plans "
+                        "time every layer the first time)")
     parser.add_argument("--backends", default=None,
                         help="of eager,compile,onnxruntime (default: all)")
     parser.add_argument("--graph-ratios", default=None,
