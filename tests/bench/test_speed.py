@@ -199,6 +199,40 @@ def test_compile_backend_only_for_graph_ratios(tmp_path):
     assert "compile@b1 ms (×dense)" in (tmp_path / RESULTS_MD).read_text()
 
 
+def test_run_keeps_every_variant_compiled_past_dynamos_recompile_limit(monkeypatch):
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+
+    from gkpd.bench import speed
+
+    def compiles(n_shapes: int) -> int:
+        graphs = []
+
+        def counting_backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        def double(x):
+            return x * 2
+
+        torch._dynamo.reset()
+        compiled = torch.compile(double, backend=counting_backend, dynamic=False)
+        for n in range(1, n_shapes + 1):
+            compiled(torch.ones(n))
+        return len(graphs)
+
+    assert compiles(12) == dynamo_config.recompile_limit == 8  # past 8: eager, silently
+    with speed._unlimited_recompiles():
+        assert compiles(12) == 12
+    assert dynamo_config.recompile_limit == 8
+    seen = []
+    monkeypatch.setattr(speed, "_call", lambda model, x, *args: (
+        seen.append(dynamo_config.recompile_limit), lambda: model(x))[1])
+    run_speed(tiny_cnn(), torch.zeros(1, *INPUT), config=config(batches=(1,)))
+    assert seen and set(seen) == {speed._RECOMPILES}
+    torch._dynamo.reset()
+
+
 def test_thread_count_is_restored():
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the run itself uses 1 thread: two would be slow on a busy box

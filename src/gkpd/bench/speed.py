@@ -40,6 +40,7 @@ OBJECTIVES = ("error", "latency")
 LAYOUTS = ("contiguous", "channels_last")
 RESULTS_JSON = "speed.json"
 RESULTS_MD = "speed.md"
+_RECOMPILES = 100_000  # see _unlimited_recompiles
 
 
 @dataclass
@@ -450,7 +451,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
                          "times_ms": {}} for v in variants}
         generator = torch.Generator().manual_seed(0)
         shape = tuple(example_input.shape[1:])
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _unlimited_recompiles():
             for batch in config.batches:
                 x = torch.randn(batch, *shape, generator=generator, dtype=example_input.dtype)
                 for backend in config.backends:
@@ -502,6 +503,16 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
     if out is not None:
         write_results(Path(out), result)
     return result
+
+
+def _unlimited_recompiles():
+    """Dynamo compiles a code object once per model instance and input shape, and past its
+    recompile limit (8) silently runs the rest eager: every variant and batch of a run
+    (and each instance of a layer whose forward breaks the graph, as TensorLy-Torch's do)
+    must stay compiled for the compile column to mean anything."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=_RECOMPILES, accumulated_recompile_limit=_RECOMPILES)
 
 
 def _call(model, x, backend, folder, name, threads) -> Callable[[], object]:
