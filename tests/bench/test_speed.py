@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from speed_models import INPUT, RATIO, tiny_cnn
 
-import gkpd
 from gkpd.bench.speed import (
     PEERS,
     RESULTS_JSON,
@@ -18,25 +17,12 @@ from gkpd.bench.speed import (
     SpeedConfig,
     build_variants,
     format_table,
-    peak_memory_mb,
     run_speed,
-    tltorch_peer,
     variants_at,
 )
 from gkpd.cli import main
 from gkpd.models import create
 from gkpd.models.pretrained import save_trained
-
-RATIO = 2.0
-INPUT = (16, 8, 8)
-
-
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    ).eval()
 
 
 def config(**changes) -> SpeedConfig:
@@ -111,13 +97,6 @@ def test_peak_memory_at_the_largest_batch(eager):
             assert 0 <= row["peak_memory_mb"] < 5, name
 
 
-def test_peak_memory_sees_a_large_activation():
-    # an 8x8 input upsampled to 2048x2048 floats: 16 MB of activation
-    model = nn.Sequential(nn.Upsample(scale_factor=256), nn.ReLU())
-    peak = peak_memory_mb(model, torch.zeros(1, 1, 8, 8))
-    assert peak == pytest.approx(32, abs=8)  # the upsampled tensor and the ReLU's output
-
-
 def test_files_and_table(eager):
     result, out = eager
     assert json.loads((out / RESULTS_JSON).read_text()) == result
@@ -135,32 +114,6 @@ def test_files_and_table(eager):
     assert latency_b1[4] == "–" and latency_b1[5] == "– |"
     assert "median of 3 interleaved rounds" in table
     assert "- gkpd 2x (latency@b1): planned in" in table
-
-
-def test_tltorch_peers_replace_the_planned_convolutions():
-    tltorch = pytest.importorskip("tltorch")
-    model = tiny_cnn()
-    x = torch.randn(3, *INPUT)
-    plan = gkpd.plan(model, x[:1], ratio=RATIO)
-    for factorization in PEERS:
-        peer = tltorch_peer(model, plan, factorization)
-        layers = [m for m in peer.modules() if isinstance(m, tltorch.FactorizedConv)]
-        assert len(layers) == len(plan.compressed_layers) == 2
-        assert all(layer.weight.name.lower() in {"cp", "tucker", "tt"} for layer in layers)
-        assert sum(p.numel() for p in peer.parameters()) == pytest.approx(plan.params, rel=0.05)
-        with torch.no_grad():
-            assert peer(x).shape == model(x).shape == (3, 10)
-    assert isinstance(model[0], nn.Conv2d)  # the model itself is untouched
-    # the benchmark's peers: random factors with the dense layer's bias and weight norm
-    peer = tltorch_peer(model, plan, "tt", decompose=False)
-    for name in ("0", "2"):
-        layer, dense = peer.get_submodule(name), model.get_submodule(name)
-        assert isinstance(layer, tltorch.FactorizedConv)
-        norm = float(layer.weight.to_tensor().norm())
-        assert norm == pytest.approx(float(dense.weight.norm()), rel=1e-4)
-        assert torch.equal(layer.bias, dense.bias)
-    with pytest.raises(ValueError, match="factorization"):
-        tltorch_peer(model, plan, "svd")
 
 
 def test_onnxruntime_backend(tmp_path):

@@ -16,14 +16,9 @@ import importlib.util
 import json
 import logging
 import math
-import multiprocessing
 import numbers
-import os
-import pickle
-import queue as queue_module
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkpd.bench.memory import peak_memory_mb
+from gkpd.bench.peers import PEERS, build_peer, tltorch_peer
+
+__all__ = [
+    "BACKENDS", "LAYOUTS", "OBJECTIVES", "PEERS", "RESULTS_JSON", "RESULTS_MD", "SpeedConfig",
+    "Variant", "build_variants", "format_table", "peak_memory_mb", "run_speed", "tltorch_peer",
+    "variants_at", "write_results",
+]
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "onnxruntime")
-PEERS = ("cp", "tucker", "tt")
 OBJECTIVES = ("error", "latency")
 LAYOUTS = ("contiguous", "channels_last")
 RESULTS_JSON = "speed.json"
@@ -144,119 +147,6 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tltorch_peer(model: nn.Module, plan, factorization: str, *,
-                 decompose: bool = True) -> nn.Module:
-    """A copy of ``model`` with every 2-d convolution the GKPD ``plan`` compressed replaced by
-    TensorLy-Torch's ``FactorizedConv`` (``factorization`` cp, tucker — Tucker-2, spatial modes
-    kept whole — or tt), run factorized, with the parameter count closest to the GKPD layer's
-    (the rank is searched per layer). With ``decompose`` the factors are decomposed from the
-    layer's weights (a CP decomposition of a large layer takes minutes); without, they are
-    random, scaled to the layer's weight norm, and time the same. Compressed layers
-    TensorLy-Torch cannot take (linear, grouped, non-2-d, non-square strides, string
-    paddings, non-zero padding modes) stay dense; the benchmark's notes count them."""
-    return _tltorch_peer(model, plan, factorization, decompose)[0]
-
-
-def _tltorch_peer(model: nn.Module, plan, factorization: str,
-                  decompose: bool) -> tuple[nn.Module, int]:
-    """:func:`tltorch_peer` and the number of compressed layers it left dense."""
-    if factorization not in PEERS:
-        raise ValueError(f"factorization must be one of {list(PEERS)}, got {factorization!r}")
-    try:
-        import tltorch
-    except ImportError as error:
-        raise ImportError(
-            "the speed benchmark's peers need TensorLy-Torch: pip install tensorly-torch"
-        ) from error
-    from gkpd.apply import _set_submodule
-
-    peer = copy.deepcopy(model)
-    skipped = 0
-    for entry in plan.compressed_layers:
-        conv = peer.get_submodule(entry.name)
-        if not _tltorch_can_take(conv):
-            skipped += 1
-            continue
-        bias = conv.bias.numel() if conv.bias is not None else 0
-        rank = _peer_rank(tltorch, conv, entry.params - bias, factorization, decompose)
-        with warnings.catch_warnings():  # tensorly: "n_eigenvecs ... larger than ..."
-            warnings.filterwarnings("ignore", message=".*n_eigenvecs", category=UserWarning)
-            layer = tltorch.FactorizedConv.from_conv(
-                conv, rank=rank, factorization=factorization, implementation="factorized",
-                decompose_weights=decompose,
-            )
-        if not decompose:
-            _match_scale(layer, conv)
-        _set_submodule(peer, entry.name, layer)
-    return peer.eval(), skipped
-
-
-@torch.no_grad()
-def _match_scale(layer: nn.Module, conv: nn.Conv2d) -> None:
-    """Give the randomly initialized ``layer`` the dense layer's bias and weight norm, so its
-    activations are on the model's scale (tiny ones could turn subnormal, and slow)."""
-    if conv.bias is not None:
-        layer.bias.copy_(conv.bias)
-    # the weight is multilinear in its parameters: scaling one of them scales it
-    norm = layer.weight.to_tensor().norm()
-    if norm > 0:
-        next(layer.weight.parameters()).mul_(conv.weight.norm() / norm)
-
-
-def _tltorch_can_take(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Conv2d) and module.groups == 1
-        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        and len(set(module.stride)) == 1
-    )
-
-
-def _peer_rank(tltorch, conv: nn.Conv2d, target: int, factorization: str,
-               decompose: bool) -> float | tuple[int, ...]:
-    """The rank whose factorized weight has the parameter count closest to ``target``.
-    Tucker: Tucker-2 (full spatial ranks), over the integer channel ranks; CP and TT: a fraction
-    of the weight's size, as TensorLy-Torch takes it, by bisection."""
-    out_channels, in_channels, *kernel = conv.weight.shape
-    if factorization == "tucker":
-        spatial, volume = sum(k * k for k in kernel), math.prod(kernel)
-        options = []
-        for r_out in range(1, out_channels + 1):
-            ideal = (target - out_channels * r_out - spatial) / (in_channels + r_out * volume)
-            for r_in in {max(1, min(in_channels, int(ideal) + d)) for d in (0, 1)}:
-                size = out_channels * r_out + in_channels * r_in + r_out * r_in * volume + spatial
-                balance = abs(r_out / out_channels - r_in / in_channels)
-                options.append((abs(size - target), balance, r_out, r_in))
-        # the ranks nearest the channels' proportion within 3% of the size, else the closest
-        near = [(b, d, r, q) for d, b, r, q in options if d <= 0.03 * target]
-        _, _, r_out, r_in = min(near) if near else min(options)
-        return (r_out, r_in, *kernel)
-
-    def size(fraction: float) -> int:
-        weight = tltorch.FactorizedConv(
-            in_channels, out_channels, conv.kernel_size, factorization=factorization,
-            rank=fraction, implementation="factorized",
-        ).weight
-        if factorization != "tt" or not decompose:
-            return sum(p.numel() for p in weight.parameters())
-        # TT-SVD caps each rank at its unfolding's smaller side
-        shape, ranks = list(weight.shape), [1]
-        for k, wanted in enumerate(weight.rank[1:-1], start=1):
-            ranks.append(min(wanted, ranks[-1] * shape[k - 1], math.prod(shape[k:])))
-        ranks.append(1)
-        return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(shape))
-
-    low, high = 1e-4, 1.0
-    while size(high) < target and high < 64:
-        high *= 2
-    for _ in range(30):
-        middle = (low + high) / 2
-        if size(middle) < target:
-            low = middle
-        else:
-            high = middle
-    return min((low, high), key=lambda f: abs(size(f) - target))
-
-
 def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig) -> list[Variant]:
     """Dense, GKPD (the error plan, and a latency plan per batch size, as ``objectives`` say)
     and the TensorLy-Torch peers (sized by the error plan) at every ratio of ``config``;
@@ -304,7 +194,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 notes=f"planned in {time.perf_counter() - started:.1f} s; layers by path: {paths}",
             ))
         for factorization in peers:
-            peer, skipped = _tltorch_peer(model, error_plan, factorization, False)
+            peer, skipped = build_peer(model, error_plan, factorization, False)
             notes = "random factors in the decomposition's shapes (they time the same)"
             if skipped:
                 notes += f"; {skipped} compressed layer(s) TensorLy-Torch cannot take left dense"
@@ -336,88 +226,6 @@ def _onnx_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str,
     feed = {session.get_inputs()[0].name: x.numpy()}
     log.info("onnx: %s (%d bytes)", name, path.stat().st_size)
     return lambda: session.run(None, feed)
-
-
-def _status_kb(field_name: str) -> int:
-    """A ``VmRSS``/``VmHWM``-style line of ``/proc/self/status``, in kB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field_name}")
-
-
-def _peak_memory_child(connection, shape: tuple[int, ...], dtype: torch.dtype, queue) -> None:
-    # ru_maxrss is no use here: a spawned process inherits the peak of the process it was
-    # forked from (the whole benchmark). VmHWM is this process's own; writing 5 to clear_refs
-    # resets it to the current resident set (Linux >= 4.0).
-    try:
-        torch.set_num_threads(1)
-        blob = connection.recv_bytes()
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, dtype=dtype, generator=generator)
-        # a first copy, run at batches 1 and 2 and kept, takes the code and torch's one-time
-        # set-up (several MB, more on the first batch > 1); the copy measured then finds
-        # little freed memory to reuse
-        warm = pickle.loads(blob)
-        with torch.no_grad():
-            warm(x[:1].clone())
-            warm(x[:2].clone())
-        start = _status_kb("VmRSS")
-        model = pickle.loads(blob)
-        with open("/proc/self/clear_refs", "w") as f:  # the pickle's transient copies: out
-            f.write("5")
-        peak = _status_kb("VmHWM")
-        with torch.no_grad():
-            model(x)
-        queue.put(("ok", max(0, _status_kb("VmHWM") - start), max(0, peak - start)))
-    except BaseException as error:  # noqa: BLE001 — reported to the parent
-        queue.put(("error", f"{type(error).__name__}: {error}", None))
-
-
-_MALLOC_KNOB = "MALLOC_MMAP_THRESHOLD_"
-
-
-def peak_memory_mb(model: nn.Module, x: torch.Tensor, timeout: float = 300) -> float | None:
-    """MB a fresh process's peak resident set grows by from before ``model`` is loaded to
-    the end of one forward on an input like ``x``: the weights, the input, activations,
-    workspaces and anything built on the first call (e.g. a reconstructed weight). Linux only;
-    ``None`` where it cannot be measured (a warning says why).
-
-    The process is started with ``spawn``, which imports the caller's ``__main__`` again: a
-    script calling this needs the ``if __name__ == "__main__":`` guard."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_peak_memory_child, daemon=True,
-                            args=(receiver, tuple(x.shape), x.dtype, queue))
-    # glibc: blocks of 64 kB and up are mapped and unmapped on their own, so the resident set
-    # follows the live memory instead of what malloc keeps (runs agree to a few percent)
-    previous = os.environ.get(_MALLOC_KNOB)
-    os.environ[_MALLOC_KNOB] = "65536"
-    try:
-        child.start()
-    finally:
-        if previous is None:
-            del os.environ[_MALLOC_KNOB]
-        else:
-            os.environ[_MALLOC_KNOB] = previous
-    receiver.close()
-    try:
-        sender.send_bytes(pickle.dumps(model))
-        status, value, _ = queue.get(timeout=timeout)
-    except (OSError, queue_module.Empty) as error:
-        status, value = "error", f"{type(error).__name__} {error} (exit code {child.exitcode})"
-    finally:
-        sender.close()
-        child.join(10)
-        if child.is_alive():
-            child.terminate()
-            child.join()
-    if status != "ok":
-        log.warning("peak memory: the measuring process failed: %s", value)
-        return None
-    return value / 1024
 
 
 def _require(module: str, why: str, install: str) -> None:
