@@ -379,6 +379,24 @@ def test_channel_paths_in_1d_and_3d(nd, a_shape, b_path):
     torch.testing.assert_close(layer(x), layer.to_dense()(x))
 
 
+@pytest.mark.parametrize("case", CHANNEL_CASES)
+def test_auto_runs_the_cheaper_order_on_its_channel_path(case):
+    cin, cout, k, s, p, d, mode, a_shape, rank = case
+    layer = gkpd.KroneckerConv2d(cin, cout, k, s, p, d, padding_mode=mode, a_shape=a_shape,
+                                 rank=rank, dtype=f64)
+    x = torch.randn(2, cin, 9, 10, dtype=f64)
+    macs = layer.order_macs(x.shape)
+    cheaper = min(("b_first", "a_first"), key=lambda o: (macs[o], o != "b_first"))
+    channel = f"{cheaper}_channels"
+    expected = channel if channel in layer.channel_paths() else cheaper
+    assert layer.order == "auto" and layer.resolve_order(x.shape) == expected
+    assert layer.macs(x.shape) == macs[cheaper]
+    torch.testing.assert_close(layer(x), layer.to_dense()(x))
+    # no channel path for the cheaper order: the stage order itself
+    stage_only = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 2, 3, 3), rank=1)
+    assert stage_only.resolve_order((1, 8, 6, 6)) in ("b_first", "a_first")
+
+
 def test_channel_path_needs_matching_shapes():
     layer = gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1)
     assert layer.channel_paths() == ()

@@ -126,9 +126,10 @@ class KroneckerConvNd(KroneckerLayer):
     ``rank`` (``None``: full Kronecker rank), ``device`` and ``dtype``. The number of spatial
     dims is fixed by the subclass, or taken from ``len(a_shape) - 2`` here.
 
-    ``order`` (a plain attribute) is ``"auto"`` (default: the order with fewer MACs for the
-    input size), ``"b_first"``, ``"a_first"`` or ``"weight"`` (the dense convolution with the
-    reconstructed weight, cached at inference).
+    ``order`` is ``"auto"`` (default: the stage order with fewer MACs for the input size, run
+    on its channel path where the factor shapes allow one), ``"b_first"``, ``"a_first"``,
+    ``"weight"`` (the dense convolution with the reconstructed weight, cached at inference), or
+    one of ``channel_paths()``.
     """
 
     _spatial_dims: int | None = None
@@ -286,13 +287,19 @@ class KroneckerConvNd(KroneckerLayer):
         )
 
     def resolve_order(self, input_shape: Sequence[int]) -> str:
-        """The order that runs for ``input_shape``: ``self.order``, or the cheaper if auto."""
+        """The path that runs for ``input_shape``: ``self.order``; if auto, the cheaper stage
+        order, on its channel path where there is one. A channel path does the same MACs
+        without folding channels into the batch: on ResNet-32 5x (error plan, CPU, 2 threads)
+        it made the model 1.19x faster at batch 1 and 1.05x at batch 64 in channels_last, and
+        a training step no slower."""
         if self._order != "auto":
             return self._order
         key = tuple(input_shape[-len(self.kernel_size):])
         order = self._order_cache.get(key)
         if order is None:
             order = best_order(self.order_macs((1, self.in_channels, *key)))
+            paths = [p for p in self.channel_paths() if CHANNEL_PATHS[p] == order]
+            order = paths[0] if paths else order
             self._order_cache[key] = order
         return order
 
