@@ -240,6 +240,37 @@ def test_torch_compile_matches_eager():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("order", ["b_first_channels", "a_first_channels"])
+def test_channel_paths_export_to_onnx_torch_export_and_compile(tmp_path, order):
+    # b_first_channels with C1 = 1 ends in a channel shuffle; a_first_channels needs C2 = 1.
+    # Error plans run these on order "auto"; latency plans pin them.
+    torch.manual_seed(0)
+    a_shape = (2, 1, 3, 1) if order == "b_first_channels" else (8, 16, 3, 1)
+    conv = KroneckerConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), a_shape=a_shape, rank=2)
+    conv.order = order
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    path = to_onnx(model, torch.randn(1, 16, 6, 6), tmp_path / "c.onnx")
+    program = export_program(model, torch.randn(1, 16, 6, 6))
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch in (1, 3):
+        x = torch.randn(batch, 16, 6, 6)
+        with torch.no_grad():
+            expected = model(x)
+            torch.testing.assert_close(expected, model[0].to_dense()(x).relu().mean((2, 3)))
+            torch.testing.assert_close(program.module()(x), expected)
+            torch.testing.assert_close(compiled(x), expected)
+        np.testing.assert_allclose(ort_run(path, x), expected.numpy(), rtol=1e-4, atol=1e-5)
+    # the large factor is stored as it is, never the dense weight (16·16·9 = 2304 floats);
+    # the exporter's constant folding may store the small factor's expansion into the
+    # grouped stage's weight instead of the factor (here 96 floats for 12)
+    initializers = onnx.load(str(path)).graph.initializer
+    assert (16, 16, 3, 3) not in {tuple(t.dims) for t in initializers}
+    stored = sum(int(np.prod(t.dims)) for t in initializers if t.data_type == 1)
+    params = sum(p.numel() for p in model.parameters())
+    assert params <= stored <= 1.15 * params
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- the check
 
 
