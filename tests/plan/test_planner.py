@@ -53,6 +53,13 @@ def test_resnet32_reaches_ratio_and_applied_model_matches(resnet32, ratio, strat
     # the first conv on one input channel and the tiny classifier stay dense, and say why
     assert "first layer" in plan.layer("conv1").reason
     assert "too small" in plan.layer("fc").reason
+    # each entry names the path its layer runs (order "auto": a channel path where the factor
+    # shapes allow one)
+    for entry in plan.compressed_layers:
+        layer = compressed.get_submodule(entry.name)
+        assert layer.order == "auto" and layer.resolve_order(EXAMPLE.shape) == entry.order
+    if (ratio, strategy) == (5.0, "uniform"):  # its factors have a channel dim of 1
+        assert any(entry.order.endswith("_channels") for entry in plan.compressed_layers)
 
 
 def test_uniform_compresses_every_layer_alike(resnet32):

@@ -105,6 +105,15 @@ def conv_channel_paths(a_shape: Sequence[int], b_shape: Sequence[int], groups: i
     return tuple(paths)
 
 
+def on_channel_path(order: str, a_shape: Sequence[int], b_shape: Sequence[int], groups: int
+                    ) -> str:
+    """What ``order="auto"`` runs for a cheaper stage ``order``: its channel path where the
+    factor shapes allow one (the same MACs, no channels folded into the batch), else
+    ``order`` itself."""
+    paths = [p for p in conv_channel_paths(a_shape, b_shape, groups) if CHANNEL_PATHS[p] == order]
+    return paths[0] if paths else order
+
+
 def check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -298,8 +307,7 @@ class KroneckerConvNd(KroneckerLayer):
         order = self._order_cache.get(key)
         if order is None:
             order = best_order(self.order_macs((1, self.in_channels, *key)))
-            paths = [p for p in self.channel_paths() if CHANNEL_PATHS[p] == order]
-            order = paths[0] if paths else order
+            order = on_channel_path(order, self.a_shape, self.b_shape, self.groups)
             self._order_cache[key] = order
         return order
 

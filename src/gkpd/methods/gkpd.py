@@ -21,7 +21,12 @@ from gkpd.counting import (
 )
 from gkpd.decompose import b_shape_for, check_rank, full_rank, rearrange
 from gkpd.layers import KroneckerConvNd, KroneckerLinear
-from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d
+from gkpd.layers.conv import (
+    KroneckerConv1d,
+    KroneckerConv2d,
+    KroneckerConv3d,
+    on_channel_path,
+)
 from gkpd.methods.base import LayerContext
 from gkpd.methods.lowrank import override_settings
 from gkpd.plan.candidates import Candidates
@@ -165,6 +170,8 @@ class GKPD:
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         a, b, rank, order = config
+        if _is_conv(ctx.module):  # the path the layer will run on order "auto"
+            order = on_channel_path(order, a, b, ctx.module.groups)
         entry.a_shape, entry.b_shape, entry.rank, entry.order = a, b, rank, order
 
     def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
