@@ -242,21 +242,57 @@ def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
     assert counts["fast"] == 3  # no min_seconds: the rounds asked for
 
 
-def test_second_plan_reads_the_cache(tmp_path, monkeypatch):
+def _replay(monkeypatch, scale: float) -> list:
+    """Make LayerTimer._time return the cached seconds (times ``scale`` for the dense
+    reference) instead of timing; returns the list of options it was asked for."""
+    asked = []
+
+    def cached_times(self, module, input_shape, options):
+        asked.extend(options)
+        env = latency.environment_key(module.weight.device, module.weight.dtype)
+        result = {}
+        for o in options:
+            seconds = self.cache.get(self._key(env, module, input_shape, o))
+            assert seconds is not None, "asked to time an option the first plan did not"
+            result[o] = seconds * (scale if o.order == "weight" else 1.0)
+        return result
+
+    monkeypatch.setattr(LayerTimer, "_time", cached_times)
+    return asked
+
+
+def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_path,
+                                                                          monkeypatch):
     model = _net().eval()
     x = torch.randn(1, 3, 8, 8)
     cache = tmp_path / "latency.json"
     first = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
                       tolerance=0.05)
-
-    def no_timing(*args, **kwargs):
-        raise AssertionError("timed again although every option is cached")
-
-    monkeypatch.setattr(latency, "time_interleaved", no_timing)
+    asked = _replay(monkeypatch, scale=1.1)  # within _STALE: the cache holds
     second = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
                        tolerance=0.05)
+    assert asked and {o.order for o in asked} == {"weight"}
+    assert len(asked) == len(first.compressed_layers)  # one dense check per layer
     assert [e.order for e in second.layers] == [e.order for e in first.layers]
     assert [e.a_shape for e in second.layers] == [e.a_shape for e in first.layers]
+
+
+def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, caplog):
+    model = _net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
+    entries = json.loads(cache.read_text())["entries"]
+    asked = _replay(monkeypatch, scale=2.0)  # the machine runs dense at half the speed
+    with caplog.at_level("INFO", logger="gkpd"):
+        gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
+    # every option of every layer: the dense check, then all of them again
+    assert len(asked) == len(entries) + sum("| dense |" in key for key in entries)
+    assert "timing its options again" in caplog.text
+    assert "layers timed again" in caplog.text
+    saved = json.loads(cache.read_text())["entries"]
+    for key, seconds in saved.items():  # re-timed: the dense reference at its new time
+        assert seconds == pytest.approx(entries[key] * (2.0 if "| dense |" in key else 1.0))
 
 
 def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):

@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -37,6 +37,7 @@ _WARMUP = 2
 _PROBE_MARGIN = 4.0
 _MIN_SECONDS = 0.05  # per option, spread over its rounds
 _MAX_ROUNDS = 200
+_STALE = 0.25  # a cached dense time off by more: the layer is timed again
 
 
 def default_cache_path() -> Path:
@@ -107,15 +108,15 @@ class LatencyCache:
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
+    calls: dict[Hashable, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
     *, min_seconds: float = 0.0, max_rounds: int = _MAX_ROUNDS,
-) -> dict[str, float]:
+) -> dict[Hashable, float]:
     """Median seconds of each call, timed round by round so that load changes hit all.
 
     With ``min_seconds``, rounds are added (up to ``max_rounds``) until the fastest call has
     run that long in total: a burst of load on a shared machine lasts milliseconds, which is
     all of 7 rounds of a 0.2 ms layer, and the median of such rounds is the burst's."""
-    samples: dict[str, list[float]] = {k: [] for k in calls}
+    samples: dict[Hashable, list[float]] = {k: [] for k in calls}
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -148,7 +149,8 @@ class Option:
 
 class LayerTimer:
     """Times options of layers at a batch size, with a shared cache; ``measured`` and
-    ``cached`` count the options timed and those found in the cache."""
+    ``cached`` count the options timed and those taken from the cache, ``stale`` the layers
+    whose cached timings were dropped (see :meth:`times`)."""
 
     def __init__(self, batch: int, cache: LatencyCache, *, channels_last: bool = False) -> None:
         self.batch = batch
@@ -156,6 +158,7 @@ class LayerTimer:
         self.channels_last = channels_last
         self.measured = 0
         self.cached = 0
+        self.stale = 0
 
     def _key(self, env: str, module: nn.Module, input_shape: Sequence[int], option: Option):
         what = f"a={option.config[0]} r={option.config[2]}"
@@ -171,37 +174,55 @@ class LayerTimer:
     def times(
         self, module: nn.Module, input_shape: Sequence[int], options: Sequence[Option]
     ) -> dict[Option, float]:
-        """Seconds per call of each option on an input of ``input_shape`` at ``self.batch``."""
+        """Seconds per call of each option on an input of ``input_shape`` at ``self.batch``.
+
+        Cached timings are used while the dense reference (the ``"weight"`` option) still
+        runs within ``_STALE`` of its cached time; otherwise the machine is not in the state
+        they were taken in (load, frequency, another process's memory traffic change the
+        options' relative speeds, not only their scale) and the layer's options are timed
+        again."""
         weight = module.weight
         env = environment_key(weight.device, weight.dtype)
         keys = {o: self._key(env, module, input_shape, o) for o in options}
         result = {o: self.cache.get(k) for o, k in keys.items()}
         missing = [o for o, t in result.items() if t is None]
-        self.cached += len(result) - len(missing)
+        reference = next((o for o in options if o.order == WEIGHT_PATH), None)
+        if reference is not None and reference not in missing and len(missing) < len(options):
+            now = self._time(module, input_shape, [reference])[reference]
+            if abs(now / result[reference] - 1) > _STALE:
+                log.info("latency: the dense %s now takes %.3g ms, %.3g ms when cached: timing "
+                         "its options again", module, now * 1e3, result[reference] * 1e3)
+                self.stale += 1
+                missing = list(options)
+        self.cached += len(options) - len(missing)
         if missing:
-            x = torch.randn(
-                self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype
-            )
-            layers = {o: _runnable(module, o) for o in missing}
-            if self._channels_last(input_shape):
-                layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-                x = x.to(memory_format=layout)
-                # a copy of the caller's module only (the weight path); the others are new
-                layers = {o: (copy.deepcopy(m) if m is module else m).to(memory_format=layout)
-                          for o, m in layers.items()}
-            calls = {keys[o]: (lambda m=m: m(x)) for o, m in layers.items()}
-            # one call each first: an option several times slower than the fastest cannot win
-            # and keeps that time (the slowest batch-folded splits run ~100x dense)
-            timed = time_interleaved(calls, rounds=1, warmup=1)
-            fastest = min(timed.values())
-            close = {k: c for k, c in calls.items() if timed[k] <= _PROBE_MARGIN * fastest}
-            timed.update(time_interleaved(close, min_seconds=_MIN_SECONDS))
+            timed = self._time(module, input_shape, missing)
             for o in missing:
-                result[o] = timed[keys[o]]
-                self.cache.put(keys[o], timed[keys[o]])
+                result[o] = timed[o]
+                self.cache.put(keys[o], timed[o])
             self.measured += len(missing)
             self.cache.save()  # an interrupted plan keeps what it timed
         return result  # type: ignore[return-value]
+
+    def _time(self, module: nn.Module, input_shape: Sequence[int],
+              options: Sequence[Option]) -> dict[Option, float]:
+        weight = module.weight
+        x = torch.randn(self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype)
+        layers = {o: _runnable(module, o) for o in options}
+        if self._channels_last(input_shape):
+            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            x = x.to(memory_format=layout)
+            # a copy of the caller's module only (the weight path); the others are new
+            layers = {o: (copy.deepcopy(m) if m is module else m).to(memory_format=layout)
+                      for o, m in layers.items()}
+        calls = {o: (lambda m=m: m(x)) for o, m in layers.items()}
+        # one call each first: an option several times slower than the fastest cannot win
+        # and keeps that time (the slowest batch-folded splits run ~100x dense)
+        timed = time_interleaved(calls, rounds=1, warmup=1)
+        fastest = min(timed.values())
+        close = {o: c for o, c in calls.items() if timed[o] <= _PROBE_MARGIN * fastest}
+        timed.update(time_interleaved(close, min_seconds=_MIN_SECONDS))
+        return timed
 
 
 def _runnable(module: nn.Module, option: Option) -> nn.Module:
