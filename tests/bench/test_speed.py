@@ -113,6 +113,7 @@ def test_files_and_table(eager):
     latency_b1 = body[2].split(" | ")
     assert latency_b1[4] == "–" and latency_b1[5] == "– |"
     assert "median of 3 interleaved rounds" in table
+    assert result["malloc"].startswith("glibc, freed memory kept") and result["malloc"] in table
     assert "- gkpd 2x (latency@b1): planned in" in table
 
 

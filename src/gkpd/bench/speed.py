@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.bench.memory import peak_memory_mb
+from gkpd.bench.memory import keep_freed_memory, peak_memory_mb
 from gkpd.bench.peers import PEERS, build_peer, tltorch_peer
 
 __all__ = [
@@ -238,7 +238,9 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
     """Build every variant, time it, and write ``speed.json``/``speed.md`` under ``out``.
 
     ``example_input``: one input (batch first; its batch size does not matter). Torch's
-    thread count is set to ``config.threads`` for the run and restored after."""
+    thread count is set to ``config.threads`` for the run and restored after. glibc's malloc
+    is set to keep freed memory (:func:`keep_freed_memory`) for the rest of the process, so
+    that the timings do not depend on what the kernel's page faults cost at the moment."""
     from gkpd.plan.latency import time_interleaved
 
     config.validate()
@@ -254,6 +256,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         torch.set_num_threads(config.threads)
     try:
         threads = torch.get_num_threads()
+        heap_kept = keep_freed_memory()
         variants = build_variants(model, example_input, config)
         rows = {v.name: {"params": v.params, "ratio": round(v.ratio, 3), "notes": v.notes,
                          "times_ms": {}} for v in variants}
@@ -305,6 +308,8 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         "torch": torch.__version__,
         "input_shape": list(shape),
         "memory_batch": memory_batch,
+        "malloc": "glibc, freed memory kept (no mmap, trim past 1 GiB)" if heap_kept else
+                  "the platform's default",
         "variants": rows,
     }
     result = json.loads(json.dumps(result))  # as speed.json has it (lists, not tuples)
@@ -369,7 +374,8 @@ def format_table(result: dict[str, Any]) -> str:
     failures = [f"- {name} {k}: {t}" for name, row in variants.items()
                 for k, t in row["times_ms"].items() if isinstance(t, str)]
     head = (f"Input {tuple(result['input_shape'])}, {result['device']}, torch "
-            f"{result['torch']}; median of {result['config']['rounds']} interleaved rounds; "
+            f"{result['torch']}; malloc: {result.get('malloc', 'not recorded')}; median of "
+            f"{result['config']['rounds']} interleaved rounds; "
             "×dense: the dense model's time on the same backend and batch divided by the "
             "variant's (above 1: faster).")
     if memory:
