@@ -289,7 +289,7 @@ def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, ca
     # every option of every layer: the dense check, then all of them again
     assert len(asked) == len(entries) + sum("| dense |" in key for key in entries)
     assert "timing its options again" in caplog.text
-    assert "layers timed again" in caplog.text
+    assert "layer(s) timed again" in caplog.text
     saved = json.loads(cache.read_text())["entries"]
     for key, seconds in saved.items():  # re-timed: the dense reference at its new time
         assert seconds == pytest.approx(entries[key] * (2.0 if "| dense |" in key else 1.0))

@@ -329,7 +329,7 @@ def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, 
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
     )
-    log.info("latency: %d configurations timed, %d from the cache (%d layers timed again: "
+    log.info("latency: %d configurations timed, %d from the cache (%d layer(s) timed again: "
              "their cached dense time was off)", timer.measured, timer.cached, timer.stale)
     return full_tables, picks, timings, total_change
 
