@@ -271,9 +271,9 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
                     onnx = backend == "onnxruntime"
                     chosen = [v for v in variants if (backend == "eager" or v.graph)
                               and v.batch in (None, batch) and not (onnx and v.layout_only)]
+                    key = f"{backend}@b{batch}"
                     calls = {}
                     for v in chosen:
-                        key = f"{backend}@b{batch}"
                         try:
                             calls[v.name] = _call(v.model, _layout(x, v.channels_last and not onnx),
                                                   backend, Path(tmp), v.name, threads)
@@ -284,7 +284,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
                     times = time_interleaved(calls, rounds=config.rounds, warmup=3)
                     dense = times.get("dense")
                     for name, seconds in times.items():
-                        rows[name]["times_ms"][f"{backend}@b{batch}"] = {
+                        rows[name]["times_ms"][key] = {
                             "ms": float(f"{seconds * 1e3:.4g}"),
                             "speedup": 1.0 if name == "dense" else
                             (round(dense / seconds, 3) if dense else None),
@@ -396,7 +396,3 @@ def variants_at(result: dict[str, Any], key: str) -> dict[str, float]:
     """``{variant: speed-up over dense}`` for one ``backend@bN`` column."""
     return {n: r["times_ms"][key]["speedup"] for n, r in result["variants"].items()
             if isinstance(r["times_ms"].get(key), dict)}
-
-
-__all__: Sequence[str] = ["SpeedConfig", "build_variants", "run_speed", "tltorch_peer",
-                          "peak_memory_mb", "format_table", "write_results", "variants_at"]

@@ -250,16 +250,6 @@ def _orders(module: nn.Module, config: tuple) -> tuple[str, ...]:
     return (*ORDERS, *conv_channel_paths(config[0], config[1], module.groups))
 
 
-def _macs(ctx, config: tuple, order: str) -> int:
-    """MACs per sample of a configuration of ``ctx.module`` run on ``order``."""
-    from gkpd.methods.gkpd import order_macs
-
-    a_shape, b_shape, rank, _ = config
-    return order_macs(ctx.module, ctx.input_shape, a_shape, b_shape, rank)[
-        CHANNEL_PATHS.get(order, order)
-    ]
-
-
 @dataclass
 class Timed:
     """The option a layer runs with, its time, and the dense layer's time, per call."""
@@ -293,6 +283,8 @@ def fastest_within_budget(
     ``tables`` are full candidate tables: a slightly worse but much faster configuration is
     off the Pareto front.
     """
+    from gkpd.methods.gkpd import order_macs
+
     result: list[Timed | None] = [None] * len(picks)
     offers = []  # (saving, layer, Timed, extra params)
     for i, (ctx, table, pick) in enumerate(zip(contexts, tables, picks, strict=True)):
@@ -307,11 +299,13 @@ def fastest_within_budget(
         best[table.configs[pick][0]] = pick
         options = {(pick, WEIGHT_PATH): Option(table.configs[pick], WEIGHT_PATH)}
         for j in best.values():
-            for order in _orders(ctx.module, table.configs[j]):
+            config = table.configs[j]
+            macs = order_macs(ctx.module, ctx.input_shape, *config[:3])  # per stage order
+            for order in _orders(ctx.module, config):
                 if (j, order) == (pick, table.configs[pick][3]) or (
-                    _macs(ctx, table.configs[j], order) <= ctx.dense_macs
+                    macs[CHANNEL_PATHS.get(order, order)] <= ctx.dense_macs
                 ):
-                    options[(j, order)] = Option(table.configs[j], order)
+                    options[(j, order)] = Option(config, order)
         times = timer.times(ctx.module, ctx.input_shape, list(options.values()))
         dense = times[options[(pick, WEIGHT_PATH)]]
         timed = [Timed(j, order, times[o], dense) for (j, order), o in options.items()]
