@@ -36,11 +36,20 @@ BEFORE_FILE = "before.json"
 BENCH_FILE = "bench.json"
 
 
+# Named variants of a method: (method, the options of gkpd.compress they pin). A variant keeps
+# its settings when the method's defaults move, so a recorded row can be run again as it was.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # GKPD as planned before the accuracy campaign (issue #12): plain NKP factors, uniform plan
+    "gkpd-plain": ("gkpd", {}),
+}
+
+
 def known_methods() -> list[str]:
-    """Compression methods of :mod:`gkpd.methods` plus the reference ``student``."""
+    """Compression methods of :mod:`gkpd.methods`, their named variants and the reference
+    ``student``."""
     from gkpd.methods import method_names
 
-    return [*method_names(), STUDENT]
+    return [*method_names(), *VARIANTS, STUDENT]
 
 
 @dataclass(frozen=True)
@@ -211,15 +220,16 @@ class _Bench:
             return model, None, {"model_kwargs": kwargs}
         from gkpd.plan.budget import UnreachableRatio
 
+        method, options = VARIANTS.get(method, (method, {}))
         notes: dict[str, Any] = {"strategy": "uniform"}
         try:
-            model, plan = compress(self.teacher, self.x, ratio=ratio, method=method)
+            model, plan = compress(self.teacher, self.x, ratio=ratio, method=method, **options)
         except UnreachableRatio as error:
             # Uniform rank steps can be too coarse for a method (svd, tensor_ring on
             # ResNet-32): the global allocation reaches the same size, and the table says so.
             log.info("%s at %gx: %s; trying strategy='global'", method, ratio, error)
             model, plan = compress(
-                self.teacher, self.x, ratio=ratio, method=method, strategy="global"
+                self.teacher, self.x, ratio=ratio, method=method, strategy="global", **options
             )
             notes = {"strategy": "global", "uniform_error": str(error)}
         for p in model.parameters():  # fit() froze the teacher's, which the copy inherited
