@@ -22,7 +22,12 @@ def random_spd(n: int, generator: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "weight_shape, a_shape",
-    [((6, 8, 3, 3), (2, 4, 3, 1)), ((12, 6), (3, 2)), ((4, 6, 3), (2, 3, 1)), ((8, 4, 1, 1), (2, 2, 1, 1))],
+    [
+        ((6, 8, 3, 3), (2, 4, 3, 1)),
+        ((12, 6), (3, 2)),
+        ((4, 6, 3), (2, 3, 1)),
+        ((8, 4, 1, 1), (2, 2, 1, 1)),
+    ],
 )
 def test_kronecker_factored_covariance_is_recovered_and_errors_are_exact(weight_shape, a_shape):
     g = torch.Generator().manual_seed(0)
@@ -164,7 +169,7 @@ def test_bad_covariances_are_refused_with_their_argument():
     conv = nn.Conv2d(3, 4, 3)
     cov = InputCovariance(conv)
     with pytest.raises(ValueError, match="no calibration input"):
-        cov.matrix
+        _ = cov.matrix
     with pytest.raises(ValueError, match="does not fit"):
         cov.update(torch.randn(2, 4, 5, 5))
     with pytest.raises(ValueError, match="non-finite"):
@@ -180,3 +185,31 @@ def test_kron_sum_of_whitened_factors_matches_reconstruct():
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     f = decompose_whitened(w, torch.eye(36, dtype=torch.float64) * 2.0, (3, 2, 1, 3), rank=2)
     assert torch.allclose(kron_sum(f.a, f.b), f.reconstruct())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(6, 8, 3, padding=1),
+    lambda: nn.Linear(12, 8),
+], ids=["conv", "linear"])
+def test_from_dense_with_an_input_covariance_starts_from_the_whitened_factors(make):
+    from gkpd.layers import KroneckerConv2d, KroneckerLinear
+
+    g = torch.Generator().manual_seed(5)
+    layer = make()
+    if isinstance(layer, nn.Linear):
+        x, a_shape, cls = torch.randn(64, 12, generator=g), (4, 3), KroneckerLinear
+        x = x * torch.linspace(0.1, 3, 12)
+    else:
+        x, a_shape, cls = torch.randn(16, 6, 6, 6, generator=g), (4, 3, 3, 1), KroneckerConv2d
+        x = x * torch.linspace(0.1, 3, 6).view(1, 6, 1, 1)
+    cov = InputCovariance(layer)
+    cov.update(x)
+    plain = cls.from_dense(layer, a_shape=a_shape, rank=2)
+    whitened = cls.from_dense(layer, a_shape=a_shape, rank=2, input_covariance=cov.matrix)
+    expected = decompose_whitened(layer.weight, cov.matrix, a_shape, rank=2)
+    assert torch.allclose(whitened.reconstruct_weight(), expected.reconstruct(), atol=1e-6)
+    with torch.no_grad():
+        dense, a, b = layer(x), plain(x), whitened(x)
+    assert (dense - b).norm() < (dense - a).norm()
+    with pytest.raises(ValueError, match="damping is used only"):
+        cls.from_dense(layer, a_shape=a_shape, rank=2, damping=0.1)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.counting import ORDERS
-from gkpd.decompose import KroneckerFactors, kron_sum
+from gkpd.decompose import KroneckerFactors, decompose, kron_sum
+from gkpd.whiten import DEFAULT_DAMPING, decompose_whitened
 
 # "weight": run the dense op with the reconstructed weight Σ_r a[r] ⊗ b[r] (cached at
 # inference). As fast as the dense layer whatever the factor shapes, at the factors' size.
@@ -18,6 +19,29 @@ WEIGHT_PATH = "weight"
 # Fast where grouped and depthwise convolutions are, e.g. in channels_last.
 CHANNEL_PATHS = {"b_first_channels": "b_first", "a_first_channels": "a_first"}
 ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH, *CHANNEL_PATHS)
+
+
+def dense_factors(
+    weight: Tensor,
+    a_shape: Sequence[int],
+    rank: int | None,
+    input_covariance: Tensor | None,
+    damping: float | None,
+) -> KroneckerFactors:
+    """The factors ``from_dense`` starts from: the GKPD of ``weight`` or, given the second
+    moment of the layer's input vectors, the one that minimises the output error on them."""
+    if input_covariance is None:
+        if damping is not None:
+            raise ValueError("damping is used only with an input_covariance")
+        return decompose(weight.detach(), a_shape, rank=rank)
+    if not isinstance(input_covariance, Tensor):
+        raise TypeError(
+            f"input_covariance must be a torch.Tensor, got {type(input_covariance).__name__}"
+        )
+    return decompose_whitened(
+        weight.detach(), input_covariance, a_shape, rank=rank,
+        damping=DEFAULT_DAMPING if damping is None else damping,
+    )
 
 
 class KroneckerLayer(nn.Module):

@@ -26,8 +26,8 @@ from gkpd.counting import (
     resolve_padding,
     stage_strides,
 )
-from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
-from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH, KroneckerLayer
+from gkpd.decompose import as_shape, b_shape_for, check_rank
+from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH, KroneckerLayer, dense_factors
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -232,9 +232,15 @@ class KroneckerConvNd(KroneckerLayer):
 
     @classmethod
     def from_dense(
-        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None
+        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None,
+        input_covariance: Tensor | None = None, damping: float | None = None,
     ) -> KroneckerConvNd:
-        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``)."""
+        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``).
+
+        With ``input_covariance`` (``E[x xᵀ]`` of the layer's input patches in the weight's
+        ``(c, k…)`` order, e.g. :class:`gkpd.whiten.InputCovariance`) the factors minimise the
+        output error on such inputs instead (:func:`gkpd.whiten.decompose_whitened`, damped by
+        ``damping``, default 0.01)."""
         if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
             raise TypeError(f"module must be an nn.Conv1d/2d/3d, got {type(module).__name__}")
         n = len(module.kernel_size)
@@ -247,7 +253,7 @@ class KroneckerConvNd(KroneckerLayer):
         if not weight.is_floating_point():
             raise TypeError(f"module.weight must have a floating dtype, got {weight.dtype}")
         layer_cls = cls if cls._spatial_dims is not None else _BY_DIMS[n]
-        factors = decompose(weight.detach(), a_shape, rank=rank)
+        factors = dense_factors(weight, a_shape, rank, input_covariance, damping)
         layer = layer_cls(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
             module.padding, module.dilation, module.groups, module.bias is not None,

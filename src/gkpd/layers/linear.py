@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkpd.counting import best_order, kronecker_linear_order_macs
-from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose
-from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer
+from gkpd.decompose import as_shape, b_shape_for, check_rank
+from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer, dense_factors
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
 __all__ = ["KroneckerLinear"]
@@ -69,15 +69,20 @@ class KroneckerLinear(KroneckerLayer):
 
     @classmethod
     def from_dense(
-        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None
+        cls, module: nn.Module, *, a_shape: Sequence[int], rank: int | None = None,
+        input_covariance: Tensor | None = None, damping: float | None = None,
     ) -> KroneckerLinear:
-        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``)."""
+        """The GKPD of ``module.weight`` (optimal for ``rank``; exact for ``rank=None``).
+
+        With ``input_covariance`` (``E[x xᵀ]`` of the layer's inputs, ``(in, in)``) the factors
+        minimise the output error on such inputs instead (:func:`gkpd.whiten.decompose_whitened`,
+        damped by ``damping``, default 0.01)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
         weight = module.weight
         if not weight.is_floating_point():
             raise TypeError(f"module.weight must have a floating dtype, got {weight.dtype}")
-        factors = decompose(weight.detach(), a_shape, rank=rank)
+        factors = dense_factors(weight, a_shape, rank, input_covariance, damping)
         layer = cls(
             module.in_features, module.out_features, module.bias is not None,
             a_shape=a_shape, rank=factors.rank, device=weight.device, dtype=weight.dtype,

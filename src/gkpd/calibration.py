@@ -1,0 +1,174 @@
+"""Calibration data for data-aware planning: which inputs, how many, and the input-patch
+covariances of a model's layers on them (:mod:`gkpd.whiten` holds the math)."""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkpd.whiten import DEFAULT_DAMPING, InputCovariance
+
+__all__ = ["Calibration", "collect_covariances"]
+
+_CHUNK = 64  # rows of a tensor given whole are fed to the model in batches of this size
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A small sample of a model's inputs for data-aware GKPD (``gkpd.plan(...,
+    calibration=...)``).
+
+    ``data``: a batched tensor of inputs, or an iterable of batches (a ``DataLoader``). A batch
+    is a tensor, an ``(inputs, targets…)`` tuple or list (the first element is used), or a
+    dict of keyword inputs. At most ``samples`` inputs are used (``None``: all of them).
+    ``damping``: added to each Kronecker factor of the covariance, as a fraction of its mean
+    diagonal. ``sequential``: whiten each layer on the inputs that the already compressed
+    layers before it produce, instead of the original model's. ``select``: rank factor shapes
+    and ranks (and allocate the budget) by the output error on this data instead of the
+    weight error.
+    """
+
+    data: Any
+    samples: int | None = 512
+    damping: float = DEFAULT_DAMPING
+    sequential: bool = False
+    select: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is None or isinstance(self.data, str | bytes):
+            raise TypeError(
+                "calibration data must be a tensor of inputs or an iterable of batches "
+                f"(e.g. a DataLoader), got {type(self.data).__name__}"
+            )
+        if isinstance(self.data, Tensor) and (self.data.dim() == 0 or len(self.data) == 0):
+            raise ValueError(
+                f"calibration data is an empty tensor (shape {tuple(self.data.shape)})"
+            )
+        if self.samples is not None and (
+            isinstance(self.samples, bool) or not isinstance(self.samples, int)
+            or self.samples < 1
+        ):
+            raise ValueError(f"calibration samples must be a positive int or None, "
+                             f"got {self.samples!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, numbers.Real) or not (
+            self.damping >= 0
+        ):
+            raise ValueError(f"calibration damping must be a number >= 0, got {self.damping!r}")
+        for name in ("sequential", "select"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"calibration {name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+
+    @classmethod
+    def of(cls, value: Any) -> Calibration | None:
+        """``value`` as a :class:`Calibration` (``None`` stays ``None``)."""
+        if value is None or isinstance(value, Calibration):
+            return value
+        return cls(value)
+
+    def settings(self) -> dict[str, Any]:
+        """What a plan records of this calibration (not the data)."""
+        return {"samples": self.samples, "damping": float(self.damping),
+                "sequential": self.sequential, "select": self.select}
+
+    def batches(self) -> Iterator[tuple[tuple, dict]]:
+        """``(args, kwargs)`` of each model call, ``samples`` inputs in all."""
+        left = self.samples
+        source: Iterable = (
+            self.data.split(_CHUNK) if isinstance(self.data, Tensor) else self.data
+        )
+        for batch in source:
+            if left is not None and left <= 0:
+                return
+            args, kwargs = _as_call(batch)
+            size = _batch_size(args, kwargs)
+            if left is not None and size > left:
+                args = tuple(_head(a, left) for a in args)
+                kwargs = {k: _head(v, left) for k, v in kwargs.items()}
+                size = left
+            if left is not None:
+                left -= size
+            yield args, kwargs
+
+
+def _as_call(batch: Any) -> tuple[tuple, dict]:
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, Sequence) and batch and isinstance(batch[0], Tensor):
+        return (batch[0],), {}
+    raise TypeError(
+        "a calibration batch must be a tensor, an (inputs, targets) pair or a dict of "
+        f"keyword inputs, got {type(batch).__name__}"
+    )
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in itertools.chain(args, kwargs.values()):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("a calibration batch holds no batched tensor")
+
+
+def _head(value: Any, n: int) -> Any:
+    return value[:n] if isinstance(value, Tensor) and value.dim() > 0 else value
+
+
+def collect_covariances(
+    model: nn.Module, modules: Mapping[str, nn.Module], calibration: Calibration
+) -> dict[str, Tensor]:
+    """The input-patch second moment (float64, CPU) of each of ``modules`` (by name) while
+    ``model`` runs, in eval mode and without gradients, on ``calibration``'s inputs."""
+    covariances = {name: InputCovariance(m) for name, m in modules.items()}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            if args and isinstance(args[0], Tensor):
+                covariances[name].update(args[0])
+
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(hook_for(name)))
+    modes = {m: m.training for m in model.modules()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for args, kwargs in calibration.batches():
+                args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
+                kwargs = {k: v.to(device) if isinstance(v, Tensor) else v
+                          for k, v in kwargs.items()}
+                for value in itertools.chain(args, kwargs.values()):
+                    if isinstance(value, Tensor) and value.is_floating_point() and not bool(
+                        torch.isfinite(value).all()
+                    ):
+                        raise ValueError("calibration data holds NaN or inf values")
+                try:
+                    model(*args, **kwargs)
+                except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                    if "calibration" in str(error):
+                        raise
+                    shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
+                    raise ValueError(
+                        f"the model failed on a calibration batch (input shapes {shapes}): "
+                        f"{error}"
+                    ) from error
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    if seen == 0:
+        raise ValueError("calibration data is empty: it yielded no batch")
+    return {name: cov.matrix for name, cov in covariances.items()}
