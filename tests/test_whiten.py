@@ -213,3 +213,18 @@ def test_from_dense_with_an_input_covariance_starts_from_the_whitened_factors(ma
     assert (dense - b).norm() < (dense - a).norm()
     with pytest.raises(ValueError, match="damping is used only"):
         cls.from_dense(layer, a_shape=a_shape, rank=2, damping=0.1)
+
+
+def test_corrected_weight_is_the_least_squares_fit_of_the_original_outputs():
+    from gkpd.whiten import corrected_weight
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    x = torch.randn(200, 8, dtype=torch.float64, generator=g)
+    x_tilde = x + 0.3 * torch.randn(200, 8, dtype=torch.float64, generator=g)
+    own, cross = x_tilde.T @ x_tilde / 200, x.T @ x_tilde / 200
+    fitted = corrected_weight(w, own, cross, ridge=0.0)
+    expected = torch.linalg.lstsq(x_tilde, x @ w.T).solution.T
+    assert torch.allclose(fitted, expected, atol=1e-8)
+    same = corrected_weight(w, x.T @ x / 200, x.T @ x / 200)
+    assert torch.allclose(same, w, atol=1e-3)

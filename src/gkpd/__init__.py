@@ -2,6 +2,7 @@
 
 from gkpd import data, models, train
 from gkpd.apply import apply_, compress
+from gkpd.calibration import Calibration
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
 from gkpd.io import load, save
 from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
@@ -13,6 +14,7 @@ from gkpd.report import Report, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "CompressionPlan",
     "LayerPlan",
     "Report",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from gkpd.methods import get_method
@@ -45,15 +46,27 @@ def check_plan_fits(model: nn.Module, compression_plan: CompressionPlan) -> None
         )
 
 
-def apply_(model: nn.Module, compression_plan: CompressionPlan, *, decompose: bool = True):
+def apply_(
+    model: nn.Module, compression_plan: CompressionPlan, *, decompose: bool = True,
+    calibration: Any = None,
+):
     """Replace, in place, every layer the plan compresses; returns ``model``.
 
     With ``decompose`` (the default) the new layers are initialized from the dense weights;
     without, they are built with the planned shapes and fresh weights, ready for
     ``load_state_dict`` (what :func:`gkpd.load` does). The whole plan is checked against
     the model before anything is changed.
+
+    A plan made with calibration data (``plan.options["calibration"]``) needs that data again
+    as ``calibration`` (a :class:`gkpd.Calibration` or its inputs) to decompose: the factors
+    minimise each layer's output error on it, with the damping the plan records. With the
+    plan's ``sequential`` setting each layer is whitened on the inputs that the layers
+    compressed before it produce.
     """
     check_plan_fits(model, compression_plan)
+    settings = compression_plan.options.get("calibration")
+    if decompose and settings is not None:
+        return _apply_calibrated(model, compression_plan, settings, calibration)
     whole_model = getattr(get_method(compression_plan.method), "apply_model", None)
     if whole_model is not None:  # whole-model methods (prune) replay the plan at once
         return whole_model(model, compression_plan, decompose=decompose)
@@ -69,11 +82,48 @@ def apply_(model: nn.Module, compression_plan: CompressionPlan, *, decompose: bo
     return model
 
 
+def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Module:
+    from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
+    from gkpd.whiten import corrected_weight
+
+    if calibration is None:
+        raise ValueError(
+            "this plan initialises its factors from calibration data "
+            f"(options['calibration'] = {settings}): pass calibration= to apply_"
+        )
+    calibration = Calibration.of(calibration)
+    entries = compression_plan.compressed_layers
+    modules = {e.name: model.get_submodule(e.name) for e in entries}
+    sequential = settings["sequential"]
+    covariances = {} if sequential else collect_covariances(model, modules, calibration)
+    reference = copy.deepcopy(model) if sequential else None
+    for entry in entries:  # in the order the forward pass calls them
+        module = modules[entry.name]
+        if sequential:  # fit the original outputs from the inputs the compressed layers give
+            own, cross = collect_cross_moments(
+                reference, reference.get_submodule(entry.name), model, module, calibration
+            )
+            cov, module = own, copy.deepcopy(module)
+            with torch.no_grad():
+                module.weight.copy_(corrected_weight(module.weight, own, cross))
+        else:
+            cov = covariances[entry.name]
+        replacement = get_method(entry.method).build(
+            module, entry, decompose=True, input_covariance=cov
+        )
+        replacement.train(module.training)
+        _set_submodule(model, entry.name, replacement)
+    return model
+
+
 def compress(model: nn.Module, example_input: Any, **options: Any):
     """Plan and apply on a deep copy: ``(compressed_model, plan)``; ``model`` is untouched.
 
-    ``options`` are those of :func:`gkpd.plan` (``ratio``, ``method``, ``strategy``, ...).
+    ``options`` are those of :func:`gkpd.plan` (``ratio``, ``method``, ``strategy``,
+    ``calibration``, ...).
     """
     compression_plan = plan(model, example_input, **options)
-    compressed = apply_(copy.deepcopy(model), compression_plan)
+    compressed = apply_(
+        copy.deepcopy(model), compression_plan, calibration=options.get("calibration")
+    )
     return compressed, compression_plan

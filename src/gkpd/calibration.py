@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gkpd.whiten import DEFAULT_DAMPING, InputCovariance
+from gkpd.whiten import DEFAULT_DAMPING, InputCovariance, input_patches, input_width
 
-__all__ = ["Calibration", "collect_covariances"]
+__all__ = ["Calibration", "collect_covariances", "collect_cross_moments"]
 
 _CHUNK = 64  # rows of a tensor given whole are fed to the model in batches of this size
 
@@ -121,30 +121,17 @@ def _head(value: Any, n: int) -> Any:
     return value[:n] if isinstance(value, Tensor) and value.dim() > 0 else value
 
 
-def collect_covariances(
-    model: nn.Module, modules: Mapping[str, nn.Module], calibration: Calibration
-) -> dict[str, Tensor]:
-    """The input-patch second moment (float64, CPU) of each of ``modules`` (by name) while
-    ``model`` runs, in eval mode and without gradients, on ``calibration``'s inputs."""
-    covariances = {name: InputCovariance(m) for name, m in modules.items()}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            if args and isinstance(args[0], Tensor):
-                covariances[name].update(args[0])
-
-        return hook
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(hook_for(name)))
-    modes = {m: m.training for m in model.modules()}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def _run(models: Sequence[nn.Module], calls: Iterable[tuple[tuple, dict]]) -> None:
+    """Run every model of ``models`` on each ``(args, kwargs)`` of ``calls`` (calibration
+    batches), in eval mode and without gradients."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    device = next((p.device for p in models[0].parameters()), torch.device("cpu"))
     seen = 0
     try:
-        model.eval()
+        for model in models:
+            model.eval()
         with torch.no_grad():
-            for args, kwargs in calibration.batches():
+            for args, kwargs in calls:
                 args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
                 kwargs = {k: v.to(device) if isinstance(v, Tensor) else v
                           for k, v in kwargs.items()}
@@ -153,22 +140,80 @@ def collect_covariances(
                         torch.isfinite(value).all()
                     ):
                         raise ValueError("calibration data holds NaN or inf values")
-                try:
-                    model(*args, **kwargs)
-                except (RuntimeError, TypeError, ValueError, IndexError) as error:
-                    if "calibration" in str(error):
-                        raise
-                    shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
-                    raise ValueError(
-                        f"the model failed on a calibration batch (input shapes {shapes}): "
-                        f"{error}"
-                    ) from error
+                for model in models:
+                    try:
+                        model(*args, **kwargs)
+                    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                        if "calibration" in str(error):
+                            raise
+                        shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
+                        raise ValueError(
+                            f"the model failed on a calibration batch (input shapes {shapes}): "
+                            f"{error}"
+                        ) from error
                 seen += 1
     finally:
-        for handle in handles:
-            handle.remove()
         for m, mode in modes.items():
             m.train(mode)
     if seen == 0:
         raise ValueError("calibration data is empty: it yielded no batch")
+
+
+def collect_covariances(
+    model: nn.Module, modules: Mapping[str, nn.Module], calibration: Calibration
+) -> dict[str, Tensor]:
+    """The input-patch second moment (float64, CPU) of each of ``modules`` (by name) while
+    ``model`` runs, in eval mode and without gradients, on ``calibration``'s inputs."""
+    covariances = {name: InputCovariance(m) for name, m in modules.items()}
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            if args and isinstance(args[0], Tensor):
+                covariances[name].update(args[0])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        _run([model], calibration.batches())
+    finally:
+        for handle in handles:
+            handle.remove()
     return {name: cov.matrix for name, cov in covariances.items()}
+
+
+def collect_cross_moments(
+    reference: nn.Module, reference_layer: nn.Module, model: nn.Module, layer: nn.Module,
+    calibration: Calibration,
+) -> tuple[Tensor, Tensor]:
+    """``(E[x̃ x̃ᵀ], E[x x̃ᵀ])`` (float64) of ``layer``'s input patches ``x̃`` in ``model`` and
+    the same layer's ``x`` in ``reference`` (the uncompressed model), on the same inputs."""
+    captured: dict[str, Tensor] = {}
+
+    def keep(key: str, module: nn.Module):
+        def hook(_module, args):
+            rows = input_patches(module, args[0].detach()).to("cpu", torch.float64)
+            captured[key] = torch.cat([captured[key], rows]) if key in captured else rows
+
+        return hook
+
+    width = input_width(layer)
+    own = torch.zeros(width, width, dtype=torch.float64)
+    cross = torch.zeros(width, width, dtype=torch.float64)
+    count = 0
+    handles = [reference_layer.register_forward_pre_hook(keep("x", reference_layer)),
+               layer.register_forward_pre_hook(keep("y", layer))]
+    try:
+        for args, kwargs in calibration.batches():
+            captured.clear()
+            _run([reference, model], [(args, kwargs)])
+            x, y = captured["x"], captured["y"]
+            own += y.T @ y
+            cross += x.T @ y
+            count += y.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("calibration data is empty: it yielded no batch")
+    return own / count, cross / count

@@ -30,6 +30,7 @@ from gkpd.decompose import KroneckerFactors, check_factor_shapes, check_rank, re
 
 __all__ = [
     "InputCovariance",
+    "corrected_weight",
     "WhitenedSplit",
     "decompose_whitened",
     "input_patches",
@@ -285,6 +286,26 @@ def decompose_whitened(
         fb.reshape(r, *b).to(device, dtype),
         s.to(device, dtype),
     )
+
+
+# Ridge of the least-squares step of sequential whitening, relative to the mean diagonal: small,
+# so that a layer whose inputs did not change keeps its weight (W' = W when x̃ = x).
+SEQUENTIAL_RIDGE = 1e-4
+
+
+def corrected_weight(
+    w: Tensor, own: Tensor, cross: Tensor, ridge: float = SEQUENTIAL_RIDGE
+) -> Tensor:
+    """The weight ``W' = W E[x x̃ᵀ] (E[x̃ x̃ᵀ] + λ·mean(diag)·I)⁻¹`` whose outputs on the
+    inputs ``x̃`` a compressed model feeds this layer come closest to the original outputs
+    ``W x``: ``‖W x − Ŵ x̃‖² = ‖(W' − Ŵ) x̃‖² + const``, so the sequential step decomposes ``W'``
+    under ``E[x̃ x̃ᵀ]``."""
+    own = own.to(torch.float64)
+    eye = torch.eye(own.shape[0], dtype=torch.float64)
+    damped = own + ridge * float(torch.diagonal(own).mean().clamp_min(1e-300)) * eye
+    w2 = w.detach().reshape(w.shape[0], -1).to("cpu", torch.float64)
+    target = torch.linalg.solve(damped, (w2 @ cross.to(torch.float64)).T).T
+    return target.reshape(w.shape).to(w.device, w.dtype)
 
 
 def output_error(w: Tensor, approx: Tensor, cov: Tensor) -> float:

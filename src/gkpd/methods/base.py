@@ -28,6 +28,12 @@ class LayerContext:
     # Families (for GKPD: A-factor shapes) that a layer of the same shape and input found
     # worth keeping; a method may restrict its search to them (None: search everything).
     families: frozenset | None = None
+    # Data-aware GKPD: the second moment of the layer's input vectors on calibration data
+    # (``gkpd.whiten``), the damping of its Kronecker factors, and whether candidates are
+    # ranked by the output error on that data (else by the weight error).
+    input_covariance: Any = None
+    damping: float = 0.01
+    select_by_output: bool = False
 
     @property
     def bias_params(self) -> int:

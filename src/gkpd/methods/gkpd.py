@@ -31,6 +31,7 @@ from gkpd.methods.base import LayerContext
 from gkpd.methods.lowrank import override_settings
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
+from gkpd.whiten import WhitenedSplit, decompose_whitened, output_error
 
 _KRONECKER_CONV = {1: KroneckerConv1d, 2: KroneckerConv2d, 3: KroneckerConv3d}
 # Below this many rows/columns, or when most of the spectrum is wanted, an exact SVD is
@@ -70,6 +71,25 @@ def _tail_errors(
         _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=1)
         energies = s[:max_rank].square()
     captured = np.cumsum(energies.double().numpy())
+    return np.sqrt(np.clip(total - captured, 0.0, None) / total)
+
+
+def _whitened_tail_errors(
+    weight: torch.Tensor, cov: torch.Tensor, a_shape: tuple[int, ...], max_rank: int,
+    damping: float,
+) -> np.ndarray:
+    """Relative output error of the best rank-r data-aware GKPD for r = 1 … max_rank, under
+    the damped nearest-Kronecker approximation of the input covariance ``cov``."""
+    split = WhitenedSplit.from_covariance(
+        cov, weight.shape, a_shape, b_shape_for(weight.shape, a_shape), damping=damping
+    )
+    m = split.whiten(rearrange(weight, a_shape))
+    total = float(m.square().sum())
+    if total == 0.0:
+        return np.zeros(max_rank)
+    short = m if m.shape[0] <= m.shape[1] else m.T
+    energies = torch.linalg.eigvalsh(short @ short.T).flip(0)[:max_rank].clamp_min(0)
+    captured = np.cumsum(energies.numpy())
     return np.sqrt(np.clip(total - captured, 0.0, None) / total)
 
 
@@ -133,6 +153,16 @@ class GKPD:
         budget = ctx.max_params() - bias
         fixed_rank = ctx.override.get("rank")
         total = float(weight.double().square().sum())
+        if ctx.select_by_output and ctx.input_covariance is not None:
+            cov, damping = ctx.input_covariance, ctx.damping
+
+            def tail_errors(a, max_rank):
+                return _whitened_tail_errors(weight, cov, a, max_rank, damping)
+        else:
+
+            def tail_errors(a, max_rank):
+                return _tail_errors(weight, a, max_rank, total)
+
         splits = self._splits(ctx)
         # The smallest configuration is always offered, whatever the budget, so that the
         # planner can say how far the model can shrink.
@@ -144,7 +174,7 @@ class GKPD:
             order, macs_per_rank = self._rank_one_macs(ctx, a, b)
             if fixed_rank is not None:
                 ranks = np.array([check_rank(fixed_rank, a, b)])
-                errors = _tail_errors(weight, a, int(ranks[0]), total)[-1:]
+                errors = tail_errors(a, int(ranks[0]))[-1:]
             else:
                 cap = min(full_rank(a, b), budget // per_rank)
                 if ctx.max_macs is not None and macs_per_rank > 0:
@@ -154,7 +184,7 @@ class GKPD:
                 if cap < 1:
                     continue
                 ranks = np.arange(1, cap + 1)
-                errors = _tail_errors(weight, a, cap, total)
+                errors = tail_errors(a, cap)
             parts.append(
                 Candidates(
                     ranks * per_rank + bias,
@@ -173,8 +203,32 @@ class GKPD:
         if _is_conv(ctx.module):  # the path the layer will run on order "auto"
             order = on_channel_path(order, a, b, ctx.module.groups)
         entry.a_shape, entry.b_shape, entry.rank, entry.order = a, b, rank, order
+        if ctx.input_covariance is not None:
+            entry.settings.update(init="whitened", damping=float(ctx.damping))
 
-    def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
+    def exact_error(
+        self, module: nn.Module, entry: LayerPlan, input_covariance: torch.Tensor | None = None
+    ) -> float:
+        """Relative weight error of the factors ``build`` starts from; with the layer's
+        ``input_covariance`` (a data-aware entry) also records their relative output error on
+        the calibration data, under the full covariance, as ``settings["output_error"]``."""
+        if entry.settings.get("init") == "whitened":
+            if input_covariance is None:
+                raise ValueError(
+                    f"layer {entry.name!r} is planned with whitened factors: its input "
+                    "covariance is needed"
+                )
+            weight = module.weight.detach()
+            factors = decompose_whitened(
+                weight, input_covariance, entry.a_shape, entry.b_shape, entry.rank,
+                damping=entry.settings["damping"],
+            )
+            approx = factors.reconstruct()
+            entry.settings["output_error"] = round(
+                output_error(weight, approx, input_covariance), 6
+            )
+            norm = float(weight.double().norm())
+            return float((weight.double() - approx.double()).norm()) / norm if norm else 0.0
         # singular values in the weight's own precision (float32 is ~3x faster than float64
         # on the largest ResNet-50 layers); the sums in float64
         m = rearrange(module.weight.detach(), entry.a_shape)
@@ -186,16 +240,35 @@ class GKPD:
 
     # ------------------------------------------------------------------ applying
 
-    def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
-        layer = self._build(module, entry, decompose=decompose)
+    def build(
+        self, module: nn.Module, entry: LayerPlan, *, decompose: bool,
+        input_covariance: torch.Tensor | None = None,
+    ) -> nn.Module:
+        """The Kronecker layer of ``entry``; a data-aware entry (``settings["init"] ==
+        "whitened"``) decomposed with the layer's ``input_covariance``."""
+        whitened = entry.settings.get("init") == "whitened"
+        if decompose and whitened and input_covariance is None:
+            raise ValueError(
+                f"layer {entry.name!r} is planned with factors from calibration data: pass "
+                "calibration= to apply_ (or plan without calibration)"
+            )
+        data = (
+            {"input_covariance": input_covariance, "damping": entry.settings["damping"]}
+            if decompose and whitened else {}
+        )
+        layer = self._build(module, entry, decompose=decompose, **data)
         if "latency_ms" in entry.settings:  # a latency plan timed this path: run it
             layer.order = entry.order
         return layer
 
-    def _build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
+    def _build(
+        self, module: nn.Module, entry: LayerPlan, *, decompose: bool, **data: Any
+    ) -> nn.Module:
         if isinstance(module, nn.Linear):
             if decompose:
-                return KroneckerLinear.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
+                return KroneckerLinear.from_dense(
+                    module, a_shape=entry.a_shape, rank=entry.rank, **data
+                )
             w = module.weight
             return KroneckerLinear(
                 module.in_features,
@@ -208,7 +281,7 @@ class GKPD:
             )
         layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
         if decompose:
-            return layer_cls.from_dense(module, a_shape=entry.a_shape, rank=entry.rank)
+            return layer_cls.from_dense(module, a_shape=entry.a_shape, rank=entry.rank, **data)
         w = module.weight
         return layer_cls(
             module.in_channels,

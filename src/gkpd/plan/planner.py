@@ -107,6 +107,7 @@ def plan(
     latency_slack: float = 0.1,
     latency_cache: str | Path | None = "default",
     latency_channels_last: bool = False,
+    calibration: Any = None,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
@@ -132,7 +133,17 @@ def plan(
     (``model.to(memory_format=torch.channels_last)``), where grouped convolutions are much
     faster on CPU. Timings are cached in ``latency_cache`` (a JSON file; ``"default"``:
     ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
+
+    ``calibration`` (GKPD only): a :class:`gkpd.Calibration`, or inputs for one (a batched
+    tensor or a DataLoader). Each layer's factors then minimise its output error on those
+    inputs (whitened by the Kronecker-factored covariance of its input patches) and, with
+    ``Calibration.select`` (the default), factor shapes, ranks and the global allocation are
+    ranked by that output error. The plan records the settings; ``apply_`` needs the data
+    again (``compress`` passes it on).
     """
+    from gkpd.calibration import Calibration
+
+    calibration = Calibration.of(calibration)
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
     if strategy not in STRATEGIES:
@@ -163,6 +174,10 @@ def plan(
             )
     from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
 
+    if calibration is not None and method != "gkpd":
+        raise ValueError(
+            f"calibration is used by method 'gkpd' only, got method={method!r}"
+        )
     compressor = get_method(method)
     if hasattr(compressor, "plan_model"):  # whole-model methods (prune) plan on their own
         return compressor.plan_model(
@@ -185,6 +200,15 @@ def plan(
         overrides=overrides, first_layer=first_conv, min_params=min_params,
     )
 
+    covariances = {}
+    if calibration is not None:
+        from gkpd.calibration import collect_covariances
+
+        candidates = {
+            n: c.module for n, c in calls.items()
+            if not selection.reasons[n] and not compressor.supports(c.module)
+        }
+        covariances = collect_covariances(model, candidates, calibration)
     entries: dict[str, LayerPlan] = {}
     shared_families: dict[tuple, frozenset] = {}
     contexts, tables, full_tables = [], [], []
@@ -210,6 +234,11 @@ def plan(
             families=(
                 None if exhaustive or override or objective == "latency"
                 else shared_families.get(shape_key)
+            ),
+            **(
+                {"input_covariance": covariances[name], "damping": calibration.damping,
+                 "select_by_output": calibration.select}
+                if calibration is not None else {}
             ),
         )
         full_table = compressor.candidates(ctx)
@@ -266,7 +295,10 @@ def plan(
             # the timed path may run the other stage order than the one the MACs were for
             layer = compressor.build(ctx.module, entry, decompose=False)
             entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
-        entry.relative_error = compressor.exact_error(ctx.module, entry)
+        entry.relative_error = compressor.exact_error(
+            ctx.module, entry,
+            **({"input_covariance": ctx.input_covariance} if calibration is not None else {}),
+        )
         entry.reason = "compressed"
 
     layers = list(entries.values())
@@ -282,6 +314,7 @@ def plan(
             **({"latency_batch": latency_batch or _batch_of(example_input),
                 "latency_slack": latency_slack, "latency_channels_last": latency_channels_last}
                if objective == "latency" else {}),
+            **({"calibration": calibration.settings()} if calibration is not None else {}),
             "include": _pattern_names(include, "include"),
             "exclude": _pattern_names(exclude, "exclude"),
         },
@@ -336,7 +369,7 @@ def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, 
 
 def _describe_timing(entry: LayerPlan, timed, batch: int) -> None:
     entry.order = timed.order
-    entry.settings = {
+    entry.settings |= {
         "latency_batch": batch,
         "latency_ms": round(timed.seconds * 1e3, 4),
         "dense_latency_ms": round(timed.dense_seconds * 1e3, 4),
