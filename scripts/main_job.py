@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from gkpd import cli, data, train
-from gkpd.cli import resolve_model
-from gkpd.cli_compress import example_input
 from gkpd.latency import measure_latency
+from gkpd.models.cards import example_input
 from gkpd.plan.latency import cpu_model
 from gkpd.plan.schema import CompressionPlan
 from gkpd.report import summary
+from gkpd.resolve import resolve_model
 
 DATASET = "fashion-mnist"
 TRAIN_SIZE = 60000
