@@ -4,6 +4,7 @@ the checks of an output directory. Every subcommand module imports only this one
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -61,6 +62,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (
+            None, False, argparse.SUPPRESS
+        ):  # an option without help still shows its default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def subparser_options() -> dict[str, Any]:
