@@ -5,10 +5,10 @@ Run by ``scripts/main_job.sh`` after it has set up the machine; it can also be r
 
     python scripts/main_job.py [--epochs 3] [--train-subset N|auto] [--out out/main]
 
-The compression and the fine-tuning are the ``gkpd compress`` and ``gkpd finetune``
-commands, run in this process; their output directories under ``--out`` are ordinary gkpd
-saves (``gkpd summary``/``eval`` read them). Writes ``report.md``, ``report.json`` and
-``layers.png`` to ``--out``.
+The compression and the fine-tuning are the library calls behind ``gkpd compress`` and
+``gkpd finetune`` (the equivalent commands are printed and recorded); their output
+directories under ``--out`` are ordinary gkpd saves (``gkpd summary``/``eval`` read them).
+Writes ``report.md``, ``report.json`` and ``layers.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from typing import Any
 
 import torch
 
-from gkpd import cli, data, train
-from gkpd.cli import resolve_model
-from gkpd.cli_compress import example_input
+from gkpd import data, train
+from gkpd.apply import compress
+from gkpd.io import save
 from gkpd.latency import measure_latency
+from gkpd.models.cards import compressed_card, example_input, finetuned_card
 from gkpd.plan.latency import cpu_model
 from gkpd.plan.schema import CompressionPlan
 from gkpd.report import summary
+from gkpd.resolve import resolve_model
+from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune, finetune_loader
 
 DATASET = "fashion-mnist"
 TRAIN_SIZE = 60000
@@ -87,12 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_cli(argv: list[str]) -> None:
-    printable = "gkpd " + " ".join(shlex.quote(a) for a in argv)
+def command(argv: list[str]) -> str:
+    """The ``gkpd`` command line that does what this job does with the library, printed as
+    the step starts and recorded in the model card."""
+    printable = "gkpd " + shlex.join(argv)
     say(f"$ {printable}")
-    code = cli.main(argv)
-    if code != 0:
-        raise SystemExit(f"main job: `{printable}` failed with status {code}")
+    return printable
 
 
 def test_loader(data_dir: str | None):
@@ -314,9 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         str(compressed_dir),
         "--force",
     ]
-    run_cli(compress_argv)
-    plan = CompressionPlan.load(compressed_dir / "plan.json")
-    student, _ = resolve_model(str(compressed_dir))
+    compress_command = command(compress_argv)
+    student, plan = compress(
+        teacher, example_input(card), ratio=args.ratio, method="gkpd", strategy=args.strategy
+    )
+    source = Path(args.teacher)
+    student_card = compressed_card(
+        card,
+        plan,
+        teacher=str(source.resolve()) if source.exists() else args.teacher,
+        command=compress_command,
+    )
+    save(compressed_dir, student, plan, card=student_card)
+    print(f"{plan.table()}\nwritten to {compressed_dir}")
     before = train.evaluate(student, loader, device="cpu", progress=not args.no_progress)
     say(f"compressed, before fine-tuning: test accuracy {before['accuracy']:.2f}%")
 
@@ -353,9 +366,47 @@ def main(argv: list[str] | None = None) -> int:
         "cpu",
         *progress,
     ]
-    run_cli(finetune_argv)
-    finetuned, ft_card = resolve_model(str(finetuned_dir))
-    after = ft_card["test_accuracy"]
+    finetune_command = command(finetune_argv)
+    train_loader = finetune_loader(
+        DATASET, args.data_dir, batch_size=args.batch_size, train_subset=subset
+    )
+    history = finetune(
+        student,
+        teacher,
+        train_loader,
+        epochs=args.epochs,
+        eval_loader=loader,
+        checkpoint_dir=finetuned_dir,
+        resume=False,
+        device="cpu",
+        progress=not args.no_progress,
+        lr=args.lr,
+    )
+    finetuned = student.cpu()
+    after = history[-1]["eval_accuracy"]
+    ft_card = finetuned_card(
+        student_card,
+        {
+            "source": str(compressed_dir.resolve()),
+            "teacher": args.teacher,
+            "distillation": True,
+            "alpha": FINETUNE_DEFAULTS["alpha"],
+            "temperature": FINETUNE_DEFAULTS["temperature"],
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "weight_decay": FINETUNE_DEFAULTS["weight_decay"],
+            "batch_size": args.batch_size,
+            "train_subset": subset,
+            "seed": 0,
+            "history": history,
+        },
+        command=finetune_command,
+    )
+    save(finetuned_dir, finetuned, plan, card=ft_card)
+    print(
+        f"fine-tuned {compressed_dir} for {len(history)} epochs with distillation from "
+        f"{args.teacher}: test accuracy {after:.2f}%; written to {finetuned_dir}"
+    )
 
     say("measuring CPU latency at batch 1 and 64 (dense and compressed alternately)")
     lat = latencies(teacher, finetuned, args.latency_repeats)
@@ -411,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             for e in plan.layers
         ],
         "commands": {
-            "compress": "gkpd " + shlex.join(compress_argv),
-            "finetune": "gkpd " + shlex.join(finetune_argv),
+            "compress": compress_command,
+            "finetune": finetune_command,
         },
         "longer_run": (
             f"gkpd finetune {shlex.quote(str(compressed_dir))} --teacher "

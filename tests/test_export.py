@@ -318,7 +318,7 @@ def test_cli_export_onnx_and_merge(tmp_path, capsys):
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["onnx"] == str(out) and result["onnx_bytes"] == out.stat().st_size
     assert result["verified"] and result["input_shape"] == [2, 1, 28, 28]
-    from gkpd.cli import resolve_model
+    from gkpd.resolve import resolve_model
 
     compressed, _ = resolve_model(str(saved))
     merged, card = resolve_model(str(merged_dir))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.plan.schema import CompressionPlan
 from gkpd.train.checkpoint import atomic_write, atomic_write_text, check_state_dict_matches
 
@@ -46,8 +47,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "gkpd-compressed-model"
 FORMAT_VERSION = 1
@@ -218,17 +217,6 @@ def _verify(path: Path, manifest: dict[str, Any]) -> None:
             )
         if _sha256(file) != expected.get("sha256"):
             raise ValueError(f"{file} is corrupt or was changed: its SHA-256 does not match")
-
-
-def read_card(path: str | Path) -> dict[str, Any] | None:
-    """The card saved with the model in ``path``, or ``None`` when it was saved without one."""
-    path = Path(path)
-    card_path = path / CARD_FILE
-    if not card_path.is_file():
-        return None
-    from gkpd.models.pretrained import read_card as read_model_card
-
-    return read_model_card(card_path)
 
 
 def _check_plan_fits(model: nn.Module, plan: CompressionPlan, source: str) -> None:

@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit.fake_data import write_fake_fashion_mnist
 from torch import nn
 
+import gkpd.bench.accuracy as accuracy
+from gkpd import models
+from gkpd.bench import AccuracyConfig, pick_student_widths, require_matplotlib
+from gkpd.cli import main
+from gkpd.models.pretrained import save_trained
+from gkpd.train.finetune import finetune_loader
+
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from fake_fashion_mnist import write_fake_fashion_mnist  # noqa: E402
-
-import gkpd.bench.accuracy as accuracy  # noqa: E402
-from gkpd import models  # noqa: E402
-from gkpd.bench import AccuracyConfig, pick_student_widths, require_matplotlib  # noqa: E402
-from gkpd.cli import main  # noqa: E402
-from gkpd.models.pretrained import save_trained  # noqa: E402
-from gkpd.train.finetune import finetune_loader  # noqa: E402
-
 CARD = {
     "architecture": "resnet20",
     "model_kwargs": {"num_classes": 10, "in_channels": 1},

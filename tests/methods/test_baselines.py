@@ -20,12 +20,7 @@ from gkpd.plan.schema import LayerPlan
 BASELINES = ["svd", "tucker", "cp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _entry(module, method, settings):

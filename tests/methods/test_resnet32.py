@@ -15,18 +15,7 @@ METHODS = ["gkpd", "svd", "tucker", "cp", "tensor_train", "tensor_ring"]
 EXAMPLE = torch.randn(1, 1, 28, 28)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def resnet32():
-    torch.manual_seed(0)
-    return gkpd.models.create("resnet32", num_classes=10, in_channels=1).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("ratio", [5.0, 10.0])

@@ -21,12 +21,7 @@ METHODS = ["tensor_train", "tensor_ring"]
 TO_TENSOR = {"tensor_train": tt_to_tensor, "tensor_ring": tr_to_tensor}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense(kind, *args, **kwargs):

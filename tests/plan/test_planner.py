@@ -10,19 +10,7 @@ from gkpd.counting import count_model
 from gkpd.decompose import full_rank
 from gkpd.plan import CompressionPlan, UnreachableRatio
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def resnet32():
-    torch.manual_seed(0)
-    return gkpd.models.create("resnet32", num_classes=10, in_channels=1).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXAMPLE = torch.randn(1, 1, 28, 28)

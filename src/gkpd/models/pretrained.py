@@ -10,12 +10,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.models.registry import create
 from gkpd.train.checkpoint import atomic_write, atomic_write_text, check_state_dict_matches
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model.json"
 
 
 def save_trained(directory: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
@@ -27,16 +26,6 @@ def save_trained(directory: str | Path, model: nn.Module, card: dict[str, Any]) 
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     atomic_write_text(directory / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def read_card(path: Path) -> dict[str, Any]:
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"model card {path} is unreadable or not JSON: {error}") from error
-    if not isinstance(card, dict) or "architecture" not in card:
-        raise ValueError(f"model card {path} does not name an 'architecture'")
-    return card
 
 
 def load_trained(weights: str | Path, card_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

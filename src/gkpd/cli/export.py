@@ -1,6 +1,6 @@
 """``gkpd export``: a compressed model to ONNX, and/or merged back into dense layers.
 
-The model is resolved with :func:`gkpd.cli.resolve_model` (a directory written by
+The model is resolved with :func:`gkpd.resolve.resolve_model` (a directory written by
 ``gkpd.save``, or any other MODEL the command line takes); the example input comes from the
 ``input_size`` of its card, as in ``gkpd summary``.
 """
@@ -8,24 +8,22 @@ The model is resolved with :func:`gkpd.cli.resolve_model` (a directory written b
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
-from gkpd.cli import CliError, _emit, _positive_int, resolve_model
-
-log = logging.getLogger("gkpd")
+from gkpd.cli.common import CliError, check_out, command_line, emit, positive_int
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from gkpd.cli_compress import CARRIED_KEYS, _check_out, _command_line, _now, example_input
+def run(args: argparse.Namespace) -> int:
     from gkpd.export import merge, to_onnx
+    from gkpd.models.cards import example_input, merged_card
     from gkpd.models.pretrained import save_trained
+    from gkpd.resolve import resolve_model
 
     if args.onnx is None and args.merge_out is None:
         raise CliError("nothing to do: pass --onnx OUT.onnx and/or --merge-out DIR")
     if args.merge_out is not None:
-        _check_out(Path(args.merge_out), force=args.force, inputs=[args.model])
+        check_out(Path(args.merge_out), force=args.force, inputs=[args.model])
     if args.onnx is not None:
         onnx_path = Path(args.onnx)
         if onnx_path.is_dir():
@@ -55,23 +53,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.merge_out is not None:
         dense = merge(model)
         params = sum(p.numel() for p in dense.parameters())
-        new_card = {k: card[k] for k in CARRIED_KEYS if k in card}
-        for key in ("compression", "teacher", "finetune", "test_accuracy", "dataset"):
-            if key in card:
-                new_card[key] = card[key]
-        new_card["merged_from"] = str(Path(args.model).resolve())
-        new_card["command"] = _command_line()
-        new_card["created"] = _now()
+        new_card = merged_card(
+            card, merged_from=str(Path(args.model).resolve()), command=command_line()
+        )
         save_trained(args.merge_out, dense, new_card)
         result.update({"merge_out": str(args.merge_out), "merged_params": params})
         lines.append(
             f"merged into dense layers ({params:,} parameters); written to {args.merge_out}"
         )
-    _emit(args, result, "\n".join(lines))
+    emit(args, result, "\n".join(lines))
     return 0
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub, **kwargs) -> None:
     p = sub.add_parser(
         "export",
         help="export a compressed model to ONNX, or merge it back into dense layers",
@@ -80,17 +74,18 @@ def add_parsers(sub) -> None:
         "its Kronecker layers back into dense ones and write the dense model (loadable as a "
         "MODEL by the other commands). The example input has the shape of the card's "
         "input_size. Needs pip install 'gkpd[export]' for ONNX.",
+        **kwargs,
     )
     p.add_argument("model", metavar="DIR", help="a directory written by gkpd compress")
     p.add_argument("--onnx", metavar="OUT.onnx", default=None, help="the ONNX file to write")
     p.add_argument(
         "--batch",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="batch size of the example input (the exported batch dimension stays dynamic)",
     )
     p.add_argument(
-        "--opset", type=_positive_int, default=None, help="ONNX opset (default: the newest "
+        "--opset", type=positive_int, default=None, help="ONNX opset (default: the newest "
         "that torch's exporter and the installed onnx support)"
     )
     p.add_argument(
@@ -100,4 +95,4 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(handler=_cmd_export)
+    p.set_defaults(handler=run)

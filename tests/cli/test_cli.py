@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit.fake_data import write_fake_fashion_mnist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_fashion_mnist import write_fake_fashion_mnist  # noqa: E402
-
-from gkpd import io, models  # noqa: E402
-from gkpd.cli import main, resolve_model  # noqa: E402
-from gkpd.plan.schema import CompressionPlan  # noqa: E402
+from gkpd import io, models
+from gkpd.cli import main
+from gkpd.plan.schema import CompressionPlan
+from gkpd.resolve import resolve_model
 
 
 def run(capsys, *argv):
@@ -292,7 +291,7 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     import subprocess
 
     _, data, teacher = workspace
-    script = Path(__file__).parents[1] / "scripts" / "main_job.py"
+    script = Path(__file__).parents[2] / "scripts" / "main_job.py"
     out = tmp_path / "main"
     subprocess.run(
         [

@@ -1,0 +1,52 @@
+"""The ``gkpd`` command: each subcommand mirrors a library call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gkpd.cli import bench, compress, evaluate, export, finetune, summary, train
+from gkpd.cli.common import CliError, HelpFormatter, subparser_options
+
+__all__ = ["build_parser", "main"]
+
+# in the order of `gkpd --help`
+SUBCOMMANDS = (train, evaluate, compress, finetune, summary, export, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gkpd", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    options = subparser_options()
+    for module in SUBCOMMANDS:
+        module.add_parser(sub, **options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(args)
+    except (CliError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"gkpd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group cleanly: a rank that exits with gloo's threads
+    alive can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

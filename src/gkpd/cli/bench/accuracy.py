@@ -1,0 +1,165 @@
+"""``gkpd bench accuracy``: several compression methods at several ratios, fine-tuned alike
+(:mod:`gkpd.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gkpd.cli.bench import types
+from gkpd.cli.common import (
+    CliError,
+    common_args,
+    data_args,
+    emit,
+    log,
+    positive_int,
+    warn_normalization,
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from gkpd import data
+    from gkpd.bench import AccuracyConfig, known_methods, run_accuracy
+    from gkpd.bench.report import RESULTS_MD, require_matplotlib
+    from gkpd.models.cards import example_input
+    from gkpd.resolve import resolve_model
+    from gkpd.train.finetune import finetune_loader
+
+    unknown = [m for m in args.methods if m not in known_methods()]
+    if unknown:
+        raise CliError(
+            f"--methods: unknown {', '.join(unknown)}; expected some of "
+            f"{', '.join(known_methods())}"
+        )
+    config = AccuracyConfig(
+        methods=tuple(args.methods),
+        ratios=tuple(args.ratios),
+        epochs=args.epochs,
+        train_subset=args.train_subset,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        student_lr=args.student_lr,
+        weight_decay=args.weight_decay,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        seed=args.seed,
+        latency_threads=args.latency_threads,
+    )
+    config.validate()
+    if not args.no_plot:
+        require_matplotlib()
+    teacher, card = resolve_model(args.model)
+    if card.get("compression"):
+        raise CliError(f"MODEL {args.model} is already compressed; give the dense model")
+    info = data.get_info(args.data)
+    if card.get("dataset") not in (None, args.data):
+        log.warning("model was trained on %s, benchmarking on %s", card["dataset"], args.data)
+    warn_normalization(card, args.data, info)
+    train_loader = finetune_loader(
+        args.data,
+        args.data_dir,
+        batch_size=args.batch_size,
+        train_subset=args.train_subset,
+        workers=args.workers,
+    )
+    test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
+    test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
+    source = Path(args.model)
+    results = run_accuracy(
+        teacher,
+        example_input(card),
+        train_loader=train_loader,
+        test_loader=test_loader,
+        config=config,
+        out=args.out,
+        card=card,
+        context={
+            "model": str(source.resolve()) if source.exists() else args.model,
+            "data": args.data,
+        },
+        reference=args.reference,
+        reference_source=args.reference_source,
+        plot=not args.no_plot,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    text = (Path(args.out) / RESULTS_MD).read_text(encoding="utf-8")
+    failed = [c for c in results["cells"] if c.get("status") != "ok"]
+    text += f"\nwritten to {args.out}" + (f" ({len(failed)} cell(s) failed)" if failed else "")
+    emit(args, results, text)
+    return 0
+
+
+def add_parser(bench, **kwargs) -> None:
+    p = bench.add_parser(
+        "accuracy",
+        help="accuracy of several compression methods at several ratios, same fine-tuning",
+        description="Compress MODEL with each method at each ratio, fine-tune every result "
+        "with the same budget and the same distillation from MODEL, and write results.md, "
+        "results.json and pareto.png to --out. Each (method, ratio) cell has its own "
+        "directory; a finished cell is not run again, an interrupted one resumes from its "
+        "checkpoint, so running the same command again prints the table. Method 'student' "
+        "is a narrower dense network of MODEL's family with about the compressed parameter "
+        "count, trained from random weights by distillation with the same budget.",
+        **kwargs,
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="the trained dense model: a zoo name with shipped weights (e.g. "
+        "resnet32_fashion_mnist), a directory written by gkpd train, or a checkpoint.pt",
+    )
+    data_args(p)
+    p.add_argument(
+        "--methods",
+        type=types.names,
+        required=True,
+        help="comma-separated compression methods (gkpd.methods.method_names()) and/or "
+        "'student', e.g. gkpd,svd,tucker,student",
+    )
+    p.add_argument(
+        "--ratios", type=types.ratios, required=True, help="comma-separated ratios > 1, e.g. 5,10"
+    )
+    p.add_argument("--epochs", type=positive_int, required=True, help="fine-tuning epochs")
+    p.add_argument(
+        "--train-subset",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="N randomly drawn training samples per epoch, a fresh draw each epoch "
+        "(default: all of them)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument(
+        "--student-lr",
+        type=float,
+        default=0.1,
+        help="learning rate of the 'student', which starts from random weights",
+    )
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--latency-threads",
+        type=positive_int,
+        default=1,
+        help="torch threads while timing batch-1 latency (default 1)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--out", required=True, help="directory for the cells, table and plot")
+    p.add_argument(
+        "--reference",
+        type=types.reference,
+        default=None,
+        metavar="METHOD=ACC,...",
+        help="published accuracies shown beside ours, e.g. dense=92.55,gkpd=91.52",
+    )
+    p.add_argument("--reference-source", default=None, help="where --reference comes from")
+    p.add_argument("--no-plot", action="store_true", help="skip pareto.png (needs matplotlib)")
+    common_args(p)
+    p.set_defaults(handler=run)

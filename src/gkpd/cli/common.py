@@ -1,0 +1,142 @@
+"""What the subcommands share: the error they raise, output, argument types and groups, and
+the checks of an output directory. Every subcommand module imports only this one."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gkpd")
+
+MODEL_HELP = (
+    "a zoo name with shipped weights (e.g. resnet32_fashion_mnist), a directory written by "
+    "gkpd train or gkpd compress, or a checkpoint.pt"
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """Print ``result`` as one JSON object under ``--json``, else ``text``."""
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(text)
+
+
+def command_line() -> str:
+    """This process's command line, as the ``command`` of a model card."""
+    return "gkpd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def slack(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, where its help does not already name one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (
+            None, False, argparse.SUPPRESS
+        ):  # an option without help still shows its default
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def subparser_options() -> dict[str, Any]:
+    """Keywords of every ``add_parser``: defaults in ``--help``, and ``-v/--verbose`` accepted
+    after the subcommand as well as before it."""
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="log progress to stderr",
+    )
+    return {"parents": [verbose], "formatter_class": HelpFormatter}
+
+
+def data_args(parser: argparse.ArgumentParser) -> None:
+    from gkpd.data import dataset_names
+
+    parser.add_argument("--data", required=True, choices=dataset_names(), help="data set")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of the data set "
+        "(default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
+    )
+
+
+def common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def model_dir(spec: str) -> Path | None:
+    """The resolved path of a MODEL that is a path, else ``None`` (a zoo name)."""
+    path = Path(spec)
+    return path.resolve() if path.exists() else None
+
+
+def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool = False) -> None:
+    """Refuse an --out that is an input, is a file, or already holds a model or a run."""
+    from gkpd.io import is_saved_model
+    from gkpd.models.cards import WEIGHTS_FILE
+    from gkpd.train.loop import CHECKPOINT_NAME
+
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a directory")
+    for spec in inputs:
+        source = model_dir(spec)
+        if source is not None and source in (out.resolve(), out.resolve() / WEIGHTS_FILE):
+            raise CliError(f"--out {out} is an input of this command; pick another directory")
+    if resume or force:
+        return
+    if (out / CHECKPOINT_NAME).exists():
+        raise CliError(
+            f"--out {out} already holds a training run; pass --resume to continue it, "
+            "--force to start over, or pick another directory"
+        )
+    if is_saved_model(out) or (out / WEIGHTS_FILE).exists():
+        raise CliError(
+            f"--out {out} already holds a model; pass --force to replace it or pick another "
+            "directory"
+        )
+
+
+def warn_normalization(card: dict[str, Any], data: str, info) -> None:
+    """Warn when the model's card records a normalization other than that of ``data``."""
+    norm = card.get("normalization")
+    if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
+        log.warning("model was trained with normalization %s; %s uses %s", norm, data, info)

@@ -1,0 +1,162 @@
+"""``gkpd compress``: plan and apply a compression of a trained model, then save it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from gkpd.cli.common import (
+    MODEL_HELP,
+    CliError,
+    check_out,
+    command_line,
+    emit,
+    log,
+    model_dir,
+    positive_int,
+    slack,
+)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}") from None
+    if not value > 1:
+        raise argparse.ArgumentTypeError(
+            f"must be > 1 (dense parameters / compressed parameters), got {text}"
+        )
+    return value
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`gkpd.apply.compress` that the arguments ask for."""
+    options: dict[str, Any] = {
+        "ratio": args.ratio,
+        "method": args.method,
+        "strategy": args.strategy,
+    }
+    if args.include:
+        options["include"] = args.include
+    if args.exclude:
+        options["exclude"] = args.exclude
+    if args.objective == "latency":
+        options.update(objective="latency", latency_batch=args.latency_batch,
+                       latency_channels_last=args.channels_last)
+        if args.latency_slack is not None:
+            options["latency_slack"] = args.latency_slack
+    elif args.latency_batch is not None or args.latency_slack is not None or args.channels_last:
+        raise CliError("--latency-batch, --latency-slack and --channels-last need "
+                       "--objective latency")
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    from gkpd.apply import compress
+    from gkpd.io import is_saved_model, save
+    from gkpd.models.cards import compressed_card, example_input
+    from gkpd.resolve import resolve_model
+
+    out = Path(args.out)
+    check_out(out, force=args.force, inputs=[args.model])
+    if is_saved_model(args.model):
+        raise CliError(
+            f"MODEL {args.model} is already compressed; compress the dense model it came from"
+        )
+    model, card = resolve_model(args.model)
+    x = example_input(card)
+    options = _options(args)
+    log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
+    compressed, plan = compress(model, x, **options)
+    source = model_dir(args.model)
+    new_card = compressed_card(
+        card,
+        plan,
+        teacher=str(source) if source is not None else args.model,
+        include=args.include,
+        exclude=args.exclude,
+        command=command_line(),
+    )
+    save(out, compressed, plan, card=new_card)
+    result = {
+        "out": str(out),
+        "model": args.model,
+        "method": plan.method,
+        "strategy": plan.strategy,
+        "target_ratio": plan.target_ratio,
+        "achieved_ratio": plan.achieved_ratio,
+        "dense_params": plan.dense_params,
+        "params": plan.params,
+        "dense_macs": plan.dense_macs,
+        "macs": plan.macs,
+        "compressed_layers": len(plan.compressed_layers),
+    }
+    emit(args, result, f"{plan.table()}\nwritten to {out}")
+    return 0
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="gkpd", help="compression method (default: gkpd)")
+    p.add_argument(
+        "--strategy",
+        choices=["uniform", "global"],
+        default="uniform",
+        help="uniform: every layer at the same ratio (the paper); global: "
+        "minimize the summed relative squared error",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        default=None,
+        help="compress only these layers: module type (Conv2d), name, or re:REGEX; repeatable",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        default=None,
+        help="keep these layers dense: module type, name, or re:REGEX; repeatable",
+    )
+
+
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--objective",
+        choices=["error", "latency"],
+        default="error",
+        help="error: the most accurate configuration per layer; latency (gkpd only): time "
+        "the configurations on this machine and keep the fastest within --latency-slack",
+    )
+    p.add_argument("--latency-batch", type=positive_int, default=None,
+                   help="batch size to time at (default: 1)")
+    p.add_argument("--latency-slack", type=slack, default=None,
+                   help="accept configurations whose error is up to 1+SLACK times the most "
+                   "accurate one's (default: 0.1)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="time on channels_last inputs, for a model run in that memory format")
+
+
+def add_parser(sub, **kwargs) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress a trained model to a target ratio",
+        description="Plan and apply a GKPD compression of a trained model, print the plan, "
+        "and write the compressed model (gkpd.save) to --out.",
+        **kwargs,
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument(
+        "--ratio",
+        type=_ratio,
+        required=True,
+        help="whole-model compression ratio: dense parameters / compressed parameters (> 1)",
+    )
+    _selection_args(p)
+    _latency_args(p)
+    p.add_argument("--out", required=True, help="directory for the compressed model")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(handler=run)

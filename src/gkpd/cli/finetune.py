@@ -1,0 +1,172 @@
+"""``gkpd finetune``: fine-tune a compressed model, with distillation from its teacher."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gkpd.cli.common import (
+    MODEL_HELP,
+    CliError,
+    check_out,
+    command_line,
+    common_args,
+    data_args,
+    emit,
+    log,
+    positive_int,
+    warn_normalization,
+)
+
+
+def _teacher(args: argparse.Namespace, card: dict):
+    """(teacher model or None, its MODEL spec): --teacher, or the one the card records."""
+    from gkpd.resolve import resolve_model
+
+    teacher_spec = args.teacher or (card.get("teacher") or {}).get("model")
+    if args.no_distill:
+        return None, teacher_spec
+    if not teacher_spec:
+        raise CliError("pass --teacher MODEL (the card of DIR names none), or --no-distill")
+    teacher, teacher_card = resolve_model(teacher_spec)
+    if teacher_card.get("architecture") != card.get("architecture"):
+        log.warning(
+            "teacher %s is a %s, the student was compressed from a %s",
+            teacher_spec,
+            teacher_card.get("architecture"),
+            card.get("architecture"),
+        )
+    return teacher, teacher_spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from gkpd import data
+    from gkpd.io import PLAN_FILE, is_saved_model, save
+    from gkpd.models.cards import finetuned_card
+    from gkpd.plan.schema import CompressionPlan
+    from gkpd.resolve import resolve_model
+    from gkpd.train.finetune import finetune, finetune_loader
+
+    source = Path(args.model)
+    if not is_saved_model(source):
+        raise CliError(
+            f"DIR {source} is not a compressed model written by `gkpd compress` (no {PLAN_FILE})"
+        )
+    out = Path(args.out)
+    check_out(out, force=args.force, inputs=[args.model], resume=args.resume)
+    student, card = resolve_model(args.model)
+    plan = CompressionPlan.load(source / PLAN_FILE)
+    teacher, teacher_spec = _teacher(args, card)
+    info = data.get_info(args.data)
+    if card.get("dataset") not in (None, args.data):
+        log.warning("model was trained on %s, fine-tuning on %s", card["dataset"], args.data)
+    warn_normalization(card, args.data, info)
+    train_loader = finetune_loader(
+        args.data,
+        args.data_dir,
+        batch_size=args.batch_size,
+        train_subset=args.train_subset,
+        workers=args.workers,
+    )
+    test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
+    test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
+    history = finetune(
+        student,
+        teacher,
+        train_loader,
+        epochs=args.epochs,
+        eval_loader=test_loader,
+        checkpoint_dir=out,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    final = history[-1]
+    new_card = finetuned_card(
+        card,
+        {
+            "source": str(source.resolve()),
+            "teacher": None if args.no_distill else teacher_spec,
+            "distillation": not args.no_distill,
+            "alpha": args.alpha,
+            "temperature": args.temperature,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size,
+            "train_subset": args.train_subset,
+            "seed": args.seed,
+            "history": history,
+        },
+        command=command_line(),
+    )
+    save(out, student.cpu(), plan, card=new_card)
+    result = {
+        "out": str(out),
+        "epochs": len(history),
+        "test_accuracy": final["eval_accuracy"],
+        "teacher_test_accuracy": (card.get("teacher") or {}).get("test_accuracy"),
+        "distillation": not args.no_distill,
+    }
+    emit(
+        args,
+        result,
+        f"fine-tuned {source} for {len(history)} epochs"
+        f"{'' if args.no_distill else f' with distillation from {teacher_spec}'}: "
+        f"test accuracy {final['eval_accuracy']:.2f}%; written to {out}",
+    )
+    return 0
+
+
+def add_parser(sub, **kwargs) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a compressed model, with distillation from its teacher",
+        description="Fine-tune a model written by `gkpd compress` with knowledge distillation "
+        "from the dense teacher (on by default); checkpoints after every epoch in --out, "
+        "--resume continues; the result is written to --out with gkpd.save.",
+        **kwargs,
+    )
+    p.add_argument("model", metavar="DIR", help="a directory written by gkpd compress")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        metavar="MODEL",
+        help="the dense teacher (default: the one recorded by gkpd compress); " + MODEL_HELP,
+    )
+    data_args(p)
+    p.add_argument("--epochs", type=positive_int, required=True)
+    p.add_argument("--out", required=True, help="directory for checkpoints and the result")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument(
+        "--no-distill", action="store_true", help="plain cross-entropy fine-tuning, no teacher"
+    )
+    p.add_argument(
+        "--train-subset",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="train on N randomly drawn training samples per epoch, a fresh draw each "
+        "epoch (default: all of them)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an --out that already holds a run or a model",
+    )
+    common_args(p)
+    p.set_defaults(handler=run)

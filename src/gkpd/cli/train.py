@@ -1,0 +1,118 @@
+"""``gkpd train``: train a zoo architecture from scratch and write its weights and card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from gkpd.cli.common import (
+    CliError,
+    command_line,
+    common_args,
+    data_args,
+    emit,
+    positive_int,
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gkpd import data, models, train
+    from gkpd.models.cards import CARD_FILE, now
+    from gkpd.models.pretrained import save_trained
+    from gkpd.train import distributed
+    from gkpd.train.checkpoint import atomic_write_text
+    from gkpd.train.loop import CHECKPOINT_NAME
+
+    info = data.get_info(args.data)
+    out = Path(args.out)
+    if (out / CHECKPOINT_NAME).exists() and not args.resume:
+        raise CliError(
+            f"--out {out} already holds a run; pass --resume to continue it or pick another"
+        )
+    model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
+    model = models.create(args.model, **model_kwargs)
+    train_loader, test_loader = data.build_loaders(
+        args.data, args.data_dir, batch_size=args.batch_size, num_workers=args.workers
+    )
+    card: dict[str, Any] = {
+        "architecture": args.model,
+        "model_kwargs": model_kwargs,
+        "dataset": args.data,
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "input_size": [info.in_channels, info.image_size, info.image_size],
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "hyperparameters": {
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "schedule": args.schedule,
+            "label_smoothing": args.label_smoothing,
+            "momentum": 0.9,
+            "nesterov": True,
+            "augmentation": (
+                f"random crop (padding {info.crop_padding}) + horizontal flip"
+                if info.crop_padding
+                else "random crop while decoding + horizontal flip"
+            ),
+        },
+        "command": command_line(),
+        "torch_version": torch.__version__,
+    }
+    if distributed.is_main_process():
+        atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
+    history = train.fit(
+        model,
+        train_loader,
+        epochs=args.epochs,
+        eval_loader=test_loader,
+        checkpoint_dir=out,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.no_progress,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+    )
+    final = history[-1]
+    card["test_accuracy"] = final["eval_accuracy"]
+    card["created"] = now()
+    if distributed.is_main_process():
+        save_trained(out, model, card)
+    result = {"out": str(out), "epochs": len(history), "test_accuracy": final["eval_accuracy"]}
+    emit(
+        args,
+        result,
+        f"trained {args.model} on {args.data}: test accuracy "
+        f"{final['eval_accuracy']:.2f}% after {len(history)} epochs; written to {out}",
+    )
+    return 0
+
+
+def add_parser(sub, **kwargs) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a zoo model from scratch",
+        description="Train a gkpd.models architecture on a data set.",
+        **kwargs,
+    )
+    p.add_argument("model", metavar="MODEL_NAME", help="a gkpd.models name, e.g. resnet32")
+    data_args(p)
+    p.add_argument("--epochs", type=positive_int, required=True)
+    p.add_argument("--out", required=True, help="directory for checkpoints, metrics and weights")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    common_args(p)
+    p.set_defaults(handler=run)
