@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,9 @@ class Calibration:
     damping: float = DEFAULT_DAMPING
     sequential: bool = False
     select: bool = True
+    # The covariances of the last model they were collected on: compress plans and applies on
+    # a copy of one model, and collecting them twice would double the calibration cost.
+    _last: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.data is None or isinstance(self.data, str | bytes):
@@ -159,11 +162,26 @@ def _run(models: Sequence[nn.Module], calls: Iterable[tuple[tuple, dict]]) -> No
         raise ValueError("calibration data is empty: it yielded no batch")
 
 
+def _fingerprint(model: nn.Module, names: Iterable[str]) -> tuple:
+    """Identifies a model's values (a deep copy has the same) and the layers asked for."""
+    state = tuple(
+        (key, tuple(t.shape), float(t.double().sum()), float(t.double().square().sum()))
+        for key, t in model.state_dict().items() if t.is_floating_point()
+    )
+    return type(model).__name__, tuple(names), state
+
+
 def collect_covariances(
     model: nn.Module, modules: Mapping[str, nn.Module], calibration: Calibration
 ) -> dict[str, Tensor]:
     """The input-patch second moment (float64, CPU) of each of ``modules`` (by name) while
-    ``model`` runs, in eval mode and without gradients, on ``calibration``'s inputs."""
+    ``model`` runs, in eval mode and without gradients, on ``calibration``'s inputs.
+
+    The result is kept in ``calibration`` for the next call on a model with the same values
+    and layers (a deep copy of it)."""
+    key = _fingerprint(model, modules)
+    if calibration._last.get("key") == key:
+        return dict(calibration._last["covariances"])
     covariances = {name: InputCovariance(m) for name, m in modules.items()}
 
     def hook_for(name: str):
@@ -179,7 +197,10 @@ def collect_covariances(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: cov.matrix for name, cov in covariances.items()}
+    result = {name: cov.matrix for name, cov in covariances.items()}
+    calibration._last.clear()
+    calibration._last.update(key=key, covariances=result)
+    return dict(result)
 
 
 def collect_cross_moments(

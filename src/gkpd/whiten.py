@@ -115,13 +115,18 @@ class InputCovariance:
         self.count = 0
 
     def update(self, x: Tensor) -> None:
-        rows = input_patches(self.module, x.detach()).to("cpu", torch.float64)
-        if not torch.isfinite(rows).all():
+        # the product in the input's precision (float32: ~30x faster than float64 on CPU, and
+        # a batch's sum is then accumulated in float64)
+        rows = input_patches(self.module, x.detach())
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        product = (rows.T @ rows).to("cpu", torch.float64)
+        if not torch.isfinite(product).all():  # a NaN or inf input shows in its product
             raise ValueError(
                 "calibration inputs produce non-finite activations (NaN or inf) at a layer "
                 f"{self.module}: check the calibration data"
             )
-        self._sum += rows.T @ rows
+        self._sum += product
         self.count += rows.shape[0]
 
     @property

@@ -38,9 +38,19 @@ BENCH_FILE = "bench.json"
 
 # Named variants of a method: (method, the options of gkpd.compress they pin). A variant keeps
 # its settings when the method's defaults move, so a recorded row can be run again as it was.
+# A "calibration" option holds the settings of a gkpd.Calibration; the bench gives it its
+# calibration images (a fixed draw from the training split).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # GKPD as planned before the accuracy campaign (issue #12): plain NKP factors, uniform plan
     "gkpd-plain": ("gkpd", {}),
+    # data-aware factors (whitened on 512 training images), shapes and ranks as gkpd-plain's
+    "gkpd-whiten": ("gkpd", {"calibration": {"samples": 512, "select": False}}),
+    # ... and shapes, ranks and the allocation ranked by output error on those images
+    "gkpd-whiten-select": ("gkpd", {"calibration": {"samples": 512, "select": True}}),
+    # ... each layer fitted to the original outputs from the compressed model's inputs
+    "gkpd-whiten-sequential": (
+        "gkpd", {"calibration": {"samples": 512, "select": False, "sequential": True}}
+    ),
 }
 
 
@@ -152,7 +162,7 @@ class _Bench:
     """One run of :func:`run_accuracy`: shared state of its cells."""
 
     def __init__(self, teacher, example_input, train_loader, test_loader, config, out, *,
-                 card, device, progress):
+                 card, device, progress, calibration):
         self.teacher = teacher
         self.x = example_input
         self.train_loader = train_loader
@@ -162,6 +172,20 @@ class _Bench:
         self.card = dict(card or {})
         self.device = device
         self.progress = progress
+        self.calibration = calibration
+
+    def options(self, method: str) -> tuple[str, dict[str, Any]]:
+        """The method a (variant) name runs and its options of ``gkpd.compress``."""
+        method, options = VARIANTS.get(method, (method, {}))
+        options = dict(options)
+        if "calibration" in options:
+            from gkpd.calibration import Calibration
+
+            if self.calibration is None:
+                raise ValueError(f"method {method!r} needs calibration images: pass "
+                                 "calibration= to run_accuracy")
+            options["calibration"] = Calibration(self.calibration, **options["calibration"])
+        return method, options
 
     def evaluate(self, model: nn.Module) -> float:
         from gkpd.train import evaluate
@@ -220,7 +244,7 @@ class _Bench:
             return model, None, {"model_kwargs": kwargs}
         from gkpd.plan.budget import UnreachableRatio
 
-        method, options = VARIANTS.get(method, (method, {}))
+        method, options = self.options(method)
         notes: dict[str, Any] = {"strategy": "uniform"}
         try:
             model, plan = compress(self.teacher, self.x, ratio=ratio, method=method, **options)
@@ -232,6 +256,8 @@ class _Bench:
                 self.teacher, self.x, ratio=ratio, method=method, strategy="global", **options
             )
             notes = {"strategy": "global", "uniform_error": str(error)}
+        if "calibration" in plan.options:
+            notes["plan_options"] = {"calibration": plan.options["calibration"]}
         for p in model.parameters():  # fit() froze the teacher's, which the copy inherited
             p.requires_grad_(True)
         return model, plan, notes
@@ -287,6 +313,7 @@ class _Bench:
             result["accuracy_after"] = self.evaluate(model)
             result["finetune_seconds"] = sum(r["seconds"] for r in history)
             result["epochs"] = len(history)
+            result["train_samples"] = c.train_subset or len(self.train_loader.dataset)
             result["train_loss"] = history[-1]["train_loss"]
             result.update(self.latency(model))
             self.save_model(cell / "model", model.cpu(), plan, result)
@@ -332,6 +359,7 @@ def run_accuracy(
     plot: bool = True,
     device: str | torch.device | None = None,
     progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every cell of ``config`` and write ``results.md``, ``results.json`` and
     (with ``plot``) ``pareto.png`` in ``out``; returns what ``results.json`` holds.
@@ -341,6 +369,8 @@ def run_accuracy(
     card (``architecture`` and ``model_kwargs`` are needed by the ``student`` method);
     ``context`` JSON-able facts that must not change between runs in ``out`` (model, data);
     ``reference`` published accuracies by method name (and ``"dense"``), shown beside ours.
+    ``calibration``: inputs for the data-aware variants (``VARIANTS``), e.g. a fixed draw of
+    training images.
     """
     if not isinstance(config, AccuracyConfig):
         raise TypeError(f"config must be an AccuracyConfig, got {type(config).__name__}")
@@ -361,7 +391,7 @@ def run_accuracy(
     _check_budget(out, config, context or {})
     teacher = copy.deepcopy(teacher).cpu().eval()
     bench = _Bench(teacher, example_input.cpu(), train_loader, test_loader, config, out,
-                   card=card, device=device, progress=progress)
+                   card=card, device=device, progress=progress, calibration=calibration)
     dense = bench.dense()
     cells = []
     todo = config.cells()

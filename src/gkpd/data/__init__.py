@@ -11,6 +11,7 @@ from gkpd.data.registry import (
     dataset_names,
     get_info,
     register_dataset,
+    sample_inputs,
 )
 
 
@@ -121,4 +122,5 @@ __all__ = [
     "dataset_names",
     "get_info",
     "register_dataset",
+    "sample_inputs",
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from gkpd.data.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
@@ -64,6 +65,23 @@ def build_dataset(
     if augment is None:
         augment = split == "train"
     return info.build(split, data_dir, transform_for(info, augment), augment)
+
+
+def sample_inputs(
+    name: str, count: int, data_dir: str | Path | None = None, *, split: str = "train",
+    seed: int = 0,
+) -> Tensor:
+    """``count`` inputs of a named data set's ``split``, drawn without replacement with
+    ``seed`` and not augmented, stacked into one tensor: calibration data for
+    ``gkpd.plan(..., calibration=...)``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    dataset = build_dataset(name, split, data_dir, augment=False)
+    if count > len(dataset):
+        raise ValueError(f"count {count} is more than the {len(dataset)} samples of {name} "
+                         f"{split}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([dataset[int(i)][0] for i in order[:count]])
 
 
 def build_loaders(

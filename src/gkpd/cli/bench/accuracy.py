@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from gkpd.cli.bench import types
@@ -23,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     from gkpd import data
     from gkpd.bench import AccuracyConfig, known_methods, run_accuracy
+    from gkpd.bench.accuracy import VARIANTS
+    from gkpd.bench.campaign import RESULTS_MD as CAMPAIGN_MD
+    from gkpd.bench.campaign import seed_dir, write_campaign
     from gkpd.bench.report import RESULTS_MD, require_matplotlib
     from gkpd.models.cards import example_input
     from gkpd.resolve import resolve_model
@@ -34,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
             f"--methods: unknown {', '.join(unknown)}; expected some of "
             f"{', '.join(known_methods())}"
         )
+    if args.seeds is not None and args.seed != 0:
+        raise CliError("give either --seed or --seeds")
+    seeds = args.seeds if args.seeds is not None else [args.seed]
     config = AccuracyConfig(
         methods=tuple(args.methods),
         ratios=tuple(args.ratios),
@@ -67,27 +74,39 @@ def run(args: argparse.Namespace) -> int:
     )
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
     test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
+    calibration = None
+    if any("calibration" in VARIANTS.get(m, ("", {}))[1] for m in args.methods):
+        calibration = data.sample_inputs(args.data, args.calibration, args.data_dir)
     source = Path(args.model)
-    results = run_accuracy(
-        teacher,
-        example_input(card),
-        train_loader=train_loader,
-        test_loader=test_loader,
-        config=config,
-        out=args.out,
-        card=card,
-        context={
-            "model": str(source.resolve()) if source.exists() else args.model,
-            "data": args.data,
-        },
-        reference=args.reference,
-        reference_source=args.reference_source,
-        plot=not args.no_plot,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    text = (Path(args.out) / RESULTS_MD).read_text(encoding="utf-8")
-    failed = [c for c in results["cells"] if c.get("status") != "ok"]
+    for seed in seeds:
+        out = Path(args.out) if args.seeds is None else seed_dir(args.out, seed)
+        results = run_accuracy(
+            teacher,
+            example_input(card),
+            train_loader=train_loader,
+            test_loader=test_loader,
+            config=dataclasses.replace(config, seed=seed),
+            out=out,
+            card=card,
+            context={
+                "model": str(source.resolve()) if source.exists() else args.model,
+                "data": args.data,
+            },
+            reference=args.reference,
+            reference_source=args.reference_source,
+            plot=not args.no_plot and args.seeds is None,
+            device=args.device,
+            progress=not args.no_progress,
+            calibration=calibration,
+        )
+    if args.seeds is not None:
+        results = write_campaign(args.out, train_size=len(train_loader.dataset),
+                                 plot=not args.no_plot)
+        text = (Path(args.out) / CAMPAIGN_MD).read_text(encoding="utf-8")
+        failed = results["failed"]
+    else:
+        text = (Path(args.out) / RESULTS_MD).read_text(encoding="utf-8")
+        failed = [c for c in results["cells"] if c.get("status") != "ok"]
     text += f"\nwritten to {args.out}" + (f" ({len(failed)} cell(s) failed)" if failed else "")
     emit(args, results, text)
     return 0
@@ -144,6 +163,22 @@ def add_parser(bench, **kwargs) -> None:
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=types.seeds,
+        default=None,
+        metavar="S,...",
+        help="a campaign: every cell once per seed, in --out/seedS, and results.json (one row "
+        "per method x ratio x seed), results.md (mean +- sd) and accuracy.png in --out",
+    )
+    p.add_argument(
+        "--calibration",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="training images (a fixed draw, not augmented) that the data-aware gkpd "
+        "variants (gkpd-whiten...) whiten on",
+    )
     p.add_argument(
         "--latency-threads",
         type=positive_int,

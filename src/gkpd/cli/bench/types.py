@@ -110,3 +110,15 @@ def reference(text: str) -> dict[str, float]:
                 f"expected METHOD=ACCURACY pairs separated by commas, got {text!r}"
             )
     return reference
+
+
+def seeds(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated distinct integers >= 0, got {text!r}"
+        )
+    return values

@@ -1,0 +1,179 @@
+"""The accuracy campaign: the accuracy benchmark over several seeds, and its summary.
+
+A campaign directory holds one accuracy-benchmark directory per seed (``seed0/``, ``seed1/``,
+… each as :func:`gkpd.bench.run_accuracy` writes it, resumable per cell) and, written by
+:func:`write_campaign`, ``results.json`` (one row per method × ratio × seed), ``results.md``
+(mean ± sd over seeds) and ``accuracy.png`` (accuracy against parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE, VARIANTS
+from gkpd.bench.report import require_matplotlib
+from gkpd.train.checkpoint import atomic_write, atomic_write_text
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "accuracy.png"
+_ROW_KEYS = ("method", "ratio", "achieved_ratio", "params", "macs", "accuracy_before",
+             "accuracy_after", "finetune_seconds")
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    return Path(out) / f"seed{seed}"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is unreadable or not JSON ({error}); delete it") from error
+
+
+def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str, Any]:
+    """Every finished cell under ``out`` as a row; ``train_size``: the training split's
+    length, for cells fine-tuned on all of it (their per-epoch sample count)."""
+    out = Path(out)
+    rows, failed, dense, budgets = [], [], None, {}
+    for directory in sorted(out.glob("seed*")):
+        if not (directory / BENCH_FILE).is_file():
+            continue
+        budget = _read(directory / BENCH_FILE)["budget"]
+        budgets[directory.name] = budget
+        if (directory / f"{DENSE}.json").is_file():
+            dense = _read(directory / f"{DENSE}.json")
+        for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
+            cell = _read(path)
+            if cell.get("status") != "ok":
+                failed.append({"dir": f"{directory.name}/{path.parent.name}",
+                               "error": cell.get("error")})
+                continue
+            row = {key: cell.get(key) for key in _ROW_KEYS}
+            row["seed"] = budget["seed"]
+            row["epochs"] = cell.get("epochs", budget["epochs"])
+            row["train_samples"] = cell.get("train_samples") or budget["train_subset"] or (
+                train_size
+            )
+            settings = {k: budget[k] for k in ("lr", "batch_size", "weight_decay", "alpha",
+                                                "temperature")}
+            settings["strategy"] = cell.get("strategy", "uniform")
+            if row["method"] in VARIANTS:
+                base, options = VARIANTS[row["method"]]
+                settings["variant_of"] = base
+                settings["options"] = {k: str(v) for k, v in options.items()}
+            if cell.get("plan_options"):
+                settings["plan_options"] = cell["plan_options"]
+            row["settings"] = settings
+            row["cell"] = f"{directory.name}/{path.parent.name}"
+            rows.append(row)
+    shared = {k: v for k, v in next(iter(budgets.values()), {}).items() if k != "seed"}
+    for name, budget in budgets.items():
+        differs = sorted(k for k in shared if budget.get(k) != shared[k])
+        if differs:
+            raise ValueError(f"{out / name} has another budget ({', '.join(differs)}) than the "
+                             "other seeds: a campaign compares one budget")
+    rows.sort(key=lambda r: (r["ratio"], r["method"], r["seed"]))
+    return {"budget": shared, "dense": dense, "rows": rows, "failed": failed}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample sd of accuracy over seeds, per (ratio, method), best first."""
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["ratio"], row["method"]), []).append(row)
+    summary = []
+    for (ratio, method), group in groups.items():
+        after = [r["accuracy_after"] for r in group]
+        before = [r["accuracy_before"] for r in group]
+        summary.append({
+            "ratio": ratio, "method": method, "seeds": sorted(r["seed"] for r in group),
+            "params": statistics.mean(r["params"] for r in group),
+            "achieved_ratio": statistics.mean(r["achieved_ratio"] for r in group),
+            "accuracy_after": statistics.mean(after),
+            "accuracy_after_sd": statistics.stdev(after) if len(after) > 1 else None,
+            "accuracy_before": statistics.mean(before),
+        })
+    summary.sort(key=lambda s: (s["ratio"], -s["accuracy_after"]))
+    return summary
+
+
+def format_campaign(results: dict[str, Any]) -> str:
+    dense = results.get("dense") or {}
+    budget = results["budget"]
+    lines = ["| ratio | method | seeds | achieved | params | acc. before | acc. after "
+             "(mean ± sd) | vs dense |", "|---|---|---|---|---|---|---|---|"]
+    for s in results["summary"]:
+        sd = "" if s["accuracy_after_sd"] is None else f" ± {s['accuracy_after_sd']:.2f}"
+        vs = (f"{s['accuracy_after'] - dense['accuracy_after']:+.2f}"
+              if "accuracy_after" in dense else "–")
+        lines.append(
+            f"| {s['ratio']:g}x | {s['method']} | {len(s['seeds'])} | "
+            f"{s['achieved_ratio']:.2f}x | {s['params'] / 1e3:.2f}k | "
+            f"{s['accuracy_before']:.2f} | {s['accuracy_after']:.2f}{sd} | {vs} |"
+        )
+    samples = {r["train_samples"] for r in results["rows"]} or {budget.get("train_subset")}
+    notes = [
+        "",
+        f"Dense teacher: {dense.get('accuracy_after', float('nan')):.2f}% "
+        f"({dense.get('params', 0) / 1e3:.2f}k parameters). Every cell: {budget.get('epochs')} "
+        f"epochs of {', '.join(str(s) for s in sorted(samples, key=str))} training samples, "
+        f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, cosine, distilled from "
+        f"the teacher (alpha {budget.get('alpha')}, T {budget.get('temperature')}); the "
+        f"student from random weights with lr {budget.get('student_lr')}. Test accuracy in %.",
+    ]
+    for f in results["failed"]:
+        notes.append(f"- {f['dir']} failed: {f['error']}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot_campaign(path: Path, results: dict[str, Any]) -> Path:
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    try:
+        dense = results.get("dense")
+        if dense:
+            ax.axhline(dense["accuracy_after"], color="0.4", linestyle="--", linewidth=1,
+                       label=f"dense ({dense['accuracy_after']:.2f}%)")
+        methods = list(dict.fromkeys(s["method"] for s in results["summary"]))
+        for i, method in enumerate(sorted(methods)):
+            points = sorted((s["params"], s["accuracy_after"], s["accuracy_after_sd"] or 0.0)
+                            for s in results["summary"] if s["method"] == method)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                        yerr=[p[2] for p in points], marker="osD^vP*Xh<>p"[i % 12],
+                        color=f"C{i}", linestyle=":", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (log scale)")
+        ax.set_ylabel("test accuracy after fine-tuning (%, mean ± sd over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_campaign(out: str | Path, *, cells: str | Path | None = None,
+                   train_size: int | None = None, plot: bool = True) -> dict[str, Any]:
+    """Collect every seed's finished cells under ``cells`` (default ``out``) and write the
+    campaign's ``results.json``, ``results.md`` and (with ``plot``) ``accuracy.png`` to
+    ``out``."""
+    out = Path(out)
+    results = collect_rows(out if cells is None else cells, train_size=train_size)
+    results["summary"] = summarize(results["rows"])
+    for row in results["rows"]:
+        for key in ("accuracy_before", "accuracy_after"):
+            if row[key] is not None and not math.isfinite(row[key]):
+                raise ValueError(f"{row['cell']}: {key} is not finite")
+    atomic_write_text(out / RESULTS_JSON,
+                      json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    atomic_write_text(out / RESULTS_MD, format_campaign(results))
+    if plot and results["summary"]:
+        plot_campaign(out / PLOT_PNG, results)
+    return results
