@@ -130,6 +130,36 @@ def test_compress_json_and_table(capsys, workspace, tmp_path):
     assert plan.strategy == "global" and not plan.layer("fc").compressed
 
 
+def test_compress_with_calibration_images(capsys, workspace, tmp_path):
+    _, data, teacher = workspace
+    out = tmp_path / "c"
+    result = run_json(capsys, "compress", teacher, "--ratio", 2, "--calibration", 16,
+                      "--data-dir", data, "--out", out)
+    assert result["achieved_ratio"] == pytest.approx(2, rel=0.03)
+    plan = CompressionPlan.load(out / "plan.json")
+    assert plan.options["calibration"] == {"samples": 16, "damping": 0.01,
+                                           "sequential": False, "select": True}
+    assert all(e.settings["init"] == "whitened" for e in plan.compressed_layers)
+    # the saved model loads without the data
+    assert run_json(capsys, "eval", out, "--data", "fashion-mnist", "--data-dir", data,
+                    "--no-progress")["count"] == 32
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--calibration", "-1"], "--calibration must be"),
+        (["--calibration-sequential"], "need --calibration N"),
+        (["--calibration", "8", "--method", "svd"], "--method gkpd only"),
+    ],
+)
+def test_compress_rejects_calibration_options(capsys, workspace, tmp_path, argv, message):
+    _, data, teacher = workspace
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--data-dir", data,
+                       *argv, "--out", tmp_path / "c")
+    assert code == 2 and message in err
+
+
 def test_compress_latency_objective(capsys, workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("GKPD_CACHE_DIR", str(tmp_path / "cache"))
     _, _, teacher = workspace

@@ -53,6 +53,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _calibration(args: argparse.Namespace, card: dict[str, Any]):
+    """``--calibration N`` training images of ``--data`` (default: the model's data set)."""
+    from gkpd import data
+    from gkpd.calibration import Calibration
+
+    name = args.data or card.get("dataset")
+    if name is None:
+        raise CliError("--calibration needs --data: MODEL's card names no data set")
+    if args.method != "gkpd":
+        raise CliError(f"--calibration is used by --method gkpd only, got {args.method}")
+    images = data.sample_inputs(name, args.calibration, args.data_dir)
+    return Calibration(images, samples=args.calibration, select=not args.calibration_no_select,
+                       sequential=args.calibration_sequential)
+
+
 def run(args: argparse.Namespace) -> int:
     from gkpd.apply import compress
     from gkpd.io import is_saved_model, save
@@ -68,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
     model, card = resolve_model(args.model)
     x = example_input(card)
     options = _options(args)
+    if args.calibration < 0:
+        raise CliError(f"--calibration must be a number of images >= 0, got {args.calibration}")
+    if args.calibration:
+        options["calibration"] = _calibration(args, card)
+    elif args.calibration_no_select or args.calibration_sequential or args.data:
+        raise CliError("--data, --calibration-no-select and --calibration-sequential need "
+                       "--calibration N")
     log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
     compressed, plan = compress(model, x, **options)
     source = model_dir(args.model)
@@ -122,6 +144,25 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    from gkpd.data import dataset_names
+
+    p.add_argument(
+        "--calibration", type=int, default=0, metavar="N",
+        help="data-aware GKPD: whiten each layer's factors on N training images (a fixed, "
+        "not augmented draw) and rank factor shapes and ranks by output error on them "
+        "(0: plain GKPD)",
+    )
+    p.add_argument("--data", default=None, choices=dataset_names(),
+                   help="data set of --calibration (default: the one MODEL was trained on)")
+    p.add_argument("--data-dir", default=None, help="directory of that data set")
+    p.add_argument("--calibration-no-select", action="store_true",
+                   help="rank shapes and ranks by weight error; only the factors are whitened")
+    p.add_argument("--calibration-sequential", action="store_true",
+                   help="fit each layer to the original outputs from the inputs that the "
+                   "layers compressed before it produce")
+
+
 def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--objective",
@@ -156,6 +197,7 @@ def add_parser(sub, **kwargs) -> None:
     )
     _selection_args(p)
     _latency_args(p)
+    _calibration_args(p)
     p.add_argument("--out", required=True, help="directory for the compressed model")
     p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
