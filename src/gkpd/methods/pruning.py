@@ -26,6 +26,9 @@ dependency graph, so applying (or loading, ``decompose=False``) gives the same a
 every time.
 
 torch-pruning is the optional extra ``gkpd[baselines]``; it is imported only when used.
+
+One module of ~430 lines on purpose: planning and replaying share the dependency-graph
+helpers below, and neither is used without the other.
 """
 
 from __future__ import annotations
