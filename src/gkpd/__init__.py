@@ -6,9 +6,10 @@ from gkpd.calibration import Calibration
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
 from gkpd.io import load, save
 from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
+from gkpd.methods import KroneckerConfig, LayerMethod, ModelMethod, register_method
 
 # bound last: the function gkpd.plan shadows the subpackage of the same name
-from gkpd.plan import CompressionPlan, LayerPlan, plan
+from gkpd.plan import CompressionPlan, LatencyObjective, LayerPlan, plan
 from gkpd.report import Report, summary
 
 __version__ = "0.1.0"
@@ -16,7 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Calibration",
     "CompressionPlan",
+    "KroneckerConfig",
+    "LatencyObjective",
+    "LayerMethod",
     "LayerPlan",
+    "ModelMethod",
     "Report",
     "apply_",
     "compress",
@@ -34,6 +39,7 @@ __all__ = [
     "load",
     "models",
     "rearrange",
+    "register_method",
     "save",
     "summary",
     "train",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.methods import get_method
+from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
 
 
@@ -67,9 +67,9 @@ def apply_(
     settings = compression_plan.options.get("calibration")
     if decompose and settings is not None:
         return _apply_calibrated(model, compression_plan, settings, calibration)
-    whole_model = getattr(get_method(compression_plan.method), "apply_model", None)
-    if whole_model is not None:  # whole-model methods (prune) replay the plan at once
-        return whole_model(model, compression_plan, decompose=decompose)
+    whole_model = get_method(compression_plan.method)
+    if isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
+        return whole_model.apply_model(model, compression_plan, decompose=decompose)
     replacements = []
     for entry in compression_plan.compressed_layers:
         method = get_method(entry.method)

@@ -152,6 +152,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     and the TensorLy-Torch peers (sized by the error plan) at every ratio of ``config``;
     ``model`` is put in eval mode, the others are copies."""
     from gkpd.apply import apply_
+    from gkpd.plan import LatencyObjective
     from gkpd.plan import plan as make_plan
 
     model = model.eval()
@@ -175,9 +176,10 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
             started = time.perf_counter()
             channels_last = layout == "channels_last"
             latency_plan = make_plan(
-                model, example[:1], ratio=ratio, objective="latency", latency_batch=batch,
-                latency_cache=config.latency_cache, latency_slack=slack,
-                latency_channels_last=channels_last,
+                model, example[:1], ratio=ratio, objective=LatencyObjective(
+                    batch=batch, slack=slack, cache=config.latency_cache,
+                    channels_last=channels_last,
+                ),
             )
             fast = apply_(copy.deepcopy(model), latency_plan).eval()
             if channels_last:

@@ -1,25 +1,51 @@
-"""Compression methods behind one plan/apply interface; ``get_method(name)``."""
+"""Compression methods behind one plan/apply interface: ``get_method(name)``, and
+``register_method`` for methods defined elsewhere (see :mod:`gkpd.methods.base` for the two
+kinds of method, :class:`LayerMethod` and :class:`ModelMethod`)."""
 
 from __future__ import annotations
 
-from gkpd.methods.base import LayerContext, Method
+from gkpd.methods.base import LayerContext, LayerMethod, Method, ModelMethod
 from gkpd.methods.cp import CP
-from gkpd.methods.gkpd import GKPD
+from gkpd.methods.gkpd import GKPD, KroneckerConfig
 from gkpd.methods.pruning import Prune
 from gkpd.methods.svd import SVD
 from gkpd.methods.tensor_ring import TensorRing
 from gkpd.methods.tensor_train import TensorTrain
 from gkpd.methods.tucker import Tucker
 
-_METHODS: dict[str, Method] = {
-    "gkpd": GKPD(),
-    "svd": SVD(),
-    "tucker": Tucker(),
-    "cp": CP(),
-    "tensor_train": TensorTrain(),
-    "tensor_ring": TensorRing(),
-    "prune": Prune(),
-}
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Make ``method`` (an instance of a :class:`LayerMethod` or :class:`ModelMethod`
+    subclass) available by its ``name`` to :func:`gkpd.plan`, ``apply_`` and ``load``.
+
+    A name already taken is refused unless ``replace``. Returns ``method``.
+    """
+    if isinstance(method, type):
+        raise TypeError(f"register_method takes a method instance, got the class {method.__name__}")
+    if not isinstance(method, LayerMethod | ModelMethod):
+        raise TypeError(
+            "a method must be an instance of a gkpd.methods.LayerMethod or ModelMethod "
+            f"subclass, got {type(method).__name__}"
+        )
+    name = getattr(method, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"method {type(method).__name__} has no name (a non-empty str)")
+    if name == "dense":
+        raise ValueError("'dense' marks a layer left as it is in a plan; it is not a method name")
+    if name in _METHODS and not replace:
+        raise ValueError(
+            f"a method named {name!r} is already registered ({type(_METHODS[name]).__name__}); "
+            "pass replace=True to replace it"
+        )
+    _METHODS[name] = method
+    return method
+
+
+for _method in (GKPD(), SVD(), Tucker(), CP(), TensorTrain(), TensorRing(), Prune()):
+    register_method(_method)
+del _method
 
 
 def method_names() -> list[str]:
@@ -30,9 +56,7 @@ def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
     method = _METHODS[name]
-    check = getattr(method, "check_available", None)
-    if check is not None:  # an optional dependency: say so before any work
-        check()
+    method.check_available()  # an optional dependency: say so before any work
     return method
 
 
@@ -40,11 +64,16 @@ __all__ = [
     "CP",
     "GKPD",
     "SVD",
+    "KroneckerConfig",
     "LayerContext",
+    "LayerMethod",
     "Method",
+    "ModelMethod",
+    "Prune",
     "TensorRing",
     "TensorTrain",
     "Tucker",
     "get_method",
     "method_names",
+    "register_method",
 ]

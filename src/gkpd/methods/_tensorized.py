@@ -30,7 +30,7 @@ from torch import nn
 
 from gkpd.counting import conv_macs, linear_macs, resolve_padding
 from gkpd.methods._tensorly import require_tensorly
-from gkpd.methods.base import LayerContext
+from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
     is_conv,
     layer_reason,
@@ -194,7 +194,7 @@ class TensorizedLayer(nn.Module):
 # ----------------------------------------------------------------------------- method
 
 
-class TensorizedMethod:
+class TensorizedMethod(LayerMethod):
     """Plan/apply for a method defined by its ``core_shapes`` and its ``factorize``."""
 
     name: str

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gkpd.methods._tensorly import pytorch_backend, require_tensorly
-from gkpd.methods.base import LayerContext
+from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
@@ -116,7 +116,7 @@ def _tensor(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1], *(module.kernel_size[i] for i in axes))
 
 
-class CP:
+class CP(LayerMethod):
     name = "cp"
 
     def check_available(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from gkpd.layers.conv import (
     KroneckerConv3d,
     on_channel_path,
 )
-from gkpd.methods.base import LayerContext
+from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import override_settings
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
@@ -93,7 +93,17 @@ def _whitened_tail_errors(
     return np.sqrt(np.clip(total - captured, 0.0, None) / total)
 
 
-class GKPD:
+class KroneckerConfig(NamedTuple):
+    """One GKPD configuration of a layer: ``weight ≈ Σ_rank A_r ⊗ B_r`` with factors of
+    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs)."""
+
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rank: int
+    order: str
+
+
+class GKPD(LayerMethod):
     name = "gkpd"
 
     def supports(self, module: nn.Module) -> str | None:
@@ -190,15 +200,15 @@ class GKPD:
                     ranks * per_rank + bias,
                     ranks * macs_per_rank,
                     errors,
-                    [(a, b, int(r), order) for r in ranks],
+                    [KroneckerConfig(a, b, int(r), order) for r in ranks],
                 )
             )
         return Candidates.concatenate(parts)
 
-    def family(self, config: Any) -> tuple[int, ...]:
-        return config[0]
+    def family(self, config: KroneckerConfig) -> tuple[int, ...]:
+        return config.a_shape
 
-    def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
+    def describe(self, ctx: LayerContext, config: KroneckerConfig, entry: LayerPlan) -> None:
         a, b, rank, order = config
         if _is_conv(ctx.module):  # the path the layer will run on order "auto"
             order = on_channel_path(order, a, b, ctx.module.groups)

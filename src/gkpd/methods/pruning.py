@@ -26,6 +26,9 @@ dependency graph, so applying (or loading, ``decompose=False``) gives the same a
 every time.
 
 torch-pruning is the optional extra ``gkpd[baselines]``; it is imported only when used.
+
+One module of ~430 lines on purpose: planning and replaying share the dependency-graph
+helpers below, and neither is used without the other.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
-from gkpd.plan.budget import _unreachable, check_tolerance
+from gkpd.methods.base import ModelMethod
+from gkpd.plan.budget import check_tolerance, unreachable
 from gkpd.plan.schema import CompressionPlan, LayerPlan
+from gkpd.plan.select import select_layers
+from gkpd.plan.trace import dense_entry, pattern_names, per_sample, trace_layers
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +218,10 @@ def _relative_error(module: nn.Module, removed: dict[str, list[int]]) -> float:
     return math.sqrt(max(total - kept, 0.0) / total)
 
 
-class Prune:
-    """Whole-model structured pruning; see the module docstring. The per-layer protocol
-    methods exist only to refuse clearly: the planner and ``apply_`` dispatch to
-    :meth:`plan_model` and :meth:`apply_model` first."""
+class Prune(ModelMethod):
+    """Whole-model structured pruning; see the module docstring."""
 
     name = "prune"
-
-    def supports(self, module: nn.Module) -> str | None:
-        return "method 'prune' plans the whole model (gkpd.plan(..., method='prune'))"
-
-    def candidates(self, ctx):
-        raise TypeError("method 'prune' has no per-layer candidates; use gkpd.plan")
-
-    def describe(self, ctx, config, entry) -> None:
-        raise TypeError("method 'prune' has no per-layer configurations; use gkpd.plan")
-
-    def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
-        return entry.relative_error
-
-    def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
-        raise TypeError("a 'prune' plan is applied to the whole model: use gkpd.apply_")
 
     # ------------------------------------------------------------------ planning
 
@@ -243,9 +232,6 @@ class Prune:
     ) -> CompressionPlan:
         """Pure: prunes deep copies only. See :func:`gkpd.plan` for the arguments."""
         tp = _torch_pruning()
-        from gkpd.plan.planner import _pattern_names, trace_layers
-        from gkpd.plan.select import select_layers
-
         if strategy != "uniform":
             raise ValueError(f"method 'prune' supports strategy 'uniform' only, got {strategy!r}")
         for name, value in (overrides or {}).items():
@@ -314,7 +300,7 @@ class Prune:
         largest = total_at(last)
         if dense_total / largest < ratio * (1 - tolerance):
             why = "by pruning the inner channels (the others are coupled)"
-            raise _unreachable(ratio, dense_total, largest, why)
+            raise unreachable(ratio, dense_total, largest, why)
         lo, hi = 0, last  # smallest k whose ratio reaches the target: ratio(lo) < target
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -330,8 +316,8 @@ class Prune:
         self._check_forward(model, pruned, args)
         options = {
             "importance": "l1", "channels": "inner", "fraction": p, "min_params": min_params,
-            "tolerance": tolerance, "include": _pattern_names(include, "include"),
-            "exclude": _pattern_names(exclude, "exclude"),
+            "tolerance": tolerance, "include": pattern_names(include, "include"),
+            "exclude": pattern_names(exclude, "exclude"),
             # apply_model traces the dependency graph again on zeros of these
             "input_shapes": [list(a.shape) for a in args],
             "input_dtypes": [str(a.dtype).removeprefix("torch.") for a in args],
@@ -361,8 +347,6 @@ class Prune:
             )
 
     def _layers(self, calls, pruned, removed, reasons, roots, args) -> list[LayerPlan]:
-        from gkpd.plan.planner import _per_sample, dense_entry, trace_layers
-
         pruned_calls = trace_layers(pruned, args if len(args) > 1 else args[0])
         layers = []
         for name, call in calls.items():
@@ -375,7 +359,7 @@ class Prune:
                 after = pruned_calls[name]
                 entry.method = self.name
                 entry.params = module_params(after.module)
-                entry.macs = module_macs(after.module, _per_sample(after.input_shape)) * after.calls
+                entry.macs = module_macs(after.module, per_sample(after.input_shape)) * after.calls
                 entry.relative_error = _relative_error(module, change)
                 is_root = name in roots and name in change["roots"]
                 coupled = sorted({r for r in change["roots"] if r != name})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gkpd.methods.base import LayerContext
+from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
@@ -62,7 +62,7 @@ def _bias(module: nn.Module) -> int:
     return 0 if module.bias is None else module.bias.numel()
 
 
-class SVD:
+class SVD(LayerMethod):
     name = "svd"
 
     def supports(self, module: nn.Module) -> str | None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gkpd.methods._tensorly import pytorch_backend, require_tensorly
-from gkpd.methods.base import LayerContext
+from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
@@ -90,7 +90,7 @@ def reconstruct(u_in: torch.Tensor, core: torch.Tensor, u_out: torch.Tensor) -> 
     return torch.einsum("oi...,fo,ci->fc...", core, u_out, u_in)
 
 
-class Tucker:
+class Tucker(LayerMethod):
     name = "tucker"
 
     def check_available(self) -> None:

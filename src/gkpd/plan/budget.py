@@ -18,7 +18,9 @@ class UnreachableRatio(ValueError):
     pass
 
 
-def _unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> UnreachableRatio:
+def unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> UnreachableRatio:
+    """The error for a ``ratio`` the model cannot reach: ``smallest`` is the fewest
+    parameters it can have, ``why`` says under which constraint."""
     best = dense_total / smallest
     return UnreachableRatio(
         f"ratio {ratio:g} is unreachable {why}: the largest reachable whole-model ratio is "
@@ -30,7 +32,7 @@ def _unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> Unr
 def _check_reachable(layers, fixed, ratio, dense_total, tolerance, why):
     smallest = fixed + sum(int(c.params[0]) for c in layers)
     if dense_total / smallest < ratio * (1 - tolerance):
-        raise _unreachable(ratio, dense_total, smallest, why)
+        raise unreachable(ratio, dense_total, smallest, why)
 
 
 def uniform(

@@ -26,7 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gkpd.counting import ORDERS
 from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH
+from gkpd.layers.conv import conv_channel_paths
+from gkpd.methods.gkpd import GKPD, KroneckerConfig, order_macs
+from gkpd.plan.schema import LayerPlan
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ def time_interleaved(
 class Option:
     """One way to run a layer: a GKPD configuration and the path it runs on."""
 
-    config: tuple  # (a_shape, b_shape, rank, order) as the GKPD method describes it
+    config: KroneckerConfig  # a plain (a_shape, b_shape, rank, order) tuple also works
     order: str  # a stage order, a channel path or "weight"
 
 
@@ -161,7 +165,8 @@ class LayerTimer:
         self.stale = 0
 
     def _key(self, env: str, module: nn.Module, input_shape: Sequence[int], option: Option):
-        what = f"a={option.config[0]} r={option.config[2]}"
+        config = KroneckerConfig(*option.config)
+        what = f"a={config.a_shape} r={config.rank}"
         if option.order == WEIGHT_PATH:
             what = "dense"  # the weight path runs the dense op, whatever the factors
         shape = (self.batch, *input_shape[1:])
@@ -229,25 +234,20 @@ def _runnable(module: nn.Module, option: Option) -> nn.Module:
     """A module that runs like ``option`` would (fresh factors: timing needs only shapes)."""
     if option.order == WEIGHT_PATH:
         return module  # the weight path runs the dense op with a cached weight
-    from gkpd.methods import get_method
-    from gkpd.plan.schema import LayerPlan
-
-    a_shape, b_shape, rank, _ = option.config
+    config = KroneckerConfig(*option.config)
     entry = LayerPlan("timing", type(module).__name__, tuple(module.weight.shape), (), 0, 0,
-                      a_shape=a_shape, b_shape=b_shape, rank=rank)
-    layer = get_method("gkpd").build(module, entry, decompose=False)
+                      a_shape=config.a_shape, b_shape=config.b_shape, rank=config.rank)
+    layer = GKPD().build(module, entry, decompose=False)
     layer.order = option.order
     return layer.eval()
 
 
-def _orders(module: nn.Module, config: tuple) -> tuple[str, ...]:
+def _orders(module: nn.Module, config: KroneckerConfig) -> tuple[str, ...]:
     """The stage orders and channel paths a GKPD configuration of ``module`` can run."""
-    from gkpd.counting import ORDERS
-    from gkpd.layers.conv import conv_channel_paths
-
     if not isinstance(module, nn.modules.conv._ConvNd):
         return ORDERS
-    return (*ORDERS, *conv_channel_paths(config[0], config[1], module.groups))
+    config = KroneckerConfig(*config)
+    return (*ORDERS, *conv_channel_paths(config.a_shape, config.b_shape, module.groups))
 
 
 @dataclass
@@ -283,29 +283,30 @@ def fastest_within_budget(
     ``tables`` are full candidate tables: a slightly worse but much faster configuration is
     off the Pareto front.
     """
-    from gkpd.methods.gkpd import order_macs
-
     result: list[Timed | None] = [None] * len(picks)
     offers = []  # (saving, layer, Timed, extra params)
     for i, (ctx, table, pick) in enumerate(zip(contexts, tables, picks, strict=True)):
         if pick is None:
             continue
         bound = table.error[pick] * (1 + error_slack) + 1e-12
-        best: dict[tuple, int] = {}
-        for j, config in enumerate(table.configs):
+        configs = [KroneckerConfig(*c) for c in table.configs]
+        best: dict[tuple, int] = {}  # per A-factor shape, the largest config within bounds
+        for j, config in enumerate(configs):
             if table.params[j] <= table.params[pick] and table.error[j] <= bound:
-                if config[0] not in best or table.params[j] > table.params[best[config[0]]]:
-                    best[config[0]] = j
-        best[table.configs[pick][0]] = pick
+                a = config.a_shape
+                if a not in best or table.params[j] > table.params[best[a]]:
+                    best[a] = j
+        best[configs[pick].a_shape] = pick
         options = {(pick, WEIGHT_PATH): Option(table.configs[pick], WEIGHT_PATH)}
         for j in best.values():
-            config = table.configs[j]
-            macs = order_macs(ctx.module, ctx.input_shape, *config[:3])  # per stage order
+            config = configs[j]
+            macs = order_macs(ctx.module, ctx.input_shape, config.a_shape, config.b_shape,
+                              config.rank)  # per stage order
             for order in _orders(ctx.module, config):
-                if (j, order) == (pick, table.configs[pick][3]) or (
+                if (j, order) == (pick, configs[pick].order) or (
                     macs[CHANNEL_PATHS.get(order, order)] <= ctx.dense_macs
                 ):
-                    options[(j, order)] = Option(config, order)
+                    options[(j, order)] = Option(table.configs[j], order)
         times = timer.times(ctx.module, ctx.input_shape, list(options.values()))
         dense = times[options[(pick, WEIGHT_PATH)]]
         timed = [Timed(j, order, times[o], dense) for (j, order), o in options.items()]

@@ -1,4 +1,10 @@
-"""``plan``: read a model and an example input, decide every layer, change nothing."""
+"""``plan``: read a model and an example input, decide every layer, change nothing.
+
+The steps, each a function below: resolve the options (:func:`_resolve`), trace the layers
+(:func:`gkpd.plan.trace.trace_layers`), collect each layer's candidates (:func:`_collect`),
+allocate the budget (:func:`_allocate`, then the latency objective's :func:`fastest`), and
+describe the picks in the plan (:func:`_describe`, :func:`_assemble`).
+"""
 
 from __future__ import annotations
 
@@ -6,85 +12,66 @@ import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
-from gkpd.counting import module_macs, module_params
+from gkpd.calibration import Calibration, collect_covariances
+from gkpd.counting import module_params
+from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method
 from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
+from gkpd.plan.candidates import Candidates
+from gkpd.plan.objective import (
+    OBJECTIVES,
+    LatencyObjective,
+    describe_timing,
+    fastest,
+    resolve_objective,
+)
 from gkpd.plan.schema import CompressionPlan, LayerPlan
-from gkpd.plan.select import Pattern, as_pattern_list, select_layers
+from gkpd.plan.select import Pattern, select_layers
+from gkpd.plan.trace import LayerCall, dense_entry, pattern_names, trace_layers
 
 log = logging.getLogger(__name__)
 
-_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-OBJECTIVES = ("error", "latency")
+__all__ = ["OBJECTIVES", "LatencyObjective", "dense_entry", "plan", "trace_layers"]
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The options of one ``plan`` call, checked and with their defaults filled in.
+
+    An option group of its own (``objective``: a :class:`LatencyObjective` or ``None`` for
+    the error objective) is resolved in :func:`_resolve` into one field here; a data-aware
+    group (a calibration set, say) belongs next to it, and reaches the methods through
+    :class:`LayerContext`.
+    """
+
+    ratio: float
+    strategy: str
+    include: Any
+    exclude: Any
+    overrides: Mapping[str, Any] | None
+    min_params: int
+    allow_more_macs: bool
+    min_layer_ratio: float | None
+    tolerance: float
+    exhaustive: bool
+    objective: LatencyObjective | None
+    calibration: Calibration | None = None
 
 
 @dataclass
-class _Call:
-    module: nn.Module
-    input_shape: tuple[int, ...]
-    calls: int = 1
+class _Search:
+    """Per layer: its plan entry; for the layers with candidates, their context, Pareto
+    table and (for the latency objective) full table, in call order."""
 
-
-def trace_layers(model: nn.Module, example_input: Any) -> dict[str, _Call]:
-    """Conv/linear layers in the order the forward pass calls them, with their input shape."""
-    seen: dict[str, _Call] = {}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module, args, _output):
-            if name in seen:
-                seen[name].calls += 1
-            elif args and isinstance(args[0], torch.Tensor):
-                seen[name] = _Call(module, tuple(args[0].shape))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, _LAYER_TYPES):
-            handles.append(module.register_forward_hook(hook_for(name)))
-    modes = {m: m.training for m in model.modules()}
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*args)
-    except Exception as error:
-        raise ValueError(
-            f"the model failed on example_input (shapes "
-            f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}): {error}"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes.items():
-            m.training = training
-    return seen
-
-
-def dense_entry(name: str, call: _Call, **fields: Any) -> LayerPlan:
-    """The plan entry of a layer left as it is: its dense size and MACs per sample."""
-    module, per_sample = call.module, _per_sample(call.input_shape)
-    dense_macs = module_macs(module, per_sample) * call.calls
-    params = module_params(module)
-    return LayerPlan(
-        name=name, module_type=type(module).__name__, weight_shape=tuple(module.weight.shape),
-        input_shape=per_sample, dense_params=params, dense_macs=dense_macs, params=params,
-        macs=dense_macs, **fields,
-    )
-
-
-def _pattern_names(patterns, argument: str) -> list[str]:
-    return [p.__name__ if isinstance(p, type) else p for p in as_pattern_list(patterns, argument)]
-
-
-def _per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (1, *shape[1:]) if len(shape) > 1 else shape
+    entries: dict[str, LayerPlan] = field(default_factory=dict)
+    contexts: list[LayerContext] = field(default_factory=list)
+    tables: list[Candidates] = field(default_factory=list)
+    full_tables: list[Candidates] = field(default_factory=list)
+    timings: list = field(default_factory=list)  # per table, the latency objective's timing
 
 
 def plan(
@@ -102,12 +89,9 @@ def plan(
     min_layer_ratio: float | None = None,
     tolerance: float = 0.03,
     exhaustive: bool = False,
-    objective: str = "error",
-    latency_batch: int | None = None,
-    latency_slack: float = 0.1,
-    latency_cache: str | Path | None = "default",
-    latency_channels_last: bool = False,
+    objective: str | LatencyObjective = "error",
     calibration: Any = None,
+    **deprecated: Any,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
@@ -124,15 +108,11 @@ def plan(
     input size share the search of the first of them (only the factor shapes on its Pareto
     front are tried again) unless ``exhaustive``. Pure: the model is not changed.
 
-    ``objective="latency"`` (GKPD only) then times, on this machine at batch
-    ``latency_batch`` (default: the example input's), every configuration of each layer
-    whose error is within ``1 + latency_slack`` times the chosen one's and that keeps the
-    model within budget, in both stage orders, on the channel paths its factor shapes allow
-    and on the reconstructed-weight path, and keeps the fastest. ``latency_channels_last``
-    times on channels_last inputs: for models run in that memory format
-    (``model.to(memory_format=torch.channels_last)``), where grouped convolutions are much
-    faster on CPU. Timings are cached in ``latency_cache`` (a JSON file; ``"default"``:
-    ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
+    ``objective``: ``"error"``, or a :class:`LatencyObjective` (GKPD only) to keep, per
+    layer, the fastest configuration within an error slack, timed on this machine.
+    ``objective="latency"`` is ``LatencyObjective()``; the keywords ``latency_batch``,
+    ``latency_slack``, ``latency_cache`` and ``latency_channels_last`` set its fields
+    (deprecated: pass the object).
 
     ``calibration`` (GKPD only): a :class:`gkpd.Calibration`, or inputs for one (a batched
     tensor or a DataLoader). Each layer's factors then minimise its output error on those
@@ -141,9 +121,41 @@ def plan(
     ranked by that output error. The plan records the settings; ``apply_`` needs the data
     again (``compress`` passes it on).
     """
-    from gkpd.calibration import Calibration
-
+    request = _resolve(
+        ratio=ratio, method=method, strategy=strategy, include=include, exclude=exclude,
+        overrides=overrides, min_params=min_params, allow_more_macs=allow_more_macs,
+        min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
+        objective=objective, deprecated=deprecated,
+    )
     calibration = Calibration.of(calibration)
+    if calibration is not None and method != "gkpd":
+        raise ValueError(f"calibration is used by method 'gkpd' only, got method={method!r}")
+    request = replace(request, calibration=calibration)
+    compressor = get_method(method)
+    if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
+        return compressor.plan_model(
+            model, example_input, ratio=ratio, strategy=strategy, include=include,
+            exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
+        )
+    if not isinstance(compressor, LayerMethod):
+        raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
+    request = _with_min_layer_ratio(request)
+
+    calls = trace_layers(model, example_input)
+    if not calls:
+        raise ValueError("the model calls no conv or linear layer on example_input")
+    search = _collect(compressor, calls, request, model)
+    dense_total = module_params(model)
+    picks, total, search = _allocate(search, request, dense_total, example_input)
+    _describe(compressor, search, picks, calls, request, example_input)
+    return _assemble(model, compressor, search, request, dense_total, total, example_input)
+
+
+def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
+             allow_more_macs, min_layer_ratio, tolerance, exhaustive, objective,
+             deprecated) -> _Request:
+    """Check the options and bundle them (the method-independent checks, in the order
+    ``plan`` always made them)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
     if strategy not in STRATEGIES:
@@ -152,71 +164,57 @@ def plan(
         raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "latency":
+    if objective == "latency" or isinstance(objective, LatencyObjective):
         if method != "gkpd":
             raise ValueError(
                 f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
             )
-        if latency_batch is not None and (
-            isinstance(latency_batch, bool) or not isinstance(latency_batch, int)
-            or latency_batch < 1
-        ):
-            raise ValueError(f"latency_batch must be a positive int or None, got {latency_batch!r}")
-        if isinstance(latency_slack, bool) or not isinstance(latency_slack, numbers.Real) or not (
-            latency_slack >= 0
-        ):
-            raise ValueError(f"latency_slack must be a number >= 0, got {latency_slack!r}")
-        if not isinstance(latency_channels_last, bool):
-            raise ValueError(
-                f"latency_channels_last must be True or False, got {latency_channels_last!r}"
-            )
-    from gkpd.methods import LayerContext, get_method  # methods build on the plan schema
+    return _Request(
+        ratio=ratio, strategy=strategy, include=include, exclude=exclude, overrides=overrides,
+        min_params=min_params, allow_more_macs=allow_more_macs,
+        min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
+        objective=resolve_objective(objective, deprecated),
+    )
 
-    if calibration is not None and method != "gkpd":
-        raise ValueError(
-            f"calibration is used by method 'gkpd' only, got method={method!r}"
-        )
-    compressor = get_method(method)
-    if hasattr(compressor, "plan_model"):  # whole-model methods (prune) plan on their own
-        return compressor.plan_model(
-            model, example_input, ratio=ratio, strategy=strategy, include=include,
-            exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
-        )
+
+def _with_min_layer_ratio(request: _Request) -> _Request:
+    """``request`` with the default ``min_layer_ratio`` of its strategy, checked (layer
+    methods only: a whole-model method has no layer ratio)."""
+    min_layer_ratio = request.min_layer_ratio
     if min_layer_ratio is None:
-        min_layer_ratio = max(1.0, ratio / (1.5 if strategy == "uniform" else 4.0))
+        min_layer_ratio = max(1.0, request.ratio / (1.5 if request.strategy == "uniform" else 4.0))
     if not min_layer_ratio >= 1:
         raise ValueError(f"min_layer_ratio must be >= 1, got {min_layer_ratio!r}")
+    return replace(request, min_layer_ratio=min_layer_ratio)
 
-    calls = trace_layers(model, example_input)
-    if not calls:
-        raise ValueError("the model calls no conv or linear layer on example_input")
+
+def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Request,
+             model: nn.Module) -> _Search:
+    """Every layer's plan entry (dense, with the reason when it stays so) and, for those the
+    method can take, its candidates (ranked on the calibration data, when there is some)."""
     first_conv = next(
         (n for n, c in calls.items() if isinstance(c.module, nn.modules.conv._ConvNd)), None
     )
     selection = select_layers(
-        {n: c.module for n, c in calls.items()}, include=include, exclude=exclude,
-        overrides=overrides, first_layer=first_conv, min_params=min_params,
+        {n: c.module for n, c in calls.items()}, include=request.include,
+        exclude=request.exclude, overrides=request.overrides, first_layer=first_conv,
+        min_params=request.min_params,
     )
-
-    covariances = {}
-    if calibration is not None:
-        from gkpd.calibration import collect_covariances
-
-        candidates = {
-            n: c.module for n, c in calls.items()
-            if not selection.reasons[n] and not compressor.supports(c.module)
-        }
-        covariances = collect_covariances(model, candidates, calibration)
-    entries: dict[str, LayerPlan] = {}
+    latency = request.objective is not None
+    calibration = request.calibration
+    covariances = {} if calibration is None else collect_covariances(
+        model,
+        {n: c.module for n, c in calls.items()
+         if not selection.reasons[n] and not compressor.supports(c.module)},
+        calibration,
+    )
+    search = _Search()
     shared_families: dict[tuple, frozenset] = {}
-    contexts, tables, full_tables = [], [], []
     for name, call in calls.items():
         module = call.module
         entry = dense_entry(name, call)
         per_sample, dense_macs = entry.input_shape, entry.dense_macs
-        entries[name] = entry
+        search.entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
         if reason:
             entry.reason = reason
@@ -229,10 +227,10 @@ def plan(
         ctx = LayerContext(
             name=name, module=module, input_shape=per_sample, dense_params=entry.dense_params,
             dense_macs=dense_macs // call.calls,
-            max_macs=None if allow_more_macs else dense_macs // call.calls,
-            min_ratio=min_layer_ratio, override=override,
+            max_macs=None if request.allow_more_macs else dense_macs // call.calls,
+            min_ratio=request.min_layer_ratio, override=override,
             families=(
-                None if exhaustive or override or objective == "latency"
+                None if request.exhaustive or override or latency
                 else shared_families.get(shape_key)
             ),
             **(
@@ -243,46 +241,61 @@ def plan(
         )
         full_table = compressor.candidates(ctx)
         table = full_table.pareto()
-        family = getattr(compressor, "family", None)
-        if family is not None and not override and shape_key not in shared_families:
-            shared_families[shape_key] = frozenset(family(c) for c in table.configs)
+        if not override and shape_key not in shared_families:
+            families = frozenset(compressor.family(c) for c in table.configs)
+            if None not in families:  # the method has families (LayerMethod.family)
+                shared_families[shape_key] = families
         if not len(table):
             entry.reason = (
                 "no configuration both smaller than "
-                f"1/{min_layer_ratio:g} of the layer and within its dense MACs"
+                f"1/{request.min_layer_ratio:g} of the layer and within its dense MACs"
             )
             continue
-        contexts.append(ctx)
-        tables.append(table)
-        if objective == "latency":
-            full_tables.append(full_table)
+        search.contexts.append(ctx)
+        search.tables.append(table)
+        if latency:
+            search.full_tables.append(full_table)
+    return search
 
-    dense_total = module_params(model)
-    dense_layers = [ctx.dense_params for ctx in contexts]
+
+def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any):
+    """The strategy's pick per layer (``None``: dense), then the latency objective's; returns
+    ``(picks, total parameters, search)`` with ``search.tables`` the tables picks index."""
+    dense_layers = [ctx.dense_params for ctx in search.contexts]
     fixed = dense_total - sum(dense_layers)
-    if not tables:
+    if not search.tables:
         raise ValueError(
             "no layer can be compressed: "
-            + "; ".join(f"{e.name}: {e.reason}" for e in entries.values())
+            + "; ".join(f"{e.name}: {e.reason}" for e in search.entries.values())
         )
-    picks = STRATEGIES[strategy](tables, dense_layers, fixed, ratio, dense_total, tolerance)
-    total = achieved(picks, tables, dense_layers, fixed)
+    ratio, tolerance = request.ratio, request.tolerance
+    picks = STRATEGIES[request.strategy](
+        search.tables, dense_layers, fixed, ratio, dense_total, tolerance
+    )
+    total = achieved(picks, search.tables, dense_layers, fixed)
     check_tolerance(total, dense_total, ratio, tolerance)
-    timings: list = [None] * len(picks)
-    if objective == "latency":
+    search.timings = [None] * len(picks)
+    if request.objective is not None:
         start = total
 
         def fits(extra: int) -> bool:
-            return _within(start + extra, dense_total, ratio, tolerance)
+            return math.isclose(dense_total / (start + extra), ratio, rel_tol=tolerance)
 
-        tables, picks, timings, change = _fastest(
-            contexts, tables, full_tables, picks, example_input, latency_batch, latency_slack,
-            latency_cache, latency_channels_last, fits,
+        search.tables, picks, search.timings, change = fastest(
+            request.objective, search.contexts, search.tables, search.full_tables, picks,
+            example_input, fits,
         )
         total += change
+    return picks, total, search
 
-    for ctx, table, pick, timed in zip(contexts, tables, picks, timings, strict=True):
-        entry = entries[ctx.name]
+
+def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _Request,
+              example_input: Any) -> None:
+    """Write each pick into its layer's plan entry."""
+    for ctx, table, pick, timed in zip(
+        search.contexts, search.tables, picks, search.timings, strict=True
+    ):
+        entry = search.entries[ctx.name]
         if pick is None:
             entry.reason = "kept dense by the global allocation"
             continue
@@ -291,86 +304,40 @@ def plan(
         entry.params = int(table.params[pick])
         entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
         if timed is not None:
-            _describe_timing(entry, timed, latency_batch or _batch_of(example_input))
+            describe_timing(entry, timed, request.objective.batch_for(example_input))
             # the timed path may run the other stage order than the one the MACs were for
             layer = compressor.build(ctx.module, entry, decompose=False)
             entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
         entry.relative_error = compressor.exact_error(
             ctx.module, entry,
-            **({"input_covariance": ctx.input_covariance} if calibration is not None else {}),
+            **({"input_covariance": ctx.input_covariance}
+               if request.calibration is not None else {}),
         )
         entry.reason = "compressed"
 
-    layers = list(entries.values())
+
+def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, request: _Request,
+              dense_total: int, total: int, example_input: Any) -> CompressionPlan:
+    """The plan: the entries, their totals and the options that made them."""
+    layers = list(search.entries.values())
+    objective = request.objective
     result = CompressionPlan(
-        model_type=type(model).__name__, method=compressor.name, target_ratio=float(ratio),
-        strategy=strategy, objective=objective, dense_params=dense_total, params=total,
-        dense_macs=sum(e.dense_macs for e in layers), macs=sum(e.macs for e in layers),
-        layers=layers,
+        model_type=type(model).__name__, method=compressor.name,
+        target_ratio=float(request.ratio), strategy=request.strategy,
+        objective="error" if objective is None else objective.name, dense_params=dense_total,
+        params=total, dense_macs=sum(e.dense_macs for e in layers),
+        macs=sum(e.macs for e in layers), layers=layers,
         options={
-            "min_params": min_params, "allow_more_macs": allow_more_macs,
-            "min_layer_ratio": min_layer_ratio, "tolerance": tolerance,
-            "exhaustive": exhaustive,
-            **({"latency_batch": latency_batch or _batch_of(example_input),
-                "latency_slack": latency_slack, "latency_channels_last": latency_channels_last}
-               if objective == "latency" else {}),
-            **({"calibration": calibration.settings()} if calibration is not None else {}),
-            "include": _pattern_names(include, "include"),
-            "exclude": _pattern_names(exclude, "exclude"),
+            "min_params": request.min_params, "allow_more_macs": request.allow_more_macs,
+            "min_layer_ratio": request.min_layer_ratio, "tolerance": request.tolerance,
+            "exhaustive": request.exhaustive,
+            **(objective.options(example_input) if objective is not None else {}),
+            **({"calibration": request.calibration.settings()}
+               if request.calibration is not None else {}),
+            "include": pattern_names(request.include, "include"),
+            "exclude": pattern_names(request.exclude, "exclude"),
         },
     )
     log.info("plan: %d of %d layers compressed, ratio %.2f", len(result.compressed_layers),
              len(layers), result.achieved_ratio)
     return result
-
-
-# ----------------------------------------------------------------------------- latency
-
-
-def _batch_of(example_input: Any) -> int:
-    first = example_input[0] if isinstance(example_input, tuple) else example_input
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
-
-
-def _within(total: int, dense_total: int, ratio: float, tolerance: float) -> bool:
-    return math.isclose(dense_total / total, ratio, rel_tol=tolerance)
-
-
-def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, cache_path,
-             channels_last, fits):
-    """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
-    picks then index the full candidate tables."""
-    from gkpd.plan.latency import (
-        LatencyCache,
-        LayerTimer,
-        default_cache_path,
-        fastest_within_budget,
-    )
-
-    # picks index the Pareto tables; find the same configurations in the full tables
-    full_picks = []
-    for table, full, pick in zip(tables, full_tables, picks, strict=True):
-        full_picks.append(None if pick is None else full.configs.index(table.configs[pick]))
-    cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
-    timer = LayerTimer(batch or _batch_of(example_input), cache, channels_last=channels_last)
-    timings = fastest_within_budget(
-        contexts, full_tables, full_picks, timer=timer, error_slack=slack, fits=fits
-    )
-    cache.save()
-    picks = [None if t is None else t.pick for t in timings]
-    total_change = sum(
-        int(full.params[p]) - int(full.params[q])
-        for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
-    )
-    log.info("latency: %d configurations timed, %d from the cache (%d layer(s) timed again: "
-             "their cached dense time was off)", timer.measured, timer.cached, timer.stale)
-    return full_tables, picks, timings, total_change
-
-
-def _describe_timing(entry: LayerPlan, timed, batch: int) -> None:
-    entry.order = timed.order
-    entry.settings |= {
-        "latency_batch": batch,
-        "latency_ms": round(timed.seconds * 1e3, 4),
-        "dense_latency_ms": round(timed.dense_seconds * 1e3, 4),
-    }

@@ -1,0 +1,143 @@
+"""What :func:`gkpd.plan` optimizes besides the size: ``"error"`` (the default: the summed or
+uniform relative error of the strategy alone) or :class:`LatencyObjective` (then the fastest
+way to run each layer within an error slack, timed on this machine; see ``plan/latency.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gkpd.plan.schema import LayerPlan
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("error", "latency")
+# The keywords gkpd.plan took before LatencyObjective, by the field each one sets.
+LEGACY_LATENCY_KEYWORDS = {
+    "latency_batch": "batch",
+    "latency_slack": "slack",
+    "latency_cache": "cache",
+    "latency_channels_last": "channels_last",
+}
+
+
+@dataclass(frozen=True)
+class LatencyObjective:
+    """``gkpd.plan(..., objective=LatencyObjective(...))`` (GKPD only): after the strategy's
+    allocation, time on this machine at ``batch`` (``None``: the example input's) every
+    configuration of each layer whose error is within ``1 + slack`` times the chosen one's and
+    that keeps the model within budget, in both stage orders, on the channel paths its factor
+    shapes allow and on the reconstructed-weight path, and keep the fastest.
+    ``channels_last`` times on channels_last inputs: for models run in that memory format
+    (``model.to(memory_format=torch.channels_last)``), where grouped convolutions are much
+    faster on CPU. Timings are cached in ``cache`` (a JSON file; ``"default"``:
+    ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
+    """
+
+    batch: int | None = None
+    slack: float = 0.1
+    cache: str | Path | None = "default"
+    channels_last: bool = False
+
+    name = "latency"  # a class attribute: the plan's ``objective``
+
+    def __post_init__(self) -> None:
+        batch, slack = self.batch, self.slack
+        if batch is not None and (
+            isinstance(batch, bool) or not isinstance(batch, int) or batch < 1
+        ):
+            raise ValueError(f"latency_batch must be a positive int or None, got {batch!r}")
+        if isinstance(slack, bool) or not isinstance(slack, numbers.Real) or not slack >= 0:
+            raise ValueError(f"latency_slack must be a number >= 0, got {slack!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(
+                f"latency_channels_last must be True or False, got {self.channels_last!r}"
+            )
+
+    def batch_for(self, example_input: Any) -> int:
+        """The batch size timed: ``batch``, else the example input's."""
+        return self.batch or batch_of(example_input)
+
+    def options(self, example_input: Any) -> dict[str, Any]:
+        """What the plan's ``options`` record of this objective."""
+        return {"latency_batch": self.batch_for(example_input), "latency_slack": self.slack,
+                "latency_channels_last": self.channels_last}
+
+
+def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjective | None:
+    """``None`` for ``"error"``, a :class:`LatencyObjective` for one or for ``"latency"``
+    (with the deprecated ``latency_*`` keywords of ``legacy``, which warn)."""
+    unknown = sorted(set(legacy) - set(LEGACY_LATENCY_KEYWORDS))
+    if unknown:
+        raise TypeError(f"plan() got an unexpected keyword argument {unknown[0]!r}")
+    if legacy:
+        warnings.warn(
+            f"gkpd.plan's {', '.join(sorted(legacy))} keyword(s) are deprecated: pass "
+            "objective=gkpd.LatencyObjective(batch=..., slack=..., cache=..., "
+            "channels_last=...)", DeprecationWarning, stacklevel=4,  # the caller of gkpd.plan
+        )
+    if isinstance(objective, LatencyObjective):
+        if legacy:
+            raise ValueError("give the latency settings in the LatencyObjective, not as "
+                             f"{', '.join(sorted(legacy))}")
+        return objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "error":
+        return None
+    return LatencyObjective(**{LEGACY_LATENCY_KEYWORDS[k]: v for k, v in legacy.items()})
+
+
+def batch_of(example_input: Any) -> int:
+    first = example_input[0] if isinstance(example_input, tuple) else example_input
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
+
+
+def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, example_input,
+            fits):
+    """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
+    picks then index the full candidate tables. Returns ``(tables, picks, timings, change in
+    parameters)``."""
+    from gkpd.plan.latency import (
+        LatencyCache,
+        LayerTimer,
+        default_cache_path,
+        fastest_within_budget,
+    )
+
+    # picks index the Pareto tables; find the same configurations in the full tables
+    full_picks = []
+    for table, full, pick in zip(tables, full_tables, picks, strict=True):
+        full_picks.append(None if pick is None else full.configs.index(table.configs[pick]))
+    cache_path = objective.cache
+    cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
+    timer = LayerTimer(objective.batch_for(example_input), cache,
+                       channels_last=objective.channels_last)
+    timings = fastest_within_budget(
+        contexts, full_tables, full_picks, timer=timer, error_slack=objective.slack, fits=fits
+    )
+    cache.save()
+    picks = [None if t is None else t.pick for t in timings]
+    total_change = sum(
+        int(full.params[p]) - int(full.params[q])
+        for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
+    )
+    log.info("latency: %d configurations timed, %d from the cache (%d layer(s) timed again: "
+             "their cached dense time was off)", timer.measured, timer.cached, timer.stale)
+    return full_tables, picks, timings, total_change
+
+
+def describe_timing(entry: LayerPlan, timed, batch: int) -> None:
+    entry.order = timed.order
+    entry.settings |= {
+        "latency_batch": batch,
+        "latency_ms": round(timed.seconds * 1e3, 4),
+        "dense_latency_ms": round(timed.dense_seconds * 1e3, 4),
+    }

@@ -1,0 +1,85 @@
+"""What the planner and whole-model methods learn from one forward pass: the conv/linear
+layers a model calls, in call order, with their input shapes; and the dense plan entry of a
+layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkpd.counting import module_macs, module_params
+from gkpd.plan.schema import LayerPlan
+from gkpd.plan.select import as_pattern_list
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class LayerCall:
+    """A traced layer: the module, the input shape of its first call, and how often the
+    forward pass called it."""
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    calls: int = 1
+
+
+def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
+    """Conv/linear layers in the order the forward pass calls them, with their input shape."""
+    seen: dict[str, LayerCall] = {}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, args, _output):
+            if name in seen:
+                seen[name].calls += 1
+            elif args and isinstance(args[0], torch.Tensor):
+                seen[name] = LayerCall(module, tuple(args[0].shape))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, LAYER_TYPES):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    modes = {m: m.training for m in model.modules()}
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as error:
+        raise ValueError(
+            f"the model failed on example_input (shapes "
+            f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}): {error}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return seen
+
+
+def per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with its batch dimension set to 1 (a 1-d shape as it is)."""
+    return (1, *shape[1:]) if len(shape) > 1 else shape
+
+
+def dense_entry(name: str, call: LayerCall, **fields: Any) -> LayerPlan:
+    """The plan entry of a layer left as it is: its dense size and MACs per sample."""
+    module, input_shape = call.module, per_sample(call.input_shape)
+    dense_macs = module_macs(module, input_shape) * call.calls
+    params = module_params(module)
+    return LayerPlan(
+        name=name, module_type=type(module).__name__, weight_shape=tuple(module.weight.shape),
+        input_shape=input_shape, dense_params=params, dense_macs=dense_macs, params=params,
+        macs=dense_macs, **fields,
+    )
+
+
+def pattern_names(patterns, argument: str) -> list[str]:
+    """``include``/``exclude`` patterns as the plan's options record them (types by name)."""
+    return [p.__name__ if isinstance(p, type) else p for p in as_pattern_list(patterns, argument)]
