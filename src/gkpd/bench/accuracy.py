@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gkpd.bench.report import require_matplotlib, write_reports
-from gkpd.train.checkpoint import atomic_write_text
+from gkpd.files import atomic_write_text
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune
 
 log = logging.getLogger(__name__)

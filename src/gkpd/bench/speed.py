@@ -385,7 +385,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_results(out: Path, result: dict[str, Any]) -> None:
-    from gkpd.train.checkpoint import atomic_write_text
+    from gkpd.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULTS_JSON, json.dumps(result, indent=2) + "\n")

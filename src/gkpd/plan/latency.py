@@ -99,7 +99,7 @@ class LatencyCache:
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
-        from gkpd.train.checkpoint import atomic_write_text
+        from gkpd.files import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": _CACHE_VERSION, "entries": dict(sorted(self.entries.items()))}

@@ -146,7 +146,7 @@ class CompressionPlan:
         return cls.from_dict(data, source)
 
     def save(self, path: str | Path) -> Path:
-        from gkpd.train.checkpoint import atomic_write_text
+        from gkpd.files import atomic_write_text
 
         return atomic_write_text(path, self.to_json() + "\n")
 

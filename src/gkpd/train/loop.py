@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from gkpd.train import distributed
-from gkpd.train.checkpoint import atomic_write_text, load_state, save_state
+from gkpd.files import atomic_write_text
+from gkpd.train.checkpoint import load_state, save_state
 from gkpd.train.losses import distillation_loss
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def fit(
     start_epoch = 0
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         state = load_state(checkpoint_path)
-        from gkpd.train.checkpoint import check_state_dict_matches
+        from gkpd.state_dicts import check_state_dict_matches
 
         check_state_dict_matches(model, state["model"], str(checkpoint_path))
         model.load_state_dict(state["model"])
