@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.plan.schema import CompressionPlan
 from gkpd.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
+from gkpd.plan.schema import CompressionPlan
 from gkpd.state_dicts import check_state_dict_matches
 
 __all__ = [

@@ -10,8 +10,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gkpd.models.registry import create
 from gkpd.files import atomic_write, atomic_write_json
+from gkpd.models.registry import create
 from gkpd.state_dicts import check_state_dict_matches
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from gkpd.train import distributed
 from gkpd.files import atomic_write_text
+from gkpd.train import distributed
 from gkpd.train.checkpoint import load_state, save_state
 from gkpd.train.losses import distillation_loss
 

@@ -1,0 +1,290 @@
+"""objective="latency" (gkpd.plan.latency_objective): the fastest option within the error and
+size budget, cached timings."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gkpd
+from gkpd import timing
+from gkpd.plan import latency_objective
+from gkpd.plan.candidates import Candidates
+from gkpd.plan.latency_objective import LayerTimer, Option, fastest_within_budget
+from gkpd.timing import LatencyCache
+
+
+class _Ctx:
+    def __init__(self, name):
+        self.name = name
+        self.module = nn.Linear(4, 4)
+        self.input_shape = (1, 4)
+        self.dense_macs = 10**6  # room for every path of the toy configurations
+
+
+class _FakeTimer(LayerTimer):
+    """Seconds from a table keyed by (a_shape, rank, order); the weight path by "weight"."""
+
+    def __init__(self, seconds):
+        super().__init__(1, LatencyCache(None))
+        self.seconds = seconds
+
+    def times(self, module, input_shape, options):
+        return {
+            o: self.seconds.get((o.config[0], o.config[2], o.order), self.seconds["weight"])
+            if o.order != "weight" else self.seconds["weight"]
+            for o in options
+        }
+
+
+def _table():
+    # three factor shapes; params/error of each configuration; index 0 is the error pick
+    configs = [((1, 1), (4, 4), 2, "a_first"), ((2, 2), (2, 2), 2, "a_first"),
+               ((4, 4), (1, 1), 1, "a_first"), ((2, 2), (2, 2), 1, "a_first")]
+    return Candidates(
+        np.array([100, 98, 100, 60]), np.array([10, 10, 10, 6]),
+        np.array([0.50, 0.54, 0.60, 0.58]), configs,
+    )
+
+
+def test_fastest_within_error_slack_and_budget():
+    table = _table()
+    slow = {"weight": 9.0, ((1, 1), 2, "a_first"): 5.0, ((1, 1), 2, "b_first"): 6.0,
+            ((2, 2), 2, "a_first"): 2.0, ((2, 2), 2, "b_first"): 3.0,
+            ((4, 4), 1, "a_first"): 1.0, ((4, 4), 1, "b_first"): 1.5}
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.1, fits=lambda extra: True)
+    # (4, 4) is fastest but 20% worse; (2, 2) rank 2 is within 10%, the largest rank of its shape
+    assert (timed.pick, timed.order, timed.seconds, timed.dense_seconds) == (1, "a_first", 2.0, 9.0)
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.25, fits=lambda extra: True)
+    assert (timed.pick, timed.order) == (2, "a_first")
+    # a budget that allows no change in size keeps the pick's own shape, in its faster order
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.25, fits=lambda extra: extra == 0)
+    assert (timed.pick, timed.order) == (2, "a_first")  # same params (100): allowed
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
+                                    error_slack=0.1, fits=lambda extra: extra == 0)
+    assert (timed.pick, timed.order) == (0, "a_first")
+
+
+def test_channel_paths_are_offered_where_the_factor_shapes_allow():
+    ctx = _Ctx("conv")
+    ctx.module, ctx.input_shape = nn.Conv2d(16, 16, 3, padding=1), (1, 16, 8, 8)
+    shuffle, square = ((2, 1, 3, 1), (8, 16, 1, 3)), ((4, 4, 3, 1), (4, 4, 1, 3))
+    configs = [(*square, 1, "b_first"), (*shuffle, 1, "b_first")]
+    table = Candidates(np.array([100, 100]), np.array([10, 10]), np.array([0.5, 0.5]), configs)
+    offered = []
+
+    class Recording(_FakeTimer):
+        def times(self, module, input_shape, options):
+            offered.extend((o.config[0], o.order) for o in options)
+            return super().times(module, input_shape, options)
+
+    times = {"weight": 9.0, ((2, 1, 3, 1), 1, "b_first_channels"): 1.0}
+    [timed] = fastest_within_budget([ctx], [table], [0], timer=Recording(times),
+                                    error_slack=0.0, fits=lambda extra: True)
+    assert (timed.pick, timed.order) == (1, "b_first_channels")
+    assert ((2, 1, 3, 1), "b_first_channels") in offered
+    assert ((2, 1, 3, 1), "a_first_channels") not in offered  # C2 = 16
+    assert not any(a == (4, 4, 3, 1) and order.endswith("channels") for a, order in offered)
+
+
+def test_paths_with_more_macs_than_dense_are_not_timed_but_the_picks_own_order_is():
+    from gkpd.layers.base import CHANNEL_PATHS
+    from gkpd.methods.gkpd import order_macs
+
+    ctx = _Ctx("conv")
+    ctx.module, ctx.input_shape = nn.Conv2d(16, 16, 1), (1, 16, 8, 8)
+    ctx.dense_macs = 16 * 16 * 8 * 8
+    # a_first with C1 = 1 folds all 16 input channels into the batch: 16x the dense MACs
+    configs = [((4, 1, 1, 1), (4, 16, 1, 1), 1, "b_first"),
+               ((2, 4, 1, 1), (8, 4, 1, 1), 4, "b_first"),
+               ((16, 1, 1, 1), (1, 16, 1, 1), 1, "a_first")]
+    table = Candidates(np.array([80, 80, 80]), np.array([1, 1, 1]), np.array([0.5, 0.5, 0.5]),
+                       configs)
+    offered = []
+
+    class Recording(_FakeTimer):
+        def times(self, module, input_shape, options):
+            offered.extend(options)
+            return super().times(module, input_shape, options)
+
+    for pick in (0, 2):
+        offered.clear()
+        fastest_within_budget([ctx], [table], [pick], timer=Recording({"weight": 1.0}),
+                              error_slack=0.0, fits=lambda extra: True)
+        left_out = 0
+        for j, (a, b, rank, order) in enumerate(configs):
+            macs = order_macs(ctx.module, ctx.input_shape, a, b, rank)
+            for path in latency_objective._orders(ctx.module, configs[j]):
+                option = Option(configs[j], path)
+                own = j == pick and path == order
+                if macs[CHANNEL_PATHS.get(path, path)] <= ctx.dense_macs or own:
+                    assert option in offered, (j, path)
+                else:
+                    assert option not in offered, (j, path)
+                    left_out += 1
+        assert left_out >= 1
+    # the pick (16, 1, 1, 1) is itself above dense MACs in a_first and still timed there
+    assert order_macs(ctx.module, ctx.input_shape, *configs[2][:3])["a_first"] > ctx.dense_macs
+
+
+def test_weight_path_wins_when_factors_are_slower_than_dense():
+    table = _table()
+    times = {"weight": 1.0, ((1, 1), 2, "a_first"): 5.0, ((1, 1), 2, "b_first"): 6.0,
+             ((2, 2), 2, "a_first"): 4.0, ((2, 2), 2, "b_first"): 3.0}
+    [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(times),
+                                    error_slack=0.1, fits=lambda extra: True)
+    assert (timed.pick, timed.order, timed.seconds) == (0, "weight", 1.0)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_latency_plan_runs_what_it_timed(tmp_path, channels_last):
+    model = _net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    plan = gkpd.plan(model, x, ratio=3, objective="latency", latency_batch=4,
+                     latency_cache=cache, tolerance=0.05, latency_channels_last=channels_last)
+    assert plan.objective == "latency" and plan.options["latency_batch"] == 4
+    assert plan.options["latency_channels_last"] is channels_last
+    assert abs(plan.achieved_ratio / 3 - 1) <= 0.05
+    error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
+    for entry in plan.compressed_layers:
+        assert entry.settings["latency_batch"] == 4
+        # the weight path (dense speed) is always an option, so no layer is planned slower
+        assert entry.settings["latency_ms"] <= entry.settings["dense_latency_ms"] * 1.0001
+        assert entry.order in ("a_first", "b_first", "weight", "b_first_channels",
+                               "a_first_channels")
+        assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
+    compressed = gkpd.apply_(_net().eval(), plan)
+    for entry in plan.compressed_layers:
+        layer = compressed.get_submodule(entry.name)
+        assert layer.order == entry.order  # the timed path is pinned
+        assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
+    # the oracle: every layer replaced by its dense reconstruction
+    merged = gkpd.apply_(_net().eval(), plan)
+    for entry in plan.compressed_layers:
+        parent, _, child = entry.name.rpartition(".")
+        holder = merged.get_submodule(parent) if parent else merged
+        setattr(holder, child, merged.get_submodule(entry.name).to_dense())
+    if channels_last:
+        compressed = compressed.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x), merged(x), rtol=1e-4, atol=1e-5)
+    # a plan saved and loaded keeps the pinned paths
+    gkpd.save(tmp_path / "saved", compressed, plan)
+    loaded = gkpd.load(tmp_path / "saved", _net().eval())
+    for entry in plan.compressed_layers:
+        assert loaded.get_submodule(entry.name).order == entry.order
+    saved = json.loads(cache.read_text())
+    assert saved["version"] == 1 and saved["entries"]
+    # convolutions are timed in the layout asked for; a linear layer has no such layout
+    for key in saved["entries"]:
+        assert ("channels_last" in key) is (channels_last and "Conv2d" in key), key
+
+
+def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
+    class Counting(nn.Module):
+        def __init__(self, delay):
+            super().__init__()
+            self.delay, self.calls = delay, 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.delay)
+            return x
+
+    modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
+    monkeypatch.setattr(latency_objective, "_runnable", lambda module, option: modules[option.order])
+    timer = LayerTimer(2, LatencyCache(None))
+    config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
+    options = [Option(config, order) for order in modules]
+    times = timer.times(nn.Conv2d(4, 4, 3), (1, 4, 8, 8), options)
+    assert modules["a_first"].calls == 2  # a warm-up call and one timed call
+    assert modules["b_first"].calls == modules["weight"].calls > 2
+    assert times[options[1]] >= 0.02 and timer.measured == 3
+
+
+def _replay(monkeypatch, scale: float) -> list:
+    """Make LayerTimer._time return the cached seconds (times ``scale`` for the dense
+    reference) instead of timing; returns the list of options it was asked for."""
+    asked = []
+
+    def cached_times(self, module, input_shape, options):
+        asked.extend(options)
+        env = timing.environment_key(module.weight.device, module.weight.dtype)
+        result = {}
+        for o in options:
+            seconds = self.cache.get(self._key(env, module, input_shape, o))
+            assert seconds is not None, "asked to time an option the first plan did not"
+            result[o] = seconds * (scale if o.order == "weight" else 1.0)
+        return result
+
+    monkeypatch.setattr(LayerTimer, "_time", cached_times)
+    return asked
+
+
+def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_path,
+                                                                          monkeypatch):
+    model = _net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    first = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
+                      tolerance=0.05)
+    asked = _replay(monkeypatch, scale=1.1)  # within _STALE: the cache holds
+    second = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
+                       tolerance=0.05)
+    assert asked and {o.order for o in asked} == {"weight"}
+    assert len(asked) == len(first.compressed_layers)  # one dense check per layer
+    assert [e.order for e in second.layers] == [e.order for e in first.layers]
+    assert [e.a_shape for e in second.layers] == [e.a_shape for e in first.layers]
+
+
+def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, caplog):
+    model = _net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cache = tmp_path / "latency.json"
+    gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
+    entries = json.loads(cache.read_text())["entries"]
+    asked = _replay(monkeypatch, scale=2.0)  # the machine runs dense at half the speed
+    with caplog.at_level("INFO", logger="gkpd"):
+        gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
+    # every option of every layer: the dense check, then all of them again
+    assert len(asked) == len(entries) + sum("| dense |" in key for key in entries)
+    assert "timing its options again" in caplog.text
+    assert "layer(s) timed again" in caplog.text
+    saved = json.loads(cache.read_text())["entries"]
+    for key, seconds in saved.items():  # re-timed: the dense reference at its new time
+        assert seconds == pytest.approx(entries[key] * (2.0 if "| dense |" in key else 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"objective": "speed"}, "objective must be one of"),
+        ({"objective": "latency", "method": "svd"}, "supported for method 'gkpd' only"),
+        ({"objective": "latency", "latency_batch": 0}, "latency_batch must be a positive int"),
+        ({"objective": "latency", "latency_slack": -1}, "latency_slack must be a number >= 0"),
+        ({"objective": "latency", "latency_channels_last": "yes"},
+         "latency_channels_last must be True or False"),
+    ],
+)
+def test_bad_latency_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        gkpd.plan(_net(), torch.randn(1, 3, 8, 8), ratio=3, **options)
