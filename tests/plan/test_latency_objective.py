@@ -211,7 +211,8 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
             return x
 
     modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
-    monkeypatch.setattr(latency_objective, "_runnable", lambda module, option: modules[option.order])
+    monkeypatch.setattr(latency_objective, "_runnable",
+                        lambda module, option: modules[option.order])
     timer = LayerTimer(2, LatencyCache(None))
     config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
     options = [Option(config, order) for order in modules]

@@ -176,7 +176,7 @@ class _Bench:
         return {"params": counts.total_params, "macs": counts.total_macs}
 
     def latency(self, model: nn.Module) -> dict[str, Any]:
-        from gkpd.latency import measure_latency
+        from gkpd.timing import measure_latency
 
         model.to(self.device)
         latency = measure_latency(

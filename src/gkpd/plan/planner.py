@@ -307,12 +307,8 @@ def _fastest(contexts, tables, full_tables, picks, example_input, batch, slack, 
              channels_last, fits):
     """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
     picks then index the full candidate tables."""
-    from gkpd.plan.latency import (
-        LatencyCache,
-        LayerTimer,
-        default_cache_path,
-        fastest_within_budget,
-    )
+    from gkpd.plan.latency_objective import LayerTimer, fastest_within_budget
+    from gkpd.timing import LatencyCache, default_cache_path
 
     # picks index the Pareto tables; find the same configurations in the full tables
     full_picks = []
