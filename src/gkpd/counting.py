@@ -1,7 +1,7 @@
 """Parameters and multiply-accumulates (MACs) of dense and Kronecker layers.
 
 Closed forms for a given input size, for either stage order of a Kronecker layer
-(DESIGN.md §1), and :func:`count_model`, which runs a model once with forward hooks and counts
+(docs/design.md §6), and :func:`count_model`, which runs a model once with forward hooks and counts
 every ``nn.Conv*d`` and ``nn.Linear`` it calls, and every module that counts itself: one with
 a ``macs(input_shape)`` method (the Kronecker layers, the tensor-train/ring layers of
 ``gkpd.methods``). Such a module's own count covers everything its forward runs, so the

@@ -1,6 +1,6 @@
 """Geometry of convolutions and of the two stages of a Kronecker convolution: argument
 normalisation, padding, output sizes, how groups split across the factors, and where the
-stride and padding of a two-stage convolution go (docs/design.md §3).
+stride and padding of a two-stage convolution go (docs/design.md §3–§4).
 
 A leaf module: it imports nothing from gkpd; :mod:`gkpd.counting` builds its MACs formulas on
 it and the Kronecker layers run by it.

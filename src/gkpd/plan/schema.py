@@ -77,7 +77,7 @@ class CompressionPlan:
     """Per-layer decisions for a whole model, and the totals they add up to.
 
     ``dense_params``/``params`` count every parameter of the model (BatchNorm, layers left
-    dense, ...), so ``achieved_ratio`` is the whole-model ratio of DESIGN.md §3.
+    dense, ...), so ``achieved_ratio`` is the whole-model ratio of docs/design.md §6.
     """
 
     model_type: str
