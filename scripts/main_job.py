@@ -29,12 +29,11 @@ import torch
 from gkpd import data, train
 from gkpd.apply import compress
 from gkpd.io import save
-from gkpd.latency import measure_latency
 from gkpd.models.cards import compressed_card, example_input, finetuned_card
-from gkpd.plan.latency import cpu_model
 from gkpd.plan.schema import CompressionPlan
 from gkpd.report import summary
 from gkpd.resolve import resolve_model
+from gkpd.timing import cpu_model, measure_latency
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune, finetune_loader
 
 DATASET = "fashion-mnist"

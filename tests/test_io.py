@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from gkpd import io, models
 from gkpd.counting import count_model
+from gkpd.files import file_sha256
 from gkpd.layers import KroneckerConv2d, KroneckerLinear
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 
@@ -237,7 +238,7 @@ def _rewrite_manifest(directory):
     for name in manifest["files"]:
         manifest["files"][name] = {
             "bytes": (directory / name).stat().st_size,
-            "sha256": io._sha256(directory / name),
+            "sha256": file_sha256(directory / name),
         }
     (directory / "manifest.json").write_text(json.dumps(manifest))
 

@@ -1,4 +1,4 @@
-"""gkpd.report.summary and gkpd.latency.measure_latency on tiny models."""
+"""gkpd.report.summary and gkpd.timing.measure_latency on tiny models."""
 
 import json
 
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from gkpd.counting import count_model
-from gkpd.latency import measure_latency
 from gkpd.layers import KroneckerConv2d, KroneckerLinear
 from gkpd.report import Report, summary
+from gkpd.timing import measure_latency
 
 
 def tiny_model(kronecker: bool) -> nn.Module:

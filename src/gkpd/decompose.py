@@ -1,4 +1,4 @@
-"""The Generalized Kronecker Product Decomposition of a tensor (DESIGN.md §1).
+"""The Generalized Kronecker Product Decomposition of a tensor (docs/design.md §1–§2).
 
 A tensor ``W`` of shape ``a ⊙ b`` is approximated by ``Σ_r A_r ⊗ B_r``. Rearranging ``W`` into
 the matrix ``M(W)`` of shape ``(∏a, ∏b)`` (one reshape–permute–reshape) turns the problem into a

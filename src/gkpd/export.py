@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gkpd.train.checkpoint import atomic_write
+from gkpd.files import atomic_write
 
 __all__ = ["OnnxVerificationError", "default_opset", "export_program", "merge", "to_onnx"]
 

@@ -19,7 +19,6 @@ checkpoints, for example); they are left alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkpd.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.plan.schema import CompressionPlan
-from gkpd.train.checkpoint import atomic_write, atomic_write_text, check_state_dict_matches
+from gkpd.state_dicts import check_state_dict_matches
 
 __all__ = [
     "CARD_FILE",
@@ -56,14 +56,6 @@ def is_saved_model(path: str | Path) -> bool:
     """Whether ``path`` is a directory written by :func:`save` (it has a plan file)."""
     path = Path(path)
     return path.is_dir() and ((path / MANIFEST_FILE).is_file() or (path / PLAN_FILE).is_file())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -165,11 +157,11 @@ def save(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "files": {
-            name: {"bytes": (path / name).stat().st_size, "sha256": _sha256(path / name)}
+            name: {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)}
             for name in files
         },
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(manifest_path, manifest, indent=2, sort_keys=True)
     log.info("saved %s (%d tensors, plan of %d layers)", path, len(tensors), len(plan.layers))
     return path
 
@@ -215,7 +207,7 @@ def _verify(path: Path, manifest: dict[str, Any]) -> None:
                 f"{file} is truncated or was changed: {size} bytes, the manifest says "
                 f"{expected.get('bytes')}"
             )
-        if _sha256(file) != expected.get("sha256"):
+        if file_sha256(file) != expected.get("sha256"):
             raise ValueError(f"{file} is corrupt or was changed: its SHA-256 does not match")
 
 

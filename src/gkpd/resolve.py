@@ -10,7 +10,8 @@ from torch import nn
 from gkpd import models
 from gkpd.io import is_saved_model, load
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
-from gkpd.train.checkpoint import check_state_dict_matches, load_state
+from gkpd.state_dicts import check_state_dict_matches
+from gkpd.train.checkpoint import load_state
 
 __all__ = ["resolve_model"]
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gkpd.bench.report import require_matplotlib, write_reports
-from gkpd.train.checkpoint import atomic_write_text
+from gkpd.files import atomic_write_text
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class _Bench:
         return {"params": counts.total_params, "macs": counts.total_macs}
 
     def latency(self, model: nn.Module) -> dict[str, Any]:
-        from gkpd.latency import measure_latency
+        from gkpd.timing import measure_latency
 
         model.to(self.device)
         latency = measure_latency(

@@ -17,7 +17,7 @@ from typing import Any
 
 from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE, VARIANTS
 from gkpd.bench.report import require_matplotlib
-from gkpd.train.checkpoint import atomic_write, atomic_write_text
+from gkpd.files import atomic_write, atomic_write_text
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gkpd.train.checkpoint import atomic_write, atomic_write_text
+from gkpd.files import atomic_write, atomic_write_text
 
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"

@@ -243,7 +243,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
     thread count is set to ``config.threads`` for the run and restored after. glibc's malloc
     is set to keep freed memory (:func:`keep_freed_memory`) for the rest of the process, so
     that the timings do not depend on what the kernel's page faults cost at the moment."""
-    from gkpd.plan.latency import time_interleaved
+    from gkpd.timing import time_interleaved
 
     config.validate()
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
@@ -346,7 +346,7 @@ def _call(model, x, backend, folder, name, threads) -> Callable[[], object]:
 
 
 def _describe_machine(threads: int) -> str:
-    from gkpd.plan.latency import cpu_model
+    from gkpd.timing import cpu_model
 
     return f"{cpu_model()}, {threads} torch thread(s)"
 
@@ -387,7 +387,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_results(out: Path, result: dict[str, Any]) -> None:
-    from gkpd.train.checkpoint import atomic_write_text
+    from gkpd.files import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULTS_JSON, json.dumps(result, indent=2) + "\n")

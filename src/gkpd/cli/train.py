@@ -21,10 +21,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gkpd import data, models, train
+    from gkpd.files import atomic_write_text
     from gkpd.models.cards import CARD_FILE, now
     from gkpd.models.pretrained import save_trained
     from gkpd.train import distributed
-    from gkpd.train.checkpoint import atomic_write_text
     from gkpd.train.loop import CHECKPOINT_NAME
 
     info = data.get_info(args.data)

@@ -1,4 +1,4 @@
-"""One N-d Kronecker convolution (DESIGN.md §1); ``KroneckerConv1d/2d/3d`` fix the dimension.
+"""One N-d Kronecker convolution (docs/design.md §3); ``KroneckerConv1d/2d/3d`` fix the dimension.
 
 The weight ``(F, C/groups, *K)`` is ``Σ_r A_r ⊗ B_r`` with ``A: (F1, C1, *K1)`` and
 ``B: (F2, C2, *K2)``; the convolution runs as two smaller convolutions, in whichever order

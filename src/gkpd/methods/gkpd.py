@@ -1,4 +1,4 @@
-"""GKPD: each conv/linear weight as a sum of Kronecker products (DESIGN.md §1).
+"""GKPD: each conv/linear weight as a sum of Kronecker products (docs/design.md §1–§5).
 
 Per-layer override: ``{"a_shape": (...)}`` (that split only), optionally with ``"rank"``.
 """

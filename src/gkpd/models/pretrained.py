@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +9,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gkpd.files import atomic_write, atomic_write_json
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.models.registry import create
-from gkpd.train.checkpoint import atomic_write, atomic_write_text, check_state_dict_matches
+from gkpd.state_dicts import check_state_dict_matches
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -24,7 +24,7 @@ def save_trained(directory: str | Path, model: nn.Module, card: dict[str, Any]) 
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(directory / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(directory / CARD_FILE, card, indent=2, sort_keys=True)
     return directory
 
 

@@ -1,6 +1,7 @@
 """What :func:`gkpd.plan` optimizes besides the size: ``"error"`` (the default: the summed or
 uniform relative error of the strategy alone) or :class:`LatencyObjective` (then the fastest
-way to run each layer within an error slack, timed on this machine; see ``plan/latency.py``).
+way to run each layer within an error slack, timed on this machine; see
+``plan/latency_objective.py``).
 """
 
 from __future__ import annotations
@@ -102,15 +103,11 @@ def batch_of(example_input: Any) -> int:
 
 def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, example_input,
             fits):
-    """Swap each pick for the fastest option within budget (see ``plan/latency.py``); the
+    """Swap each pick for the fastest option within budget (see ``plan/latency_objective.py``); the
     picks then index the full candidate tables. Returns ``(tables, picks, timings, change in
     parameters)``."""
-    from gkpd.plan.latency import (
-        LatencyCache,
-        LayerTimer,
-        default_cache_path,
-        fastest_within_budget,
-    )
+    from gkpd.plan.latency_objective import LayerTimer, fastest_within_budget
+    from gkpd.timing import LatencyCache, default_cache_path
 
     # picks index the Pareto tables; find the same configurations in the full tables
     full_picks = []

@@ -77,7 +77,7 @@ class CompressionPlan:
     """Per-layer decisions for a whole model, and the totals they add up to.
 
     ``dense_params``/``params`` count every parameter of the model (BatchNorm, layers left
-    dense, ...), so ``achieved_ratio`` is the whole-model ratio of DESIGN.md §3.
+    dense, ...), so ``achieved_ratio`` is the whole-model ratio of docs/design.md §6.
     """
 
     model_type: str
@@ -146,7 +146,7 @@ class CompressionPlan:
         return cls.from_dict(data, source)
 
     def save(self, path: str | Path) -> Path:
-        from gkpd.train.checkpoint import atomic_write_text
+        from gkpd.files import atomic_write_text
 
         return atomic_write_text(path, self.to_json() + "\n")
 

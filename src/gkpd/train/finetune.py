@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from gkpd.train.loop import fit
+from gkpd.train.loop import fit_with
+from gkpd.train.options import FitConfig, FitRun
 
 # the defaults of `gkpd finetune` and `gkpd bench accuracy`
 FINETUNE_DEFAULTS: dict[str, Any] = {
@@ -72,19 +73,8 @@ def finetune(
 ) -> list[dict[str, Any]]:
     """:func:`gkpd.train.fit` of ``student`` with distillation from ``teacher`` (cross-entropy
     alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``."""
-    return fit(
-        student,
-        train_loader,
-        epochs=epochs,
-        teacher=teacher,
-        eval_loader=eval_loader,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        device=device,
-        progress=progress,
-        lr=lr,
-        weight_decay=weight_decay,
-        alpha=alpha,
-        temperature=temperature,
-        seed=seed,
-    )
+    config = FitConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, alpha=alpha,
+                       temperature=temperature, seed=seed)
+    run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
+                 resume=resume, device=device, progress=progress)
+    return fit_with(student, train_loader, config, run)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,62 +18,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from gkpd.files import atomic_write_text
+from gkpd.state_dicts import check_state_dict_matches
 from gkpd.train import distributed
-from gkpd.train.checkpoint import atomic_write_text, load_state, save_state
+from gkpd.train.checkpoint import load_state, save_state
 from gkpd.train.losses import distillation_loss
+from gkpd.train.options import FitConfig, FitRun
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class FitConfig:
-    epochs: int
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" | "step" | "constant"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for "step"
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    alpha: float = 0.9  # weight of the distillation term when a teacher is given
-    temperature: float = 4.0
-    feature_weight: float = 1.0
-    feature_pairs: dict[str, str] = field(default_factory=dict)
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(
-                f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
-            )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-
-    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
-        warmup = int(self.warmup_epochs * steps_per_epoch)
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.schedule == "step":
-            return self.lr * self.gamma ** sum(progress >= m for m in self.milestones)
-        return self.lr
 
 
 def _default_device() -> torch.device:
@@ -166,33 +120,64 @@ def fit(
     written atomically after every epoch and ``resume=True`` continues from it, ending with
     the same weights as an unbroken run. Under ``torchrun`` the model is wrapped in
     DistributedDataParallel, each rank reads its own shard, and rank 0 writes the files.
+    :func:`fit_with` is the same with the settings grouped.
     """
     unknown = set(options) - {f for f in FitConfig.__dataclass_fields__ if f != "epochs"}
     if unknown:
         raise TypeError(f"fit() got unknown options {sorted(unknown)}")
-    config = FitConfig(epochs=epochs, **options)
+    run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
+                 resume=resume, device=device, progress=progress)
+    return fit_with(model, train_loader, FitConfig(epochs=epochs, **options), run)
+
+
+def fit_with(
+    model: nn.Module, train_loader: DataLoader, config: FitConfig, run: FitRun
+) -> list[dict[str, Any]]:
+    """:func:`fit` with its settings as a :class:`FitConfig` and a :class:`FitRun`."""
     config.validate()
-    if resume and checkpoint_dir is None:
+    if run.resume and run.checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
-    device = torch.device(device) if device is not None else _default_device()
-    is_distributed = distributed.ensure_process_group(device)
-    if is_distributed and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    session = _set_up(model, train_loader, config, run)
+    try:
+        for epoch in range(session.start_epoch, config.epochs):
+            record = _train_epoch(session, epoch)
+            _end_epoch(session, epoch, record)
+    finally:
+        for taps in (session.student_taps, session.teacher_taps):
+            if taps is not None:
+                taps.remove()
+    return session.history
 
-    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    metrics_path = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir else None
 
-    _seed_everything(config.seed)
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+@dataclass
+class _Session:
+    """What the steps of :func:`fit_with` share: set up once, then updated epoch by epoch."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    config: FitConfig
+    run: FitRun
+    is_distributed: bool
+    main: bool
+    checkpoint_path: Path | None
+    metrics_path: Path | None
+    history: list[dict[str, Any]]
+    start_epoch: int
+    steps_per_epoch: int = 0
+    student_taps: _FeatureTaps | None = None
+    teacher_taps: _FeatureTaps | None = None
+
+
+def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Optimizer:
+    """SGD with weight decay on the weights, none on biases and norms (parameters of <= 1 dim)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD(
+    return torch.optim.SGD(
         [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -202,19 +187,34 @@ def fit(
         nesterov=config.nesterov,
     )
 
+
+def _set_up(
+    model: nn.Module, train_loader: DataLoader, config: FitConfig, run: FitRun
+) -> _Session:
+    """Device, process group, seeds, teacher, optimizer; the checkpoint's state when resuming;
+    the (sharded) loader and the feature taps."""
+    device = torch.device(run.device) if run.device is not None else _default_device()
+    is_distributed = distributed.ensure_process_group(device)
+    if is_distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    checkpoint_dir = run.checkpoint_dir
+    checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    metrics_path = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir else None
+
+    _seed_everything(config.seed)
+    model.to(device)
+    teacher = run.teacher
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = _optimizer(model, config)
+
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_state(checkpoint_path)
-        from gkpd.train.checkpoint import check_state_dict_matches
-
-        check_state_dict_matches(model, state["model"], str(checkpoint_path))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        _set_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+    if run.resume and checkpoint_path is not None and checkpoint_path.exists():
+        history, start_epoch = _resume(model, optimizer, checkpoint_path)
 
     loader = (
         distributed.distributed_loader(train_loader, config.seed)
@@ -222,103 +222,128 @@ def fit(
         else train_loader
     )
     net: nn.Module = DistributedDataParallel(model) if is_distributed else model
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+    session = _Session(
+        model=model, net=net, loader=loader, optimizer=optimizer, device=device,
+        config=config, run=run, is_distributed=is_distributed, main=False,
+        checkpoint_path=checkpoint_path, metrics_path=metrics_path, history=history,
+        start_epoch=start_epoch, steps_per_epoch=len(loader),
+    )
+    if session.steps_per_epoch == 0:
         raise ValueError("train_loader yields no batches (data set smaller than one batch?)")
-    total_steps = config.epochs * steps_per_epoch
-    main = distributed.is_main_process()
+    session.main = distributed.is_main_process()
 
-    student_taps = teacher_taps = None
     if teacher is not None and config.feature_pairs:
-        student_taps = _FeatureTaps(model, config.feature_pairs.keys(), "student")
-        teacher_taps = _FeatureTaps(teacher, config.feature_pairs.values(), "teacher")
+        session.student_taps = _FeatureTaps(model, config.feature_pairs.keys(), "student")
+        session.teacher_taps = _FeatureTaps(teacher, config.feature_pairs.values(), "teacher")
+    return session
 
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            if is_distributed:
-                loader.sampler.set_epoch(epoch)
-            net.train()
-            started = time.perf_counter()
-            loss_sum = correct = seen = 0.0
-            for i, (inputs, targets) in enumerate(
-                _batches(loader, progress and main, f"epoch {epoch + 1}/{config.epochs}")
-            ):
-                step = epoch * steps_per_epoch + i
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr_at(step, total_steps, steps_per_epoch)
-                inputs, targets = inputs.to(device), targets.to(device)
-                logits = net(inputs)
-                if teacher is None:
-                    loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
-                else:
-                    with torch.no_grad():
-                        teacher_logits = teacher(inputs)
-                    loss = distillation_loss(
-                        logits,
-                        teacher_logits,
-                        targets,
-                        alpha=config.alpha,
-                        temperature=config.temperature,
-                        label_smoothing=config.label_smoothing,
-                    )
-                    if student_taps is not None:
-                        for s_name, t_name in config.feature_pairs.items():
-                            s_out, t_out = (
-                                student_taps.outputs[s_name],
-                                teacher_taps.outputs[t_name],
-                            )
-                            if s_out.shape != t_out.shape:
-                                raise ValueError(
-                                    f"feature_pairs {s_name!r} -> {t_name!r}: shapes "
-                                    f"{tuple(s_out.shape)} and {tuple(t_out.shape)} differ"
-                                )
-                            loss = loss + config.feature_weight * F.mse_loss(s_out, t_out)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower lr"
-                    )
-                loss_sum += loss.item() * targets.shape[0]
-                correct += (logits.argmax(1) == targets).sum().item()
-                seen += targets.shape[0]
-            loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], device)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum / seen,
-                "train_accuracy": 100.0 * correct / seen,
-                "seconds": time.perf_counter() - started,
-            }
-            if eval_loader is not None:
-                result = evaluate(model, eval_loader, device=device, progress=False)
-                record["eval_loss"] = result["loss"]
-                record["eval_accuracy"] = result["accuracy"]
-            history.append(record)
-            log.info("epoch %s", json.dumps(record))
-            if main and checkpoint_path is not None:
-                save_state(
-                    checkpoint_path,
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": _rng_state(),
-                        "history": history,
-                        "config": {
-                            k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in asdict(config).items()
-                        },
-                    },
+
+def _resume(
+    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """Load the checkpoint's weights, optimizer and RNG state; its history and epoch."""
+    state = load_state(checkpoint_path)
+    check_state_dict_matches(model, state["model"], str(checkpoint_path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    history = list(state["history"])
+    start_epoch = int(state["epoch"])
+    _set_rng_state(state["rng"])
+    log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch)
+    return history, start_epoch
+
+
+def _loss(s: _Session, inputs: torch.Tensor, logits: torch.Tensor,
+          targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, or with a teacher the distillation loss plus the feature terms."""
+    config, teacher = s.config, s.run.teacher
+    if teacher is None:
+        return F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
+    with torch.no_grad():
+        teacher_logits = teacher(inputs)
+    loss = distillation_loss(
+        logits,
+        teacher_logits,
+        targets,
+        alpha=config.alpha,
+        temperature=config.temperature,
+        label_smoothing=config.label_smoothing,
+    )
+    if s.student_taps is not None:
+        for s_name, t_name in config.feature_pairs.items():
+            s_out, t_out = s.student_taps.outputs[s_name], s.teacher_taps.outputs[t_name]
+            if s_out.shape != t_out.shape:
+                raise ValueError(
+                    f"feature_pairs {s_name!r} -> {t_name!r}: shapes "
+                    f"{tuple(s_out.shape)} and {tuple(t_out.shape)} differ"
                 )
-                atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            distributed.barrier()
-    finally:
-        for taps in (student_taps, teacher_taps):
-            if taps is not None:
-                taps.remove()
-    return history
+            loss = loss + config.feature_weight * F.mse_loss(s_out, t_out)
+    return loss
+
+
+def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
+    """One pass over the training data; the epoch's record (loss, accuracy, lr, seconds)."""
+    config, optimizer = s.config, s.optimizer
+    total_steps = config.epochs * s.steps_per_epoch
+    if s.is_distributed:
+        s.loader.sampler.set_epoch(epoch)
+    s.net.train()
+    started = time.perf_counter()
+    loss_sum = correct = seen = 0.0
+    for i, (inputs, targets) in enumerate(
+        _batches(s.loader, s.run.progress and s.main, f"epoch {epoch + 1}/{config.epochs}")
+    ):
+        step = epoch * s.steps_per_epoch + i
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(step, total_steps, s.steps_per_epoch)
+        inputs, targets = inputs.to(s.device), targets.to(s.device)
+        logits = s.net(inputs)
+        loss = _loss(s, inputs, logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower lr"
+            )
+        loss_sum += loss.item() * targets.shape[0]
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += targets.shape[0]
+    loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
+    return {
+        "epoch": epoch + 1,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / seen,
+        "train_accuracy": 100.0 * correct / seen,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
+    """Evaluate, record the epoch, and (rank 0) write the checkpoint and the metrics file."""
+    if s.run.eval_loader is not None:
+        result = evaluate(s.model, s.run.eval_loader, device=s.device, progress=False)
+        record["eval_loss"] = result["loss"]
+        record["eval_accuracy"] = result["accuracy"]
+    s.history.append(record)
+    log.info("epoch %s", json.dumps(record))
+    if s.main and s.checkpoint_path is not None:
+        save_state(
+            s.checkpoint_path,
+            {
+                "epoch": epoch + 1,
+                "model": s.model.state_dict(),
+                "optimizer": s.optimizer.state_dict(),
+                "rng": _rng_state(),
+                "history": s.history,
+                "config": {
+                    k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in asdict(s.config).items()
+                },
+            },
+        )
+        atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
+    distributed.barrier()
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""objective="latency": the fastest option within the error and size budget, cached timings."""
+"""objective="latency" (gkpd.plan.latency_objective): the fastest option within the error and
+size budget, cached timings."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 from torch import nn
 
 import gkpd
-from gkpd.plan import latency
+from gkpd import timing
+from gkpd.plan import latency_objective
 from gkpd.plan.candidates import Candidates
-from gkpd.plan.latency import LatencyCache, LayerTimer, Option, fastest_within_budget
+from gkpd.plan.latency_objective import LayerTimer, Option, fastest_within_budget
+from gkpd.timing import LatencyCache
 
 
 class _Ctx:
@@ -119,7 +122,7 @@ def test_paths_with_more_macs_than_dense_are_not_timed_but_the_picks_own_order_i
         left_out = 0
         for j, (a, b, rank, order) in enumerate(configs):
             macs = order_macs(ctx.module, ctx.input_shape, a, b, rank)
-            for path in latency._orders(ctx.module, configs[j]):
+            for path in latency_objective._orders(ctx.module, configs[j]):
                 option = Option(configs[j], path)
                 own = j == pick and path == order
                 if macs[CHANNEL_PATHS.get(path, path)] <= ctx.dense_macs or own:
@@ -208,7 +211,8 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
             return x
 
     modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
-    monkeypatch.setattr(latency, "_runnable", lambda module, option: modules[option.order])
+    monkeypatch.setattr(latency_objective, "_runnable",
+                        lambda module, option: modules[option.order])
     timer = LayerTimer(2, LatencyCache(None))
     config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
     options = [Option(config, order) for order in modules]
@@ -218,30 +222,6 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
     assert times[options[1]] >= 0.02 and timer.measured == 3
 
 
-def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
-    counts = {"fast": 0, "slow": 0}
-
-    def fast():
-        counts["fast"] += 1
-
-    def slow():
-        counts["slow"] += 1
-        time.sleep(0.002)
-
-    latency.time_interleaved({"fast": fast}, rounds=3, warmup=1, min_seconds=0.01,
-                             max_rounds=50)
-    assert counts["fast"] == 1 + 50  # a no-op never reaches 10 ms: the cap holds
-    latency.time_interleaved({"slow": slow}, rounds=3, warmup=1, min_seconds=0.004)
-    assert counts["slow"] == 1 + 3  # 3 rounds of 2 ms already run 6 ms
-    counts["slow"] = 0
-    latency.time_interleaved({"slow": slow}, rounds=3, warmup=0, min_seconds=0.02)
-    # about 20 ms of calls of at least 2 ms (more than 3 unless the sleeps overrun 2.5x)
-    assert 4 <= counts["slow"] <= 10
-    counts["fast"] = 0
-    latency.time_interleaved({"fast": fast}, rounds=3, warmup=0)
-    assert counts["fast"] == 3  # no min_seconds: the rounds asked for
-
-
 def _replay(monkeypatch, scale: float) -> list:
     """Make LayerTimer._time return the cached seconds (times ``scale`` for the dense
     reference) instead of timing; returns the list of options it was asked for."""
@@ -249,7 +229,7 @@ def _replay(monkeypatch, scale: float) -> list:
 
     def cached_times(self, module, input_shape, options):
         asked.extend(options)
-        env = latency.environment_key(module.weight.device, module.weight.dtype)
+        env = timing.environment_key(module.weight.device, module.weight.dtype)
         result = {}
         for o in options:
             seconds = self.cache.get(self._key(env, module, input_shape, o))
@@ -293,25 +273,6 @@ def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, ca
     saved = json.loads(cache.read_text())["entries"]
     for key, seconds in saved.items():  # re-timed: the dense reference at its new time
         assert seconds == pytest.approx(entries[key] * (2.0 if "| dense |" in key else 1.0))
-
-
-def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):
-    path = tmp_path / "sub" / "latency.json"
-    path.parent.mkdir()
-    path.write_text("{ not json")
-    cache = LatencyCache(path)
-    assert cache.entries == {}
-    cache.put("k", 0.5)
-    cache.save()
-    assert LatencyCache(path).get("k") == 0.5
-    assert sorted(p.name for p in path.parent.iterdir()) == ["latency.json"]
-    path.write_text(json.dumps({"version": 99, "entries": {"k": 1.0}}))
-    assert LatencyCache(path).get("k") is None  # another format: not trusted
-
-
-def test_environment_key_names_torch_device_and_dtype():
-    key = latency.environment_key(torch.device("cpu"), torch.float32)
-    assert torch.__version__ in key and "cpu" in key and "float32" in key and "threads" in key
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,62 @@
+"""Files written so that readers never see half of one, and the checksum that proves a file
+is the one that was written.
+
+A leaf module: it imports nothing from gkpd, so every layer (plans, saved models, exports,
+training checkpoints, benchmarks) can write through it without importing the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text",
+           "file_sha256"]
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    Readers see the old file or the new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_json(path: str | Path, data: Any, **dumps: Any) -> Path:
+    """``json.dumps(data, **dumps)`` plus a newline, written atomically."""
+    return atomic_write_text(path, json.dumps(data, **dumps) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of the file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,213 @@
+"""Timing on this machine: interleaved rounds of several calls, the forward latency of a
+model, the CPU's name, and the on-disk cache of per-layer timings.
+
+Interleaving (one call of each option per round, medians over rounds) makes a change of the
+machine's load hit every option alike; :mod:`gkpd.plan.latency_objective` plans with it and
+the speed benchmark times with it. A leaf module but for :mod:`gkpd.files` (atomic writes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Hashable
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gkpd.files import atomic_write_text
+
+__all__ = [
+    "CACHE_ENV",
+    "LatencyCache",
+    "cpu_model",
+    "default_cache_path",
+    "environment_key",
+    "measure_latency",
+    "time_interleaved",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "GKPD_CACHE_DIR"
+_CACHE_VERSION = 1
+_ROUNDS = 7
+_WARMUP = 2
+_MAX_ROUNDS = 200
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gkpd"
+    return Path(root) / "latency.json"
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__} | {device.type}: {where} | {dtype}"
+
+
+class LatencyCache:
+    """Seconds per forward call, by key, in a JSON file (``path=None``: memory only).
+
+    A missing, unreadable or foreign file is an empty cache (it is only ever a cache); saving
+    writes a temp file and renames it, so a crash never leaves half a file.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.entries: dict[str, float] = {}
+        self._dirty = False
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                log.warning("ignoring unreadable latency cache %s: %s", self.path, error)
+                return
+            if isinstance(data, dict) and data.get("version") == _CACHE_VERSION:
+                self.entries = {
+                    str(k): float(v)
+                    for k, v in data.get("entries", {}).items()
+                    if isinstance(v, int | float) and v > 0
+                }
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, seconds: float) -> None:
+        self.entries[key] = float(seconds)
+        self._dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": _CACHE_VERSION, "entries": dict(sorted(self.entries.items()))}
+        atomic_write_text(self.path, json.dumps(payload, indent=0) + "\n")
+        self._dirty = False
+
+
+def time_interleaved(
+    calls: dict[Hashable, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
+    *, min_seconds: float = 0.0, max_rounds: int = _MAX_ROUNDS,
+) -> dict[Hashable, float]:
+    """Median seconds of each call, timed round by round so that load changes hit all.
+
+    With ``min_seconds``, rounds are added (up to ``max_rounds``) until the fastest call has
+    run that long in total: a burst of load on a shared machine lasts milliseconds, which is
+    all of 7 rounds of a 0.2 ms layer, and the median of such rounds is the burst's."""
+    samples: dict[Hashable, list[float]] = {k: [] for k in calls}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                samples[key].append(time.perf_counter() - start)
+
+    # no_grad rather than inference_mode: compiled callables guard on the grad mode they
+    # were compiled in, and inference tensors would send them back to the compiler
+    with torch.no_grad():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        run(rounds)
+        if calls and min_seconds > 0:
+            fastest = min(statistics.median(v) for v in samples.values())
+            wanted = min(max_rounds, math.ceil(min_seconds / max(fastest, 1e-9)))
+            run(max(0, wanted - rounds))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+@contextmanager
+def _threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: object,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Time ``model(*example_input)`` in eval mode without gradients.
+
+    ``warmup`` untimed calls, then ``repeats`` timed ones; ``threads`` sets torch's intra-op
+    thread count for the measurement (restored afterwards). Returns ``median_ms``, ``min_ms``,
+    ``mean_ms``, ``max_ms``, ``repeats``, ``warmup``, ``threads`` (as used) and ``batch``
+    (the first input's leading dimension). The model's train/eval mode is restored.
+    """
+    for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        with _threads(threads), torch.no_grad():
+            used_threads = torch.get_num_threads()
+            for _ in range(warmup):
+                model(*args)
+            _sync(device)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(*args)
+                _sync(device)
+                times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "mean_ms": statistics.fmean(times),
+        "max_ms": max(times),
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": used_threads,
+        "batch": int(first.shape[0]) if first is not None and first.dim() else 1,
+    }

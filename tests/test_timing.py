@@ -1,0 +1,59 @@
+"""gkpd.timing: interleaved rounds, the latency cache file, the environment key, aliases."""
+
+import json
+import time
+
+import torch
+
+from gkpd import latency, timing
+from gkpd.plan import latency as plan_latency
+from gkpd.timing import LatencyCache
+
+
+def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
+    counts = {"fast": 0, "slow": 0}
+
+    def fast():
+        counts["fast"] += 1
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.002)
+
+    timing.time_interleaved({"fast": fast}, rounds=3, warmup=1, min_seconds=0.01,
+                            max_rounds=50)
+    assert counts["fast"] == 1 + 50  # a no-op never reaches 10 ms: the cap holds
+    timing.time_interleaved({"slow": slow}, rounds=3, warmup=1, min_seconds=0.004)
+    assert counts["slow"] == 1 + 3  # 3 rounds of 2 ms already run 6 ms
+    counts["slow"] = 0
+    timing.time_interleaved({"slow": slow}, rounds=3, warmup=0, min_seconds=0.02)
+    # about 20 ms of calls of at least 2 ms (more than 3 unless the sleeps overrun 2.5x)
+    assert 4 <= counts["slow"] <= 10
+    counts["fast"] = 0
+    timing.time_interleaved({"fast": fast}, rounds=3, warmup=0)
+    assert counts["fast"] == 3  # no min_seconds: the rounds asked for
+
+
+def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):
+    path = tmp_path / "sub" / "latency.json"
+    path.parent.mkdir()
+    path.write_text("{ not json")
+    cache = LatencyCache(path)
+    assert cache.entries == {}
+    cache.put("k", 0.5)
+    cache.save()
+    assert LatencyCache(path).get("k") == 0.5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["latency.json"]
+    path.write_text(json.dumps({"version": 99, "entries": {"k": 1.0}}))
+    assert LatencyCache(path).get("k") is None  # another format: not trusted
+
+
+def test_environment_key_names_torch_device_and_dtype():
+    key = timing.environment_key(torch.device("cpu"), torch.float32)
+    assert torch.__version__ in key and "cpu" in key and "float32" in key and "threads" in key
+
+
+def test_old_import_paths_are_aliases():
+    assert latency.measure_latency is timing.measure_latency
+    assert plan_latency.cpu_model is timing.cpu_model
+    assert plan_latency.time_interleaved is timing.time_interleaved
