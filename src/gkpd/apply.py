@@ -12,7 +12,8 @@ from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -78,7 +79,7 @@ def apply_(
         replacement.train(module.training)
         replacements.append((entry.name, replacement))
     for name, replacement in replacements:
-        _set_submodule(model, name, replacement)
+        set_submodule(model, name, replacement)
     return model
 
 
@@ -112,7 +113,7 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Modu
             module, entry, decompose=True, input_covariance=cov
         )
         replacement.train(module.training)
-        _set_submodule(model, entry.name, replacement)
+        set_submodule(model, entry.name, replacement)
     return model
 
 

@@ -31,14 +31,17 @@ class Calibration:
     diagonal. ``sequential``: whiten each layer on the inputs that the already compressed
     layers before it produce, instead of the original model's. ``select``: rank factor shapes
     and ranks (and allocate the budget) by the output error on this data instead of the
-    weight error.
+    weight error. Off by default: that error comes from the Kronecker-factored covariance,
+    which is a poor model of some splits' inputs, and on the Fashion-MNIST ResNet-32 at 5x the
+    shapes it picked had a larger measured output error (summed 12.4 against 8.2) and 3x the
+    MACs (benchmarks/RESULTS.md, data-aware GKPD).
     """
 
     data: Any
     samples: int | None = 512
     damping: float = DEFAULT_DAMPING
     sequential: bool = False
-    select: bool = True
+    select: bool = False
     # The covariances of the last model they were collected on: compress plans and applies on
     # a copy of one model, and collecting them twice would double the calibration cost.
     _last: dict = field(default_factory=dict, init=False, repr=False, compare=False)

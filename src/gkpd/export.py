@@ -12,6 +12,9 @@
 
 onnx and onnxruntime are optional (``pip install 'gkpd[export]'``) and are imported only here,
 when a function needs them.
+
+Over 400 lines on purpose: merge, ONNX export and its onnxruntime check share the
+deployment checks (inputs, dtype, the factors kept unfolded); they are one idea.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def test_whitened_plan_has_lower_output_error_than_plain(model, images):
 def test_selection_by_output_error_reaches_the_ratio(model, images):
     for strategy in ("uniform", "global"):
         small, plan = gkpd.compress(model, images[:1], ratio=3.0, min_params=0,
-                                    strategy=strategy, calibration=images)
+                                    strategy=strategy,
+                                    calibration=Calibration(images, select=True))
         assert plan.achieved_ratio == pytest.approx(3.0, rel=0.03)
         assert plan.options["calibration"]["select"] is True
         with torch.no_grad():

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gkpd.bench.report import require_matplotlib, write_reports
+from gkpd.bench.variants import VARIANTS, compress_options
 from gkpd.files import atomic_write_text
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune
 
@@ -34,24 +35,6 @@ DENSE = "dense"
 RESULT_FILE = "result.json"
 BEFORE_FILE = "before.json"
 BENCH_FILE = "bench.json"
-
-
-# Named variants of a method: (method, the options of gkpd.compress they pin). A variant keeps
-# its settings when the method's defaults move, so a recorded row can be run again as it was.
-# A "calibration" option holds the settings of a gkpd.Calibration; the bench gives it its
-# calibration images (a fixed draw from the training split).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    # GKPD as planned before the accuracy campaign (issue #12): plain NKP factors, uniform plan
-    "gkpd-plain": ("gkpd", {}),
-    # data-aware factors (whitened on 512 training images), shapes and ranks as gkpd-plain's
-    "gkpd-whiten": ("gkpd", {"calibration": {"samples": 512, "select": False}}),
-    # ... and shapes, ranks and the allocation ranked by output error on those images
-    "gkpd-whiten-select": ("gkpd", {"calibration": {"samples": 512, "select": True}}),
-    # ... each layer fitted to the original outputs from the compressed model's inputs
-    "gkpd-whiten-sequential": (
-        "gkpd", {"calibration": {"samples": 512, "select": False, "sequential": True}}
-    ),
-}
 
 
 def known_methods() -> list[str]:
@@ -176,16 +159,7 @@ class _Bench:
 
     def options(self, method: str) -> tuple[str, dict[str, Any]]:
         """The method a (variant) name runs and its options of ``gkpd.compress``."""
-        method, options = VARIANTS.get(method, (method, {}))
-        options = dict(options)
-        if "calibration" in options:
-            from gkpd.calibration import Calibration
-
-            if self.calibration is None:
-                raise ValueError(f"method {method!r} needs calibration images: pass "
-                                 "calibration= to run_accuracy")
-            options["calibration"] = Calibration(self.calibration, **options["calibration"])
-        return method, options
+        return compress_options(method, self.calibration)
 
     def evaluate(self, model: nn.Module) -> float:
         from gkpd.train import evaluate

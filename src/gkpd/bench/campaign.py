@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE, VARIANTS
+from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE
 from gkpd.bench.report import require_matplotlib
+from gkpd.bench.variants import VARIANTS
 from gkpd.files import atomic_write, atomic_write_text
 
 RESULTS_JSON = "results.json"

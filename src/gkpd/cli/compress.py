@@ -64,7 +64,7 @@ def _calibration(args: argparse.Namespace, card: dict[str, Any]):
     if args.method != "gkpd":
         raise CliError(f"--calibration is used by --method gkpd only, got {args.method}")
     images = data.sample_inputs(name, args.calibration, args.data_dir)
-    return Calibration(images, samples=args.calibration, select=not args.calibration_no_select,
+    return Calibration(images, samples=args.calibration, select=args.calibration_select,
                        sequential=args.calibration_sequential)
 
 
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--calibration must be a number of images >= 0, got {args.calibration}")
     if args.calibration:
         options["calibration"] = _calibration(args, card)
-    elif args.calibration_no_select or args.calibration_sequential or args.data:
-        raise CliError("--data, --calibration-no-select and --calibration-sequential need "
+    elif args.calibration_select or args.calibration_sequential or args.data:
+        raise CliError("--data, --calibration-select and --calibration-sequential need "
                        "--calibration N")
     log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
     compressed, plan = compress(model, x, **options)
@@ -150,14 +150,14 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration", type=int, default=0, metavar="N",
         help="data-aware GKPD: whiten each layer's factors on N training images (a fixed, "
-        "not augmented draw) and rank factor shapes and ranks by output error on them "
-        "(0: plain GKPD)",
+        "not augmented draw; 0: plain GKPD)",
     )
     p.add_argument("--data", default=None, choices=dataset_names(),
                    help="data set of --calibration (default: the one MODEL was trained on)")
     p.add_argument("--data-dir", default=None, help="directory of that data set")
-    p.add_argument("--calibration-no-select", action="store_true",
-                   help="rank shapes and ranks by weight error; only the factors are whitened")
+    p.add_argument("--calibration-select", action="store_true",
+                   help="also rank factor shapes and ranks by the output error on those images "
+                   "(measured worse on ResNet-32: see benchmarks/RESULTS.md)")
     p.add_argument("--calibration-sequential", action="store_true",
                    help="fit each layer to the original outputs from the inputs that the "
                    "layers compressed before it produce")

@@ -3,6 +3,9 @@
 The weight ``(F, C/groups, *K)`` is ``Σ_r A_r ⊗ B_r`` with ``A: (F1, C1, *K1)`` and
 ``B: (F2, C2, *K2)``; the convolution runs as two smaller convolutions, in whichever order
 costs fewer MACs for the input at hand.
+
+Over 400 lines on purpose: the layer's stage orders, channel paths and weight path share its
+factor bookkeeping and cached stage plans; split apart they would pass most of it around.
 """
 
 from __future__ import annotations

@@ -117,8 +117,8 @@ def plan(
     ``calibration`` (GKPD only): a :class:`gkpd.Calibration`, or inputs for one (a batched
     tensor or a DataLoader). Each layer's factors then minimise its output error on those
     inputs (whitened by the Kronecker-factored covariance of its input patches) and, with
-    ``Calibration.select`` (the default), factor shapes, ranks and the global allocation are
-    ranked by that output error. The plan records the settings; ``apply_`` needs the data
+    ``Calibration(select=True)``, factor shapes, ranks and the global allocation are ranked
+    by that output error. The plan records the settings; ``apply_`` needs the data
     again (``compress`` passes it on).
     """
     request = _resolve(

@@ -24,10 +24,10 @@ def run(args: argparse.Namespace) -> int:
 
     from gkpd import data
     from gkpd.bench import AccuracyConfig, known_methods, run_accuracy
-    from gkpd.bench.accuracy import VARIANTS
     from gkpd.bench.campaign import RESULTS_MD as CAMPAIGN_MD
     from gkpd.bench.campaign import seed_dir, write_campaign
     from gkpd.bench.report import RESULTS_MD, require_matplotlib
+    from gkpd.bench.variants import VARIANTS
     from gkpd.models.cards import example_input
     from gkpd.resolve import resolve_model
     from gkpd.train.finetune import finetune_loader
