@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
+from gkpd.whiten import corrected_weight
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -84,9 +86,6 @@ def apply_(
 
 
 def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Module:
-    from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
-    from gkpd.whiten import corrected_weight
-
     if calibration is None:
         raise ValueError(
             "this plan initialises its factors from calibration data "
@@ -123,6 +122,8 @@ def compress(model: nn.Module, example_input: Any, **options: Any):
     ``options`` are those of :func:`gkpd.plan` (``ratio``, ``method``, ``strategy``,
     ``calibration``, ...).
     """
+    if options.get("calibration") is not None:  # one object: apply_ reuses plan's statistics
+        options["calibration"] = Calibration.of(options["calibration"])
     compression_plan = plan(model, example_input, **options)
     compressed = apply_(
         copy.deepcopy(model), compression_plan, calibration=options.get("calibration")

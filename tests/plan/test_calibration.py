@@ -163,3 +163,19 @@ def test_bad_calibration_settings_and_methods(model, images):
         Calibration(images, sequential="yes")
     with pytest.raises(ValueError, match="method 'gkpd' only"):
         gkpd.plan(model, images[:1], ratio=3.0, method="svd", calibration=images)
+
+
+def test_compress_reads_the_calibration_data_once(model, images):
+    class Counted:
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return iter(images.split(32))
+
+    gkpd.compress(model, images[:1], ratio=3.0, min_params=0, calibration=Counted())
+    assert Counted.passes == 1  # apply_ on the copy reuses the plan's covariances
+    other = Small().eval()  # another model's values: collected again
+    gkpd.compress(other, images[:1], ratio=3.0, min_params=0,
+                  calibration=Calibration(Counted()))
+    assert Counted.passes == 2
