@@ -135,6 +135,30 @@ def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool = False
         )
 
 
+def fine_tuning_loaders(args: argparse.Namespace, card: dict[str, Any], doing: str):
+    """``(train_loader, test_loader)`` of ``--data`` for fine-tuning the model of ``card``,
+    warning when it was trained on another data set or normalization (``doing``: what the
+    command does on the data, for the warning)."""
+    from torch.utils.data import DataLoader
+
+    from gkpd import data
+    from gkpd.train.finetune import finetune_loader
+
+    info = data.get_info(args.data)
+    if card.get("dataset") not in (None, args.data):
+        log.warning("model was trained on %s, %s on %s", card["dataset"], doing, args.data)
+    warn_normalization(card, args.data, info)
+    train_loader = finetune_loader(
+        args.data,
+        args.data_dir,
+        batch_size=args.batch_size,
+        train_subset=args.train_subset,
+        workers=args.workers,
+    )
+    test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
+    return train_loader, DataLoader(test, batch_size=512, num_workers=args.workers)
+
+
 def warn_normalization(card: dict[str, Any], data: str, info) -> None:
     """Warn when the model's card records a normalization other than that of ``data``."""
     norm = card.get("normalization")

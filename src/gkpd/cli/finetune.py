@@ -13,9 +13,9 @@ from gkpd.cli.common import (
     common_args,
     data_args,
     emit,
+    fine_tuning_loaders,
     log,
     positive_int,
-    warn_normalization,
 )
 
 
@@ -40,14 +40,12 @@ def _teacher(args: argparse.Namespace, card: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
 
-    from gkpd import data
     from gkpd.io import PLAN_FILE, is_saved_model, save
     from gkpd.models.cards import finetuned_card
     from gkpd.plan.schema import CompressionPlan
     from gkpd.resolve import resolve_model
-    from gkpd.train.finetune import finetune, finetune_loader
+    from gkpd.train.finetune import finetune
 
     source = Path(args.model)
     if not is_saved_model(source):
@@ -59,19 +57,7 @@ def run(args: argparse.Namespace) -> int:
     student, card = resolve_model(args.model)
     plan = CompressionPlan.load(source / PLAN_FILE)
     teacher, teacher_spec = _teacher(args, card)
-    info = data.get_info(args.data)
-    if card.get("dataset") not in (None, args.data):
-        log.warning("model was trained on %s, fine-tuning on %s", card["dataset"], args.data)
-    warn_normalization(card, args.data, info)
-    train_loader = finetune_loader(
-        args.data,
-        args.data_dir,
-        batch_size=args.batch_size,
-        train_subset=args.train_subset,
-        workers=args.workers,
-    )
-    test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
-    test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
+    train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
     history = finetune(
         student,
         teacher,

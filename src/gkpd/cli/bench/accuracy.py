@@ -13,14 +13,12 @@ from gkpd.cli.common import (
     common_args,
     data_args,
     emit,
-    log,
+    fine_tuning_loaders,
     positive_int,
-    warn_normalization,
 )
 
 
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
 
     from gkpd import data
     from gkpd.bench import AccuracyConfig, known_methods, run_accuracy
@@ -30,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.bench.variants import VARIANTS
     from gkpd.models.cards import example_input
     from gkpd.resolve import resolve_model
-    from gkpd.train.finetune import finetune_loader
 
     unknown = [m for m in args.methods if m not in known_methods()]
     if unknown:
@@ -61,19 +58,7 @@ def run(args: argparse.Namespace) -> int:
     teacher, card = resolve_model(args.model)
     if card.get("compression"):
         raise CliError(f"MODEL {args.model} is already compressed; give the dense model")
-    info = data.get_info(args.data)
-    if card.get("dataset") not in (None, args.data):
-        log.warning("model was trained on %s, benchmarking on %s", card["dataset"], args.data)
-    warn_normalization(card, args.data, info)
-    train_loader = finetune_loader(
-        args.data,
-        args.data_dir,
-        batch_size=args.batch_size,
-        train_subset=args.train_subset,
-        workers=args.workers,
-    )
-    test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
-    test_loader = DataLoader(test, batch_size=512, num_workers=args.workers)
+    train_loader, test_loader = fine_tuning_loaders(args, card, "benchmarking")
     calibration = None
     if any("calibration" in VARIANTS.get(m, ("", {}))[1] for m in args.methods):
         calibration = data.sample_inputs(args.data, args.calibration, args.data_dir)
