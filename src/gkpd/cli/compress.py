@@ -105,15 +105,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "out": str(out),
         "model": args.model,
-        "method": plan.method,
-        "strategy": plan.strategy,
-        "target_ratio": plan.target_ratio,
-        "achieved_ratio": plan.achieved_ratio,
-        "dense_params": plan.dense_params,
-        "params": plan.params,
-        "dense_macs": plan.dense_macs,
-        "macs": plan.macs,
-        "compressed_layers": len(plan.compressed_layers),
+        **plan.totals(),
     }
     emit(args, result, f"{plan.table()}\nwritten to {out}")
     return 0

@@ -88,15 +88,7 @@ def compressed_card(
 
     new_card = carried(card)
     new_card["compression"] = {
-        "method": plan.method,
-        "strategy": plan.strategy,
-        "target_ratio": plan.target_ratio,
-        "achieved_ratio": plan.achieved_ratio,
-        "dense_params": plan.dense_params,
-        "params": plan.params,
-        "dense_macs": plan.dense_macs,
-        "macs": plan.macs,
-        "compressed_layers": len(plan.compressed_layers),
+        **plan.totals(),
         "layers": len(plan.layers),
         "include": include or [],
         "exclude": exclude or [],

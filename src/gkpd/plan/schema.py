@@ -111,6 +111,21 @@ class CompressionPlan:
     def compressed_layers(self) -> list[LayerPlan]:
         return [entry for entry in self.layers if entry.compressed]
 
+    def totals(self) -> dict[str, Any]:
+        """The plan's method, strategy and totals, as a model card and ``gkpd compress
+        --json`` report them."""
+        return {
+            "method": self.method,
+            "strategy": self.strategy,
+            "target_ratio": self.target_ratio,
+            "achieved_ratio": self.achieved_ratio,
+            "dense_params": self.dense_params,
+            "params": self.params,
+            "dense_macs": self.dense_macs,
+            "macs": self.macs,
+            "compressed_layers": len(self.compressed_layers),
+        }
+
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict[str, Any]:
