@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import gkpd
+from gkpd.layers.attention import UnpackedMultiheadAttention
 from gkpd.models.resnet import BasicBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +36,21 @@ def test_fx_traces_a_compressed_resnet(compressed_resnet):
     model.eval()
 
 
+def test_fx_traces_compressed_attention():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True), 1,
+        enable_nested_tensor=False,
+    ))
+    x = torch.randn(2, 5, 32)
+    compressed, _ = gkpd.compress(model.eval(), x, ratio=2)
+    graph = torch.fx.symbolic_trace(compressed)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), compressed(x))
+    with pytest.raises(TypeError, match="trace a module that holds it"):
+        torch.fx.symbolic_trace(compressed[0].layers[0].linear1)
+
+
 def test_jit_trace_works_and_jit_script_says_what_to_use(compressed_resnet):
     model, _ = compressed_resnet
     x = torch.randn(2, 3, 8, 8)
@@ -44,3 +60,5 @@ def test_jit_trace_works_and_jit_script_says_what_to_use(compressed_resnet):
     with pytest.raises(TypeError, match="torch.jit.script cannot compile KroneckerConv2d.*"
                        "torch.jit.trace"):
         torch.jit.script(model)
+    with pytest.raises(TypeError, match="UnpackedMultiheadAttention"):
+        torch.jit.script(UnpackedMultiheadAttention(8, 2))
