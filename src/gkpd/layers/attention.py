@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkpd.counting import attention_products_macs
+from gkpd.attention_counting import attention_products_macs
 from gkpd.layers.base import fx_leaf_call, refuse_script
 
 __all__ = ["UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention", "unfuse",

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.counting import AttentionCounter, module_macs, module_params
+from gkpd.attention_counting import AttentionCounter
+from gkpd.counting import module_macs, module_params
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
 
