@@ -344,3 +344,4 @@ def test_count_model_of_every_compressed_model_is_what_runs(method):
     assert counts.total_macs == counter.get_total_flops() // 2 - _rebuild_macs(compressed)
     assert counts.total_macs == plan.macs
     assert counts.total_params == plan.params
+

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
+from gkpd.layers.attention import unfuse, unpacked
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
 from gkpd.whiten import corrected_weight
@@ -21,12 +22,36 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def check_plan_fits(model: nn.Module, compression_plan: CompressionPlan) -> None:
-    """Raise ``ValueError`` unless every planned layer exists in ``model`` with the planned
-    type and weight shape (a plan made for another architecture is refused whole)."""
+def _require_plan(compression_plan: Any) -> None:
     if not isinstance(compression_plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan, got {type(compression_plan).__name__}")
+
+
+def _planned_attention(model: nn.Module, compression_plan: CompressionPlan) -> list[str]:
+    """Names of the ``nn.MultiheadAttention`` modules of ``model`` that plan entries reach
+    into (the planner planned their projections as layers)."""
+    _require_plan(compression_plan)
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        and any(e.name.startswith(f"{name}.") for e in compression_plan.layers)
+    ]
+
+
+def check_plan_fits(
+    model: nn.Module, compression_plan: CompressionPlan,
+    unpacked_attention: dict[str, nn.Module] | None = None,
+) -> None:
+    """Raise ``ValueError`` unless every planned layer exists in ``model`` with the planned
+    type and weight shape (a plan made for another architecture is refused whole), once the
+    attention the plan reaches into is unpacked as ``apply_`` does it (``unpacked_attention``:
+    those modules by name, if already built)."""
+    _require_plan(compression_plan)
+    if unpacked_attention is None:
+        unpacked_attention = unpacked(model, _planned_attention(model, compression_plan))
     modules = dict(model.named_modules())
+    for name, module in unpacked_attention.items():
+        modules.update((f"{name}.{child}", m) for child, m in module.named_modules() if child)
     problems = []
     for entry in compression_plan.layers:
         module = modules.get(entry.name)
@@ -65,14 +90,36 @@ def apply_(
     minimise each layer's output error on it, with the damping the plan records. With the
     plan's ``sequential`` setting each layer is whitened on the inputs that the layers
     compressed before it produce.
+
+    An ``nn.MultiheadAttention`` whose projections the plan names becomes an
+    :class:`gkpd.layers.attention.UnpackedMultiheadAttention` (the same function, its
+    projections layers), and transformer layers with replaced children run through them
+    (:func:`gkpd.layers.attention.unfuse`).
     """
-    check_plan_fits(model, compression_plan)
+    attention = unpacked(model, _planned_attention(model, compression_plan))
+    check_plan_fits(model, compression_plan, attention)
     settings = compression_plan.options.get("calibration")
-    if decompose and settings is not None:
-        return _apply_calibrated(model, compression_plan, settings, calibration)
+    calibrated = decompose and settings is not None
+    if calibrated and calibration is None:
+        raise ValueError(
+            "this plan initialises its factors from calibration data "
+            f"(options['calibration'] = {settings}): pass calibration= to apply_"
+        )
     whole_model = get_method(compression_plan.method)
-    if isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
-        return whole_model.apply_model(model, compression_plan, decompose=decompose)
+    for entry in compression_plan.compressed_layers:
+        get_method(entry.method)  # an unknown or unavailable method fails before any change
+    for name, module in attention.items():
+        set_submodule(model, name, module)
+    if calibrated:
+        _apply_calibrated(model, compression_plan, settings, calibration)
+    elif isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
+        whole_model.apply_model(model, compression_plan, decompose=decompose)
+    else:
+        _replace_layers(model, compression_plan, decompose)
+    return unfuse(model)
+
+
+def _replace_layers(model: nn.Module, compression_plan: CompressionPlan, decompose: bool) -> None:
     replacements = []
     for entry in compression_plan.compressed_layers:
         method = get_method(entry.method)
@@ -82,15 +129,9 @@ def apply_(
         replacements.append((entry.name, replacement))
     for name, replacement in replacements:
         set_submodule(model, name, replacement)
-    return model
 
 
-def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Module:
-    if calibration is None:
-        raise ValueError(
-            "this plan initialises its factors from calibration data "
-            f"(options['calibration'] = {settings}): pass calibration= to apply_"
-        )
+def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
     calibration = Calibration.of(calibration)
     entries = compression_plan.compressed_layers
     modules = {e.name: model.get_submodule(e.name) for e in entries}
@@ -113,7 +154,6 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Modu
         )
         replacement.train(module.training)
         set_submodule(model, entry.name, replacement)
-    return model
 
 
 def compress(model: nn.Module, example_input: Any, **options: Any):

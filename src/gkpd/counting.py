@@ -9,7 +9,8 @@ modules it calls are not counted again. The Kronecker layers use the same formul
 the cheaper order, so what is counted here is what runs.
 
 The convolution geometry these formulas stand on (padding, output sizes, group splits, stage
-strides) is :mod:`gkpd.geometry`; its names are re-exported here.
+strides) is :mod:`gkpd.geometry`, the attention's :mod:`gkpd.attention_counting`; their names
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gkpd.attention_counting import (
+    AttentionCounter,
+    attention_products_macs,
+    multihead_attention_macs,
+    sdpa_macs,
+)
 from gkpd.geometry import (
     ORDERS,
     conv_output_shape,
@@ -33,8 +40,10 @@ from gkpd.geometry import (
 
 __all__ = [
     "ORDERS",
+    "AttentionCounter",
     "LayerCount",
     "ModelCount",
+    "attention_products_macs",
     "best_order",
     "conv_macs",
     "conv_output_shape",
@@ -51,7 +60,9 @@ __all__ = [
     "linear_params",
     "module_macs",
     "module_params",
+    "multihead_attention_macs",
     "padding_stage",
+    "sdpa_macs",
     "resolve_padding",
     "stage_strides",
 ]
@@ -265,7 +276,7 @@ class LayerCount:
 
 @dataclass
 class ModelCount:
-    """Per-layer counts (conv and linear layers, modules that count themselves) and
+    """Per-layer counts (conv and linear layers, modules that count themselves, attention) and
     whole-model totals.
 
     ``total_params`` counts every parameter of the model; ``total_macs`` sums the layers.
@@ -287,8 +298,10 @@ class ModelCount:
 
 def count_model(model: nn.Module, example_input: object) -> ModelCount:
     """Run ``model`` once on ``example_input`` (in eval mode, without gradients) and count the
-    parameters and MACs of every conv and linear layer it calls, and of every module that
-    counts itself (:func:`counts_itself`: Kronecker, tensor-train and tensor-ring layers).
+    parameters and MACs of every conv and linear layer it calls, of every module that
+    counts itself (:func:`counts_itself`: Kronecker, tensor-train and tensor-ring layers) and
+    of the attention it computes (:class:`AttentionCounter`: multi-head attention modules and
+    ``F.scaled_dot_product_attention``).
 
     A call made inside the forward of a module that counts itself is part of that module's
     count and is not counted again. ``example_input`` is a tensor, or a tuple of positional
@@ -302,6 +315,16 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
     def enter(module: nn.Module, args: tuple) -> None:
         inside[0] += 1
 
+    def record(name, kind, params, macs, shape, out_shape, order=None) -> None:
+        if inside[0]:
+            return
+        if name in entries:
+            entries[name].macs += macs
+            entries[name].calls += 1
+            return
+        entries[name] = LayerCount(name, kind, params, macs, shape, out_shape, order)
+        result.layers.append(entries[name])
+
     def hook_for(name: str, own: bool):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if own:
@@ -309,17 +332,10 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
             if inside[0] or not args or not isinstance(args[0], torch.Tensor):
                 return
             shape = tuple(args[0].shape)
-            macs = module_macs(module, shape)
             out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-            if name in entries:
-                entries[name].macs += macs
-                entries[name].calls += 1
-                return
             order = module.resolve_order(shape) if hasattr(module, "resolve_order") else None
-            entries[name] = LayerCount(
-                name, type(module).__name__, module_params(module), macs, shape, out_shape, order
-            )
-            result.layers.append(entries[name])
+            record(name, type(module).__name__, module_params(module), module_macs(module, shape),
+                   shape, out_shape, order)
 
         return hook
 
@@ -333,7 +349,7 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
     try:
         model.eval()
         args = example_input if isinstance(example_input, tuple) else (example_input,)
-        with torch.no_grad():
+        with torch.no_grad(), AttentionCounter(model, record):
             model(*args)
     finally:
         for handle in handles:

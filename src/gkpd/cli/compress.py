@@ -31,6 +31,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of :func:`gkpd.apply.compress` that the arguments ask for."""
     options: dict[str, Any] = {
@@ -42,6 +52,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["include"] = args.include
     if args.exclude:
         options["exclude"] = args.exclude
+    if args.min_params is not None:
+        options["min_params"] = args.min_params
+    if args.allow_more_macs:
+        options["allow_more_macs"] = True
     if args.objective == "latency":
         options.update(objective="latency", latency_batch=args.latency_batch,
                        latency_channels_last=args.channels_last)
@@ -134,6 +148,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="keep these layers dense: module type, name, or re:REGEX; repeatable",
     )
+    p.add_argument("--min-params", type=_count, default=None, metavar="N",
+                   help="keep layers with fewer than N weights dense (default: 1024)")
+    p.add_argument("--allow-more-macs", action="store_true",
+                   help="also offer configurations that cost more MACs than their dense layer")
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,31 @@ CHANNEL_PATHS = {"b_first_channels": "b_first", "a_first_channels": "a_first"}
 ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH, *CHANNEL_PATHS)
 
 
+def fx_leaf_call(module: nn.Module, *args):
+    """The call of ``module`` as one ``call_module`` node of the torch.fx graph being traced
+    (the first argument is a ``torch.fx.Proxy``), as fx records torch's own layers. A gkpd
+    layer's forward depends on its input's size, which a symbolic trace does not know; the
+    traced graph calls the layer, which then runs as it would outside the graph."""
+    tracer = args[0].tracer
+    path = tracer.path_of_module(module)
+    if not path:  # the traced module itself: a graph cannot call its own root
+        raise TypeError(
+            f"torch.fx.symbolic_trace cannot trace a {type(module).__name__} alone (its forward "
+            "depends on the input's size): trace a module that holds it"
+        )
+    return tracer.create_proxy("call_module", path, args, {})
+
+
+def refuse_script(module: nn.Module, why: str) -> None:
+    """What ``__prepare_scriptable__`` (called by ``torch.jit.script`` before it compiles)
+    raises for a gkpd layer: a clear error naming the ways that work, not a deep one."""
+    raise TypeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: {why}. Use "
+        "torch.jit.trace(model, example_input), torch.export.export or torch.fx.symbolic_trace, "
+        "or gkpd.export.merge(model) for dense layers"
+    )
+
+
 def dense_factors(
     weight: Tensor,
     a_shape: Sequence[int],
@@ -76,6 +101,9 @@ class KroneckerLayer(nn.Module):
         """The ``CHANNEL_PATHS`` this layer's factor shapes allow."""
         return ()
 
+    def __prepare_scriptable__(self):
+        refuse_script(self, "its forward picks a stage order for each input size in Python")
+
     def _apply(self, fn, recurse=True):
         # model.to(memory_format=torch.channels_last) converts every 4-d and 5-d tensor, and
         # refuses ranks other than the format's: the factors carry a leading rank dim (a
@@ -121,7 +149,8 @@ class KroneckerLayer(nn.Module):
         """``build()``, a tensor computed from the factors. At inference (eval mode, no grad,
         not being traced) it is rebuilt only when ``a`` or ``b`` changed; otherwise it is
         built on every call so gradients reach the factors."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):  # a cached tensor would be traced as a constant
             self._weight_cache = None
             return build()
         a, b = self.a, self.b

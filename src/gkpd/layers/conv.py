@@ -30,7 +30,13 @@ from gkpd.counting import (
     stage_strides,
 )
 from gkpd.decompose import as_shape, b_shape_for, check_rank
-from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH, KroneckerLayer, dense_factors
+from gkpd.layers.base import (
+    CHANNEL_PATHS,
+    WEIGHT_PATH,
+    KroneckerLayer,
+    dense_factors,
+    fx_leaf_call,
+)
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -350,6 +356,8 @@ class KroneckerConvNd(KroneckerLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf_call(self, x)
         n = len(self.kernel_size)
         unbatched = x.dim() == n + 1
         if unbatched:

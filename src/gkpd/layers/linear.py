@@ -11,11 +11,10 @@ from torch import Tensor, nn
 
 from gkpd.counting import best_order, kronecker_linear_order_macs
 from gkpd.decompose import as_shape, b_shape_for, check_rank
-from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer, dense_factors
+from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer, dense_factors, fx_leaf_call
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
 __all__ = ["KroneckerLinear"]
-
 
 
 class KroneckerLinear(KroneckerLayer):
@@ -110,6 +109,8 @@ class KroneckerLinear(KroneckerLayer):
         return best_order(self.order_macs((1, self.in_features)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf_call(self, x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input has shape {tuple(x.shape)}, expected last dim in_features="

@@ -52,6 +52,12 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
+def layer_methods() -> list[LayerMethod]:
+    """The registered layer methods (whose ``supports`` says which modules they can take),
+    whether or not their optional dependencies are installed."""
+    return [m for m in _METHODS.values() if isinstance(m, LayerMethod)]
+
+
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
@@ -74,6 +80,7 @@ __all__ = [
     "TensorTrain",
     "Tucker",
     "get_method",
+    "layer_methods",
     "method_names",
     "register_method",
 ]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkpd.counting import conv_macs, linear_macs, resolve_padding
+from gkpd.layers.base import refuse_script
 from gkpd.methods._tensorly import require_tensorly
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
@@ -163,6 +164,9 @@ class TensorizedLayer(nn.Module):
             padding = 0
         conv = _CONV_FN[self.conv_dims]
         return conv(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def __prepare_scriptable__(self):
+        refuse_script(self, "its forward rebuilds the weight from its cores in Python")
 
     def reconstruction_macs(self) -> int:
         """MACs of rebuilding the weight from the cores (``contract``), once per call and

@@ -15,17 +15,25 @@ from gkpd.plan.candidates import Candidates
 
 
 class UnreachableRatio(ValueError):
-    pass
+    """A ratio the model cannot reach: ``finding`` says what was found, ``best`` is the largest
+    ratio within reach (``None`` where the ratio is within reach but the plan's steps miss
+    it); the message adds ``advice``."""
+
+    def __init__(self, finding: str, advice: str = "", best: float | None = None) -> None:
+        super().__init__(f"{finding} ({advice})" if advice else finding)
+        self.finding, self.best = finding, best
 
 
 def unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> UnreachableRatio:
     """The error for a ``ratio`` the model cannot reach: ``smallest`` is the fewest
     parameters it can have, ``why`` says under which constraint."""
     best = dense_total / smallest
+    where = f" {why}" if why else ""
     return UnreachableRatio(
-        f"ratio {ratio:g} is unreachable {why}: the largest reachable whole-model ratio is "
-        f"{best:.2f} (relax min_params, include more layers, allow_more_macs=True, or ask for "
-        f"a smaller ratio)"
+        f"ratio {ratio:g} is unreachable{where}: the largest reachable whole-model ratio is "
+        f"{best:.2f}",
+        "relax min_params, include more layers, allow_more_macs=True, or ask for a smaller "
+        "ratio", best,
     )
 
 

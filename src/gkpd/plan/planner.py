@@ -1,7 +1,7 @@
 """``plan``: read a model and an example input, decide every layer, change nothing.
 
 The steps, each a function below: resolve the options (:func:`_resolve`), trace the layers
-(:func:`gkpd.plan.trace.trace_layers`), collect each layer's candidates (:func:`_collect`),
+(:func:`gkpd.plan.trace.trace`), collect each layer's candidates (:func:`_collect`),
 allocate the budget (:func:`_allocate`, then the latency objective's :func:`fastest`), and
 describe the picks in the plan (:func:`_describe`, :func:`_assemble`).
 """
@@ -19,8 +19,10 @@ from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances
 from gkpd.counting import module_params
-from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method
-from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
+from gkpd.layers.attention import with_unpacked_attention
+from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method, layer_methods
+from gkpd.plan import coverage
+from gkpd.plan.budget import STRATEGIES, UnreachableRatio, achieved, check_tolerance
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.objective import (
     OBJECTIVES,
@@ -31,7 +33,7 @@ from gkpd.plan.objective import (
 )
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import Pattern, select_layers
-from gkpd.plan.trace import LayerCall, dense_entry, pattern_names, trace_layers
+from gkpd.plan.trace import LayerCall, dense_entry, pattern_names, trace, trace_layers
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,12 @@ def plan(
     input size share the search of the first of them (only the factor shapes on its Pareto
     front are tried again) unless ``exhaustive``. Pure: the model is not changed.
 
+    Each ``nn.MultiheadAttention`` is planned as its four projections (``q_proj``, ``k_proj``,
+    ``v_proj``, ``out_proj``: :class:`gkpd.layers.attention.UnpackedMultiheadAttention`,
+    which ``apply_`` puts in its place); the MACs of the attention products are counted
+    (``attention_macs``). ``notes`` name the parameters outside every planned layer and the
+    compressed layers that keep little of their weight (also logged as a warning).
+
     ``objective``: ``"error"``, or a :class:`LatencyObjective` (GKPD only) to keep, per
     layer, the fastest configuration within an error slack, timed on this machine.
     ``objective="latency"`` is ``LatencyObjective()``; the keywords ``latency_batch``,
@@ -141,14 +149,26 @@ def plan(
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
     request = _with_min_layer_ratio(request)
 
-    calls = trace_layers(model, example_input)
+    model = with_unpacked_attention(model)  # a copy where it has attention: plan projections
+    traced = trace(model, example_input)
+    calls = traced.layers
     if not calls:
         raise ValueError("the model calls no conv or linear layer on example_input")
     search = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
-    picks, total, search = _allocate(search, request, dense_total, example_input)
+    holders = coverage.unplanned_parameters(model, calls, layer_methods())
+    try:
+        picks, total, search = _allocate(search, request, dense_total, example_input)
+    except UnreachableRatio as error:
+        if error.best is None:
+            raise
+        raise UnreachableRatio(coverage.unreachable_message(
+            error.finding, error.best, search.entries, {n: c.module for n, c in calls.items()},
+            holders, dense_total, compressor.name, layer_methods(),
+        ), best=error.best) from None
     _describe(compressor, search, picks, calls, request, example_input)
-    return _assemble(model, compressor, search, request, dense_total, total, example_input)
+    return _assemble(model, compressor, search, request, dense_total, total, example_input,
+                     traced.attention_macs, holders)
 
 
 def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
@@ -317,16 +337,25 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
 
 
 def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, request: _Request,
-              dense_total: int, total: int, example_input: Any) -> CompressionPlan:
-    """The plan: the entries, their totals and the options that made them."""
+              dense_total: int, total: int, example_input: Any, attention: int,
+              holders: list[coverage.Holder]) -> CompressionPlan:
+    """The plan: the entries, their totals, the options that made them and its notes."""
     layers = list(search.entries.values())
     objective = request.objective
+    notes = coverage.holder_notes(holders, dense_total)
+    weak = coverage.weak_layers(layers)
+    if weak:
+        notes.append(coverage.weak_note(weak))
+        log.warning("plan: %s", notes[-1])
+        for entry in weak:
+            entry.reason = f"compressed; keeps little (relative error {entry.relative_error:.3f})"
     result = CompressionPlan(
         model_type=type(model).__name__, method=compressor.name,
         target_ratio=float(request.ratio), strategy=request.strategy,
         objective="error" if objective is None else objective.name, dense_params=dense_total,
-        params=total, dense_macs=sum(e.dense_macs for e in layers),
-        macs=sum(e.macs for e in layers), layers=layers,
+        params=total, dense_macs=sum(e.dense_macs for e in layers) + attention,
+        macs=sum(e.macs for e in layers) + attention, layers=layers, attention_macs=attention,
+        notes=notes,
         options={
             "min_params": request.min_params, "allow_more_macs": request.allow_more_macs,
             "min_layer_ratio": request.min_layer_ratio, "tolerance": request.tolerance,

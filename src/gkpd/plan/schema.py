@@ -78,6 +78,10 @@ class CompressionPlan:
 
     ``dense_params``/``params`` count every parameter of the model (BatchNorm, layers left
     dense, ...), so ``achieved_ratio`` is the whole-model ratio of docs/design.md §6.
+    ``dense_macs``/``macs`` (per sample) add to the layers' the ``attention_macs`` of the
+    attention products, which no layer holds and compression leaves as they are. ``notes``
+    say, in words, what the user should know about the plan (parameters no method
+    compresses, layers that keep little of their weight).
     """
 
     model_type: str
@@ -91,6 +95,8 @@ class CompressionPlan:
     macs: int
     layers: list[LayerPlan]
     options: dict[str, Any] = field(default_factory=dict)
+    attention_macs: int = 0
+    notes: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     @property
@@ -123,7 +129,9 @@ class CompressionPlan:
             "params": self.params,
             "dense_macs": self.dense_macs,
             "macs": self.macs,
+            "attention_macs": self.attention_macs,
             "compressed_layers": len(self.compressed_layers),
+            "notes": list(self.notes),
         }
 
     # ------------------------------------------------------------------ JSON
@@ -191,9 +199,13 @@ class CompressionPlan:
             f"{self.model_type} / {self.method} / {self.strategy}: params "
             f"{self.dense_params:,} -> {self.params:,} ({self.achieved_ratio:.2f}x, target "
             f"{self.target_ratio:g}x); MACs {self.dense_macs:,} -> {self.macs:,} "
-            f"({self.mac_ratio:.2f}x)"
+            f"({self.mac_ratio:.2f}x"
+            + (f"; {self.attention_macs:,} of each in attention products" if self.attention_macs
+               else "")
+            + ")"
         )
-        return format_table(rows, footer, right={7, 8, 9, 10, 11})
+        table = format_table(rows, footer, right={7, 8, 9, 10, 11})
+        return "\n".join([table, *(f"note: {note}" for note in self.notes)])
 
     def __str__(self) -> str:
         return self.table()

@@ -1,6 +1,6 @@
 """What the planner and whole-model methods learn from one forward pass: the conv/linear
-layers a model calls, in call order, with their input shapes; and the dense plan entry of a
-layer."""
+layers a model calls, in call order, with their input shapes, and the MACs of the attention
+products it computes; and the dense plan entry of a layer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gkpd.attention_counting import AttentionCounter
 from gkpd.counting import module_macs, module_params
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
@@ -27,10 +28,29 @@ class LayerCall:
     calls: int = 1
 
 
+@dataclass
+class Trace:
+    """One forward pass: its conv/linear ``layers`` (:func:`trace_layers`) and the MACs of its
+    attention products per sample (per entry of the example input's first dimension), which
+    no layer holds and compression leaves as they are."""
+
+    layers: dict[str, LayerCall]
+    attention_macs: int
+
+
 def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
     """Conv/linear layers in the order the forward pass calls them, with their input shape."""
+    return trace(model, example_input).layers
+
+
+def trace(model: nn.Module, example_input: Any) -> Trace:
+    """The layers and the attention MACs of one forward pass on ``example_input``."""
     seen: dict[str, LayerCall] = {}
     handles = []
+    attention = [0]
+
+    def count_attention(name, kind, params, macs, *shapes) -> None:
+        attention[0] += macs
 
     def hook_for(name: str):
         def hook(module, args, _output):
@@ -48,7 +68,7 @@ def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), AttentionCounter(model, count_attention):
             model(*args)
     except Exception as error:
         raise ValueError(
@@ -60,7 +80,9 @@ def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
             handle.remove()
         for m, training in modes.items():
             m.training = training
-    return seen
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+    batch = int(first.shape[0]) if first is not None else 1
+    return Trace(seen, attention[0] // max(batch, 1))
 
 
 def per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,0 +1,190 @@
+"""Compressing attention models: every method's layers run inside torch's transformer modules
+in train and eval mode, the attention projections are planned and compressed, and at full
+rank the compressed model computes what the dense one does (the oracle)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gkpd
+from gkpd.counting import count_model
+from gkpd.decompose import full_rank
+from gkpd.layers.attention import UnfusedTransformerEncoderLayer, UnpackedMultiheadAttention
+from gkpd.methods import get_method
+from gkpd.methods._tensorized import default_modes, tensor_modes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E = 32
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(E, 2, 64, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first)
+        self.head = nn.Linear(E, 4)
+
+    def forward(self, x, padding=None):
+        return self.head(self.encoder(x, src_key_padding_mask=padding))
+
+
+class ViT(nn.Module):
+    """A ViT-style block on nn.MultiheadAttention called directly, as torchvision's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, E, 4, stride=4)
+        self.norm = nn.LayerNorm(E)
+        self.attn = nn.MultiheadAttention(E, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(E, 64), nn.GELU(), nn.Linear(64, E))
+        self.head = nn.Linear(E, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        y = self.norm(x)
+        x = x + self.attn(y, y, y)[0]
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def _full_rank(plan, model):
+    """Every compressed layer of ``plan`` at its full rank (an exact decomposition)."""
+    modules = dict(gkpd.layers.attention.with_unpacked_attention(model).named_modules())
+    for entry in plan.compressed_layers:
+        if entry.method == "gkpd":
+            entry.rank = full_rank(entry.a_shape, entry.b_shape)
+        elif entry.method == "svd":
+            entry.settings["rank"] = min(entry.weight_shape)
+        else:
+            shape = entry.weight_shape
+            entry.settings["rank"] = get_method(entry.method).max_rank(
+                tensor_modes(shape, *default_modes(shape))
+            )
+    assert all(name in modules for name in (e.name for e in plan.layers))
+    return plan
+
+
+def _linear_of(layer):
+    """A tensor-ring layer as the nn.Linear of its reconstructed weight (the reference where
+    its decomposition is not exact)."""
+    linear = nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        linear.weight.copy_(layer.reconstruct_weight())
+        linear.bias.copy_(layer.bias)
+    return linear
+
+
+def _padding():
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    return padding
+
+
+@pytest.mark.parametrize("method", ["gkpd", "svd", "tensor_train", "tensor_ring"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_compressed_encoder_at_full_rank_is_the_dense_one(method, batch_first):
+    torch.manual_seed(0)
+    dense = Encoder(batch_first).eval()
+    x = torch.randn(2, 6, E) if batch_first else torch.randn(6, 2, E)
+    plan = gkpd.plan(dense, x, ratio=1.5, method=method, tolerance=0.5)
+    names = [e.name for e in plan.compressed_layers]
+    assert "encoder.layers.0.self_attn.q_proj" in names  # attention is planned, not skipped
+    assert "encoder.layers.1.self_attn.out_proj" in names
+    compressed = gkpd.apply_(copy.deepcopy(dense), _full_rank(plan, dense))
+    layer = compressed.encoder.layers[0]
+    assert isinstance(layer, UnfusedTransformerEncoderLayer)
+    assert isinstance(layer.self_attn, UnpackedMultiheadAttention)
+    assert not isinstance(layer.linear1, nn.Linear)
+    if method == "tensor_ring":  # not exact at its largest rank: compare with its weights
+        dense = copy.deepcopy(compressed)
+        for name, module in list(dense.named_modules()):
+            if hasattr(module, "cores"):
+                gkpd.apply.set_submodule(dense, name, _linear_of(module))
+    padding = _padding() if batch_first else None
+    for training in (True, False):
+        dense.train(training), compressed.train(training)
+        with torch.no_grad():  # eval: the dense model takes torch's fused and nested paths
+            expected, got = dense(x, padding), compressed(x, padding)
+        keep = ~padding if padding is not None else slice(None)
+        torch.testing.assert_close(got[keep], expected[keep], rtol=1e-3, atol=1e-4)
+
+
+def test_compressed_transformer_trains_and_evaluates_at_2x():
+    torch.manual_seed(0)
+    dense = nn.Transformer(E, 2, 1, 1, 64, dropout=0.1, batch_first=True)
+    src, tgt = torch.randn(2, 6, E), torch.randn(2, 5, E)
+    compressed, plan = gkpd.compress(dense, (src, tgt), ratio=2)
+    assert abs(plan.achieved_ratio / 2 - 1) <= 0.03
+    assert any(".multihead_attn.k_proj" in e.name for e in plan.compressed_layers)
+    optimizer = torch.optim.SGD(compressed.parameters(), lr=0.01)
+    compressed.train()
+    loss = compressed(src, tgt).square().mean()
+    loss.backward()
+    optimizer.step()
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        out = compressed.eval()(src, tgt, tgt_mask=causal)
+    assert out.shape == (2, 5, E) and torch.isfinite(out).all()
+    counted = count_model(compressed, (src, tgt))
+    assert counted.total_macs == 2 * plan.macs and counted.total_params == plan.params
+
+
+def test_vit_attention_is_compressed_and_counted():
+    torch.manual_seed(0)
+    dense = ViT().eval()
+    x = torch.randn(1, 3, 16, 16)
+    plan = gkpd.plan(dense, x, ratio=1.5, tolerance=0.5)
+    assert plan.attention_macs == 2 * 16 * 16 * E  # QKᵀ and AV over 16 patches
+    assert plan.dense_macs == count_model(dense, x).total_macs
+    compressed = gkpd.apply_(copy.deepcopy(dense), plan)
+    assert isinstance(compressed.attn, UnpackedMultiheadAttention)
+    assert count_model(compressed, x).total_macs == plan.macs
+    compressed = gkpd.apply_(copy.deepcopy(dense), _full_rank(plan, dense))
+    for training in (True, False):
+        dense.train(training), compressed.train(training)
+        torch.testing.assert_close(compressed(x), dense(x), rtol=1e-3, atol=1e-4)
+
+
+def test_save_and_load_a_compressed_encoder(tmp_path):
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    x = torch.randn(2, 6, E)
+    compressed, plan = gkpd.compress(dense, x, ratio=2)
+    gkpd.save(tmp_path / "m", compressed, plan)
+    torch.manual_seed(1)
+    loaded = gkpd.load(tmp_path / "m", Encoder()).eval()
+    assert isinstance(loaded.encoder.layers[1], UnfusedTransformerEncoderLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, _padding()), compressed.eval()(x, _padding()))
+
+
+def test_a_plan_without_attention_entries_leaves_the_attention_packed():
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    x = torch.randn(2, 6, E)
+    plan = gkpd.plan(dense, x, ratio=1.3, tolerance=0.5, include="re:.*linear.")
+    compressed = gkpd.apply_(copy.deepcopy(dense), plan)
+    assert isinstance(compressed.encoder.layers[0].self_attn, UnpackedMultiheadAttention)
+    plan.layers = [e for e in plan.layers if "self_attn" not in e.name]  # as older plans were
+    compressed = gkpd.apply_(copy.deepcopy(dense), plan)
+    layer = compressed.encoder.layers[0]
+    assert isinstance(layer.self_attn, nn.MultiheadAttention)
+    assert isinstance(layer, UnfusedTransformerEncoderLayer)  # its linears were replaced
+    with torch.no_grad():
+        out = compressed.eval()(x, _padding())
+    assert torch.isfinite(out).all() and out.shape == (2, 6, 4)
+
+
+def test_a_bad_plan_changes_nothing():
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    plan = gkpd.plan(dense, torch.randn(2, 6, E), ratio=2)
+    plan.layers[0].weight_shape = (3, 3)
+    model = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match="does not fit"):
+        gkpd.apply_(model, plan)
+    assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)
+    assert math.isclose(sum(p.numel() for p in model.parameters()), plan.dense_params)
