@@ -5,8 +5,9 @@ usage:
   python benchmarks/transformer_minilm.py [--out benchmarks/transformer_minilm]
       [--methods gkpd,svd,tucker,tensor_train] [--ratios 2,4] [--steps 2000]
       [--checkpoint-every 250] [--batch-size 32] [--lr 1e-4] [--threads 2] [--seed 0]
-  smoke run (under 2 minutes on 1 thread; write it elsewhere):
-  python benchmarks/transformer_minilm.py --out /tmp/minilm-smoke --methods svd,tensor_train \\
+  smoke run (one minute of CPU time on 1 thread, 3 minutes wall on a loaded machine; write it
+  elsewhere):
+  python benchmarks/transformer_minilm.py --out /tmp/minilm-smoke --methods svd,tucker \\
       --ratios 4 --steps 20 --checkpoint-every 10 --batch-size 8 --max-held-out 64 \\
       --latency-rounds 1 --latency-warmup 0 --threads 1
 
@@ -25,7 +26,7 @@ over the real tokens plus --feature-weight times that of each earlier encoder la
 A cell writes ``cells/<method>-<ratio>x/result.json`` when done and is skipped on a rerun; an
 interrupted cell resumes from its checkpoint (``fit/``, every --checkpoint-every steps).
 Methods that cannot compress a linear layer (tucker: convolutions only) are skipped and listed
-in ``run.json``.
+in ``run.json``. Planning tensor_train took 10 minutes a ratio on one (shared) thread.
 
 Then every finished cell's model and the original are timed side by side (interleaved rounds,
 ``gkpd.timing.time_interleaved``) at batch 32 x 128 tokens, and ``results.json`` gets one row
