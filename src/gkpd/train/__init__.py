@@ -1,6 +1,8 @@
 """Model-agnostic training: ``fit``, ``evaluate``, distillation, checkpoints, torchrun."""
 
-from gkpd.train.loop import FitConfig, evaluate, fit
+from gkpd.train.evaluation import evaluate
+from gkpd.train.loop import FitConfig, fit
 from gkpd.train.losses import distillation_loss
+from gkpd.train.objectives import hidden_state_loss
 
-__all__ = ["FitConfig", "distillation_loss", "evaluate", "fit"]
+__all__ = ["FitConfig", "distillation_loss", "evaluate", "fit", "hidden_state_loss"]

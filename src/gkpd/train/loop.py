@@ -1,4 +1,9 @@
-"""``fit`` and ``evaluate`` for any ``nn.Module``: nothing here knows about Kronecker layers."""
+"""``fit`` for any ``nn.Module``: nothing here knows about Kronecker layers.
+
+A classifier trains on ``(inputs, targets)`` batches with cross-entropy, or with a teacher the
+distillation loss; any other model with a ``loss_fn`` (:mod:`gkpd.train.objectives`) on the
+batches of :mod:`gkpd.train.batches`. ``evaluate`` lives in :mod:`gkpd.train.evaluation`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,15 @@ from torch.utils.data import DataLoader
 from gkpd.files import atomic_write_text
 from gkpd.state_dicts import check_state_dict_matches
 from gkpd.train import distributed
+from gkpd.train.batches import batch_size, call_model, progress_bar, split_batch, to_device
 from gkpd.train.checkpoint import load_state, save_state
+from gkpd.train.evaluation import check_metrics, evaluate, scalar
+from gkpd.train.features import FeaturePairs
 from gkpd.train.losses import distillation_loss
+from gkpd.train.objectives import LossFn, attention_mask
 from gkpd.train.options import FitConfig, FitRun
+
+__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "FitConfig", "evaluate", "fit", "fit_with"]
 
 log = logging.getLogger(__name__)
 
@@ -63,41 +74,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _FeatureTaps:
-    """Records the outputs of named modules during a forward pass."""
-
-    def __init__(self, model: nn.Module, names: Iterable[str], role: str) -> None:
-        modules = dict(model.named_modules())
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = []
-        for name in names:
-            if name not in modules:
-                raise ValueError(
-                    f"feature_pairs names {role} module {name!r}, which does not exist"
-                )
-            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def record(_module, _inputs, output):
-            self.outputs[name] = output
-
-        return record
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _batches(loader: DataLoader, progress: bool, description: str):
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return loader
-        return tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
-    return loader
-
-
 def fit(
     model: nn.Module,
     train_loader: DataLoader,
@@ -109,24 +85,35 @@ def fit(
     resume: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    loss_fn: LossFn | None = None,
+    metrics: Mapping[str, LossFn] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place with SGD; returns one metrics dict per epoch.
+    """Train ``model`` in place (SGD, or AdamW with ``optimizer="adamw"``); returns one
+    metrics dict per epoch.
 
     ``options`` are the fields of :class:`FitConfig` (lr, weight_decay, schedule, alpha, ...).
-    With ``teacher``, the loss is the distillation loss of :func:`distillation_loss`, plus
-    ``feature_weight`` times the MSE between the outputs of the modules named in
-    ``feature_pairs`` (student name -> teacher name). With ``checkpoint_dir``, the state is
-    written atomically after every epoch and ``resume=True`` continues from it, ending with
-    the same weights as an unbroken run. Under ``torchrun`` the model is wrapped in
-    DistributedDataParallel, each rank reads its own shard, and rank 0 writes the files.
-    :func:`fit_with` is the same with the settings grouped.
+    Batches are those of :mod:`gkpd.train.batches`: ``(inputs, targets)``, a dict of keyword
+    inputs, or a tensor. Without ``loss_fn`` the model is a classifier: cross-entropy on the
+    targets, or with ``teacher`` the distillation loss of :func:`distillation_loss`, and the
+    epoch records its accuracy. With ``loss_fn(output, teacher_output, batch)``
+    (:data:`gkpd.train.objectives.LossFn`, e.g. :func:`gkpd.train.hidden_state_loss`) that is
+    the loss, and no accuracy is recorded. With a teacher, ``feature_weight`` times the
+    ``feature_loss`` between the outputs of the modules named in ``feature_pairs`` (student
+    name -> teacher name) is added. ``eval_loader`` is scored by :func:`evaluate` with the same
+    teacher, ``loss_fn`` and ``metrics``. With ``checkpoint_dir``, the state is written
+    atomically after every epoch and ``resume=True`` continues from it, ending with the same
+    weights as an unbroken run; ``loss_fn`` and ``metrics`` are code, not saved state: pass the
+    same ones again. Under ``torchrun`` the model is wrapped in DistributedDataParallel, each
+    rank reads its own shard, and rank 0 writes the files. :func:`fit_with` is the same with
+    the settings grouped.
     """
     unknown = set(options) - {f for f in FitConfig.__dataclass_fields__ if f != "epochs"}
     if unknown:
         raise TypeError(f"fit() got unknown options {sorted(unknown)}")
     run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
-                 resume=resume, device=device, progress=progress)
+                 resume=resume, device=device, progress=progress, loss_fn=loss_fn,
+                 metrics=metrics)
     return fit_with(model, train_loader, FitConfig(epochs=epochs, **options), run)
 
 
@@ -137,15 +124,19 @@ def fit_with(
     config.validate()
     if run.resume and run.checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if config.feature_pairs and run.teacher is None:
+        raise ValueError("feature_pairs compare with a teacher's modules: pass teacher=")
+    if run.loss_fn is not None and not callable(run.loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(run.loss_fn).__name__}")
+    check_metrics(run.metrics)
     session = _set_up(model, train_loader, config, run)
     try:
         for epoch in range(session.start_epoch, config.epochs):
             record = _train_epoch(session, epoch)
             _end_epoch(session, epoch, record)
     finally:
-        for taps in (session.student_taps, session.teacher_taps):
-            if taps is not None:
-                taps.remove()
+        if session.features is not None:
+            session.features.remove()
     return session.history
 
 
@@ -167,24 +158,24 @@ class _Session:
     history: list[dict[str, Any]]
     start_epoch: int
     steps_per_epoch: int = 0
-    student_taps: _FeatureTaps | None = None
-    teacher_taps: _FeatureTaps | None = None
+    features: FeaturePairs | None = None
 
 
 def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Optimizer:
-    """SGD with weight decay on the weights, none on biases and norms (parameters of <= 1 dim)."""
+    """SGD or AdamW with weight decay on the weights, none on biases and norms (parameters of
+    <= 1 dim)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
     )
 
 
@@ -205,16 +196,14 @@ def _set_up(
     _seed_everything(config.seed)
     model.to(device)
     teacher = run.teacher
-    if teacher is not None:
+    if teacher is not None:  # its forward runs under no_grad: its parameters stay as they are
         teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
     optimizer = _optimizer(model, config)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if run.resume and checkpoint_path is not None and checkpoint_path.exists():
-        history, start_epoch = _resume(model, optimizer, checkpoint_path)
+        history, start_epoch = _resume(model, optimizer, checkpoint_path, config)
 
     loader = (
         distributed.distributed_loader(train_loader, config.seed)
@@ -233,17 +222,24 @@ def _set_up(
     session.main = distributed.is_main_process()
 
     if teacher is not None and config.feature_pairs:
-        session.student_taps = _FeatureTaps(model, config.feature_pairs.keys(), "student")
-        session.teacher_taps = _FeatureTaps(teacher, config.feature_pairs.values(), "teacher")
+        session.features = FeaturePairs(model, teacher, config.feature_pairs,
+                                        config.feature_loss)
     return session
 
 
 def _resume(
-    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path
+    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path,
+    config: FitConfig,
 ) -> tuple[list[dict[str, Any]], int]:
     """Load the checkpoint's weights, optimizer and RNG state; its history and epoch."""
     state = load_state(checkpoint_path)
     check_state_dict_matches(model, state["model"], str(checkpoint_path))
+    saved_optimizer = state.get("config", {}).get("optimizer", "sgd")
+    if saved_optimizer != config.optimizer:
+        raise ValueError(
+            f"checkpoint {checkpoint_path} was written with optimizer {saved_optimizer!r}; "
+            f"cannot resume it with optimizer {config.optimizer!r}"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     history = list(state["history"])
@@ -253,52 +249,58 @@ def _resume(
     return history, start_epoch
 
 
-def _loss(s: _Session, inputs: torch.Tensor, logits: torch.Tensor,
-          targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, or with a teacher the distillation loss plus the feature terms."""
+def _loss(s: _Session, batch: Any, inputs: Any, output: Any,
+          targets: torch.Tensor | None) -> torch.Tensor:
+    """The user's ``loss_fn``, or cross-entropy (with a teacher the distillation loss); plus
+    the feature terms."""
     config, teacher = s.config, s.run.teacher
-    if teacher is None:
-        return F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
-    with torch.no_grad():
-        teacher_logits = teacher(inputs)
-    loss = distillation_loss(
-        logits,
-        teacher_logits,
-        targets,
-        alpha=config.alpha,
-        temperature=config.temperature,
-        label_smoothing=config.label_smoothing,
-    )
-    if s.student_taps is not None:
-        for s_name, t_name in config.feature_pairs.items():
-            s_out, t_out = s.student_taps.outputs[s_name], s.teacher_taps.outputs[t_name]
-            if s_out.shape != t_out.shape:
-                raise ValueError(
-                    f"feature_pairs {s_name!r} -> {t_name!r}: shapes "
-                    f"{tuple(s_out.shape)} and {tuple(t_out.shape)} differ"
-                )
-            loss = loss + config.feature_weight * F.mse_loss(s_out, t_out)
+    teacher_output = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_output = call_model(teacher, inputs)
+    if s.run.loss_fn is not None:
+        loss = scalar(s.run.loss_fn(output, teacher_output, batch), "loss_fn")
+    elif targets is None:
+        raise ValueError(
+            "the batch has no targets: yield (inputs, targets) batches to train a classifier, "
+            "or pass loss_fn= (see gkpd.train.objectives)"
+        )
+    elif teacher is None:
+        loss = F.cross_entropy(output, targets, label_smoothing=config.label_smoothing)
+    else:
+        loss = distillation_loss(
+            output,
+            teacher_output,
+            targets,
+            alpha=config.alpha,
+            temperature=config.temperature,
+            label_smoothing=config.label_smoothing,
+        )
+    if s.features is not None:
+        loss = loss + config.feature_weight * s.features.distance(attention_mask(batch))
     return loss
 
 
 def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
-    """One pass over the training data; the epoch's record (loss, accuracy, lr, seconds)."""
+    """One pass over the training data; the epoch's record (loss, accuracy for a classifier,
+    lr, seconds)."""
     config, optimizer = s.config, s.optimizer
+    classifier = s.run.loss_fn is None
     total_steps = config.epochs * s.steps_per_epoch
     if s.is_distributed:
         s.loader.sampler.set_epoch(epoch)
     s.net.train()
     started = time.perf_counter()
     loss_sum = correct = seen = 0.0
-    for i, (inputs, targets) in enumerate(
-        _batches(s.loader, s.run.progress and s.main, f"epoch {epoch + 1}/{config.epochs}")
-    ):
+    description = f"epoch {epoch + 1}/{config.epochs}"
+    for i, batch in enumerate(progress_bar(s.loader, s.run.progress and s.main, description)):
         step = epoch * s.steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step, total_steps, s.steps_per_epoch)
-        inputs, targets = inputs.to(s.device), targets.to(s.device)
-        logits = s.net(inputs)
-        loss = _loss(s, inputs, logits, targets)
+        batch = to_device(batch, s.device)
+        inputs, targets = split_batch(batch)
+        output = call_model(s.net, inputs)
+        loss = _loss(s, batch, inputs, output, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -306,25 +308,31 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
             raise FloatingPointError(
                 f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower lr"
             )
-        loss_sum += loss.item() * targets.shape[0]
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += targets.shape[0]
+        count = batch_size(inputs)
+        loss_sum += loss.item() * count
+        if classifier:
+            correct += (output.argmax(1) == targets).sum().item()
+        seen += count
     loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
-    return {
+    record = {
         "epoch": epoch + 1,
         "lr": optimizer.param_groups[0]["lr"],
         "train_loss": loss_sum / seen,
-        "train_accuracy": 100.0 * correct / seen,
-        "seconds": time.perf_counter() - started,
     }
+    if classifier:
+        record["train_accuracy"] = 100.0 * correct / seen
+    record["seconds"] = time.perf_counter() - started
+    return record
 
 
 def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
     """Evaluate, record the epoch, and (rank 0) write the checkpoint and the metrics file."""
     if s.run.eval_loader is not None:
-        result = evaluate(s.model, s.run.eval_loader, device=s.device, progress=False)
-        record["eval_loss"] = result["loss"]
-        record["eval_accuracy"] = result["accuracy"]
+        result = evaluate(
+            s.model, s.run.eval_loader, device=s.device, teacher=s.run.teacher,
+            loss_fn=s.run.loss_fn, metrics=s.run.metrics,
+        )
+        record.update({f"eval_{k}": v for k, v in result.items() if k != "count"})
     s.history.append(record)
     log.info("epoch %s", json.dumps(record))
     if s.main and s.checkpoint_path is not None:
@@ -344,34 +352,3 @@ def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
         )
         atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
     distributed.barrier()
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    *,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy (percent) of ``model`` over ``loader``."""
-    device = (
-        torch.device(device)
-        if device is not None
-        else next((p.device for p in model.parameters()), torch.device("cpu"))
-    )
-    was_training = model.training
-    model.eval()
-    loss_sum = correct = seen = 0.0
-    try:
-        for inputs, targets in _batches(loader, progress, "eval"):
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += targets.shape[0]
-    finally:
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("loader yields no samples")
-    return {"loss": loss_sum / seen, "accuracy": 100.0 * correct / seen, "count": int(seen)}

@@ -1,9 +1,11 @@
 """What a training run is told: the optimisation and distillation settings (:class:`FitConfig`,
-recorded in every checkpoint) and where it reads and writes (:class:`FitRun`)."""
+recorded in every checkpoint) and where it reads and writes, with the code it calls
+(:class:`FitRun`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,11 +13,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gkpd.train.objectives import LossFn, check_distance
+
 __all__ = ["FitConfig", "FitRun"]
+
+
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
 class FitConfig:
+    """The settings of a run. ``optimizer``: ``"sgd"`` (with ``momentum``, ``nesterov``) or
+    ``"adamw"`` (the usual choice for transformers; ``momentum``/``nesterov`` unused); weight
+    decay applies to weights, not to biases and norms. ``feature_pairs`` (student module name
+    -> teacher module name) add ``feature_weight`` times the ``feature_loss`` (``"mse"`` or
+    ``"cosine"``, :func:`gkpd.train.objectives.state_distance`) between those modules'
+    outputs when a teacher is given."""
+
     epochs: int
     lr: float = 0.1
     momentum: float = 0.9
@@ -31,10 +45,15 @@ class FitConfig:
     feature_weight: float = 1.0
     feature_pairs: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    # after the fields above, which callers may pass by position
+    optimizer: str = "sgd"
+    feature_loss: str = "mse"
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.schedule not in ("cosine", "step", "constant"):
@@ -49,6 +68,7 @@ class FitConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check_distance(self.feature_loss, "feature_loss")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         warmup = int(self.warmup_epochs * steps_per_epoch)
@@ -66,7 +86,10 @@ class FitConfig:
 class FitRun:
     """The parts of :func:`gkpd.train.fit` that are not settings of the optimisation: the
     teacher, the evaluation data, the checkpoint directory and whether to resume from it,
-    the device, and whether to show progress bars."""
+    the device, whether to show progress bars, and the code that scores a batch:
+    ``loss_fn`` (:data:`gkpd.train.objectives.LossFn`, in place of the classification loss)
+    and ``metrics`` (name -> a function of the same signature, averaged over
+    ``eval_loader``). Code is not state: checkpoints do not hold it."""
 
     teacher: nn.Module | None = None
     eval_loader: DataLoader | None = None
@@ -74,3 +97,5 @@ class FitRun:
     resume: bool = False
     device: str | torch.device | None = None
     progress: bool = True
+    loss_fn: LossFn | None = None
+    metrics: Mapping[str, LossFn] | None = None

@@ -1,0 +1,125 @@
+"""Training objectives for models that are not classifiers: a user's loss function, and the
+teacher's hidden states as targets.
+
+A loss function (:data:`LossFn`) is called as ``loss_fn(student_output, teacher_output, batch)``
+and returns a scalar tensor: ``student_output`` is what the model returned on the batch's
+inputs (a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``), ``teacher_output`` the
+teacher's on the same inputs (``None`` without a teacher), ``batch`` the batch on the training
+device. It is code, not state: a checkpoint does not hold it, and a resumed run must be given
+the same function again.
+
+:func:`hidden_state_loss` is such a function for the last hidden state; the states of chosen
+intermediate layers are the ``feature_pairs`` of :class:`gkpd.train.FitConfig` (taps on named
+modules, :mod:`gkpd.train.features`), measured by the same :func:`state_distance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gkpd.train.batches import split_batch
+
+LossFn = Callable[[Any, Any, Any], torch.Tensor]
+
+DISTANCES = ("mse", "cosine")
+MASK_KEY = "attention_mask"
+
+
+def check_distance(kind: str, argument: str) -> None:
+    if kind not in DISTANCES:
+        raise ValueError(f"{argument} must be one of {list(DISTANCES)}, got {kind!r}")
+
+
+def state_tensor(output: Any, what: str) -> torch.Tensor:
+    """The hidden state a model's or a module's output carries: the tensor itself; a
+    mapping's (a Hugging Face ``ModelOutput``'s) ``last_hidden_state``; a tuple's first
+    element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "last_hidden_state" in output:
+            return output["last_hidden_state"]
+        raise ValueError(
+            f"{what}: the output is a mapping without 'last_hidden_state' "
+            f"(keys {list(output)}); pass a loss_fn that picks the tensor to compare"
+        )
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(
+        f"{what}: expected a tensor, a tuple starting with one or a mapping with "
+        f"'last_hidden_state', got {type(output).__name__}"
+    )
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` (1 for tokens, 0 for padding), where its inputs are a
+    mapping that holds one."""
+    inputs, _ = split_batch(batch)
+    if isinstance(inputs, Mapping):
+        mask = inputs.get(MASK_KEY)
+        return mask if isinstance(mask, torch.Tensor) else None
+    return None
+
+
+def state_distance(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    kind: str,
+    mask: torch.Tensor | None = None,
+    what: str = "hidden states",
+) -> torch.Tensor:
+    """The mean distance between two states of one shape: ``"mse"``, the mean squared error;
+    ``"cosine"``, one minus the cosine similarity along the last dimension (the hidden size),
+    averaged over the other positions.
+
+    Where ``mask`` has the states' leading shape (``(batch, tokens)`` against states of
+    ``(batch, tokens, hidden)``), only the positions it marks count; a state of another shape
+    (a pooled output) is not a sequence and is compared everywhere.
+    """
+    check_distance(kind, "kind")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{what}: student shape {tuple(student.shape)} and teacher shape "
+            f"{tuple(teacher.shape)} differ"
+        )
+    teacher = teacher.to(student.dtype)
+    masked = (
+        mask is not None and mask.dim() < student.dim()
+        and tuple(mask.shape) == tuple(student.shape[: mask.dim()])
+    )
+    if kind == "cosine":
+        errors = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    elif masked:
+        errors = (student - teacher).pow(2)
+    else:
+        return F.mse_loss(student, teacher)
+    if not masked:
+        return errors.mean()
+    if errors.dim() > mask.dim():  # one figure per position: the mean over its other dims
+        errors = errors.flatten(mask.dim()).mean(-1)
+    weights = mask.to(errors.dtype)
+    return (errors * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def hidden_state_loss(kind: str = "cosine") -> LossFn:
+    """A loss function (:data:`LossFn`) that takes the teacher's last hidden state as the
+    target: :func:`state_distance` between the student's and the teacher's
+    (:func:`state_tensor` of each output), over the tokens of the batch's attention mask."""
+    check_distance(kind, "kind")
+
+    def loss(student_output: Any, teacher_output: Any, batch: Any) -> torch.Tensor:
+        if teacher_output is None:
+            raise ValueError("hidden_state_loss compares with a teacher: pass teacher=")
+        return state_distance(
+            state_tensor(student_output, "student output"),
+            state_tensor(teacher_output, "teacher output"),
+            kind=kind, mask=attention_mask(batch), what="last hidden state",
+        )
+
+    loss.__qualname__ = f"hidden_state_loss({kind!r})"
+    return loss

@@ -1,0 +1,125 @@
+"""Batches of any form, hidden-state distances and ``hidden_state_loss``, against plain
+computations."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from testkit.sequence import TinyEncoder, TokenBatches, perturbed_copy
+from torch.utils.data import DataLoader
+
+from gkpd.train import hidden_state_loss
+from gkpd.train.batches import batch_size, call_model, split_batch, to_device
+from gkpd.train.objectives import attention_mask, state_distance, state_tensor
+
+
+def _record(*args, **kwargs):
+    return args, kwargs
+
+
+def test_split_batch_and_call_model_follow_the_batch_form():
+    x, y = torch.ones(3, 2), torch.zeros(3, dtype=torch.long)
+    keywords = {"input_ids": x, "attention_mask": y}
+    assert split_batch(keywords) == (keywords, None)
+    assert split_batch((x, y)) == (x, y)
+    assert split_batch([x]) == (x, None)
+    assert split_batch(x) == (x, None)
+    assert call_model(_record, keywords) == ((), keywords)
+    assert call_model(_record, [x, y]) == ((x, y), {})  # the DataLoader's lists: positional
+    assert call_model(_record, x) == ((x,), {})
+    assert batch_size(keywords) == 3 and batch_size(((x, y), y)) == 3
+    with pytest.raises(ValueError, match="3 elements"):
+        split_batch((x, y, y))
+    with pytest.raises(TypeError, match="batch must be"):
+        split_batch("text")
+    with pytest.raises(ValueError, match="no batched tensor"):
+        batch_size({"flag": True})
+    moved = to_device({"a": (x, [y]), "b": 1}, torch.device("cpu"))
+    assert torch.equal(moved["a"][0], x) and torch.equal(moved["a"][1][0], y)
+    assert isinstance(moved["a"], tuple) and isinstance(moved["a"][1], list) and moved["b"] == 1
+
+
+def test_a_collated_dict_batch_reaches_the_model_as_keywords():
+    batch = next(iter(DataLoader(TokenBatches(8), batch_size=4)))
+    inputs, targets = split_batch(batch)
+    assert targets is None and set(inputs) == {"input_ids", "attention_mask"}
+    assert attention_mask(batch) is batch["attention_mask"]
+    assert attention_mask((batch, torch.zeros(4))) is batch["attention_mask"]
+    assert attention_mask(batch["input_ids"]) is None
+    output = call_model(TinyEncoder(), inputs)
+    assert output["last_hidden_state"].shape == (4, 6, 12)
+
+
+def test_state_tensor_reads_tensors_tuples_and_model_outputs():
+    t = torch.randn(2, 3)
+    assert state_tensor(t, "x") is t
+    assert state_tensor((t, "cache"), "x") is t
+    assert state_tensor({"last_hidden_state": t, "pooler_output": t[:, 0]}, "x") is t
+    with pytest.raises(ValueError, match="'logits'"):
+        state_tensor({"logits": t}, "student output")
+    with pytest.raises(ValueError, match="got str"):
+        state_tensor("nope", "student output")
+
+
+def test_masked_distances_match_a_loop_over_the_real_tokens():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    tokens = [(b, t) for b in range(3) for t in range(5) if mask[b, t]]
+    cosine = sum(1 - F.cosine_similarity(student[b, t], teacher[b, t], dim=0) for b, t in tokens)
+    squared = sum(((student[b, t] - teacher[b, t]) ** 2).mean() for b, t in tokens)
+    torch.testing.assert_close(
+        state_distance(student, teacher, kind="cosine", mask=mask), cosine / len(tokens)
+    )
+    torch.testing.assert_close(
+        state_distance(student, teacher, kind="mse", mask=mask), squared / len(tokens)
+    )
+    # no mask, or one that does not fit the states (a pooled output): every position counts
+    torch.testing.assert_close(
+        state_distance(student, teacher, kind="mse"), F.mse_loss(student, teacher)
+    )
+    torch.testing.assert_close(
+        state_distance(student[:, 0], teacher[:, 0], kind="cosine", mask=mask),
+        (1 - F.cosine_similarity(student[:, 0], teacher[:, 0], dim=-1)).mean(),
+    )
+    # an all-ones mask is the plain mean (the classification path's MSE is unchanged)
+    torch.testing.assert_close(
+        state_distance(student, teacher, kind="mse", mask=torch.ones(3, 5)),
+        F.mse_loss(student, teacher),
+    )
+
+
+def test_state_distance_refuses_other_shapes_and_kinds():
+    with pytest.raises(ValueError, match=r"student shape \(2, 3\) and teacher shape \(2, 4\)"):
+        state_distance(torch.zeros(2, 3), torch.zeros(2, 4), kind="mse")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        state_distance(torch.zeros(2), torch.zeros(2), kind="l1")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        hidden_state_loss("l1")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_hidden_state_loss_is_zero_only_when_student_equals_teacher(kind):
+    torch.manual_seed(0)
+    teacher = TinyEncoder().eval()
+    batch = next(iter(DataLoader(TokenBatches(8), batch_size=8)))
+    loss = hidden_state_loss(kind)
+    same = loss(copy.deepcopy(teacher)(**batch), teacher(**batch), batch)
+    other = loss(perturbed_copy(teacher, 0.3)(**batch), teacher(**batch), batch)
+    assert same.abs() < 1e-6
+    assert other > 1e-3
+    with pytest.raises(ValueError, match="teacher="):
+        loss(teacher(**batch), None, batch)
+
+
+def test_hidden_state_loss_ignores_padding():
+    torch.manual_seed(0)
+    teacher = TinyEncoder().eval()
+    batch = next(iter(DataLoader(TokenBatches(8), batch_size=8)))
+    target = teacher(**batch)
+    student = {"last_hidden_state": target["last_hidden_state"].clone()}
+    padding = batch["attention_mask"] == 0
+    assert padding.any()
+    student["last_hidden_state"][padding] = torch.randn(int(padding.sum()), 12)
+    assert hidden_state_loss("mse")(student, target, batch).abs() < 1e-7
