@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
+from gkpd.inputs import ModelCall
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
 
@@ -28,7 +29,10 @@ class LayerCall:
 
 
 def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
-    """Conv/linear layers in the order the forward pass calls them, with their input shape."""
+    """Conv/linear layers in the order the forward pass calls them, with their input shape.
+    ``example_input``: a tensor, a tuple of positional or a dict of keyword inputs
+    (:class:`gkpd.inputs.ModelCall`)."""
+    call = ModelCall.of(example_input)
     seen: dict[str, LayerCall] = {}
     handles = []
 
@@ -45,15 +49,13 @@ def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
         if isinstance(module, LAYER_TYPES):
             handles.append(module.register_forward_hook(hook_for(name)))
     modes = {m: m.training for m in model.modules()}
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
         with torch.no_grad():
-            model(*args)
+            call.run(model)
     except Exception as error:
         raise ValueError(
-            f"the model failed on example_input (shapes "
-            f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}): {error}"
+            f"the model failed on example_input ({call.describe()}): {error}"
         ) from error
     finally:
         for handle in handles:
