@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from gkpd.files import atomic_write_text
+from gkpd.inputs import ModelCall
 from gkpd.state_dicts import check_state_dict_matches
 from gkpd.train import distributed
 from gkpd.train.checkpoint import load_state, save_state
@@ -88,6 +89,22 @@ class _FeatureTaps:
             handle.remove()
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """The class scores of a model's output: the output itself, or its ``logits`` (a Hugging
+    Face classifier's ``ModelOutput``, a dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(
+        output, "logits", None
+    )
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "fit and evaluate need the model to return class scores: a tensor, or an output "
+            f"with a 'logits' tensor; got {type(output).__name__}"
+        )
+    return logits
+
+
 def _batches(loader: DataLoader, progress: bool, description: str):
     if progress:
         try:
@@ -114,6 +131,9 @@ def fit(
     """Train ``model`` in place with SGD; returns one metrics dict per epoch.
 
     ``options`` are the fields of :class:`FitConfig` (lr, weight_decay, schedule, alpha, ...).
+    ``train_loader`` yields ``(inputs, targets)``; the inputs are a tensor, a tuple of
+    positional or a dict of keyword inputs, and the model returns class scores (a tensor, or
+    an output with ``logits``).
     With ``teacher``, the loss is the distillation loss of :func:`distillation_loss`, plus
     ``feature_weight`` times the MSE between the outputs of the modules named in
     ``feature_pairs`` (student name -> teacher name). With ``checkpoint_dir``, the state is
@@ -253,14 +273,14 @@ def _resume(
     return history, start_epoch
 
 
-def _loss(s: _Session, inputs: torch.Tensor, logits: torch.Tensor,
+def _loss(s: _Session, inputs: ModelCall, logits: torch.Tensor,
           targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, or with a teacher the distillation loss plus the feature terms."""
     config, teacher = s.config, s.run.teacher
     if teacher is None:
         return F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
     with torch.no_grad():
-        teacher_logits = teacher(inputs)
+        teacher_logits = _logits(inputs.run(teacher))
     loss = distillation_loss(
         logits,
         teacher_logits,
@@ -296,8 +316,9 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
         step = epoch * s.steps_per_epoch + i
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step, total_steps, s.steps_per_epoch)
-        inputs, targets = inputs.to(s.device), targets.to(s.device)
-        logits = s.net(inputs)
+        inputs = ModelCall.of(inputs, "a batch's inputs").to(s.device)
+        targets = targets.to(s.device)
+        logits = _logits(inputs.run(s.net))
         loss = _loss(s, inputs, logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,8 +386,9 @@ def evaluate(
     loss_sum = correct = seen = 0.0
     try:
         for inputs, targets in _batches(loader, progress, "eval"):
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
+            inputs = ModelCall.of(inputs, "a batch's inputs").to(device)
+            targets = targets.to(device)
+            logits = _logits(inputs.run(model))
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             correct += (logits.argmax(1) == targets).sum().item()
             seen += targets.shape[0]
