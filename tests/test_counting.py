@@ -345,3 +345,17 @@ def test_count_model_of_every_compressed_model_is_what_runs(method):
     assert counts.total_macs == plan.macs
     assert counts.total_params == plan.params
 
+
+def test_count_model_of_a_model_called_with_keywords():
+    from testkit.keyword_models import KeywordModel, token_batch
+
+    torch.manual_seed(0)
+    model, x = KeywordModel(output="dataclass"), token_batch(batch=3, length=5)
+    counts = count_model(model, x)
+    tokens = 3 * 5  # the feed-forward block runs on every token, the head once per sequence
+    assert {c.name: c.macs for c in counts.layers} == {
+        "up": linear_macs(64, 128, tokens), "down": linear_macs(128, 64, tokens),
+        "head": linear_macs(64, 8, 3),
+    }
+    assert counts["up"].input_shape == (3, 5, 64)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from testkit.keyword_models import KeywordModel, token_batch
 from torch import nn
 
 import gkpd
@@ -205,6 +206,41 @@ def test_to_onnx_argument_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _keyword_compressed():
+    torch.manual_seed(0)
+    small, _ = gkpd.compress(KeywordModel().eval(), token_batch(), ratio=2)
+    return small.eval()
+
+
+def test_to_onnx_with_keyword_inputs_and_a_dict_output(tmp_path):
+    model = _keyword_compressed()
+    # batch 1: traced as a batch of 2 so that the batch stays dynamic
+    path = to_onnx(model, token_batch(batch=1), tmp_path / "k.onnx")
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = token_batch(batch=4, seed=1)
+    got = session.run(None, {k: v.numpy() for k, v in x.items()})
+    with torch.no_grad():
+        expected = model(**x)
+    assert len(got) == len(expected) == 2
+    for g, e in zip(got, expected.values(), strict=True):
+        np.testing.assert_allclose(g, e.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_to_onnx_keyword_input_errors(tmp_path):
+    model, x = _keyword_compressed(), token_batch()
+    with pytest.raises(TypeError, match=r"does not fit KeywordModel.forward.*'mask'"):
+        to_onnx(model, {"input_ids": x["input_ids"], "mask": x["attention_mask"]},
+                tmp_path / "a.onnx")
+    with pytest.raises(TypeError, match=r"example_input\['attention_mask'\] must be a tensor or "
+                                        r"a constant"):
+        to_onnx(model, {**x, "attention_mask": [1, 0]}, tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match="share the batch size"):
+        to_onnx(model, {**x, "attention_mask": x["attention_mask"][:1]}, tmp_path / "a.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_to_onnx_without_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'gkpd\[export\]'"):
@@ -226,6 +262,18 @@ def test_torch_export_dynamic_batch_matches_eager():
         torch.testing.assert_close(program.module()(x), expected)
     x = torch.randn(3, 4, 6, 6)
     torch.testing.assert_close(plain.module()(x), model(x))
+
+
+def test_torch_export_with_keyword_inputs_keeps_the_batch_dynamic():
+    model = _keyword_compressed()
+    program = export_program(model, token_batch(batch=2))
+    x = token_batch(batch=5, seed=2)
+    with torch.no_grad():
+        expected = model(**x)
+    got = program.module()(**x)
+    assert list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
 
 
 def test_torch_compile_matches_eager():

@@ -84,3 +84,16 @@ def test_measure_latency():
         measure_latency(model, torch.randn(1, 1, 8, 8), warmup=0, repeats=0)
     with pytest.raises(ValueError, match="threads"):
         measure_latency(model, torch.randn(1, 1, 8, 8), warmup=0, repeats=1, threads=0)
+
+
+def test_summary_and_latency_of_a_model_called_with_keywords():
+    from testkit.keyword_models import KeywordModel, token_batch
+
+    torch.manual_seed(0)
+    model, x = KeywordModel().eval(), token_batch(batch=2, length=7)
+    report = summary(model, x)
+    assert report.input_shape == (2, 7)  # the first tensor's, input_ids
+    assert [layer.name for layer in report.layers] == ["up", "down", "head"]
+    assert report.to_dict() == summary(model, (x["input_ids"], x["attention_mask"])).to_dict()
+    result = measure_latency(model, x, warmup=1, repeats=2, threads=1)
+    assert result["batch"] == 2 and result["repeats"] == 2 and result["median_ms"] > 0

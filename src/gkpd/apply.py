@@ -159,6 +159,8 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
 def compress(model: nn.Module, example_input: Any, **options: Any):
     """Plan and apply on a deep copy: ``(compressed_model, plan)``; ``model`` is untouched.
 
+    ``example_input`` is a tensor, a tuple of positional or a dict of keyword inputs (as
+    :func:`gkpd.plan`); the compressed model is called, and answers, as ``model`` is.
     ``options`` are those of :func:`gkpd.plan` (``ratio``, ``method``, ``strategy``,
     ``calibration``, ...).
     """

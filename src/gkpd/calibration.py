@@ -3,7 +3,6 @@ covariances of a model's layers on them (:mod:`gkpd.whiten` holds the math)."""
 
 from __future__ import annotations
 
-import itertools
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gkpd.inputs import ModelCall
 from gkpd.whiten import DEFAULT_DAMPING, InputCovariance, input_patches, input_width
 
 __all__ = ["Calibration", "collect_covariances", "collect_cross_moments"]
 
-_CHUNK = 64  # rows of a tensor given whole are fed to the model in batches of this size
+_CHUNK = 64  # data given whole (a tensor, a dict) is fed to the model in batches of this size
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class Calibration:
     """A small sample of a model's inputs for data-aware GKPD (``gkpd.plan(...,
     calibration=...)``).
 
-    ``data``: a batched tensor of inputs, or an iterable of batches (a ``DataLoader``). A batch
-    is a tensor, an ``(inputs, targets…)`` tuple or list (the first element is used), or a
-    dict of keyword inputs. At most ``samples`` inputs are used (``None``: all of them).
+    ``data``: a batched tensor of inputs or a dict of batched keyword inputs (a tokenizer's
+    output), or an iterable of batches (a ``DataLoader``). A batch is a tensor, a dict of
+    keyword inputs, or an ``(inputs, targets…)`` tuple or list whose first element (a tensor
+    or a dict) is used. At most ``samples`` inputs are used (``None``: all of them).
     ``damping``: added to each Kronecker factor of the covariance, as a fraction of its mean
     diagonal. ``sequential``: whiten each layer on the inputs that the already compressed
     layers before it produce, instead of the original model's. ``select``: rank factor shapes
@@ -83,53 +84,47 @@ class Calibration:
         return {"samples": self.samples, "damping": float(self.damping),
                 "sequential": self.sequential, "select": self.select}
 
-    def batches(self) -> Iterator[tuple[tuple, dict]]:
-        """``(args, kwargs)`` of each model call, ``samples`` inputs in all."""
+    def batches(self) -> Iterator[ModelCall]:
+        """The model call of each batch, ``samples`` inputs in all."""
         left = self.samples
-        source: Iterable = (
-            self.data.split(_CHUNK) if isinstance(self.data, Tensor) else self.data
-        )
+        source: Iterable = self.data
+        if isinstance(self.data, Tensor | Mapping):  # one batch of all inputs, fed in chunks
+            whole = ModelCall.of(self.data, "calibration data")
+            size = _batch_size(whole)
+            source = (whole.rows(i, i + _CHUNK) for i in range(0, size, _CHUNK))
         for batch in source:
             if left is not None and left <= 0:
                 return
-            args, kwargs = _as_call(batch)
-            size = _batch_size(args, kwargs)
+            call = batch if isinstance(batch, ModelCall) else _as_call(batch)
+            size = _batch_size(call)
             if left is not None and size > left:
-                args = tuple(_head(a, left) for a in args)
-                kwargs = {k: _head(v, left) for k, v in kwargs.items()}
-                size = left
+                call, size = call.rows(0, left), left
             if left is not None:
                 left -= size
-            yield args, kwargs
+            yield call
 
 
-def _as_call(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, Tensor):
-        return (batch,), {}
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, Sequence) and batch and isinstance(batch[0], Tensor):
-        return (batch[0],), {}
+def _as_call(batch: Any) -> ModelCall:
+    if isinstance(batch, Sequence) and not isinstance(batch, Tensor) and batch:
+        batch = batch[0]  # (inputs, targets...)
+    if isinstance(batch, Tensor | Mapping):
+        return ModelCall.of(batch, "a calibration batch")
     raise TypeError(
         "a calibration batch must be a tensor, an (inputs, targets) pair or a dict of "
         f"keyword inputs, got {type(batch).__name__}"
     )
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
-    for value in itertools.chain(args, kwargs.values()):
-        if isinstance(value, Tensor) and value.dim() > 0:
+def _batch_size(call: ModelCall) -> int:
+    for value in call.tensors():
+        if value.dim() > 0:
             return int(value.shape[0])
     raise ValueError("a calibration batch holds no batched tensor")
 
 
-def _head(value: Any, n: int) -> Any:
-    return value[:n] if isinstance(value, Tensor) and value.dim() > 0 else value
-
-
-def _run(models: Sequence[nn.Module], calls: Iterable[tuple[tuple, dict]]) -> None:
-    """Run every model of ``models`` on each ``(args, kwargs)`` of ``calls`` (calibration
-    batches), in eval mode and without gradients."""
+def _run(models: Sequence[nn.Module], calls: Iterable[ModelCall]) -> None:
+    """Run every model of ``models`` on each of ``calls`` (calibration batches), in eval mode
+    and without gradients."""
     modes = {m: m.training for model in models for m in model.modules()}
     device = next((p.device for p in models[0].parameters()), torch.device("cpu"))
     seen = 0
@@ -137,24 +132,19 @@ def _run(models: Sequence[nn.Module], calls: Iterable[tuple[tuple, dict]]) -> No
         for model in models:
             model.eval()
         with torch.no_grad():
-            for args, kwargs in calls:
-                args = tuple(a.to(device) if isinstance(a, Tensor) else a for a in args)
-                kwargs = {k: v.to(device) if isinstance(v, Tensor) else v
-                          for k, v in kwargs.items()}
-                for value in itertools.chain(args, kwargs.values()):
-                    if isinstance(value, Tensor) and value.is_floating_point() and not bool(
-                        torch.isfinite(value).all()
-                    ):
+            for call in calls:
+                call = call.to(device)
+                for value in call.tensors():
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                         raise ValueError("calibration data holds NaN or inf values")
                 for model in models:
                     try:
-                        model(*args, **kwargs)
+                        call.run(model)
                     except (RuntimeError, TypeError, ValueError, IndexError) as error:
                         if "calibration" in str(error):
                             raise
-                        shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
                         raise ValueError(
-                            f"the model failed on a calibration batch (input shapes {shapes}): "
+                            f"the model failed on a calibration batch ({call.describe()}): "
                             f"{error}"
                         ) from error
                 seen += 1
@@ -228,9 +218,9 @@ def collect_cross_moments(
     handles = [reference_layer.register_forward_pre_hook(keep("x", reference_layer)),
                layer.register_forward_pre_hook(keep("y", layer))]
     try:
-        for args, kwargs in calibration.batches():
+        for call in calibration.batches():
             captured.clear()
-            _run([reference, model], [(args, kwargs)])
+            _run([reference, model], [call])
             x, y = captured["x"], captured["y"]
             own += y.T @ y
             cross += x.T @ y

@@ -37,6 +37,7 @@ from gkpd.geometry import (
     resolve_padding,
     stage_strides,
 )
+from gkpd.inputs import ModelCall
 
 __all__ = [
     "ORDERS",
@@ -304,9 +305,10 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
     ``F.scaled_dot_product_attention``).
 
     A call made inside the forward of a module that counts itself is part of that module's
-    count and is not counted again. ``example_input`` is a tensor, or a tuple of positional
-    arguments.
+    count and is not counted again. ``example_input`` is a tensor, a tuple of positional or
+    a dict of keyword inputs (:class:`gkpd.inputs.ModelCall`).
     """
+    call = ModelCall.of(example_input)
     result = ModelCount(total_params=module_params(model))
     entries: dict[str, LayerCount] = {}
     handles = []
@@ -348,9 +350,8 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
         with torch.no_grad(), AttentionCounter(model, record):
-            model(*args)
+            call.run(model)
     finally:
         for handle in handles:
             handle.remove()

@@ -20,10 +20,11 @@ deployment checks (inputs, dtype, the factors kept unfolded); they are one idea.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.files import atomic_write
+from gkpd.inputs import ModelCall, output_tensors
 
 __all__ = ["OnnxVerificationError", "default_opset", "export_program", "merge", "to_onnx"]
 
@@ -100,67 +102,91 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _as_args(example_input: Any) -> tuple[Tensor, ...]:
-    if isinstance(example_input, Tensor):
-        args: tuple = (example_input,)
-    elif isinstance(example_input, (tuple, list)) and example_input:
-        args = tuple(example_input)
-    else:
-        raise TypeError(
-            "example_input must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(example_input).__name__}"
-        )
-    for i, arg in enumerate(args):
-        if not isinstance(arg, Tensor):
-            raise TypeError(f"example_input[{i}] must be a tensor, got {type(arg).__name__}")
-        if arg.dim() == 0:
-            raise ValueError(f"example_input[{i}] is a scalar; expected a batch (N, ...)")
-    batches = {int(arg.shape[0]) for arg in args}
+ExampleInput = Tensor | Sequence[Tensor] | Mapping[str, Any]
+# keyword inputs may be constants of the call (flags, None) besides tensors
+_CONSTANTS = (bool, int, float, str, type(None))
+
+
+def _check_input(where: str, value: Any, constants: tuple[type, ...]) -> None:
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            raise ValueError(f"{where} is a scalar; expected a batch (N, ...)")
+    elif not isinstance(value, constants):
+        allowed = " or a constant (None, bool, int, float, str)" if constants else ""
+        raise TypeError(f"{where} must be a tensor{allowed}, got {type(value).__name__}")
+
+
+def _as_call(example_input: Any, model: nn.Module) -> ModelCall:
+    """The example input as a call of batched tensors, all of one batch size, that fits
+    ``model.forward``; a list counts as a tuple of positional inputs."""
+    if isinstance(example_input, list):
+        example_input = tuple(example_input)
+    call = ModelCall.of(example_input)
+    for i, value in enumerate(call.args):
+        _check_input(f"example_input[{i}]", value, ())
+    for key, value in call.kwargs.items():
+        _check_input(f"example_input[{key!r}]", value, _CONSTANTS)
+    batches = {int(t.shape[0]) for t in call.tensors()}
     if len(batches) != 1:
         raise ValueError(
             f"example_input tensors must share the batch size (dim 0), got {sorted(batches)}"
         )
-    return args
+    if call.kwargs:
+        try:
+            inspect.signature(model.forward).bind(*call.args, **call.kwargs)
+        except TypeError as error:
+            raise TypeError(f"example_input does not fit {type(model).__name__}.forward: "
+                            f"{error}") from error
+    return call
 
 
-def _resized(args: tuple[Tensor, ...], batch: int, seed: int = 0) -> tuple[Tensor, ...]:
-    """Inputs like ``args`` with another batch size (random for floats, repeated otherwise)."""
+def _resized(call: ModelCall, batch: int, seed: int = 0) -> ModelCall:
+    """Inputs like ``call``'s with another batch size (random for floats, repeated
+    otherwise)."""
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for arg in args:
-        shape = (batch, *arg.shape[1:])
+
+    def resize(arg: Tensor) -> Tensor:
         if arg.is_floating_point():
-            new = torch.randn(shape, generator=gen, dtype=arg.dtype).to(arg.device)
-        else:
-            index = torch.arange(batch, device=arg.device) % arg.shape[0]
-            new = arg[index]
-        out.append(new)
-    return tuple(out)
+            shape = (batch, *arg.shape[1:])
+            return torch.randn(shape, generator=gen, dtype=arg.dtype).to(arg.device)
+        return arg[torch.arange(batch, device=arg.device) % arg.shape[0]]
+
+    return call.map(resize)
 
 
-def _trace_inputs(args: tuple[Tensor, ...], dynamic_batch: bool) -> tuple[tuple, tuple | None]:
-    """The inputs to trace with, and ``dynamic_shapes`` for ``torch.export``.
+def _trace_inputs(model: nn.Module, call: ModelCall,
+                  dynamic_batch: bool) -> tuple[ModelCall, tuple | dict | None]:
+    """The inputs to trace with, and ``dynamic_shapes`` for ``torch.export``: one per
+    positional input, or (with keyword inputs) by the names of ``model.forward``'s arguments.
 
     torch.export specializes dims of size 1, so an example batch of 1 would fix the batch
     size: it is traced as a batch of 2 (the example twice) instead."""
     if not dynamic_batch:
-        return args, None
-    if args[0].shape[0] == 1:
-        args = tuple(torch.cat([arg, arg]) for arg in args)
+        return call, None
+    if call.tensors()[0].shape[0] == 1:
+        call = call.map(lambda t: torch.cat([t, t]))
     batch = torch.export.Dim("batch")
-    return args, tuple({0: batch} for _ in args)
+
+    def spec(value: Any) -> dict | None:
+        return {0: batch} if isinstance(value, Tensor) else None
+
+    if not call.kwargs:
+        return call, tuple(spec(a) for a in call.args)
+    bound = inspect.signature(model.forward).bind(*call.args, **call.kwargs)
+    return call, {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def export_program(
-    model: nn.Module, example_input: Tensor | Sequence[Tensor], *, dynamic_batch: bool = True
+    model: nn.Module, example_input: ExampleInput, *, dynamic_batch: bool = True
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` with the batch dimension (dim 0 of every input)
-    dynamic when ``dynamic_batch``. Works on compressed models: the Kronecker layers trace
-    without data-dependent control flow or guards on the batch size."""
+    dynamic when ``dynamic_batch``; ``example_input`` as for :func:`to_onnx`. Works on
+    compressed models: the Kronecker layers trace without data-dependent control flow or
+    guards on the batch size."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    args, dynamic_shapes = _trace_inputs(_as_args(example_input), dynamic_batch)
-    return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    call, dynamic_shapes = _trace_inputs(model, _as_call(example_input, model), dynamic_batch)
+    return torch.export.export(model, call.args, call.kwargs, dynamic_shapes=dynamic_shapes)
 
 
 # ----------------------------------------------------------------------------- onnx
@@ -288,27 +314,17 @@ def _strip_debug_info(proto) -> None:
                 node.input[i] = short[name]
 
 
-def _flatten(output: Any) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _flatten(item)]
-    if isinstance(output, dict):
-        return [t for key in output for t in _flatten(output[key])]
-    raise TypeError(f"model output must be tensors (or tuples/lists/dicts of them), got "
-                    f"{type(output).__name__}")
-
-
-def _compare(session, model: nn.Module, args: tuple[Tensor, ...], atol: float, rtol: float,
+def _compare(session, model: nn.Module, call: ModelCall, atol: float, rtol: float,
              what: str) -> float:
-    """Run ``args`` through onnxruntime and PyTorch; raise beyond tolerance; the max |diff|."""
+    """Run ``call`` through onnxruntime and PyTorch; raise beyond tolerance; the max |diff|."""
     import numpy as np
 
     names = [i.name for i in session.get_inputs()]
-    feeds = {name: arg.detach().cpu().numpy() for name, arg in zip(names, args, strict=True)}
+    feeds = {name: arg.detach().cpu().numpy()
+             for name, arg in zip(names, call.tensors(), strict=True)}
     got = session.run(None, feeds)
     with torch.no_grad():
-        expected = [t.detach().cpu().numpy() for t in _flatten(model(*args))]
+        expected = [t.detach().cpu().numpy() for t in output_tensors(call.run(model))]
     if len(got) != len(expected):
         raise OnnxVerificationError(
             f"the ONNX model has {len(got)} outputs, PyTorch {len(expected)} ({what})"
@@ -332,21 +348,22 @@ def _compare(session, model: nn.Module, args: tuple[Tensor, ...], atol: float, r
     return worst
 
 
-def _verify(tmp: str, model: nn.Module, args: tuple[Tensor, ...], dynamic_batch: bool,
+def _verify(tmp: str, model: nn.Module, call: ModelCall, dynamic_batch: bool,
             atol: float, rtol: float) -> float:
     _, ort = _require_onnx()
     session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    worst = _compare(session, model, args, atol, rtol, f"example input, batch {args[0].shape[0]}")
+    batch = int(call.tensors()[0].shape[0])
+    worst = _compare(session, model, call, atol, rtol, f"example input, batch {batch}")
     if dynamic_batch:
-        other = args[0].shape[0] + 4
-        worst = max(worst, _compare(session, model, _resized(args, other), atol, rtol,
+        other = batch + 4
+        worst = max(worst, _compare(session, model, _resized(call, other), atol, rtol,
                                     f"random input, batch {other}"))
     return worst
 
 
 def to_onnx(
     model: nn.Module,
-    example_input: Tensor | Sequence[Tensor],
+    example_input: ExampleInput,
     path: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -359,9 +376,11 @@ def to_onnx(
     """Export ``model`` to the ONNX file ``path`` and return it.
 
     The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript),
-    at ``opset`` (default: :func:`default_opset`). ``example_input`` is a tensor or a tuple of
-    tensors, batch first; with ``dynamic_batch`` dim 0 of every input and output is the
-    symbolic ``batch``. The model is exported in eval mode (its mode is restored after).
+    at ``opset`` (default: :func:`default_opset`). ``example_input`` is a tensor, a tuple (or
+    list) of tensors, or a dict of keyword inputs (tensors, or constants such as flags), batch
+    first; with ``dynamic_batch`` dim 0 of every input and output is the symbolic ``batch``.
+    Positional inputs are named ``input`` (``input_0``, ... for several) in the file, keyword
+    inputs by their names. The model is exported in eval mode (its mode is restored after).
     Kronecker layers are exported as their two small stages, so the file stores the factors,
     not the dense weights. Debug-only metadata (stack traces with local paths, FX node text)
     is dropped unless ``keep_debug_info``.
@@ -374,7 +393,7 @@ def to_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    args = _as_args(example_input)
+    call = _as_call(example_input, model)
     path = _check_path(path)
     for name, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -384,19 +403,22 @@ def to_onnx(
     onnx, _ = _require_onnx()
     opset = _check_opset(opset)
     device = next((p.device for p in model.parameters()), None)
-    if device is not None:
-        args = tuple(arg.to(device) for arg in args)
-    names = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    call = call.to(device)
+    # keyword inputs keep their names; positional ones are named by position
+    names = None if call.kwargs else (
+        ["input"] if len(call.args) == 1 else [f"input_{i}" for i in range(len(call.args))]
+    )
     was_training = model.training
     model.eval()
     worst: list[float] = []
 
-    trace_args, dynamic_shapes = _trace_inputs(args, dynamic_batch)
+    traced, dynamic_shapes = _trace_inputs(model, call, dynamic_batch)
 
     def write(tmp: str) -> None:
         with torch.no_grad():
             program = torch.onnx.export(
-                model, trace_args, dynamo=True, opset_version=opset, input_names=names,
+                model, traced.args, kwargs=traced.kwargs, dynamo=True, opset_version=opset,
+                input_names=names,
                 dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
                 optimize=False,
             )
@@ -406,7 +428,7 @@ def to_onnx(
             _strip_debug_info(proto)
         onnx.save_model(proto, tmp)
         if verify:
-            worst.append(_verify(tmp, model, args, dynamic_batch, float(atol), float(rtol)))
+            worst.append(_verify(tmp, model, call, dynamic_batch, float(atol), float(rtol)))
 
     try:
         atomic_write(path, write)

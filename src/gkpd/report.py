@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.counting import count_model
+from gkpd.inputs import ModelCall
 from gkpd.text_table import format_table
 
 __all__ = ["LayerSummary", "Report", "summary"]
@@ -106,19 +107,16 @@ class Report:
         return self.table()
 
 
-def _input_shape(example_input: object) -> tuple[int, ...]:
-    first = example_input[0] if isinstance(example_input, tuple) else example_input
-    shape = getattr(first, "shape", None)
-    return tuple(int(s) for s in shape) if shape is not None else ()
-
-
 def summary(model: nn.Module, example_input: object) -> Report:
     """Run ``model`` once on ``example_input`` (eval mode, no gradients; the model's mode is
     restored) and report every conv, linear and Kronecker layer it calls: name, type,
-    parameters, MACs, input shape and, for Kronecker layers, the stage order that runs."""
+    parameters, MACs, input shape and, for Kronecker layers, the stage order that runs.
+    ``example_input``: a tensor, a tuple of positional or a dict of keyword inputs; the
+    report's ``input_shape`` is its first tensor's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    counts = count_model(model, example_input)
+    call = ModelCall.of(example_input)
+    counts = count_model(model, call)
     layers = [
         LayerSummary(
             name=c.name,
@@ -134,7 +132,7 @@ def summary(model: nn.Module, example_input: object) -> Report:
     ]
     return Report(
         model_type=type(model).__name__,
-        input_shape=_input_shape(example_input),
+        input_shape=call.shape,
         layers=layers,
         total_params=counts.total_params,
     )

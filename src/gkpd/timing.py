@@ -3,7 +3,8 @@ model, the CPU's name, and the on-disk cache of per-layer timings.
 
 Interleaving (one call of each option per round, medians over rounds) makes a change of the
 machine's load hit every option alike; :mod:`gkpd.plan.latency_objective` plans with it and
-the speed benchmark times with it. A leaf module but for :mod:`gkpd.files` (atomic writes).
+the speed benchmark times with it. A leaf module but for :mod:`gkpd.files` (atomic writes)
+and :mod:`gkpd.inputs` (how the model is called).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from gkpd.files import atomic_write_text
+from gkpd.inputs import ModelCall
 
 __all__ = [
     "CACHE_ENV",
@@ -168,12 +170,13 @@ def measure_latency(
     repeats: int = 10,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Time ``model(*example_input)`` in eval mode without gradients.
+    """Time ``model`` on ``example_input`` (a tensor, a tuple of positional or a dict of
+    keyword inputs) in eval mode without gradients.
 
     ``warmup`` untimed calls, then ``repeats`` timed ones; ``threads`` sets torch's intra-op
     thread count for the measurement (restored afterwards). Returns ``median_ms``, ``min_ms``,
     ``mean_ms``, ``max_ms``, ``repeats``, ``warmup``, ``threads`` (as used) and ``batch``
-    (the first input's leading dimension). The model's train/eval mode is restored.
+    (:attr:`gkpd.inputs.ModelCall.batch`). The model's train/eval mode is restored.
     """
     for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -182,7 +185,7 @@ def measure_latency(
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    call = ModelCall.of(example_input)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
@@ -191,16 +194,15 @@ def measure_latency(
         with _threads(threads), torch.no_grad():
             used_threads = torch.get_num_threads()
             for _ in range(warmup):
-                model(*args)
+                call.run(model)
             _sync(device)
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(*args)
+                call.run(model)
                 _sync(device)
                 times.append((time.perf_counter() - start) * 1000.0)
     finally:
         model.train(was_training)
-    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
     return {
         "median_ms": statistics.median(times),
         "min_ms": min(times),
@@ -209,5 +211,5 @@ def measure_latency(
         "repeats": repeats,
         "warmup": warmup,
         "threads": used_threads,
-        "batch": int(first.shape[0]) if first is not None and first.dim() else 1,
+        "batch": call.batch,
     }

@@ -247,3 +247,36 @@ def test_cli_compress_prune(tmp_path, capsys):
     plan = CompressionPlan.load(out / "plan.json")
     model = gkpd.load(out, gkpd.models.create("resnet32", num_classes=10, in_channels=1))
     assert module_params(model) == plan.params
+
+
+class _KeywordMLP(nn.Module):
+    """``forward(features, scale=None)``, returning a dict (as a Hugging Face model does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, features, scale=None):
+        hidden = torch.relu(self.fc1(features))
+        logits = self.fc2(hidden if scale is None else hidden * scale)
+        return {"logits": logits, "probabilities": logits.softmax(-1)}
+
+
+def test_a_model_called_with_keywords_is_pruned_and_replayed():
+    torch.manual_seed(0)
+    model = _KeywordMLP().eval()
+    x = {"features": torch.randn(3, 32), "scale": torch.ones(3, 1)}
+    plan = gkpd.plan(model, x, ratio=1.5, method="prune", min_params=0)
+    assert plan.achieved_ratio == pytest.approx(1.5, rel=0.03)
+    assert [e.name for e in plan.compressed_layers if e.settings["root"]] == ["fc1"]
+    assert plan.options["input_keywords"] == ["features", "scale"]
+    pruned = apply_(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        want, got = model(**x), pruned(**x)
+    assert list(got) == ["logits", "probabilities"]
+    assert got["logits"].shape == want["logits"].shape
+    kept = pruned.fc1.out_features
+    assert kept < 64 and pruned.fc2.in_features == kept
+    # replayed on a fresh model from the plan's JSON alone (zeros of the recorded inputs)
+    fresh = apply_(_KeywordMLP(), CompressionPlan.from_json(plan.to_json()), decompose=False)
+    assert fresh.fc1.out_features == kept and fresh.fc2.in_features == kept

@@ -179,3 +179,23 @@ def test_compress_reads_the_calibration_data_once(model, images):
     gkpd.compress(other, images[:1], ratio=3.0, min_params=0,
                   calibration=Calibration(Counted()))
     assert Counted.passes == 2
+
+
+def test_keyword_inputs_calibrate_given_whole_or_from_a_loader():
+    from testkit.keyword_models import KeywordModel, TokenDataset, token_batch
+
+    torch.manual_seed(0)
+    model = KeywordModel().eval()
+    data = token_batch(batch=100, length=6)  # given whole: fed in more than one chunk
+    loader = DataLoader(TokenDataset(data), batch_size=16)  # (dict of inputs, labels) batches
+    tokens = model.embedding(data["input_ids"][:70]).reshape(-1, 64).double()
+    direct = tokens.T @ tokens / len(tokens)  # the input second moment of `up`
+    for source in (data, loader):
+        cov = collect_covariances(model, {"up": model.up}, Calibration(source, samples=70))
+        torch.testing.assert_close(cov["up"], direct, rtol=1e-5, atol=1e-6)
+    x = token_batch()
+    small, plan = gkpd.compress(model, x, ratio=2, calibration=data)
+    assert plan.options["calibration"]["samples"] == 512
+    assert plan.achieved_ratio == pytest.approx(2, rel=0.03)
+    with torch.no_grad():
+        assert small(**x)["logits"].shape == model(**x)["logits"].shape

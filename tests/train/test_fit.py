@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -199,3 +200,43 @@ def test_checkpoint_loader_refuses_pickled_objects(tmp_path):
     torch.save({"obj": Path("/")}, path)  # an arbitrary class: weights_only must refuse it
     with pytest.raises(ValueError):
         load_state(path)
+
+
+def test_fit_and_evaluate_take_keyword_batches_and_outputs_with_logits():
+    from testkit.keyword_models import KeywordModel, TokenDataset, token_batch
+
+    torch.manual_seed(0)
+    data = token_batch(batch=96, length=5)
+    labels = data["input_ids"][:, 0] % 2
+    loader = DataLoader(TokenDataset(data, labels), batch_size=32, shuffle=True)
+    model = KeywordModel(output="dataclass", classes=2)
+    history = fit(model, loader, epochs=4, progress=False, lr=0.2, device="cpu")
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    result = evaluate(model, loader)
+    with torch.no_grad():
+        logits = model(**data).logits
+    assert result["count"] == 96
+    assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(),
+                                           rel=1e-5)
+    assert result["accuracy"] == pytest.approx(
+        100.0 * (logits.argmax(1) == labels).float().mean().item())
+    student = KeywordModel(output="dict", classes=2)  # a dict output with logits distils too
+    history = fit(student, loader, epochs=1, teacher=model, alpha=1.0, progress=False,
+                  device="cpu")
+    assert math.isfinite(history[0]["train_loss"])
+
+
+def test_fit_refuses_an_output_without_class_scores():
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long)),
+                        batch_size=4)
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"features": self.fc(x)}
+
+    with pytest.raises(TypeError, match="'logits' tensor; got dict"):
+        evaluate(Features(), loader)

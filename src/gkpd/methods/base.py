@@ -119,7 +119,8 @@ class ModelMethod(_Named):
         include: Any, exclude: Any, overrides: Any, min_params: int, tolerance: float,
     ) -> CompressionPlan:
         """The plan for ``model`` (pure: ``model`` is not changed); the arguments are those
-        of :func:`gkpd.plan`, already checked."""
+        of :func:`gkpd.plan`, already checked (``example_input`` in any form
+        :class:`gkpd.inputs.ModelCall` reads)."""
 
     @abstractmethod
     def apply_model(

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
+from gkpd.inputs import ModelCall, output_tensors
 from gkpd.methods.base import ModelMethod
 from gkpd.plan.budget import check_tolerance, unreachable
 from gkpd.plan.schema import CompressionPlan, LayerPlan
@@ -76,20 +77,20 @@ def _is_depthwise(module: nn.Module) -> bool:
     )
 
 
-def _example_args(example_input: Any) -> tuple[torch.Tensor, ...]:
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+def _example_call(example_input: Any) -> ModelCall:
+    call = ModelCall.of(example_input)
+    if not all(isinstance(v, torch.Tensor) for v in (*call.args, *call.kwargs.values())):
         raise TypeError(
-            "example_input must be a tensor or a tuple of tensors for method 'prune', got "
-            f"{type(example_input).__name__}"
+            "example_input must be a tensor, a tuple of tensors or a dict of tensors for "
+            f"method 'prune', got {call.describe()}"
         )
-    return args
+    return call
 
 
 class _Graph:
     """A dependency graph of ``model`` (traced in eval mode, modes and BN statistics kept)."""
 
-    def __init__(self, tp, model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, tp, model: nn.Module, call: ModelCall) -> None:
         self.tp, self.model = tp, model
         modes = {m: m.training for m in model.modules()}
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -100,8 +101,8 @@ class _Graph:
             with torch.enable_grad():
                 self.graph = tp.DependencyGraph().build_dependency(
                     model,
-                    example_inputs=args[0] if len(args) == 1 else list(args),
-                    verbose=False,
+                    example_inputs=call, forward_fn=lambda m, c: c.run(m),
+                    output_transform=output_tensors, verbose=False,
                 )
         finally:
             for p in frozen:
@@ -157,13 +158,14 @@ class _Graph:
         return None
 
 
-def _eval_forward(model: nn.Module, args):
-    """``model(*args)`` in eval mode without gradients; every module's mode is restored."""
+def _eval_forward(model: nn.Module, call: ModelCall):
+    """``model`` run on ``call`` in eval mode without gradients; every module's mode is
+    restored."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            return model(*args)
+            return call.run(model)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -239,8 +241,8 @@ class Prune(ModelMethod):
                 raise ValueError(
                     f"overrides[{name!r}] must be 'skip' for method 'prune', got {value!r}"
                 )
-        args = _example_args(example_input)
-        calls = trace_layers(model, example_input)
+        example = _example_call(example_input)
+        calls = trace_layers(model, example)
         if not calls:
             raise ValueError("the model calls no conv or linear layer on example_input")
         first_conv = next((n for n, c in calls.items() if _is_conv(c.module)), None)
@@ -248,7 +250,7 @@ class Prune(ModelMethod):
             {n: c.module for n, c in calls.items()}, include=include, exclude=exclude,
             overrides=overrides, first_layer=first_conv, min_params=min_params,
         )
-        graph = _Graph(tp, copy.deepcopy(model), args)
+        graph = _Graph(tp, copy.deepcopy(model), example)
         work_modules = dict(graph.model.named_modules())
         imp = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
         reasons: dict[str, str] = {}
@@ -275,7 +277,7 @@ class Prune(ModelMethod):
         def prune_at(k: int):
             """The model after the first ``k`` removals of the schedule, and per changed
             layer what was removed."""
-            g = _Graph(tp, copy.deepcopy(model), args)
+            g = _Graph(tp, copy.deepcopy(model), example)
             mods = dict(g.model.named_modules())
             removed: dict[str, dict[str, list]] = {}
             for (name, o), keep in zip(order.items(), schedule[k], strict=True):
@@ -313,16 +315,18 @@ class Prune(ModelMethod):
         check_tolerance(total, dense_total, ratio, tolerance)
         pruned, removed = prune_at(k)
         p = k / sum(len(o) for o in order.values())
-        self._check_forward(model, pruned, args)
+        self._check_forward(model, pruned, example)
         options = {
             "importance": "l1", "channels": "inner", "fraction": p, "min_params": min_params,
             "tolerance": tolerance, "include": pattern_names(include, "include"),
             "exclude": pattern_names(exclude, "exclude"),
-            # apply_model traces the dependency graph again on zeros of these
-            "input_shapes": [list(a.shape) for a in args],
-            "input_dtypes": [str(a.dtype).removeprefix("torch.") for a in args],
+            # apply_model traces the dependency graph again on zeros of these (the last ones
+            # are the keyword inputs named in input_keywords, where there are any)
+            "input_shapes": [list(t.shape) for t in example.tensors()],
+            "input_dtypes": [str(t.dtype).removeprefix("torch.") for t in example.tensors()],
+            **({"input_keywords": list(example.kwargs)} if example.kwargs else {}),
         }
-        layers = self._layers(calls, pruned, removed, reasons, set(order), args)
+        layers = self._layers(calls, pruned, removed, reasons, set(order), example)
         result = CompressionPlan(
             model_type=type(model).__name__, method=self.name, target_ratio=float(ratio),
             strategy="uniform", objective="l1", dense_params=dense_total, params=total,
@@ -334,20 +338,20 @@ class Prune(ModelMethod):
         return result
 
     @staticmethod
-    def _check_forward(dense: nn.Module, pruned: nn.Module, args) -> None:
-        want = _eval_forward(dense, args)
+    def _check_forward(dense: nn.Module, pruned: nn.Module, example: ModelCall) -> None:
+        want = [tuple(t.shape) for t in output_tensors(_eval_forward(dense, example))]
         try:
-            got = _eval_forward(pruned, args)
+            got = [tuple(t.shape) for t in output_tensors(_eval_forward(pruned, example))]
         except RuntimeError as error:
             raise ValueError(f"the pruned model fails on example_input: {error}") from error
-        if isinstance(want, torch.Tensor) and getattr(got, "shape", None) != want.shape:
+        if got != want:
             raise ValueError(
-                f"the pruned model's output has shape {getattr(got, 'shape', None)}, the dense "
-                f"model's {tuple(want.shape)}: its channel couplings were not traced correctly"
+                f"the pruned model's outputs have shapes {got}, the dense model's {want}: its "
+                "channel couplings were not traced correctly"
             )
 
-    def _layers(self, calls, pruned, removed, reasons, roots, args) -> list[LayerPlan]:
-        pruned_calls = trace_layers(pruned, args if len(args) > 1 else args[0])
+    def _layers(self, calls, pruned, removed, reasons, roots, example) -> list[LayerPlan]:
+        pruned_calls = trace_layers(pruned, example)
         layers = []
         for name, call in calls.items():
             entry = dense_entry(
@@ -390,15 +394,22 @@ class Prune(ModelMethod):
             raise ValueError("a 'prune' plan needs options['input_shapes'] (the example input)")
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
+        keywords = plan.options.get("input_keywords") or []
         try:
-            args = tuple(
+            zeros = [
                 torch.zeros(tuple(s), dtype=getattr(torch, d), device=device)
                 for s, d in zip(shapes, dtypes, strict=True)
-            )
+            ]
+            if len(keywords) > len(zeros) or not all(isinstance(k, str) for k in keywords):
+                raise ValueError(f"input_keywords {keywords!r:.200} do not name the last inputs")
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(
-                f"plan options input_shapes/input_dtypes are invalid: {error}"
+                f"plan options input_shapes/input_dtypes/input_keywords are invalid: {error}"
             ) from error
+        positional = len(zeros) - len(keywords)
+        example = ModelCall(
+            tuple(zeros[:positional]), dict(zip(keywords, zeros[positional:], strict=True))
+        )
         roots = []  # every entry is checked before the model is changed
         for entry in plan.compressed_layers:
             if not entry.settings.get("root"):
@@ -417,7 +428,7 @@ class Prune(ModelMethod):
                     f"indices in [0, {n}) leaving at least one, got {idxs!r:.200}"
                 )
             roots.append((module, idxs))
-        graph = _Graph(tp, model, args)
+        graph = _Graph(tp, model, example)
         for module, idxs in roots:
             graph.group(module, idxs).prune()
         got = module_params(model)

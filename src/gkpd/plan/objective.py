@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from gkpd.inputs import ModelCall
 from gkpd.plan.schema import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class LatencyObjective:
 
     def batch_for(self, example_input: Any) -> int:
         """The batch size timed: ``batch``, else the example input's."""
-        return self.batch or batch_of(example_input)
+        return self.batch or ModelCall.of(example_input).batch
 
     def options(self, example_input: Any) -> dict[str, Any]:
         """What the plan's ``options`` record of this objective."""
@@ -94,11 +93,6 @@ def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjectiv
     if objective == "error":
         return None
     return LatencyObjective(**{LEGACY_LATENCY_KEYWORDS[k]: v for k, v in legacy.items()})
-
-
-def batch_of(example_input: Any) -> int:
-    first = example_input[0] if isinstance(example_input, tuple) else example_input
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 1 else 1
 
 
 def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, example_input,

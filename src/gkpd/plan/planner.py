@@ -97,6 +97,8 @@ def plan(
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
+    ``example_input``: a tensor (``model(x)``), a tuple of positional inputs (``model(*x)``)
+    or a dict of keyword inputs (``model(**x)``), see :class:`gkpd.inputs.ModelCall`.
 
     ``strategy``: ``"uniform"`` (every compressed layer at the same ratio, the paper's
     setting) or ``"global"`` (minimize the summed squared relative error). ``include`` /

@@ -12,6 +12,7 @@ from torch import nn
 
 from gkpd.attention_counting import AttentionCounter
 from gkpd.counting import module_macs, module_params
+from gkpd.inputs import ModelCall
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
 
@@ -39,12 +40,15 @@ class Trace:
 
 
 def trace_layers(model: nn.Module, example_input: Any) -> dict[str, LayerCall]:
-    """Conv/linear layers in the order the forward pass calls them, with their input shape."""
+    """Conv/linear layers in the order the forward pass calls them, with their input shape.
+    ``example_input``: a tensor, a tuple of positional or a dict of keyword inputs
+    (:class:`gkpd.inputs.ModelCall`)."""
     return trace(model, example_input).layers
 
 
 def trace(model: nn.Module, example_input: Any) -> Trace:
     """The layers and the attention MACs of one forward pass on ``example_input``."""
+    call = ModelCall.of(example_input)
     seen: dict[str, LayerCall] = {}
     handles = []
     attention = [0]
@@ -65,24 +69,20 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
         if isinstance(module, LAYER_TYPES):
             handles.append(module.register_forward_hook(hook_for(name)))
     modes = {m: m.training for m in model.modules()}
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
         with torch.no_grad(), AttentionCounter(model, count_attention):
-            model(*args)
+            call.run(model)
     except Exception as error:
         raise ValueError(
-            f"the model failed on example_input (shapes "
-            f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}): {error}"
+            f"the model failed on example_input ({call.describe()}): {error}"
         ) from error
     finally:
         for handle in handles:
             handle.remove()
         for m, training in modes.items():
             m.training = training
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
-    batch = int(first.shape[0]) if first is not None else 1
-    return Trace(seen, attention[0] // max(batch, 1))
+    return Trace(seen, attention[0] // max(call.batch, 1))
 
 
 def per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:

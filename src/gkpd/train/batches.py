@@ -10,8 +10,8 @@ A batch, as a ``DataLoader`` yields it, is one of
   keyword inputs, ``model(**x)``;
 * ``(inputs,)`` (a ``TensorDataset`` of one tensor) or a tensor: the model's input, no targets.
 
-These few lines stand in for :mod:`gkpd.inputs`, which holds the same rules for example inputs
-(kept here so that training imports nothing outside ``gkpd.train``; one module on merge).
+The call itself is :class:`gkpd.inputs.ModelCall`'s, the rules of example inputs, except that a
+list is positional inputs here: the ``DataLoader`` collates tuples into lists.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from gkpd.inputs import ModelCall
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
@@ -45,11 +47,25 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else
     ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    return ModelCall.of(inputs, "a batch's inputs").run(model)
+
+
+def class_scores(output: Any) -> torch.Tensor:
+    """The class scores of a classifier's output: the output itself, or its ``logits`` (a
+    Hugging Face classifier's ``ModelOutput``, a dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(
+        output, "logits", None
+    )
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "fit and evaluate need the model to return class scores: a tensor, or an output "
+            f"with a 'logits' tensor; got {type(output).__name__} (or pass loss_fn=)"
+        )
+    return logits
 
 
 def to_device(value: Any, device: torch.device) -> Any:

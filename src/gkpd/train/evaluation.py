@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gkpd.train.batches import batch_size, call_model, progress_bar, split_batch, to_device
+from gkpd.train.batches import (
+    batch_size,
+    call_model,
+    class_scores,
+    progress_bar,
+    split_batch,
+    to_device,
+)
 from gkpd.train.objectives import LossFn
 
 RESERVED = ("loss", "accuracy", "count")
@@ -93,8 +100,9 @@ def evaluate(
                         "evaluate without loss_fn needs (inputs, targets) batches; "
                         "pass loss_fn= for a model without labels"
                     )
-                sums["loss"] += F.cross_entropy(output, targets, reduction="sum").item()
-                correct += int((output.argmax(1) == targets).sum().item())
+                scores = class_scores(output)
+                sums["loss"] += F.cross_entropy(scores, targets, reduction="sum").item()
+                correct += int((scores.argmax(1) == targets).sum().item())
             else:
                 loss = scalar(loss_fn(output, teacher_output, batch), "loss_fn")
                 sums["loss"] += loss.item() * count

@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader
 from gkpd.files import atomic_write_text
 from gkpd.state_dicts import check_state_dict_matches
 from gkpd.train import distributed
-from gkpd.train.batches import batch_size, call_model, progress_bar, split_batch, to_device
+from gkpd.train.batches import (
+    batch_size,
+    call_model,
+    class_scores,
+    progress_bar,
+    split_batch,
+    to_device,
+)
 from gkpd.train.checkpoint import load_state, save_state
 from gkpd.train.evaluation import check_metrics, evaluate, scalar
 from gkpd.train.features import FeaturePairs
@@ -266,11 +273,12 @@ def _loss(s: _Session, batch: Any, inputs: Any, output: Any,
             "or pass loss_fn= (see gkpd.train.objectives)"
         )
     elif teacher is None:
-        loss = F.cross_entropy(output, targets, label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(class_scores(output), targets,
+                               label_smoothing=config.label_smoothing)
     else:
         loss = distillation_loss(
-            output,
-            teacher_output,
+            class_scores(output),
+            class_scores(teacher_output),
             targets,
             alpha=config.alpha,
             temperature=config.temperature,
@@ -311,7 +319,7 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
         count = batch_size(inputs)
         loss_sum += loss.item() * count
         if classifier:
-            correct += (output.argmax(1) == targets).sum().item()
+            correct += (class_scores(output).argmax(1) == targets).sum().item()
         seen += count
     loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
     record = {
