@@ -55,18 +55,23 @@ def slack(text: str) -> float:
     return value
 
 
+def _has_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` has a default to show: not None, a flag's False or SUPPRESS (``is``,
+    not ``in``: a default of 0 equals False and must still be shown)."""
+    return not any(action.default is value for value in (None, False, argparse.SUPPRESS))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, where its help does not already name one."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if not _has_default(action) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
     def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and action.default not in (
-            None, False, argparse.SUPPRESS
-        ):  # an option without help still shows its default
+        if action.help is None and action.option_strings and _has_default(action):
+            # an option without help still shows its default
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
