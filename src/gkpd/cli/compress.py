@@ -9,6 +9,7 @@ from typing import Any
 from gkpd.cli.common import (
     MODEL_HELP,
     CliError,
+    check_data,
     check_out,
     command_line,
     emit,
@@ -63,6 +64,7 @@ def _calibration(args: argparse.Namespace, card: dict[str, Any]):
         raise CliError("--calibration needs --data: MODEL's card names no data set")
     if args.method != "gkpd":
         raise CliError(f"--calibration is used by --method gkpd only, got {args.method}")
+    check_data(card, name, "calibrating")
     images = data.sample_inputs(name, args.calibration, args.data_dir)
     return Calibration(images, samples=args.calibration, select=args.calibration_select,
                        sequential=args.calibration_sequential)

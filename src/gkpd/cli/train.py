@@ -14,6 +14,8 @@ from gkpd.cli.common import (
     data_args,
     emit,
     positive_int,
+    resumable,
+    training_run,
 )
 
 
@@ -65,21 +67,14 @@ def run(args: argparse.Namespace) -> int:
     }
     if distributed.is_main_process():
         atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
-    history = train.fit(
-        model,
-        train_loader,
-        epochs=args.epochs,
-        eval_loader=test_loader,
-        checkpoint_dir=out,
-        resume=args.resume,
-        device=args.device,
-        progress=not args.no_progress,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-    )
+    with resumable(out, resume=args.resume):
+        history = train.fit(
+            model,
+            train_loader,
+            **training_run(args, out, test_loader),
+            schedule=args.schedule,
+            label_smoothing=args.label_smoothing,
+        )
     final = history[-1]
     card["test_accuracy"] = final["eval_accuracy"]
     card["created"] = now()

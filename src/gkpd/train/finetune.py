@@ -6,6 +6,7 @@ then :func:`gkpd.train.fit` with distillation from the teacher (when one is give
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,13 @@ def finetune(
     alpha: float = FINETUNE_DEFAULTS["alpha"],
     temperature: float = FINETUNE_DEFAULTS["temperature"],
     seed: int = 0,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`gkpd.train.fit` of ``student`` with distillation from ``teacher`` (cross-entropy
-    alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``."""
+    alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``;
+    ``after_epoch`` as in :class:`gkpd.train.options.FitRun`."""
     config = FitConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, alpha=alpha,
                        temperature=temperature, seed=seed)
     run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
-                 resume=resume, device=device, progress=progress)
+                 resume=resume, device=device, progress=progress, after_epoch=after_epoch)
     return fit_with(student, train_loader, config, run)

@@ -166,7 +166,7 @@ class _Session:
     metrics_path: Path | None
     history: list[dict[str, Any]]
     start_epoch: int
-    steps_per_epoch: int = 0
+    settings: dict[str, Any]  # what the checkpoint records and a resumed run must repeat
     student_taps: _FeatureTaps | None = None
     teacher_taps: _FeatureTaps | None = None
 
@@ -211,10 +211,11 @@ def _set_up(
             p.requires_grad_(False)
     optimizer = _optimizer(model, config)
 
+    settings = _run_settings(config, train_loader, teacher)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if run.resume and checkpoint_path is not None and checkpoint_path.exists():
-        history, start_epoch = _resume(model, optimizer, checkpoint_path)
+        history, start_epoch = _resume(model, optimizer, checkpoint_path, settings)
 
     loader = (
         distributed.distributed_loader(train_loader, config.seed)
@@ -226,9 +227,9 @@ def _set_up(
         model=model, net=net, loader=loader, optimizer=optimizer, device=device,
         config=config, run=run, is_distributed=is_distributed, main=False,
         checkpoint_path=checkpoint_path, metrics_path=metrics_path, history=history,
-        start_epoch=start_epoch, steps_per_epoch=len(loader),
+        start_epoch=start_epoch, settings=settings,
     )
-    if session.steps_per_epoch == 0:
+    if len(loader) == 0:
         raise ValueError("train_loader yields no batches (data set smaller than one batch?)")
     session.main = distributed.is_main_process()
 
@@ -238,11 +239,47 @@ def _set_up(
     return session
 
 
+def _run_settings(
+    config: FitConfig, loader: DataLoader, teacher: nn.Module | None
+) -> dict[str, Any]:
+    """The settings that make a run what it is: the :class:`FitConfig`, the batch size and
+    training samples per epoch, and whether a teacher distils (JSON-like values)."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    settings["batch_size"] = loader.batch_size
+    sampler = loader.sampler
+    settings["samples_per_epoch"] = len(sampler) if hasattr(sampler, "__len__") else None
+    settings["distillation"] = teacher is not None
+    return settings
+
+
+class ResumeMismatch(ValueError):
+    """A resumed run with other settings than its checkpoint's; ``changes`` maps each
+    changed setting to ``(recorded, given)``."""
+
+    def __init__(self, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+        self.changes = changes
+        details = "; ".join(f"{k}: {old!r} recorded, {new!r} given"
+                            for k, (old, new) in changes.items())
+        super().__init__(
+            f"checkpoint {path} was written by a run with other settings ({details}); resume "
+            "with the recorded settings, or start a new run"
+        )
+
+
 def _resume(
-    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path
+    model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path,
+    settings: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], int]:
-    """Load the checkpoint's weights, optimizer and RNG state; its history and epoch."""
+    """Load the checkpoint's weights, optimizer and RNG state; its history and epoch. A
+    checkpoint recorded with other ``settings`` is refused (:class:`ResumeMismatch`): the
+    resumed run would silently be another run."""
     state = load_state(checkpoint_path)
+    # checkpoints written before the settings were recorded hold the FitConfig as "config"
+    recorded = state.get("settings", state.get("config", {}))
+    changes = {k: (recorded[k], settings[k]) for k in settings
+               if k in recorded and recorded[k] != settings[k]}
+    if changes:
+        raise ResumeMismatch(checkpoint_path, changes)
     check_state_dict_matches(model, state["model"], str(checkpoint_path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -284,7 +321,10 @@ def _loss(s: _Session, inputs: torch.Tensor, logits: torch.Tensor,
 def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
     """One pass over the training data; the epoch's record (loss, accuracy, lr, seconds)."""
     config, optimizer = s.config, s.optimizer
-    total_steps = config.epochs * s.steps_per_epoch
+    # the loader's length is read every epoch: FitRun.after_epoch may resize the next draw,
+    # and the schedule then follows the fraction of training done
+    steps_per_epoch = len(s.loader)
+    total_steps = config.epochs * steps_per_epoch
     if s.is_distributed:
         s.loader.sampler.set_epoch(epoch)
     s.net.train()
@@ -293,9 +333,9 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
     for i, (inputs, targets) in enumerate(
         _batches(s.loader, s.run.progress and s.main, f"epoch {epoch + 1}/{config.epochs}")
     ):
-        step = epoch * s.steps_per_epoch + i
+        step = epoch * steps_per_epoch + i
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step, total_steps, s.steps_per_epoch)
+            group["lr"] = config.lr_at(step, total_steps, steps_per_epoch)
         inputs, targets = inputs.to(s.device), targets.to(s.device)
         logits = s.net(inputs)
         loss = _loss(s, inputs, logits, targets)
@@ -336,14 +376,13 @@ def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
                 "optimizer": s.optimizer.state_dict(),
                 "rng": _rng_state(),
                 "history": s.history,
-                "config": {
-                    k: (list(v) if isinstance(v, tuple) else v)
-                    for k, v in asdict(s.config).items()
-                },
+                "settings": s.settings,
             },
         )
         atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
     distributed.barrier()
+    if s.run.after_epoch is not None:
+        s.run.after_epoch(record)
 
 
 @torch.no_grad()

@@ -4,8 +4,10 @@ recorded in every checkpoint) and where it reads and writes (:class:`FitRun`).""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +68,10 @@ class FitConfig:
 class FitRun:
     """The parts of :func:`gkpd.train.fit` that are not settings of the optimisation: the
     teacher, the evaluation data, the checkpoint directory and whether to resume from it,
-    the device, and whether to show progress bars."""
+    the device, whether to show progress bars, and ``after_epoch``: called with each epoch's
+    record once it is evaluated and checkpointed, on every rank. It may resize the training
+    loader's draw for the next epoch (the learning-rate schedule follows the fraction of
+    training done); the main job does that to keep to its time budget."""
 
     teacher: nn.Module | None = None
     eval_loader: DataLoader | None = None
@@ -74,3 +79,4 @@ class FitRun:
     resume: bool = False
     device: str | torch.device | None = None
     progress: bool = True
+    after_epoch: Callable[[dict[str, Any]], None] | None = None
