@@ -35,13 +35,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"--out {out} already holds a run; pass --resume to continue it or pick another"
         )
+    architecture = models.canonical_name(args.model)  # the card records the zoo's name
     model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
-    model = models.create(args.model, **model_kwargs)
+    model = models.create(architecture, **model_kwargs)
     train_loader, test_loader = data.build_loaders(
         args.data, args.data_dir, batch_size=args.batch_size, num_workers=args.workers
     )
     card: dict[str, Any] = {
-        "architecture": args.model,
+        "architecture": architecture,
         "model_kwargs": model_kwargs,
         "dataset": args.data,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     emit(
         args,
         result,
-        f"trained {args.model} on {args.data}: test accuracy "
+        f"trained {architecture} on {args.data}: test accuracy "
         f"{final['eval_accuracy']:.2f}% after {len(history)} epochs; written to {out}",
     )
     return 0
