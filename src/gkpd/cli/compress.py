@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.calibration_select or args.calibration_sequential or args.data:
         raise CliError("--data, --calibration-select and --calibration-sequential need "
                        "--calibration N")
-    log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
+    log.info("planning %s at %gx (%s, strategy %s)", args.model, args.ratio, args.method,
+             args.strategy or "uniform, else global")
     compressed, plan = compress(model, x, **options)
     source = model_dir(args.model)
     new_card = compressed_card(
@@ -118,9 +119,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy",
         choices=["uniform", "global"],
-        default="uniform",
+        default=None,
         help="uniform: every layer at the same ratio (the paper); global: "
-        "minimize the summed relative squared error",
+        "minimize the summed relative squared error (default: uniform, or global where "
+        "uniform's rank steps miss the ratio)",
     )
     p.add_argument(
         "--include",

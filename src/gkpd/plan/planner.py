@@ -20,7 +20,7 @@ from torch import nn
 from gkpd.calibration import Calibration, collect_covariances
 from gkpd.counting import module_params
 from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method
-from gkpd.plan.budget import STRATEGIES, achieved, check_tolerance
+from gkpd.plan.budget import STRATEGIES, RatioMissed, achieved, check_tolerance
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.objective import (
     OBJECTIVES,
@@ -50,6 +50,7 @@ class _Request:
 
     ratio: float
     strategy: str
+    fall_back: bool  # no strategy asked for: "global" where "uniform" misses the ratio
     include: Any
     exclude: Any
     overrides: Mapping[str, Any] | None
@@ -80,7 +81,7 @@ def plan(
     *,
     ratio: float = 5.0,
     method: str = "gkpd",
-    strategy: str = "uniform",
+    strategy: str | None = None,
     include: Pattern | Iterable[Pattern] | None = None,
     exclude: Pattern | Iterable[Pattern] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -97,7 +98,9 @@ def plan(
     to compress it so the whole model shrinks ``ratio``-fold (every parameter counted).
 
     ``strategy``: ``"uniform"`` (every compressed layer at the same ratio, the paper's
-    setting) or ``"global"`` (minimize the summed squared relative error). ``include`` /
+    setting) or ``"global"`` (minimize the summed squared relative error); by default
+    uniform, and global where the uniform rank steps miss the ratio (logged at INFO; the
+    plan's ``strategy`` says "global" and ``options["uniform_error"]`` why). ``include`` /
     ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
     ``"skip"`` or a dict of settings the method fixes for that layer (gkpd: ``a_shape``
     and optionally ``rank``; svd, cp, tensor_train, tensor_ring: ``rank``; tucker:
@@ -134,16 +137,34 @@ def plan(
     compressor = get_method(method)
     if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
         return compressor.plan_model(
-            model, example_input, ratio=ratio, strategy=strategy, include=include,
+            model, example_input, ratio=ratio, strategy=request.strategy, include=include,
             exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
         )
     if not isinstance(compressor, LayerMethod):
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
-    request = _with_min_layer_ratio(request)
 
     calls = trace_layers(model, example_input)
     if not calls:
         raise ValueError("the model calls no conv or linear layer on example_input")
+    try:
+        return _plan_layers(compressor, model, calls, request, example_input)
+    except RatioMissed as error:
+        if not request.fall_back:
+            raise
+        # Uniform rank steps can be too coarse for a method (svd, tensor_ring on ResNet-32):
+        # the global allocation reaches the same size with finer steps.
+        log.info("strategy 'uniform': %s; planning with strategy 'global'", error)
+        result = _plan_layers(compressor, model, calls, replace(request, strategy="global"),
+                              example_input)
+        result.options["uniform_error"] = str(error)
+        return result
+
+
+def _plan_layers(compressor: LayerMethod, model: nn.Module, calls: dict[str, LayerCall],
+                 request: _Request, example_input: Any) -> CompressionPlan:
+    """The plan of a layer method with the request's strategy: collect, allocate, describe,
+    assemble."""
+    request = _with_min_layer_ratio(request)
     search = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
     picks, total, search = _allocate(search, request, dense_total, example_input)
@@ -158,8 +179,10 @@ def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params
     ``plan`` always made them)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {sorted(STRATEGIES)} or None, got {strategy!r}"
+        )
     if not isinstance(min_params, int) or min_params < 0:
         raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
     if not 0 < tolerance < 1:
@@ -170,7 +193,8 @@ def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params
                 f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
             )
     return _Request(
-        ratio=ratio, strategy=strategy, include=include, exclude=exclude, overrides=overrides,
+        ratio=ratio, strategy=strategy or "uniform", fall_back=strategy is None,
+        include=include, exclude=exclude, overrides=overrides,
         min_params=min_params, allow_more_macs=allow_more_macs,
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
         objective=resolve_objective(objective, deprecated),
