@@ -301,8 +301,15 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) >= {"dense", "before_finetune", "after_finetune"}
     assert report["size"]["param_ratio"] == pytest.approx(2, rel=0.03)
+    size = report["size"]
+    assert size["bytes"] == (out / "finetuned" / "model.safetensors").stat().st_size
+    assert size["dense_bytes"] == (teacher / "model.safetensors").stat().st_size
+    assert size["bytes_ratio"] == pytest.approx(size["dense_bytes"] / size["bytes"])
+    assert 1.5 < size["bytes_ratio"] < 2.5  # about the parameter ratio: 4 bytes a parameter
+    assert report["finetune"]["images_per_epoch"] == [32]
     assert report["latency"]["batch_64"]["dense"] > 0
     assert "gkpd finetune" in report["longer_run"]
     text = (out / "report.md").read_text()
     assert "A longer, better run" in text and "| 64 |" in text
+    assert f"| weights file (bytes) | {size['dense_bytes']:,} | {size['bytes']:,} |" in text
     assert io.is_saved_model(out / "finetuned")

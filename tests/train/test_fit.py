@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gkpd.train import ResumeMismatch, distillation_loss, evaluate, fit
 from gkpd.train.checkpoint import check_state_dict_matches, load_state, save_state
+from gkpd.train.finetune import EpochDraw
 from gkpd.train.loop import fit_with
 from gkpd.train.options import FitConfig, FitRun
 
@@ -233,22 +234,9 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
-class _Draw(torch.utils.data.Sampler):
-    """A random draw of ``samples`` of ``size`` indices, resizable between epochs."""
-
-    def __init__(self, size: int, samples: int) -> None:
-        self.size, self.samples = size, samples
-
-    def __len__(self) -> int:
-        return self.samples
-
-    def __iter__(self):
-        return iter(torch.randperm(self.size)[: self.samples].tolist())
-
-
 def test_after_epoch_may_resize_the_next_draw_and_the_schedule_follows():
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
-    loader = DataLoader(data, batch_size=8, sampler=_Draw(64, 64))  # 8 steps, then 4, then 2
+    loader = DataLoader(data, batch_size=8, sampler=EpochDraw(data, 64))  # 8 steps, then 4, then 2
     steps = []
     model = nn.Linear(4, 2)
     model.register_forward_hook(lambda *_: steps.append(1))

@@ -350,6 +350,8 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
         correct += (logits.argmax(1) == targets).sum().item()
         seen += targets.shape[0]
     loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
+    if seen == 0:
+        raise ValueError(f"epoch {epoch + 1} trained on no batch: the loader yielded none")
     return {
         "epoch": epoch + 1,
         "lr": optimizer.param_groups[0]["lr"],
