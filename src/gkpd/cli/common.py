@@ -45,8 +45,8 @@ def resumable(out: Path, *, resume: bool) -> Iterator[None]:
     """Around a run that checkpoints in ``out``: Ctrl-C becomes :class:`Interrupted`, saying
     which checkpoint is kept and the command that continues from it; ``--resume`` with other
     settings than the checkpoint's becomes a :class:`CliError` naming their flags."""
-    from gkpd.train.checkpoint import load_state
-    from gkpd.train.loop import CHECKPOINT_NAME, ResumeMismatch
+    from gkpd.train.checkpoint import ResumeMismatch, load_state
+    from gkpd.train.loop import CHECKPOINT_NAME
 
     path = out / CHECKPOINT_NAME
     before = path.stat().st_mtime_ns if path.is_file() else None

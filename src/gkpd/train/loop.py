@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from gkpd.files import atomic_write_text
 from gkpd.state_dicts import check_state_dict_matches
 from gkpd.train import distributed
-from gkpd.train.checkpoint import load_state, save_state
+from gkpd.train.checkpoint import check_settings, load_state, save_state
 from gkpd.train.losses import distillation_loss
 from gkpd.train.options import FitConfig, FitRun
 
@@ -252,20 +252,6 @@ def _run_settings(
     return settings
 
 
-class ResumeMismatch(ValueError):
-    """A resumed run with other settings than its checkpoint's; ``changes`` maps each
-    changed setting to ``(recorded, given)``."""
-
-    def __init__(self, path: Path, changes: dict[str, tuple[Any, Any]]) -> None:
-        self.changes = changes
-        details = "; ".join(f"{k}: {old!r} recorded, {new!r} given"
-                            for k, (old, new) in changes.items())
-        super().__init__(
-            f"checkpoint {path} was written by a run with other settings ({details}); resume "
-            "with the recorded settings, or start a new run"
-        )
-
-
 def _resume(
     model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path,
     settings: dict[str, Any],
@@ -274,12 +260,7 @@ def _resume(
     checkpoint recorded with other ``settings`` is refused (:class:`ResumeMismatch`): the
     resumed run would silently be another run."""
     state = load_state(checkpoint_path)
-    # checkpoints written before the settings were recorded hold the FitConfig as "config"
-    recorded = state.get("settings", state.get("config", {}))
-    changes = {k: (recorded[k], settings[k]) for k in settings
-               if k in recorded and recorded[k] != settings[k]}
-    if changes:
-        raise ResumeMismatch(checkpoint_path, changes)
+    check_settings(state, settings, checkpoint_path)
     check_state_dict_matches(model, state["model"], str(checkpoint_path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
