@@ -8,14 +8,15 @@ Run by ``scripts/main_job.sh`` after it has set up the machine; it can also be r
 The compression and the fine-tuning are the library calls behind ``gkpd compress`` and
 ``gkpd finetune`` (the equivalent commands are printed and recorded); their output
 directories under ``--out`` are ordinary gkpd saves (``gkpd summary``/``eval`` read them).
-Writes ``report.md``, ``report.json`` and ``layers.png`` to ``--out``.
+With ``--train-subset auto`` the images per epoch fit ``--budget-minutes``, re-checked after
+every epoch (:class:`FineTuningBudget`). Writes ``report.md``, ``report.json`` and
+``layers.png`` (``main_job_report``) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import shlex
@@ -24,13 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from main_job_budget import MIN_BATCHES, FineTuningBudget  # beside this script
+from main_job_report import plot_layers, write_report
 
 from gkpd import data, train
 from gkpd.apply import compress
+from gkpd.files import atomic_write_json
 from gkpd.io import save
-from gkpd.models.cards import compressed_card, example_input, finetuned_card
-from gkpd.plan.schema import CompressionPlan
+from gkpd.models.cards import WEIGHTS_FILE, compressed_card, example_input, finetuned_card
 from gkpd.report import summary
 from gkpd.resolve import resolve_model
 from gkpd.timing import cpu_model, measure_latency
@@ -61,19 +65,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Fashion-MNIST directory (default: /usr/share/datasets/fashion-mnist)",
     )
     p.add_argument("--ratio", type=float, default=5.0)
-    p.add_argument("--strategy", choices=["uniform", "global"], default="uniform")
+    p.add_argument(
+        "--strategy",
+        choices=["uniform", "global"],
+        default=None,
+        help="default: uniform, or global where uniform's rank steps miss the ratio",
+    )
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument(
         "--train-subset",
         default="auto",
         help="training images drawn per fine-tuning epoch: a number, or 'auto' (the "
-        "most that fits --budget-minutes, at most all 60000)",
+        "most that fits --budget-minutes, at most all 60000, re-checked after every epoch)",
     )
     p.add_argument(
         "--budget-minutes",
         type=float,
         default=15.0,
-        help="wall-clock budget of the whole job, set-up included (default 15)",
+        help="wall-clock budget of the whole job, set-up included (default 15; 0: none)",
     )
     p.add_argument(
         "--started-at",
@@ -127,19 +136,78 @@ def calibrate(
     return per_train, per_test
 
 
-def choose_subset(args, per_train: float, per_test: float, started_at: float) -> int:
+def warn_if_short(budget: FineTuningBudget) -> None:
+    if budget.short:
+        say(f"warning: the budget leaves no time for {MIN_BATCHES} batches per epoch; "
+            "fine-tuning on them anyway (raise --budget-minutes)")
+
+
+def first_draw(args, per_train: float, per_test: float,
+               started_at: float) -> tuple[int, FineTuningBudget | None]:
+    """The images the first fine-tuning epoch draws: ``--train-subset``, or with ``auto`` the
+    most that fit ``--budget-minutes`` (with the :class:`FineTuningBudget` that re-checks
+    them after every epoch; all images where there is no budget)."""
     if args.train_subset != "auto":
-        return int(args.train_subset)
-    reserve = 90.0  # latency, final loads, report, plot
-    left = args.budget_minutes * 60 - (time.time() - started_at) - reserve
-    per_epoch = left / args.epochs - TEST_SIZE * per_test
-    samples = int(per_epoch / per_train) // args.batch_size * args.batch_size
-    if samples < 10 * args.batch_size:
-        say(
-            f"warning: the budget leaves time for only {max(samples, 0)} images per epoch; "
-            f"fine-tuning on {10 * args.batch_size} anyway (raise --budget-minutes)"
-        )
-    return max(10 * args.batch_size, min(samples, TRAIN_SIZE))
+        return int(args.train_subset), None
+    if args.budget_minutes <= 0:
+        return TRAIN_SIZE, None
+    budget = FineTuningBudget(
+        deadline=started_at + args.budget_minutes * 60, epochs=args.epochs,
+        batch_size=args.batch_size, seconds_per_image=per_train,
+        seconds_per_eval=TEST_SIZE * per_test, max_images=TRAIN_SIZE,
+    )
+    return budget.images(time.time()), budget
+
+
+def fine_tune(args, student, teacher, eval_loader, out: Path, subset: int,
+              budget: FineTuningBudget | None) -> tuple[list[dict[str, Any]], list[int]]:
+    """``gkpd finetune``'s library call, drawing ``subset`` images per epoch; with a
+    ``budget``, an epoch that runs late stops early and the budget is re-checked after each
+    epoch, which resizes the next epochs' draw. Returns the history and the images each
+    epoch trained."""
+    train_loader = finetune_loader(
+        DATASET, args.data_dir, batch_size=args.batch_size, train_subset=subset
+    )
+    draw = train_loader.sampler
+    images: list[int] = []
+
+    def after_epoch(record: dict[str, Any]) -> None:
+        trained = draw.drawn // args.batch_size * args.batch_size  # whole batches only
+        images.append(trained)
+        if budget is None:
+            return
+        if trained < draw.samples:
+            say(f"epoch {record['epoch']}: stopped after {trained:,} of {draw.samples:,} "
+                "images to end within --budget-minutes")
+        fits = budget.epoch_done(trained, record["seconds"], time.time())
+        if fits:
+            warn_if_short(budget)
+        if fits and fits != draw.samples:
+            say(
+                f"epoch {record['epoch']}: {budget.seconds_per_image * 1000:.1f} ms per "
+                f"training image ({budget.slowdown:.2f}x the estimate); the next epochs draw "
+                f"{fits:,} images to end within --budget-minutes {args.budget_minutes:g}"
+            )
+        draw.samples = fits or draw.samples
+
+    if budget is not None:
+        budget.max_images = len(train_loader.dataset)
+        budget.start(time.time())
+        draw.stop = lambda drawn: budget.must_stop(drawn, time.time())
+    history = finetune(
+        student,
+        teacher,
+        train_loader,
+        epochs=args.epochs,
+        eval_loader=eval_loader,
+        checkpoint_dir=out,
+        resume=False,
+        device="cpu",
+        progress=not args.no_progress,
+        lr=args.lr,
+        after_epoch=after_epoch,
+    )
+    return history, images
 
 
 def latencies(dense, compressed, repeats: int) -> dict[str, Any]:
@@ -156,133 +224,6 @@ def latencies(dense, compressed, repeats: int) -> dict[str, Any]:
         entry["speedup"] = entry["dense"] / entry["compressed"]
         result[f"batch_{batch}"] = entry
     return result
-
-
-def plot_layers(plan: CompressionPlan, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
-        return False
-    layers = plan.layers
-    names = [e.name for e in layers]
-    ratios = [e.dense_params / e.params if e.params else 1.0 for e in layers]
-    errors = [e.relative_error if e.compressed else 0.0 for e in layers]
-    colors = ["tab:blue" if e.compressed else "tab:gray" for e in layers]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    top.bar(range(len(names)), ratios, color=colors)
-    top.axhline(
-        plan.achieved_ratio,
-        color="tab:red",
-        linestyle="--",
-        label=f"whole model {plan.achieved_ratio:.2f}x",
-    )
-    top.set_ylabel("parameter compression (x)")
-    top.set_title(
-        f"{plan.model_type}, {plan.method} {plan.strategy}, target "
-        f"{plan.target_ratio:g}x (gray: kept dense)"
-    )
-    top.legend()
-    bottom.bar(range(len(names)), errors, color=colors)
-    bottom.set_ylabel("relative error ‖W−Ŵ‖/‖W‖")
-    bottom.set_xticks(range(len(names)))
-    bottom.set_xticklabels(names, rotation=90, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def write_report(out: Path, report: dict[str, Any], plan: CompressionPlan) -> None:
-    acc, size, lat = report["accuracy"], report["size"], report["latency"]
-    ft = report["finetune"]
-    lines = [
-        f"# gkpd main job: ResNet-32 on Fashion-MNIST, compressed {plan.target_ratio:g}x with GKPD",
-        "",
-        f"Teacher `{report['teacher']}`; {plan.method}, {plan.strategy} strategy; fine-tuned "
-        f"with distillation (alpha 0.9, T 4) for {ft['epochs']} epochs of "
-        f"{ft['train_subset']:,} randomly drawn training images each (of {TRAIN_SIZE:,}), "
-        f"lr {ft['lr']}, batch {ft['batch_size']}.",
-        "",
-        "| | dense | compressed, before fine-tuning | compressed, fine-tuned |",
-        "|---|---:|---:|---:|",
-        f"| test accuracy (%) | {acc['dense']:.2f} | {acc['before_finetune']:.2f} | "
-        f"{acc['after_finetune']:.2f} |",
-        f"| parameters | {size['dense_params']:,} | {size['params']:,} | {size['params']:,} |",
-        f"| MACs per image | {size['dense_macs']:,} | {size['macs']:,} | {size['macs']:,} |",
-        "",
-        f"Parameters {size['param_ratio']:.2f}x fewer, MACs {size['mac_ratio']:.2f}x fewer; "
-        f"{size['compressed_layers']} of {size['layers']} conv/linear layers compressed"
-        + (
-            "; kept dense: "
-            + "; ".join(f"`{e.name}` ({e.reason})" for e in plan.layers if not e.compressed)
-            if size["compressed_layers"] < size["layers"]
-            else ""
-        )
-        + ".",
-        f"Accuracy gap to the teacher after fine-tuning: {acc['gap']:+.2f} points.",
-        "",
-        f"## CPU latency (median, {lat['threads']} threads, {report['machine']['cpu']})",
-        "",
-        "| batch | dense (ms) | compressed (ms) | speed-up |",
-        "|---:|---:|---:|---:|",
-    ]
-    for batch in (1, 64):
-        e = lat[f"batch_{batch}"]
-        lines.append(
-            f"| {batch} | {e['dense']:.2f} | {e['compressed']:.2f} | {e['speedup']:.2f}x |"
-        )
-    lines += [
-        "",
-        "Latency was measured in one run, dense and compressed alternating; on a shared "
-        "machine the numbers are noisy.",
-        "",
-        "## Per layer",
-        "",
-        "![per-layer compression and error](layers.png)" if report["plot"] else "(no plot)",
-        "",
-        "```",
-        plan.table(),
-        "```",
-        "",
-        "## Fine-tuning",
-        "",
-        "| epoch | train loss | train acc (%) | test acc (%) | seconds |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for h in ft["history"]:
-        lines.append(
-            f"| {h['epoch']} | {h['train_loss']:.4f} | {h['train_accuracy']:.2f} | "
-            f"{h['eval_accuracy']:.2f} | {h['seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Whole job: {report['wall_minutes']:.1f} minutes (set-up included: "
-        f"{report['setup_included']}).",
-        "",
-        "## A longer, better run",
-        "",
-        "This short budget stops well before the fine-tuned model converges. The full run "
-        "(all 60,000 images per epoch; the paper's recipe uses many more epochs):",
-        "",
-        "```",
-        report["longer_run"],
-        "```",
-        "",
-        "or the same through the main job:",
-        "",
-        "```",
-        report["longer_run_main_job"],
-        "```",
-        "",
-        f"Commands of this run: `{report['commands']['compress']}`, then "
-        f"`{report['commands']['finetune']}`.",
-        "",
-    ]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     dense_eval = train.evaluate(teacher, loader, device="cpu", progress=not args.no_progress)
     say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
 
+    strategy = ["--strategy", args.strategy] if args.strategy else []
     compress_argv = [
         "compress",
         args.teacher,
         "--ratio",
         f"{args.ratio:g}",
-        "--strategy",
-        args.strategy,
+        *strategy,
         "--out",
         str(compressed_dir),
         "--force",
@@ -335,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     per_train, per_test = calibrate(
         student, teacher, args.data_dir, args.batch_size, card["input_size"]
     )
-    subset = choose_subset(args, per_train, per_test, started_at)
+    subset, budget = first_draw(args, per_train, per_test, started_at)
+    if budget is not None:
+        warn_if_short(budget)
     estimate = args.epochs * (subset * per_train + TEST_SIZE * per_test) / 60
     say(
         f"fine-tuning: {per_train * 1000:.1f} ms per training image, so {args.epochs} epochs "
-        f"of {subset:,} images (about {estimate:.1f} min)"
+        f"of {subset:,} images (about {estimate:.1f} min"
+        + (", re-checked after every epoch)" if budget else ")")
     )
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
     finetune_argv = [
@@ -366,21 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         *progress,
     ]
     finetune_command = command(finetune_argv)
-    train_loader = finetune_loader(
-        DATASET, args.data_dir, batch_size=args.batch_size, train_subset=subset
-    )
-    history = finetune(
-        student,
-        teacher,
-        train_loader,
-        epochs=args.epochs,
-        eval_loader=loader,
-        checkpoint_dir=finetuned_dir,
-        resume=False,
-        device="cpu",
-        progress=not args.no_progress,
-        lr=args.lr,
-    )
+    history, images = fine_tune(args, student, teacher, loader, finetuned_dir, subset, budget)
     finetuned = student.cpu()
     after = history[-1]["eval_accuracy"]
     ft_card = finetuned_card(
@@ -396,12 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             "weight_decay": FINETUNE_DEFAULTS["weight_decay"],
             "batch_size": args.batch_size,
             "train_subset": subset,
+            "images_per_epoch": images,
             "seed": 0,
             "history": history,
         },
         command=finetune_command,
     )
     save(finetuned_dir, finetuned, plan, card=ft_card)
+    dense_bytes = len(safetensors.torch.save(
+        {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
+    ))  # what gkpd train (and the shipped model) write: the same safetensors format
     print(
         f"fine-tuned {compressed_dir} for {len(history)} epochs with distillation from "
         f"{args.teacher}: test accuracy {after:.2f}%; written to {finetuned_dir}"
@@ -412,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     dense_summary = summary(teacher, example_input(card))
     compressed_summary = summary(finetuned, example_input(card))
     plotted = plot_layers(plan, out / "layers.png")
+    if not plotted:
+        say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
 
     longer_epochs = 30
     report: dict[str, Any] = {
@@ -434,11 +370,17 @@ def main(argv: list[str] | None = None) -> int:
             "compressed_layers": len(plan.compressed_layers),
             "layers": len(plan.layers),
             "plan_ratio": plan.achieved_ratio,
+            "dense_bytes": dense_bytes,
+            "bytes": (finetuned_dir / WEIGHTS_FILE).stat().st_size,
         },
         "latency": lat,
         "finetune": {
             "epochs": args.epochs,
             "train_subset": subset,
+            "images_per_epoch": images,
+            "train_images": TRAIN_SIZE,
+            "budget_minutes": args.budget_minutes if budget else None,
+            "slowdown": budget.slowdown if budget else None,
             "batch_size": args.batch_size,
             "lr": args.lr,
             "seconds_per_train_image": per_train,
@@ -482,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "setup_included": args.started_at is not None,
     }
+    report["size"]["bytes_ratio"] = report["size"]["dense_bytes"] / report["size"]["bytes"]
     report["wall_minutes"] = (time.time() - started_at) / 60
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out / "report.json", report, indent=2)
     write_report(out, report, plan)
     say(
         f"accuracy dense {dense_eval['accuracy']:.2f}% -> compressed {before['accuracy']:.2f}% "

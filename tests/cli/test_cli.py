@@ -5,63 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from testkit.fake_data import write_fake_fashion_mnist
+from testkit.cli import run, run_json
 
 from gkpd import io, models
 from gkpd.cli import main
 from gkpd.plan.schema import CompressionPlan
 from gkpd.resolve import resolve_model
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A fake data set and a resnet20 trained on it for one epoch (the teacher)."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("cli")
-    data = write_fake_fashion_mnist(root / "data")
-    teacher = root / "teacher"
-    code = main(
-        [
-            "train",
-            "resnet20",
-            "--data",
-            "fashion-mnist",
-            "--data-dir",
-            str(data),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--out",
-            str(teacher),
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert code == 0
-    return root, data, teacher
-
-
-@pytest.fixture(scope="module")
-def compressed(workspace):
-    root, _, teacher = workspace
-    out = root / "compressed"
-    assert main(["compress", str(teacher), "--ratio", "2", "--out", str(out), "--json"]) == 0
-    return out
 
 
 @pytest.mark.parametrize("command", ["compress", "finetune", "summary"])
@@ -352,8 +301,15 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["accuracy"]) >= {"dense", "before_finetune", "after_finetune"}
     assert report["size"]["param_ratio"] == pytest.approx(2, rel=0.03)
+    size = report["size"]
+    assert size["bytes"] == (out / "finetuned" / "model.safetensors").stat().st_size
+    assert size["dense_bytes"] == (teacher / "model.safetensors").stat().st_size
+    assert size["bytes_ratio"] == pytest.approx(size["dense_bytes"] / size["bytes"])
+    assert 1.5 < size["bytes_ratio"] < 2.5  # about the parameter ratio: 4 bytes a parameter
+    assert report["finetune"]["images_per_epoch"] == [32]
     assert report["latency"]["batch_64"]["dense"] > 0
     assert "gkpd finetune" in report["longer_run"]
     text = (out / "report.md").read_text()
     assert "A longer, better run" in text and "| 64 |" in text
+    assert f"| weights file (bytes) | {size['dense_bytes']:,} | {size['bytes']:,} |" in text
     assert io.is_saved_model(out / "finetuned")

@@ -1,5 +1,7 @@
 """The parser itself: -v/--verbose on either side of the subcommand, defaults in --help."""
 
+import argparse
+
 import pytest
 
 from gkpd.cli import build_parser
@@ -11,6 +13,8 @@ from gkpd.cli import build_parser
         (["summary", "m"], False),
         (["-v", "summary", "m"], True),
         (["summary", "m", "-v"], True),
+        (["compress", "m", "--ratio", "5", "--out", "o", "-v"], True),
+        (["compress", "-v", "m", "--ratio", "5", "--out", "o"], True),
         (["summary", "--verbose", "m"], True),
         (["bench", "speed", "m", "--out", "o", "-v"], True),
     ],
@@ -41,3 +45,27 @@ def test_compress_takes_the_options_an_unreachable_ratio_suggests():
     assert options["min_params"] == 0 and options["allow_more_macs"] is True
     with pytest.raises(SystemExit):
         build_parser().parse_args([*argv, "--min-params", "-1"])
+
+
+def _parsers(parser, path=("gkpd",)):
+    """``(command path, parser)`` of ``parser`` and of every subcommand below it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_option_with_a_default_shows_it():
+    # `is`, not `in`/`==`: a default of 0 (--seed, --workers) equals False and is shown too
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or any(
+                action.default is v for v in (None, False, argparse.SUPPRESS)
+            ):
+                continue
+            line = " ".join(parser._get_formatter()._format_action(action).split())
+            if "default" not in line:
+                missing.append(f"{' '.join(path)} {action.option_strings[-1]}")
+    assert not missing, missing

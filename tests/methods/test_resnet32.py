@@ -46,6 +46,13 @@ def test_every_method_reaches_the_ratio_and_round_trips(resnet32, name, ratio, t
 
 def test_uniform_strategy_says_when_rank_steps_are_too_coarse(resnet32):
     with pytest.raises(UnreachableRatio, match="cannot be met within 5%"):
-        gkpd.plan(resnet32, EXAMPLE, ratio=10.0, method="svd", tolerance=0.05)
+        gkpd.plan(resnet32, EXAMPLE, ratio=10.0, method="svd", strategy="uniform",
+                  tolerance=0.05)
     with pytest.raises(UnreachableRatio, match="largest reachable whole-model ratio"):
         gkpd.plan(resnet32, EXAMPLE, ratio=200.0, method="tensor_ring", strategy="global")
+
+
+@pytest.mark.parametrize("ratio", [5.0, 10.0])
+def test_svd_reaches_the_ratio_with_default_arguments(resnet32, ratio):
+    plan = gkpd.plan(resnet32, EXAMPLE, ratio=ratio, method="svd")
+    assert abs(plan.achieved_ratio / ratio - 1) <= 0.03

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gkpd.models import create, list_models
+from gkpd.models import canonical_name, create, list_models
 from gkpd.models.i3d import i3d_from_resnet50, inflate_from_2d
 
 IMAGE = (3, 32, 32)
@@ -129,6 +129,43 @@ def test_bad_options_are_named(name, kwargs, argument):
 def test_unknown_name_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match="resnet51"):
         create("resnet51")
+
+
+@pytest.mark.parametrize(
+    "alias, name",
+    [
+        ("mobilenet_v2", "mobilenetv2"),  # torchvision
+        ("mobilenetv2_100", "mobilenetv2"),  # timm
+        ("MobileNet-V2", "mobilenetv2"),
+        ("seresnet50", "se_resnet50"),  # timm
+        ("i3d-resnet50", "i3d_resnet50"),
+        ("ResNet18", "resnet18"),
+    ],
+)
+def test_torchvision_and_timm_names_build_the_zoo_model(alias, name):
+    assert canonical_name(alias) == name
+    assert alias not in list_models() or alias == name
+    torch.manual_seed(0)
+    built = create(alias, num_classes=7)
+    torch.manual_seed(0)
+    expected = create(name, num_classes=7)
+    assert type(built) is type(expected)
+    state, reference = built.state_dict(), expected.state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def test_a_wrong_name_suggests_close_ones():
+    with pytest.raises(ValueError, match=r"did you mean mobilenetv2\?") as info:
+        canonical_name("mobilenet_v3")
+    assert "known: i3d_resnet50, mobilenetv2, resnet110" in str(info.value)
+    with pytest.raises(ValueError, match=r"did you mean se_resnet50, "):
+        create("se_resnet51")
+    with pytest.raises(ValueError) as info:
+        create("vgg16")
+    assert "did you mean" not in str(info.value)
+    with pytest.raises(TypeError, match="must be a str"):
+        create(None)
 
 
 def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:

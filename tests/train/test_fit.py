@@ -12,8 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gkpd.train import distillation_loss, evaluate, fit
+from gkpd.train import ResumeMismatch, distillation_loss, evaluate, fit
 from gkpd.train.checkpoint import check_state_dict_matches, load_state, save_state
+from gkpd.train.finetune import EpochDraw
+from gkpd.train.loop import fit_with
+from gkpd.train.options import FitConfig, FitRun
 
 SCRIPT = Path(__file__).with_name("fit_script.py")
 
@@ -240,3 +243,55 @@ def test_fit_refuses_an_output_without_class_scores():
 
     with pytest.raises(TypeError, match="'logits' tensor; got dict"):
         evaluate(Features(), loader)
+
+
+def _blobs_loader(batch_size=8, samples=None):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    sampler = torch.utils.data.RandomSampler(data, num_samples=samples)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True)
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path):
+    model = nn.Linear(4, 2)
+    fit(model, _blobs_loader(), epochs=2, checkpoint_dir=tmp_path, progress=False,
+        device="cpu", lr=0.05)
+    state = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ResumeMismatch, match=r"lr: 0\.05 recorded, 0\.1 given") as info:
+        fit(model, _blobs_loader(samples=32), epochs=2, checkpoint_dir=tmp_path, resume=True,
+            progress=False, device="cpu", lr=0.1)
+    assert info.value.changes == {"lr": (0.05, 0.1), "samples_per_epoch": (64, 32)}
+    with pytest.raises(ResumeMismatch) as info:
+        fit(model, _blobs_loader(batch_size=16), epochs=3, checkpoint_dir=tmp_path,
+            resume=True, teacher=nn.Linear(4, 2), progress=False, device="cpu", lr=0.05)
+    assert info.value.changes == {
+        "epochs": (2, 3), "batch_size": (8, 16), "distillation": (False, True)
+    }
+    assert (tmp_path / "checkpoint.pt").read_bytes() == state  # refused before any change
+    # the same settings resume (here: a finished run, nothing left to do)
+    history = fit(model, _blobs_loader(), epochs=2, checkpoint_dir=tmp_path, resume=True,
+                  progress=False, device="cpu", lr=0.05)
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_after_epoch_may_resize_the_next_draw_and_the_schedule_follows():
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    loader = DataLoader(data, batch_size=8, sampler=EpochDraw(data, 64))  # 8 steps, then 4, then 2
+    steps = []
+    model = nn.Linear(4, 2)
+    model.register_forward_hook(lambda *_: steps.append(1))
+    config = FitConfig(epochs=3, lr=0.1)
+
+    def halve(record):
+        loader.sampler.samples //= 2
+
+    history = fit_with(model, loader, config,
+                       FitRun(progress=False, device="cpu", after_epoch=halve))
+    assert len(steps) == 8 + 4 + 2
+    # each epoch's last learning rate is the cosine schedule's at that fraction of training
+    for record, per_epoch in zip(history, (8, 4, 2), strict=True):
+        last = record["epoch"] * per_epoch - 1
+        assert record["lr"] == pytest.approx(config.lr_at(last, 3 * per_epoch, per_epoch))
+        assert record["lr"] == pytest.approx(
+            0.1 * 0.5 * (1 + math.cos(math.pi * (record["epoch"] - 1 / per_epoch) / 3))
+        )

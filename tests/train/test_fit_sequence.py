@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import gkpd
-from gkpd.train import evaluate, fit, hidden_state_loss
+from gkpd.train import ResumeMismatch, evaluate, fit, hidden_state_loss
 from gkpd.train.checkpoint import load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +114,7 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(tmp_path):
     for name, value in unbroken.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert [h["train_loss"] for h in history] == [h["train_loss"] for h in resumed_history]
-    with pytest.raises(ValueError, match="optimizer 'adamw'"):
+    with pytest.raises(ResumeMismatch, match="optimizer: 'adamw' recorded, 'sgd' given"):
         _distil(student(seed=1), teacher, data(), checkpoint_dir=broken, resume=True,
                 optimizer="sgd")
 

@@ -36,11 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as error:
-        print(f"gkpd {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except CliError as error:
+        return _fail(args, error, error.status)
+    # ImportError: an optional dependency is missing; the library's message names the extra
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        return _fail(args, error, 2)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
     finally:
         _leave_process_group()
+
+
+def _fail(args: argparse.Namespace, error: Exception | str, status: int) -> int:
+    print(f"gkpd {args.command}: error: {error}", file=sys.stderr)
+    return status
 
 
 def _leave_process_group() -> None:

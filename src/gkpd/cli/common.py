@@ -10,6 +10,8 @@ import logging
 import math
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,56 @@ MODEL_HELP = (
 
 
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+    """A user-facing error: printed as one line, exit status :attr:`status`."""
+
+    status = 2
+
+
+class Interrupted(CliError):
+    """Ctrl-C: one line, exit status 130 (128 + SIGINT, as shells report it)."""
+
+    status = 130
+
+
+# the command-line flag of a setting that gkpd.train.ResumeMismatch names, where it is not
+# the setting's name with dashes
+_SETTING_FLAGS = {"samples_per_epoch": "--train-subset", "distillation": "--no-distill"}
+
+
+@contextmanager
+def resumable(out: Path, *, resume: bool) -> Iterator[None]:
+    """Around a run that checkpoints in ``out``: Ctrl-C becomes :class:`Interrupted`, saying
+    which checkpoint is kept and the command that continues from it; ``--resume`` with other
+    settings than the checkpoint's becomes a :class:`CliError` naming their flags."""
+    from gkpd.train.checkpoint import ResumeMismatch, load_state
+    from gkpd.train.loop import CHECKPOINT_NAME
+
+    path = out / CHECKPOINT_NAME
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    try:
+        yield
+    except ResumeMismatch as error:
+        changes = "; ".join(
+            f"{_SETTING_FLAGS.get(name, '--' + name.replace('_', '-'))} ({name}): "
+            f"{recorded!r} recorded, {given!r} given"
+            for name, (recorded, given) in error.changes.items()
+        )
+        raise CliError(
+            f"--resume: the run in {out} was started with other settings ({changes}); "
+            "rerun with the recorded values, or start over in another --out"
+        ) from None
+    except KeyboardInterrupt:
+        # a checkpoint this run neither wrote nor resumes is another run's (--force)
+        if not path.is_file() or (not resume and path.stat().st_mtime_ns == before):
+            raise Interrupted(
+                f"interrupted before the first epoch ended; nothing to resume in {out}"
+            ) from None
+        epoch = load_state(path)["epoch"]
+        again = command_line() + ("" if "--resume" in sys.argv[1:] else " --resume")
+        raise Interrupted(
+            f"interrupted; the checkpoint of epoch {epoch} is kept in {path}; continue with: "
+            f"{again}"
+        ) from None
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
@@ -55,18 +106,23 @@ def slack(text: str) -> float:
     return value
 
 
+def _has_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` has a default to show: not None, a flag's False or SUPPRESS (``is``,
+    not ``in``: a default of 0 equals False and must still be shown)."""
+    return not any(action.default is value for value in (None, False, argparse.SUPPRESS))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, where its help does not already name one."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if not _has_default(action) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
     def _format_action(self, action: argparse.Action) -> str:
-        if action.help is None and action.option_strings and action.default not in (
-            None, False, argparse.SUPPRESS
-        ):  # an option without help still shows its default
+        if action.help is None and action.option_strings and _has_default(action):
+            # an option without help still shows its default
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
@@ -135,19 +191,33 @@ def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool = False
         )
 
 
+def training_run(args: argparse.Namespace, out: Path, eval_loader) -> dict[str, Any]:
+    """The keywords of :func:`gkpd.train.fit` (and ``finetune``) that the flags ``gkpd
+    train`` and ``gkpd finetune`` share set: epochs, evaluation, checkpoints in ``out`` and
+    resuming, device, progress bars, learning rate, weight decay and seed."""
+    return {
+        "epochs": args.epochs,
+        "eval_loader": eval_loader,
+        "checkpoint_dir": out,
+        "resume": args.resume,
+        "device": args.device,
+        "progress": not args.no_progress,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+
+
 def fine_tuning_loaders(args: argparse.Namespace, card: dict[str, Any], doing: str):
     """``(train_loader, test_loader)`` of ``--data`` for fine-tuning the model of ``card``,
-    warning when it was trained on another data set or normalization (``doing``: what the
-    command does on the data, for the warning)."""
+    after :func:`check_data` (``doing``: what the command does on the data, for its
+    warning)."""
     from torch.utils.data import DataLoader
 
     from gkpd import data
     from gkpd.train.finetune import finetune_loader
 
-    info = data.get_info(args.data)
-    if card.get("dataset") not in (None, args.data):
-        log.warning("model was trained on %s, %s on %s", card["dataset"], doing, args.data)
-    warn_normalization(card, args.data, info)
+    check_data(card, args.data, doing)
     train_loader = finetune_loader(
         args.data,
         args.data_dir,
@@ -159,8 +229,25 @@ def fine_tuning_loaders(args: argparse.Namespace, card: dict[str, Any], doing: s
     return train_loader, DataLoader(test, batch_size=512, num_workers=args.workers)
 
 
-def warn_normalization(card: dict[str, Any], data: str, info) -> None:
-    """Warn when the model's card records a normalization other than that of ``data``."""
+def check_data(card: dict[str, Any], data: str, doing: str) -> None:
+    """Refuse the data set ``data`` when its images have another number of channels than
+    the model of ``card`` takes; warn when the model was trained on another data set or
+    normalization (``doing``: what the command does on the data, e.g. "evaluating")."""
+    from gkpd.data import get_info
+
+    info = get_info(data)
+    size = card.get("input_size")
+    channels = size[0] if isinstance(size, list) and size else (
+        card.get("model_kwargs") or {}
+    ).get("in_channels")
+    if channels is not None and channels != info.in_channels:
+        trained_on = f"; it was trained on {card['dataset']}" if card.get("dataset") else ""
+        raise CliError(
+            f"the model takes {channels}-channel inputs, but --data {data} has "
+            f"{info.in_channels}-channel images{trained_on}"
+        )
+    if card.get("dataset") not in (None, data):
+        log.warning("model was trained on %s, %s on %s", card["dataset"], doing, data)
     norm = card.get("normalization")
     if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
         log.warning("model was trained with normalization %s; %s uses %s", norm, data, info)

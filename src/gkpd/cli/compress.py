@@ -9,6 +9,7 @@ from typing import Any
 from gkpd.cli.common import (
     MODEL_HELP,
     CliError,
+    check_data,
     check_out,
     command_line,
     emit,
@@ -77,6 +78,7 @@ def _calibration(args: argparse.Namespace, card: dict[str, Any]):
         raise CliError("--calibration needs --data: MODEL's card names no data set")
     if args.method != "gkpd":
         raise CliError(f"--calibration is used by --method gkpd only, got {args.method}")
+    check_data(card, name, "calibrating")
     images = data.sample_inputs(name, args.calibration, args.data_dir)
     return Calibration(images, samples=args.calibration, select=args.calibration_select,
                        sequential=args.calibration_sequential)
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.calibration_select or args.calibration_sequential or args.data:
         raise CliError("--data, --calibration-select and --calibration-sequential need "
                        "--calibration N")
-    log.info("planning %s at %gx (%s, %s)", args.model, args.ratio, args.method, args.strategy)
+    log.info("planning %s at %gx (%s, strategy %s)", args.model, args.ratio, args.method,
+             args.strategy or "uniform, else global")
     compressed, plan = compress(model, x, **options)
     source = model_dir(args.model)
     new_card = compressed_card(
@@ -130,9 +133,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy",
         choices=["uniform", "global"],
-        default="uniform",
+        default=None,
         help="uniform: every layer at the same ratio (the paper); global: "
-        "minimize the summed relative squared error",
+        "minimize the summed relative squared error (default: uniform, or global where "
+        "uniform's rank steps miss the ratio)",
     )
     p.add_argument(
         "--include",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gkpd.cli.common import common_args, data_args, emit, log, positive_int
+from gkpd.cli.common import check_data, common_args, data_args, emit, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,16 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.resolve import resolve_model
 
     model, card = resolve_model(args.model)
-    info = data.get_info(args.data)
-    norm = card.get("normalization")
-    if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
-        log.warning(
-            "model was trained with normalization %s; %s uses mean %s std %s",
-            norm,
-            args.data,
-            info.mean,
-            info.std,
-        )
+    check_data(card, args.data, "evaluating")
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
     loader = DataLoader(test, batch_size=args.batch_size)
     result = train.evaluate(model, loader, device=args.device, progress=not args.no_progress)

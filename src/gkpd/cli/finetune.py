@@ -16,6 +16,8 @@ from gkpd.cli.common import (
     fine_tuning_loaders,
     log,
     positive_int,
+    resumable,
+    training_run,
 )
 
 
@@ -58,22 +60,15 @@ def run(args: argparse.Namespace) -> int:
     plan = CompressionPlan.load(source / PLAN_FILE)
     teacher, teacher_spec = _teacher(args, card)
     train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
-    history = finetune(
-        student,
-        teacher,
-        train_loader,
-        epochs=args.epochs,
-        eval_loader=test_loader,
-        checkpoint_dir=out,
-        resume=args.resume,
-        device=args.device,
-        progress=not args.no_progress,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        alpha=args.alpha,
-        temperature=args.temperature,
-        seed=args.seed,
-    )
+    with resumable(out, resume=args.resume):
+        history = finetune(
+            student,
+            teacher,
+            train_loader,
+            **training_run(args, out, test_loader),
+            alpha=args.alpha,
+            temperature=args.temperature,
+        )
     final = history[-1]
     new_card = finetuned_card(
         card,

@@ -14,6 +14,8 @@ from gkpd.cli.common import (
     data_args,
     emit,
     positive_int,
+    resumable,
+    training_run,
 )
 
 
@@ -33,13 +35,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"--out {out} already holds a run; pass --resume to continue it or pick another"
         )
+    architecture = models.canonical_name(args.model)  # the card records the zoo's name
     model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
-    model = models.create(args.model, **model_kwargs)
+    model = models.create(architecture, **model_kwargs)
     train_loader, test_loader = data.build_loaders(
         args.data, args.data_dir, batch_size=args.batch_size, num_workers=args.workers
     )
     card: dict[str, Any] = {
-        "architecture": args.model,
+        "architecture": architecture,
         "model_kwargs": model_kwargs,
         "dataset": args.data,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
@@ -65,21 +68,14 @@ def run(args: argparse.Namespace) -> int:
     }
     if distributed.is_main_process():
         atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
-    history = train.fit(
-        model,
-        train_loader,
-        epochs=args.epochs,
-        eval_loader=test_loader,
-        checkpoint_dir=out,
-        resume=args.resume,
-        device=args.device,
-        progress=not args.no_progress,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-    )
+    with resumable(out, resume=args.resume):
+        history = train.fit(
+            model,
+            train_loader,
+            **training_run(args, out, test_loader),
+            schedule=args.schedule,
+            label_smoothing=args.label_smoothing,
+        )
     final = history[-1]
     card["test_accuracy"] = final["eval_accuracy"]
     card["created"] = now()
@@ -89,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     emit(
         args,
         result,
-        f"trained {args.model} on {args.data}: test accuracy "
+        f"trained {architecture} on {args.data}: test accuracy "
         f"{final['eval_accuracy']:.2f}% after {len(history)} epochs; written to {out}",
     )
     return 0

@@ -8,9 +8,10 @@ from gkpd.models import (
     se_resnet,  # noqa: F401  (registers its models)
 )
 from gkpd.models.pretrained import load_pretrained, load_trained, pretrained_names, save_trained
-from gkpd.models.registry import create, list_models
+from gkpd.models.registry import canonical_name, create, list_models
 
 __all__ = [
+    "canonical_name",
     "create",
     "list_models",
     "load_pretrained",

@@ -130,7 +130,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-@register("mobilenetv2")
+@register("mobilenetv2", aliases=("mobilenet_v2", "mobilenetv2_100"))  # torchvision, timm
 def mobilenetv2(
     num_classes: int = 1000,
     in_channels: int = 3,

@@ -41,7 +41,7 @@ class SEBottleneck(Bottleneck):
         return self.se(super().residual(x))
 
 
-@register("se_resnet50")
+@register("se_resnet50", aliases=("seresnet50",))  # timm
 def se_resnet50(
     num_classes: int = 1000,
     in_channels: int = 3,

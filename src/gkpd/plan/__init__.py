@@ -9,13 +9,13 @@ use (the dependency stays one-way: planner -> methods -> plan's building blocks)
 
 from typing import Any
 
-from gkpd.plan.budget import UnreachableRatio
+from gkpd.plan.budget import RatioMissed, UnreachableRatio
 from gkpd.plan.objective import LatencyObjective
 from gkpd.plan.schema import PLAN_VERSION, CompressionPlan, LayerPlan
 from gkpd.plan.trace import trace_layers
 
 __all__ = ["PLAN_VERSION", "CompressionPlan", "LatencyObjective", "LayerPlan",
-           "UnreachableRatio", "plan", "trace_layers"]
+           "RatioMissed", "UnreachableRatio", "plan", "trace_layers"]
 
 
 def __getattr__(name: str) -> Any:

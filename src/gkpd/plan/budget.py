@@ -24,6 +24,11 @@ class UnreachableRatio(ValueError):
         self.finding, self.best = finding, best
 
 
+class RatioMissed(UnreachableRatio):
+    """The model can shrink to the ratio, but the strategy's steps land outside the
+    tolerance (another strategy may meet it)."""
+
+
 def unreachable(ratio: float, dense_total: int, smallest: int, why: str) -> UnreachableRatio:
     """The error for a ``ratio`` the model cannot reach: ``smallest`` is the fewest
     parameters it can have, ``why`` says under which constraint."""
@@ -144,7 +149,7 @@ def achieved(picks, layers, dense, fixed) -> int:
 def check_tolerance(total: int, dense_total: int, ratio: float, tolerance: float) -> None:
     got = dense_total / total
     if not math.isclose(got, ratio, rel_tol=tolerance):
-        raise UnreachableRatio(
+        raise RatioMissed(
             f"ratio {ratio:g} cannot be met within {tolerance:.0%}: the nearest plan reaches "
             f"{got:.2f} (rank steps are too coarse for this model; try another ratio)"
         )

@@ -22,7 +22,13 @@ from gkpd.counting import module_params
 from gkpd.layers.attention import with_unpacked_attention
 from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method, layer_methods
 from gkpd.plan import coverage
-from gkpd.plan.budget import STRATEGIES, UnreachableRatio, achieved, check_tolerance
+from gkpd.plan.budget import (
+    STRATEGIES,
+    RatioMissed,
+    UnreachableRatio,
+    achieved,
+    check_tolerance,
+)
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.objective import (
     OBJECTIVES,
@@ -33,7 +39,7 @@ from gkpd.plan.objective import (
 )
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import Pattern, select_layers
-from gkpd.plan.trace import LayerCall, dense_entry, pattern_names, trace, trace_layers
+from gkpd.plan.trace import LayerCall, Trace, dense_entry, pattern_names, trace, trace_layers
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,7 @@ class _Request:
 
     ratio: float
     strategy: str
+    fall_back: bool  # no strategy asked for: "global" where "uniform" misses the ratio
     include: Any
     exclude: Any
     overrides: Mapping[str, Any] | None
@@ -82,7 +89,7 @@ def plan(
     *,
     ratio: float = 5.0,
     method: str = "gkpd",
-    strategy: str = "uniform",
+    strategy: str | None = None,
     include: Pattern | Iterable[Pattern] | None = None,
     exclude: Pattern | Iterable[Pattern] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -101,7 +108,9 @@ def plan(
     or a dict of keyword inputs (``model(**x)``), see :class:`gkpd.inputs.ModelCall`.
 
     ``strategy``: ``"uniform"`` (every compressed layer at the same ratio, the paper's
-    setting) or ``"global"`` (minimize the summed squared relative error). ``include`` /
+    setting) or ``"global"`` (minimize the summed squared relative error); by default
+    uniform, and global where the uniform rank steps miss the ratio (logged at INFO; the
+    plan's ``strategy`` says "global" and ``options["uniform_error"]`` why). ``include`` /
     ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
     ``"skip"`` or a dict of settings the method fixes for that layer (gkpd: ``a_shape``
     and optionally ``rank``; svd, cp, tensor_train, tensor_ring: ``rank``; tucker:
@@ -144,18 +153,36 @@ def plan(
     compressor = get_method(method)
     if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
         return compressor.plan_model(
-            model, example_input, ratio=ratio, strategy=strategy, include=include,
+            model, example_input, ratio=ratio, strategy=request.strategy, include=include,
             exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
         )
     if not isinstance(compressor, LayerMethod):
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
-    request = _with_min_layer_ratio(request)
 
     model = with_unpacked_attention(model)  # a copy where it has attention: plan projections
     traced = trace(model, example_input)
-    calls = traced.layers
-    if not calls:
+    if not traced.layers:
         raise ValueError("the model calls no conv or linear layer on example_input")
+    try:
+        return _plan_layers(compressor, model, traced, request, example_input)
+    except RatioMissed as error:
+        if not request.fall_back:
+            raise
+        # Uniform rank steps can be too coarse for a method (svd, tensor_ring on ResNet-32):
+        # the global allocation reaches the same size with finer steps.
+        log.info("strategy 'uniform': %s; planning with strategy 'global'", error)
+        result = _plan_layers(compressor, model, traced, replace(request, strategy="global"),
+                              example_input)
+        result.options["uniform_error"] = str(error)
+        return result
+
+
+def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, request: _Request,
+                 example_input: Any) -> CompressionPlan:
+    """The plan of a layer method with the request's strategy: collect, allocate, describe,
+    assemble."""
+    calls = traced.layers
+    request = _with_min_layer_ratio(request)
     search = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
     holders = coverage.unplanned_parameters(model, calls, layer_methods())
@@ -164,7 +191,8 @@ def plan(
     except UnreachableRatio as error:
         if error.best is None:
             raise
-        raise UnreachableRatio(coverage.unreachable_message(
+        # the same class: a RatioMissed stays one, so that plan() can fall back to 'global'
+        raise type(error)(coverage.unreachable_message(
             error.finding, error.best, search.entries, {n: c.module for n, c in calls.items()},
             holders, dense_total, compressor.name, layer_methods(),
         ), best=error.best) from None
@@ -180,8 +208,10 @@ def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params
     ``plan`` always made them)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
         raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {sorted(STRATEGIES)} or None, got {strategy!r}"
+        )
     if not isinstance(min_params, int) or min_params < 0:
         raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
     if not 0 < tolerance < 1:
@@ -192,7 +222,8 @@ def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params
                 f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
             )
     return _Request(
-        ratio=ratio, strategy=strategy, include=include, exclude=exclude, overrides=overrides,
+        ratio=ratio, strategy=strategy or "uniform", fall_back=strategy is None,
+        include=include, exclude=exclude, overrides=overrides,
         min_params=min_params, allow_more_macs=allow_more_macs,
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
         objective=resolve_objective(objective, deprecated),

@@ -195,8 +195,11 @@ class CompressionPlan:
                 f"{e.params:,}", f"{e.dense_params:,}", f"{e.macs:,}", f"{e.dense_macs:,}",
                 f"{e.relative_error:.4f}" if e.compressed else "-", e.reason,
             ))
+        strategy = self.strategy + (
+            " (uniform missed the ratio)" if "uniform_error" in self.options else ""
+        )
         footer = (
-            f"{self.model_type} / {self.method} / {self.strategy}: params "
+            f"{self.model_type} / {self.method} / {strategy}: params "
             f"{self.dense_params:,} -> {self.params:,} ({self.achieved_ratio:.2f}x, target "
             f"{self.target_ratio:g}x); MACs {self.dense_macs:,} -> {self.macs:,} "
             f"({self.mac_ratio:.2f}x"

@@ -6,6 +6,7 @@ then :func:`gkpd.train.fit` with distillation from the teacher (when one is give
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,35 @@ def finetune_loader(
             "lower the batch size or raise the train subset"
         )
     # a fresh random draw of `samples` images every epoch (all of them, shuffled, by default)
-    sampler = RandomSampler(train, num_samples=samples)
-    return DataLoader(
-        train, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers
-    )
+    return DataLoader(train, batch_size=batch_size, sampler=EpochDraw(train, samples),
+                      drop_last=True, num_workers=workers)
+
+
+class EpochDraw(RandomSampler):
+    """A fresh random draw of ``samples`` items every epoch: the draws of a ``RandomSampler``
+    of that many. ``samples`` may change between epochs (from
+    :class:`gkpd.train.options.FitRun`'s ``after_epoch``), and ``stop``, called with the
+    number of items drawn so far before each next one, may end the draw, and so the epoch,
+    early: the main job keeps to its time budget with both. ``drawn``: the items the last
+    epoch drew."""
+
+    def __init__(self, data_source, samples: int) -> None:
+        self.samples = samples
+        self.stop: Callable[[int], bool] | None = None
+        self.drawn = 0
+        super().__init__(data_source)
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples
+
+    def __iter__(self) -> Iterator[int]:
+        self.drawn = 0
+        for index in super().__iter__():
+            if self.stop is not None and self.stop(self.drawn):
+                return
+            self.drawn += 1
+            yield index
 
 
 def finetune(
@@ -70,11 +96,13 @@ def finetune(
     alpha: float = FINETUNE_DEFAULTS["alpha"],
     temperature: float = FINETUNE_DEFAULTS["temperature"],
     seed: int = 0,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`gkpd.train.fit` of ``student`` with distillation from ``teacher`` (cross-entropy
-    alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``."""
+    alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``;
+    ``after_epoch`` as in :class:`gkpd.train.options.FitRun`."""
     config = FitConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, alpha=alpha,
                        temperature=temperature, seed=seed)
     run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
-                 resume=resume, device=device, progress=progress)
+                 resume=resume, device=device, progress=progress, after_epoch=after_epoch)
     return fit_with(student, train_loader, config, run)

@@ -34,7 +34,7 @@ from gkpd.train.batches import (
     split_batch,
     to_device,
 )
-from gkpd.train.checkpoint import load_state, save_state
+from gkpd.train.checkpoint import check_settings, load_state, save_state
 from gkpd.train.evaluation import check_metrics, evaluate, scalar
 from gkpd.train.features import FeaturePairs
 from gkpd.train.losses import distillation_loss
@@ -164,7 +164,7 @@ class _Session:
     metrics_path: Path | None
     history: list[dict[str, Any]]
     start_epoch: int
-    steps_per_epoch: int = 0
+    settings: dict[str, Any]  # what the checkpoint records and a resumed run must repeat
     features: FeaturePairs | None = None
 
 
@@ -207,10 +207,11 @@ def _set_up(
         teacher.to(device).eval()
     optimizer = _optimizer(model, config)
 
+    settings = _run_settings(config, train_loader, teacher)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if run.resume and checkpoint_path is not None and checkpoint_path.exists():
-        history, start_epoch = _resume(model, optimizer, checkpoint_path, config)
+        history, start_epoch = _resume(model, optimizer, checkpoint_path, settings)
 
     loader = (
         distributed.distributed_loader(train_loader, config.seed)
@@ -222,9 +223,9 @@ def _set_up(
         model=model, net=net, loader=loader, optimizer=optimizer, device=device,
         config=config, run=run, is_distributed=is_distributed, main=False,
         checkpoint_path=checkpoint_path, metrics_path=metrics_path, history=history,
-        start_epoch=start_epoch, steps_per_epoch=len(loader),
+        start_epoch=start_epoch, settings=settings,
     )
-    if session.steps_per_epoch == 0:
+    if len(loader) == 0:
         raise ValueError("train_loader yields no batches (data set smaller than one batch?)")
     session.main = distributed.is_main_process()
 
@@ -234,19 +235,29 @@ def _set_up(
     return session
 
 
+def _run_settings(
+    config: FitConfig, loader: DataLoader, teacher: nn.Module | None
+) -> dict[str, Any]:
+    """The settings that make a run what it is: the :class:`FitConfig`, the batch size and
+    training samples per epoch, and whether a teacher distils (JSON-like values)."""
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    settings["batch_size"] = loader.batch_size
+    sampler = loader.sampler
+    settings["samples_per_epoch"] = len(sampler) if hasattr(sampler, "__len__") else None
+    settings["distillation"] = teacher is not None
+    return settings
+
+
 def _resume(
     model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_path: Path,
-    config: FitConfig,
+    settings: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], int]:
-    """Load the checkpoint's weights, optimizer and RNG state; its history and epoch."""
+    """Load the checkpoint's weights, optimizer and RNG state; its history and epoch. A
+    checkpoint recorded with other ``settings`` is refused (:class:`ResumeMismatch`): the
+    resumed run would silently be another run."""
     state = load_state(checkpoint_path)
+    check_settings(state, settings, checkpoint_path)
     check_state_dict_matches(model, state["model"], str(checkpoint_path))
-    saved_optimizer = state.get("config", {}).get("optimizer", "sgd")
-    if saved_optimizer != config.optimizer:
-        raise ValueError(
-            f"checkpoint {checkpoint_path} was written with optimizer {saved_optimizer!r}; "
-            f"cannot resume it with optimizer {config.optimizer!r}"
-        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     history = list(state["history"])
@@ -294,7 +305,10 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
     lr, seconds)."""
     config, optimizer = s.config, s.optimizer
     classifier = s.run.loss_fn is None
-    total_steps = config.epochs * s.steps_per_epoch
+    # the loader's length is read every epoch: FitRun.after_epoch may resize the next draw,
+    # and the schedule then follows the fraction of training done
+    steps_per_epoch = len(s.loader)
+    total_steps = config.epochs * steps_per_epoch
     if s.is_distributed:
         s.loader.sampler.set_epoch(epoch)
     s.net.train()
@@ -302,9 +316,9 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
     loss_sum = correct = seen = 0.0
     description = f"epoch {epoch + 1}/{config.epochs}"
     for i, batch in enumerate(progress_bar(s.loader, s.run.progress and s.main, description)):
-        step = epoch * s.steps_per_epoch + i
+        step = epoch * steps_per_epoch + i
         for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step, total_steps, s.steps_per_epoch)
+            group["lr"] = config.lr_at(step, total_steps, steps_per_epoch)
         batch = to_device(batch, s.device)
         inputs, targets = split_batch(batch)
         output = call_model(s.net, inputs)
@@ -322,6 +336,8 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
             correct += (class_scores(output).argmax(1) == targets).sum().item()
         seen += count
     loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
+    if seen == 0:
+        raise ValueError(f"epoch {epoch + 1} trained on no batch: the loader yielded none")
     record = {
         "epoch": epoch + 1,
         "lr": optimizer.param_groups[0]["lr"],
@@ -352,11 +368,10 @@ def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
                 "optimizer": s.optimizer.state_dict(),
                 "rng": _rng_state(),
                 "history": s.history,
-                "config": {
-                    k: (list(v) if isinstance(v, tuple) else v)
-                    for k, v in asdict(s.config).items()
-                },
+                "settings": s.settings,
             },
         )
         atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
     distributed.barrier()
+    if s.run.after_epoch is not None:
+        s.run.after_epoch(record)

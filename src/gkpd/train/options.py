@@ -5,9 +5,10 @@ recorded in every checkpoint) and where it reads and writes, with the code it ca
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,10 +87,14 @@ class FitConfig:
 class FitRun:
     """The parts of :func:`gkpd.train.fit` that are not settings of the optimisation: the
     teacher, the evaluation data, the checkpoint directory and whether to resume from it,
-    the device, whether to show progress bars, and the code that scores a batch:
+    the device, whether to show progress bars, the code that scores a batch:
     ``loss_fn`` (:data:`gkpd.train.objectives.LossFn`, in place of the classification loss)
     and ``metrics`` (name -> a function of the same signature, averaged over
-    ``eval_loader``). Code is not state: checkpoints do not hold it."""
+    ``eval_loader``), and ``after_epoch``: called with each epoch's record once it is
+    evaluated and checkpointed, on every rank. It may resize the training loader's draw for
+    the next epoch (the learning-rate schedule follows the fraction of training done); the
+    main job does that to keep to its time budget. Code is not state: checkpoints do not
+    hold it."""
 
     teacher: nn.Module | None = None
     eval_loader: DataLoader | None = None
@@ -99,3 +104,4 @@ class FitRun:
     progress: bool = True
     loss_fn: LossFn | None = None
     metrics: Mapping[str, LossFn] | None = None
+    after_epoch: Callable[[dict[str, Any]], None] | None = None

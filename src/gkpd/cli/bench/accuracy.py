@@ -10,6 +10,7 @@ from pathlib import Path
 from gkpd.cli.bench import types
 from gkpd.cli.common import (
     CliError,
+    Interrupted,
     common_args,
     data_args,
     emit,
@@ -63,27 +64,33 @@ def run(args: argparse.Namespace) -> int:
     if any("calibration" in VARIANTS.get(m, ("", {}))[1] for m in args.methods):
         calibration = data.sample_inputs(args.data, args.calibration, args.data_dir)
     source = Path(args.model)
-    for seed in seeds:
-        out = Path(args.out) if args.seeds is None else seed_dir(args.out, seed)
-        results = run_accuracy(
-            teacher,
-            example_input(card),
-            train_loader=train_loader,
-            test_loader=test_loader,
-            config=dataclasses.replace(config, seed=seed),
-            out=out,
-            card=card,
-            context={
-                "model": str(source.resolve()) if source.exists() else args.model,
-                "data": args.data,
-            },
-            reference=args.reference,
-            reference_source=args.reference_source,
-            plot=not args.no_plot and args.seeds is None,
-            device=args.device,
-            progress=not args.no_progress,
-            calibration=calibration,
-        )
+    try:
+        for seed in seeds:
+            out = Path(args.out) if args.seeds is None else seed_dir(args.out, seed)
+            results = run_accuracy(
+                teacher,
+                example_input(card),
+                train_loader=train_loader,
+                test_loader=test_loader,
+                config=dataclasses.replace(config, seed=seed),
+                out=out,
+                card=card,
+                context={
+                    "model": str(source.resolve()) if source.exists() else args.model,
+                    "data": args.data,
+                },
+                reference=args.reference,
+                reference_source=args.reference_source,
+                plot=not args.no_plot and args.seeds is None,
+                device=args.device,
+                progress=not args.no_progress,
+                calibration=calibration,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "interrupted; finished cells are kept and an unfinished one resumes from its "
+            "last epoch's checkpoint: run the same command again"
+        ) from None
     if args.seeds is not None:
         results = write_campaign(args.out, train_size=len(train_loader.dataset),
                                  plot=not args.no_plot)

@@ -23,7 +23,7 @@ def _model(args: argparse.Namespace):
         model, card = resolve_model(args.model)
         if card.get("compression"):
             raise CliError(f"MODEL {args.model} is already compressed; give the dense model")
-    elif args.model in models.list_models():
+    elif _architecture(args.model):
         if args.input_size is None:
             raise CliError(
                 f"MODEL {args.model} is an architecture without shipped weights: give its "
@@ -41,6 +41,17 @@ def _model(args: argparse.Namespace):
     if args.input_size is not None:
         card = {**card, "input_size": args.input_size}
     return model.eval(), card
+
+
+def _architecture(name: str) -> bool:
+    """Whether ``name`` names a ``gkpd.models`` architecture (or an alias of one)."""
+    from gkpd import models
+
+    try:
+        models.canonical_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def run(args: argparse.Namespace) -> int:

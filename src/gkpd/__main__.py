@@ -1,0 +1,7 @@
+"""``python -m gkpd``: the ``gkpd`` command (as ``python -m gkpd.cli``)."""
+
+import sys
+
+from gkpd.cli import main
+
+sys.exit(main())

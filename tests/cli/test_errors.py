@@ -1,0 +1,124 @@
+"""The CLI's one-line errors where a new user would otherwise meet a traceback: a missing
+optional dependency, Ctrl-C during fine-tuning, --resume with other settings, and a model
+given data with another number of channels."""
+
+import sys
+
+import torch
+from testkit.cli import run, run_json
+
+from gkpd import models
+from gkpd.train import loop
+from gkpd.train.checkpoint import load_state
+
+
+def _finetune_args(compressed, data, out, *extra):
+    return ["finetune", compressed, "--data", "fashion-mnist", "--data-dir", data,
+            "--batch-size", "16", "--train-subset", "32", "--out", out, "--no-progress",
+            "--device", "cpu", *extra]
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_method_without_tensorly_names_the_extra(capsys, monkeypatch, workspace, tmp_path):
+    _, _, teacher = workspace
+    monkeypatch.setitem(sys.modules, "tensorly", None)  # `import tensorly` now fails
+    code, _, err = run(capsys, "compress", teacher, "--ratio", "2", "--method", "tucker",
+                       "--out", tmp_path / "out")
+    assert code == 2
+    assert "pip install 'gkpd[baselines]'" in _one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_export_without_onnx_names_the_extra(capsys, monkeypatch, compressed, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code, _, err = run(capsys, "export", compressed, "--onnx", tmp_path / "m.onnx")
+    assert code == 2
+    assert "pip install 'gkpd[export]'" in _one_error_line(err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _interrupt_at(monkeypatch, epoch_index: int) -> None:
+    """Ctrl-C as epoch ``epoch_index`` (0-based) starts."""
+    train_epoch = loop._train_epoch
+
+    def interrupted(session, epoch):
+        if epoch == epoch_index:
+            raise KeyboardInterrupt
+        return train_epoch(session, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", interrupted)
+
+
+def test_ctrl_c_during_finetune_keeps_the_checkpoint_and_says_how_to_resume(
+    capsys, monkeypatch, workspace, compressed, tmp_path
+):
+    _, data, _ = workspace
+    out = tmp_path / "ft"
+    args = _finetune_args(compressed, data, out, "--epochs", "2")
+    monkeypatch.setattr(sys, "argv", ["gkpd", *map(str, args)])
+    _interrupt_at(monkeypatch, 1)
+    code, _, err = run(capsys, *args)
+    line = _one_error_line(err)
+    assert code == 130
+    assert f"checkpoint of epoch 1 is kept in {out / 'checkpoint.pt'}" in line
+    assert line.endswith(" --epochs 2 --resume")
+    assert load_state(out / "checkpoint.pt")["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+    monkeypatch.undo()
+    result = run_json(capsys, *args, "--resume")
+    assert result["epochs"] == 2
+
+
+def test_ctrl_c_in_the_first_epoch_has_nothing_to_resume(
+    capsys, monkeypatch, workspace, compressed, tmp_path
+):
+    _, data, _ = workspace
+    _interrupt_at(monkeypatch, 0)
+    code, _, err = run(capsys, *_finetune_args(compressed, data, tmp_path / "ft", "--epochs", "1"))
+    assert code == 130 and "nothing to resume" in _one_error_line(err)
+
+
+def test_resume_refuses_changed_settings_and_names_them(capsys, workspace, compressed, tmp_path):
+    _, data, _ = workspace
+    out = tmp_path / "ft"
+    run_json(capsys, *_finetune_args(compressed, data, out, "--epochs", "1"))
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    args = _finetune_args(compressed, data, out, "--epochs", "1", "--resume", "--lr", "0.02")
+    args[args.index("--train-subset") + 1] = "48"
+    code, _, err = run(capsys, *args)
+    line = _one_error_line(err)
+    assert code == 2
+    assert "--lr (lr): 0.01 recorded, 0.02 given" in line
+    assert "--train-subset (samples_per_epoch): 32 recorded, 48 given" in line
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_data_with_other_channels_than_the_model_is_refused(capsys, workspace, compressed,
+                                                            tmp_path):
+    _, data, teacher = workspace
+    code, _, err = run(capsys, "eval", teacher, "--data", "cifar10", "--no-progress")
+    assert code == 2
+    assert "the model takes 1-channel inputs, but --data cifar10 has 3-channel images" in (
+        _one_error_line(err)
+    )
+    args = _finetune_args(compressed, data, tmp_path / "ft", "--epochs", "1")
+    args[args.index("fashion-mnist")] = "cifar10"
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "3-channel images" in _one_error_line(err)
+    assert not (tmp_path / "ft").exists()
+    # and the other way: a 3-channel model on 1-channel data
+    rgb = tmp_path / "rgb"
+    card = {"architecture": "resnet20", "model_kwargs": {"num_classes": 10, "in_channels": 3},
+            "dataset": "cifar10", "input_size": [3, 32, 32]}
+    torch.manual_seed(0)
+    models.save_trained(rgb, models.create("resnet20", **card["model_kwargs"]), card)
+    code, _, err = run(capsys, "eval", rgb, "--data", "fashion-mnist", "--data-dir", data)
+    assert code == 2
+    assert "takes 3-channel inputs, but --data fashion-mnist has 1-channel images; it was " \
+           "trained on cifar10" in _one_error_line(err)

@@ -1,0 +1,137 @@
+"""The main job's fine-tuning budget (scripts/main_job_budget.py), on a simulated clock and
+wired into the real fine-tuning loop on a tiny model; the whole job runs end to end in
+tests/cli/test_cli.py."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from testkit.fake_data import write_fake_fashion_mnist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gkpd import data
+from gkpd.train import loop
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
+import main_job  # noqa: E402
+from main_job_budget import MIN_BATCHES, RESERVE_SECONDS, FineTuningBudget  # noqa: E402
+
+BATCH, EVAL = 128, 10.0
+
+
+def _simulate(speeds, *, rechecked: bool, deadline: float = 600.0):
+    """Fine-tuning on a simulated clock: ``speeds(t)`` is the seconds per training image at
+    time ``t`` (evaluation slows alike). Epochs train batch after batch as the main job does:
+    ``rechecked``, asking the budget whether to stop before each batch and resizing the next
+    draw after each epoch; otherwise (as before) the first epoch's number for all. Returns
+    (end of fine-tuning, images per epoch)."""
+    budget = FineTuningBudget(deadline=deadline, epochs=3, batch_size=BATCH,
+                              seconds_per_image=speeds(0.0), seconds_per_eval=EVAL,
+                              max_images=60000)
+    budget.start(0.0)
+    now, draw, trained_per_epoch = 0.0, budget.images(0.0), []
+    for _ in range(3):
+        started, trained = now, 0
+        while trained + BATCH <= draw and not (rechecked and budget.must_stop(trained, now)):
+            now += BATCH * speeds(now)
+            trained += BATCH
+        train_seconds = now - started
+        now += EVAL * speeds(now) / speeds(0.0)
+        fits = budget.epoch_done(trained, train_seconds, now)
+        trained_per_epoch.append(trained)
+        if rechecked and fits:
+            draw = fits
+    return now, trained_per_epoch
+
+
+def test_a_quiet_machine_spends_the_budget_on_equal_epochs():
+    end, images = _simulate(lambda t: 0.0034, rechecked=True)
+    assert min(images) > 40000 and max(images) - min(images) <= BATCH  # rounding to batches
+    assert 600 - RESERVE_SECONDS - 2 < end <= 600 - RESERVE_SECONDS
+
+
+@pytest.mark.parametrize("slow_from", [100.0, 250.0, 400.0])  # in epoch 1, 2 or 3
+def test_a_machine_that_slows_down_mid_run_still_ends_in_time(slow_from):
+    def speeds(t):  # another process takes a core: three times slower from then on
+        return 0.0034 * (3 if t >= slow_from else 1)
+
+    old_end, old_images = _simulate(speeds, rechecked=False)
+    assert old_end > 700  # fixed once from the first speed, the job ran late
+    end, images = _simulate(speeds, rechecked=True)
+    assert end <= 600 - RESERVE_SECONDS + 5  # the reserve is left for the steps after
+    assert images[2] < old_images[2]  # the later epochs drew less
+    assert min(images) >= MIN_BATCHES * BATCH
+
+
+def test_a_budget_too_small_trains_the_floor_and_says_so():
+    budget = FineTuningBudget(deadline=100.0, epochs=3, batch_size=BATCH,
+                              seconds_per_image=0.01, seconds_per_eval=EVAL, max_images=60000)
+    assert budget.images(0.0) == MIN_BATCHES * BATCH and budget.short
+    assert budget.images(-1000.0) < 60000 and not budget.short
+    assert not budget.must_stop(MIN_BATCHES * BATCH - 1, 1e6)  # never below the floor
+    assert budget.must_stop(MIN_BATCHES * BATCH, 1e6)
+    assert FineTuningBudget(deadline=1e9, epochs=1, batch_size=BATCH, seconds_per_image=0.01,
+                            seconds_per_eval=EVAL, max_images=500).images(0.0) == 500
+
+
+class _Clock:
+    """A simulated clock for ``time.time`` and ``time.perf_counter``: it moves only when
+    ``_Student`` computes."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    perf_counter = time
+
+
+class _Student(nn.Module):
+    """A tiny classifier whose training batches take ``seconds`` each on ``clock`` (an
+    evaluation batch a third of it), ``seconds`` tripling after ``fast`` training batches:
+    another process took the core."""
+
+    def __init__(self, clock: _Clock, seconds: float, fast: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, 10)
+        self.clock, self.seconds, self.fast, self.batches = clock, seconds, fast, 0
+
+    def forward(self, x):
+        if self.training:
+            self.batches += 1
+        slowdown = 3 if self.batches > self.fast else 1
+        self.clock.now += self.seconds * slowdown / (1 if self.training else 3)
+        return self.fc(x.flatten(1))
+
+
+def test_the_job_stops_a_late_epoch_and_resizes_the_next(tmp_path, monkeypatch, capsys):
+    """Wired into the real loop on a simulated clock: the machine slows down three times in
+    epoch 2, which stops early; epoch 3 draws fewer images; fine-tuning leaves the reserve."""
+    clock = _Clock()
+    monkeypatch.setattr(main_job, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
+    data_dir = write_fake_fashion_mnist(tmp_path / "data", n_train=1280, n_test=16)
+    args = argparse.Namespace(data_dir=str(data_dir), batch_size=16, epochs=3, lr=0.01,
+                              no_progress=True, budget_minutes=1.0)
+    torch.manual_seed(0)
+    student = _Student(clock, seconds=0.032, fast=41)  # 2 ms an image, then 6 ms
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    eval_loader = DataLoader(data.build_dataset("fashion-mnist", "test", data_dir,
+                                                augment=False), batch_size=16)
+    budget = FineTuningBudget(deadline=clock.now + RESERVE_SECONDS + 4.0, epochs=3,
+                              batch_size=16, seconds_per_image=0.002, seconds_per_eval=0.02,
+                              max_images=1280)
+    subset = budget.images(clock.now)
+    assert subset == 656  # (4 s / 3 - 20 ms) at 2 ms an image, in whole batches
+    history, images = main_job.fine_tune(args, student, teacher, eval_loader,
+                                         tmp_path / "ft", subset, budget)
+    out = capsys.readouterr().out
+    assert len(history) == 3 and images[0] == 656  # epoch 1 ran as planned: 41 batches
+    assert "epoch 2: stopped after" in out and "(3.00x the estimate)" in out
+    assert images[2] < images[1] < images[0]
+    # fine-tuning ended in time to leave the reserve (less at most one slow batch)
+    assert clock.now <= budget.deadline - RESERVE_SECONDS + 3 * 0.032
