@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
+from gkpd.layout import run_in_layout
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
 from gkpd.whiten import corrected_weight
@@ -60,6 +61,10 @@ def apply_(
     ``load_state_dict`` (what :func:`gkpd.load` does). The whole plan is checked against
     the model before anything is changed.
 
+    The model then runs in the plan's memory layout (``compression_plan.layout``, see
+    :func:`gkpd.layout.run_in_layout`): a latency plan timed fastest in channels_last gets
+    its weights converted and converts its inputs on entry, outputs coming back as before.
+
     A plan made with calibration data (``plan.options["calibration"]``) needs that data again
     as ``calibration`` (a :class:`gkpd.Calibration` or its inputs) to decompose: the factors
     minimise each layer's output error on it, with the damping the plan records. With the
@@ -68,11 +73,19 @@ def apply_(
     """
     check_plan_fits(model, compression_plan)
     settings = compression_plan.options.get("calibration")
-    if decompose and settings is not None:
-        return _apply_calibrated(model, compression_plan, settings, calibration)
     whole_model = get_method(compression_plan.method)
-    if isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
-        return whole_model.apply_model(model, compression_plan, decompose=decompose)
+    if decompose and settings is not None:
+        model = _apply_calibrated(model, compression_plan, settings, calibration)
+    elif isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
+        model = whole_model.apply_model(model, compression_plan, decompose=decompose)
+    else:
+        _replace_layers(model, compression_plan, decompose)
+    if compression_plan.layout != "contiguous":
+        run_in_layout(model, compression_plan.layout)
+    return model
+
+
+def _replace_layers(model: nn.Module, compression_plan: CompressionPlan, decompose: bool):
     replacements = []
     for entry in compression_plan.compressed_layers:
         method = get_method(entry.method)
@@ -82,7 +95,6 @@ def apply_(
         replacements.append((entry.name, replacement))
     for name, replacement in replacements:
         set_submodule(model, name, replacement)
-    return model
 
 
 def _apply_calibrated(model, compression_plan, settings, calibration) -> nn.Module:

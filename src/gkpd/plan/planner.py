@@ -72,6 +72,7 @@ class _Search:
     tables: list[Candidates] = field(default_factory=list)
     full_tables: list[Candidates] = field(default_factory=list)
     timings: list = field(default_factory=list)  # per table, the latency objective's timing
+    layout_options: dict = field(default_factory=dict)  # the latency objective's layout
 
 
 def plan(
@@ -146,7 +147,7 @@ def plan(
         raise ValueError("the model calls no conv or linear layer on example_input")
     search = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
-    picks, total, search = _allocate(search, request, dense_total, example_input)
+    picks, total, search = _allocate(search, request, dense_total, example_input, model)
     _describe(compressor, search, picks, calls, request, example_input)
     return _assemble(model, compressor, search, request, dense_total, total, example_input)
 
@@ -258,7 +259,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
     return search
 
 
-def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any):
+def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any,
+              model: nn.Module):
     """The strategy's pick per layer (``None``: dense), then the latency objective's; returns
     ``(picks, total parameters, search)`` with ``search.tables`` the tables picks index."""
     dense_layers = [ctx.dense_params for ctx in search.contexts]
@@ -281,9 +283,9 @@ def _allocate(search: _Search, request: _Request, dense_total: int, example_inpu
         def fits(extra: int) -> bool:
             return math.isclose(dense_total / (start + extra), ratio, rel_tol=tolerance)
 
-        search.tables, picks, search.timings, change = fastest(
-            request.objective, search.contexts, search.tables, search.full_tables, picks,
-            example_input, fits,
+        search.tables, picks, search.timings, change, search.layout_options = fastest(
+            request.objective, model, search.contexts, search.tables, search.full_tables,
+            picks, example_input, fits,
         )
         total += change
     return picks, total, search
@@ -332,6 +334,7 @@ def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, reques
             "min_layer_ratio": request.min_layer_ratio, "tolerance": request.tolerance,
             "exhaustive": request.exhaustive,
             **(objective.options(example_input) if objective is not None else {}),
+            **search.layout_options,
             **({"calibration": request.calibration.settings()}
                if request.calibration is not None else {}),
             "include": pattern_names(request.include, "include"),
