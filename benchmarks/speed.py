@@ -12,7 +12,8 @@ GKPD planned for the smallest error and, per batch, for latency; eager for every
 torch.compile and onnxruntime for dense and the 5x variants; TensorLy-Torch CP, Tucker and TT
 at 5x; two torch threads (this machine's cores). The latency plans accept 1.3x the smallest
 error per layer and are timed in NCHW and channels_last and run in the faster, called with
-NCHW inputs (beside the dense model in both layouts). Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
+NCHW inputs (beside the dense model in both layouts). Writes speed.md and speed.json to
+benchmarks/speed_fashion_mnist/.
 
 Any other MODEL (a gkpd.models architecture such as resnet50, which has torchvision's
 ResNet-50 layout, with random weights; or a trained model directory) needs --input-size unless
