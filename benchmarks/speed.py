@@ -2,17 +2,18 @@
 
 usage:
   python benchmarks/speed.py                    # the shipped ResNet-32 on Fashion-MNIST
-  python benchmarks/speed.py resnet50 --input-size 3,224,224 --ratios 2 --batches 8 \
-      --layouts channels_last   # the ResNet-50 table in RESULTS.md (its latency plans take
-                                # a minute or two each the first time, then come from the cache)
+  python benchmarks/speed.py resnet50 --input-size 3,224,224 --ratios 2 --batches 8
+                                # the ResNet-50 table in RESULTS.md (its latency plans take
+                                # a few minutes each the first time, then come from the cache)
   add --dry-run to print the gkpd command instead of running it
 
 Default run (the recorded one): resnet32_fashion_mnist at 2x, 5x and 10x, batches 1 and 64;
 GKPD planned for the smallest error and, per batch, for latency; eager for every variant,
 torch.compile and onnxruntime for dense and the 5x variants; TensorLy-Torch CP, Tucker and TT
 at 5x; two torch threads (this machine's cores). The latency plans accept 1.3x the smallest
-error per layer and are timed and run in channels_last (beside the dense model in both
-layouts). Writes speed.md and speed.json to benchmarks/speed_fashion_mnist/.
+error per layer and are timed in NCHW and channels_last and run in the faster, called with
+NCHW inputs (beside the dense model in both layouts). Writes speed.md and speed.json to
+benchmarks/speed_fashion_mnist/.
 
 Any other MODEL (a gkpd.models architecture such as resnet50, which has torchvision's
 ResNet-50 layout, with random weights; or a trained model directory) needs --input-size unless
@@ -39,7 +40,7 @@ FASHION_MNIST = {
     "batches": "1,64",
     "threads": "2",
     "latency_slacks": "0.3",
-    "layouts": "channels_last",
+    "layouts": "contiguous,channels_last",
 }
 
 
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-slacks", default=None,
                         help="error slacks of the latency plans (default 0.1)")
     parser.add_argument("--layouts", default=None,
-                        help="of contiguous,channels_last (default: contiguous)")
+                        help="of contiguous,channels_last (default: both)")
     parser.add_argument("--out", default=None, help="output directory")
     parser.add_argument("--dry-run", action="store_true", help="print the command only")
     return parser.parse_args(argv)

@@ -10,6 +10,7 @@ from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
 from gkpd.layers.attention import unfuse, unpacked
+from gkpd.layout import run_in_layout
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
 from gkpd.whiten import corrected_weight
@@ -85,6 +86,10 @@ def apply_(
     ``load_state_dict`` (what :func:`gkpd.load` does). The whole plan is checked against
     the model before anything is changed.
 
+    The model then runs in the plan's memory layout (``compression_plan.layout``, see
+    :func:`gkpd.layout.run_in_layout`): a latency plan timed fastest in channels_last gets
+    its weights converted and converts its inputs on entry, outputs coming back as before.
+
     A plan made with calibration data (``plan.options["calibration"]``) needs that data again
     as ``calibration`` (a :class:`gkpd.Calibration` or its inputs) to decompose: the factors
     minimise each layer's output error on it, with the damping the plan records. With the
@@ -116,7 +121,10 @@ def apply_(
         whole_model.apply_model(model, compression_plan, decompose=decompose)
     else:
         _replace_layers(model, compression_plan, decompose)
-    return unfuse(model)
+    model = unfuse(model)
+    if compression_plan.layout != "contiguous":
+        model = run_in_layout(model, compression_plan.layout)
+    return model
 
 
 def _replace_layers(model: nn.Module, compression_plan: CompressionPlan, decompose: bool) -> None:

@@ -4,6 +4,7 @@ the graph backends, peak memory, config and command-line validation, the script.
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from gkpd.models.pretrained import save_trained
 
 def config(**changes) -> SpeedConfig:
     settings = dict(ratios=(RATIO,), batches=(1, 4), backends=("eager",), graph_ratios=None,
-                    peers=(), peer_ratios=None, rounds=3, memory=False, latency_cache=None)
+                    peers=(), peer_ratios=None, rounds=3, memory=False, latency_cache=None,
+                    layouts=("contiguous",))
     return SpeedConfig(**{**settings, **changes})
 
 
@@ -113,7 +115,8 @@ def test_files_and_table(eager):
     latency_b1 = body[2].split(" | ")
     assert latency_b1[4] == "–" and latency_b1[5] == "– |"
     assert "median of 3 interleaved rounds" in table
-    assert result["malloc"].startswith("glibc, freed memory kept") and result["malloc"] in table
+    assert result["malloc"].startswith("glibc malloc, freed memory kept")
+    assert f"malloc: {result['malloc']}" in table
     assert "- gkpd 2x (latency@b1): planned in" in table
 
 
@@ -249,28 +252,29 @@ def test_objectives_choose_the_gkpd_plans():
     assert [v.batch for v in only_latency] == [None, 1, 4, None]
 
 
-def test_latency_plans_per_slack_and_layout(tmp_path):
+def test_latency_plans_per_slack_run_in_the_layout_they_chose(tmp_path):
     cfg = config(objectives=("latency",), batches=(4,), latency_slacks=(0.0, 0.5),
                  layouts=("contiguous", "channels_last"))
     result = run_speed(tiny_cnn(), torch.zeros(1, *INPUT), config=cfg, out=tmp_path)
     names = list(result["variants"])
-    assert names == [
-        "dense", "dense [channels_last]",
-        "gkpd 2x (latency@b4, slack 0)", "gkpd 2x (latency@b4, slack 0) [channels_last]",
-        "gkpd 2x (latency@b4, slack 0.5)", "gkpd 2x (latency@b4, slack 0.5) [channels_last]",
-    ]
+    assert names[:2] == ["dense", "dense [channels_last]"] and len(names) == 4
+    for name, slack in zip(names[2:], ("0", "0.5"), strict=True):
+        # one plan per slack, named by the layout it chose
+        assert re.fullmatch(rf"gkpd 2x \(latency@b4, slack {slack}\)( \[channels_last\])?", name)
+        assert "runs in " in result["variants"][name]["notes"]
     for name, row in result["variants"].items():
         assert isinstance(row["times_ms"]["eager@b4"], dict), name
     assert result["variants"]["dense [channels_last]"]["ratio"] == 1.0
     variants = build_variants(tiny_cnn(), torch.zeros(1, *INPUT), cfg)
     x = torch.randn(4, *INPUT)
     dense = variants[0].model(x)
-    assert [v.channels_last for v in variants] == [False, True, False, True, False, True]
+    # only the dense model gets channels_last inputs; the plans convert NCHW ones themselves
+    assert [v.channels_last for v in variants] == [False, True, False, False]
     weight = variants[1].model[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(variants[1].model(x), dense)
     for v in variants[2:]:
-        assert v.model(x.to(memory_format=torch.channels_last)).shape == dense.shape
+        assert v.model(x).shape == dense.shape
 
 
 def test_cli_latency_slacks_and_layouts(saved_resnet, tmp_path, capsys):
@@ -350,9 +354,11 @@ def test_cli_writes_the_table(saved_resnet, tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads((out / RESULTS_JSON).read_text())
-    assert list(result["variants"]) == [
-        "dense", "gkpd 2x (error)", "gkpd 2x (latency@b2)", "tltorch tt 2x",
-    ]
+    names = list(result["variants"])  # by default the dense model in both layouts, and
+    # the latency plan in the one it chose
+    assert names[:3] == ["dense", "dense [channels_last]", "gkpd 2x (error)"]
+    assert names[3] in ("gkpd 2x (latency@b2)", "gkpd 2x (latency@b2) [channels_last]")
+    assert names[4:] == ["tltorch tt 2x"]
     assert result["input_shape"] == [3, 8, 8] and result["memory_batch"] is None
     assert result["config"]["model"] == str(saved_resnet.resolve())
     assert result["config"]["latency_cache"] == str(cache)
@@ -439,7 +445,7 @@ def test_script_default_run_is_the_shipped_resnet32(script):
     assert option(step, "--ratios") == "2,5,10" and option(step, "--batches") == "1,64"
     assert option(step, "--graph-ratios") == "5" and option(step, "--peer-ratios") == "5"
     assert option(step, "--threads") == "2"  # this machine's two cores
-    assert option(step, "--layouts") == "channels_last"
+    assert option(step, "--layouts") == "contiguous,channels_last"
     assert option(step, "--latency-slacks") == "0.3"
     # the command it builds parses
     from gkpd.cli import build_parser

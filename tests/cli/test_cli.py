@@ -9,6 +9,7 @@ from testkit.cli import run, run_json
 
 from gkpd import io, models
 from gkpd.cli import main
+from gkpd.layout import layout_of
 from gkpd.plan.schema import CompressionPlan
 from gkpd.resolve import resolve_model
 
@@ -48,8 +49,10 @@ def test_compress_writes_a_loadable_model(capsys, workspace, compressed):
     assert result["total_params"] == plan.params
     assert result["dense_params"] == plan.dense_params
     assert result["kronecker_layers"] == len(plan.compressed_layers)
+    assert result["layout"] == plan.layout and result["allocator"]
     code, text, _ = run(capsys, "summary", compressed)
     assert code == 0 and "Kronecker" in text and f"{plan.params:,}" in text
+    assert "\nallocator: " in text
     # eval reads a compressed directory too
     result = run_json(
         capsys, "eval", compressed, "--data", "fashion-mnist", "--data-dir", data, "--no-progress"
@@ -120,14 +123,15 @@ def test_compress_latency_objective(capsys, workspace, tmp_path, monkeypatch):
     plan = CompressionPlan.load(out / "plan.json")
     assert plan.objective == "latency"
     assert plan.options["latency_batch"] == 2 and plan.options["latency_slack"] == 0
-    assert plan.options["latency_channels_last"] is True
+    assert plan.options["latency_layout"] == plan.layout == "channels_last"
     card = io.read_card(out)
     assert card["compression"]["objective"] == "latency"
-    assert card["compression"]["latency_channels_last"] is True
+    assert card["compression"]["latency_layout"] == "channels_last"
     assert (tmp_path / "cache" / "latency.json").is_file()
     loaded, _ = resolve_model(str(out))
     for entry in plan.compressed_layers:  # the timed paths come back pinned
         assert loaded.get_submodule(entry.name).order == entry.order
+    assert layout_of(loaded) == "channels_last"  # and the layout they were timed in
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -324,6 +324,11 @@ CHANNEL_CASES = [  # (in, out, kernel, stride, padding, dilation, padding_mode, 
     (16, 16, 3, 1, 1, 1, "zeros", (8, 16, 3, 1), 2),  # C2 == 1: a_first_channels
     (8, 12, 3, 2, 1, 1, "replicate", (4, 8, 3, 1), 2),
     (1, 8, 1, 1, 0, 1, "zeros", (1, 1, 1, 1), 1),  # both paths
+    # one input channel per group of the grouped stage: run as a depthwise conv
+    (16, 16, 3, 1, 1, 1, "zeros", (2, 1, 3, 1), 1),  # C1 == 1, R == 1: no channel shuffle
+    (8, 12, 3, 2, 1, 1, "zeros", (3, 1, 3, 3), 1),
+    (16, 16, 3, 1, 1, 1, "zeros", (8, 16, 3, 1), 1),  # C2 == 1, R == 1: B's F2 per channel
+    (8, 8, 3, 1, 1, 1, "zeros", (8, 8, 3, 1), 3),  # F2 == 1, C2 == 1: B's R per channel
 ]
 
 
@@ -350,6 +355,8 @@ def test_channel_paths_match_the_dense_layer(case, channels_last):
         if channels_last and mode == "zeros":  # the input's layout stays (F.pad of the other
             # padding modes returns NCHW)
             assert layer(x).is_contiguous(memory_format=torch.channels_last)
+        if not channels_last:
+            assert layer(x).is_contiguous()
         layer.train()
         x_grad = x.detach().requires_grad_()
         layer(x_grad).square().sum().backward()

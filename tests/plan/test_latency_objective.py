@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import gkpd
-from gkpd import timing
+from gkpd import LatencyObjective, timing
+from gkpd.layout import layout_of, run_in_layout
 from gkpd.plan import latency_objective
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.latency_objective import LayerTimer, Option, fastest_within_budget
@@ -153,15 +154,25 @@ def _net():
     )
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_latency_plan_runs_what_it_timed(tmp_path, channels_last):
+@pytest.mark.parametrize("layout", ["auto", "contiguous", "channels_last"])
+def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     model = _net().eval()
     x = torch.randn(2, 3, 8, 8)
     cache = tmp_path / "latency.json"
-    plan = gkpd.plan(model, x, ratio=3, objective="latency", latency_batch=4,
-                     latency_cache=cache, tolerance=0.05, latency_channels_last=channels_last)
+    plan = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=LatencyObjective(
+        batch=4, cache=cache, layout=layout))
     assert plan.objective == "latency" and plan.options["latency_batch"] == 4
-    assert plan.options["latency_channels_last"] is channels_last
+    assert plan.options["latency_layout"] == layout
+    timed_layouts = ["contiguous", "channels_last"] if layout == "auto" else [layout]
+    assert plan.layout in timed_layouts
+    # the whole model was timed in each layout, and the dense one in both
+    timed = plan.options["model_latency"]
+    assert timed["batch"] == 4 and sorted(timed["ms"]) == sorted(timed_layouts)
+    assert sorted(timed["dense_ms"]) == ["channels_last", "contiguous"]
+    assert plan.latency_speedup() == min(timed["dense_ms"].values()) / timed["ms"][plan.layout]
+    assert f"latency at batch 4: {timed['ms'][plan.layout]:.3g} ms in {plan.layout}" in str(plan)
+    if layout == "auto":  # the layout kept is the one the compressed model ran fastest in
+        assert timed["ms"][plan.layout] == min(timed["ms"].values())
     assert abs(plan.achieved_ratio / 3 - 1) <= 0.05
     error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
     for entry in plan.compressed_layers:
@@ -172,31 +183,57 @@ def test_latency_plan_runs_what_it_timed(tmp_path, channels_last):
                                "a_first_channels")
         assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
     compressed = gkpd.apply_(_net().eval(), plan)
+    assert layout_of(compressed) == plan.layout  # apply_ runs it in the plan's layout
+    assert compressed[0].weight.is_contiguous(
+        memory_format=torch.channels_last if plan.layout == "channels_last" else
+        torch.contiguous_format)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
         assert layer.order == entry.order  # the timed path is pinned
         assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
-    # the oracle: every layer replaced by its dense reconstruction
+    # the oracle: every layer replaced by its dense reconstruction, in NCHW
     merged = gkpd.apply_(_net().eval(), plan)
+    run_in_layout(merged, "contiguous")
     for entry in plan.compressed_layers:
         parent, _, child = entry.name.rpartition(".")
         holder = merged.get_submodule(parent) if parent else merged
         setattr(holder, child, merged.get_submodule(entry.name).to_dense())
-    if channels_last:
-        compressed = compressed.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad():  # called plainly, with an NCHW input
         torch.testing.assert_close(compressed(x), merged(x), rtol=1e-4, atol=1e-5)
-    # a plan saved and loaded keeps the pinned paths
+    # a plan saved and loaded keeps the pinned paths and the layout
     gkpd.save(tmp_path / "saved", compressed, plan)
     loaded = gkpd.load(tmp_path / "saved", _net().eval())
+    assert layout_of(loaded) == plan.layout
     for entry in plan.compressed_layers:
         assert loaded.get_submodule(entry.name).order == entry.order
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), merged(x), rtol=1e-4, atol=1e-5)
     saved = json.loads(cache.read_text())
     assert saved["version"] == 1 and saved["entries"]
-    # convolutions are timed in the layout asked for; a linear layer has no such layout
-    for key in saved["entries"]:
-        assert ("channels_last" in key) is (channels_last and "Conv2d" in key), key
+    # convolutions are timed in the layouts asked for; a linear layer has no such layout
+    conv_keys = [key for key in saved["entries"] if "Conv2d" in key]
+    assert any("channels_last" in key for key in conv_keys) is ("channels_last" in timed_layouts)
+    assert any("channels_last" not in key for key in conv_keys) is ("contiguous" in timed_layouts)
+    assert not any("channels_last" in key for key in saved["entries"] if "Linear" in key)
+
+
+def test_a_linear_model_is_timed_in_nchw_only(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    plan = gkpd.plan(model, torch.randn(2, 64), ratio=2, tolerance=0.1, min_params=0,
+                     objective=LatencyObjective(cache=None))
+    assert plan.layout == "contiguous"
+    assert list(plan.options["model_latency"]["ms"]) == ["contiguous"]
+    assert list(plan.options["model_latency"]["dense_ms"]) == ["contiguous"]
+
+
+def test_channels_last_true_is_the_deprecated_spelling_of_the_layout():
+    with pytest.warns(DeprecationWarning, match="layout='channels_last'"):
+        objective = LatencyObjective(channels_last=True)
+    assert objective == LatencyObjective(layout="channels_last")
+    with pytest.raises(ValueError, match="contradicts layout='contiguous'"):
+        LatencyObjective(channels_last=True, layout="contiguous")
+    with pytest.raises(ValueError, match="latency layout must be 'auto' or one of"):
+        LatencyObjective(layout="nhwc")
 
 
 def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
@@ -211,7 +248,7 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
             return x
 
     modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
-    monkeypatch.setattr(latency_objective, "_runnable",
+    monkeypatch.setattr(latency_objective, "runnable",
                         lambda module, option: modules[option.order])
     timer = LayerTimer(2, LatencyCache(None))
     config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
@@ -245,12 +282,11 @@ def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_pat
                                                                           monkeypatch):
     model = _net().eval()
     x = torch.randn(1, 3, 8, 8)
-    cache = tmp_path / "latency.json"
-    first = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
-                      tolerance=0.05)
+    # one layout: the whole-model timing that picks between two may pick either
+    nchw = LatencyObjective(cache=tmp_path / "latency.json", layout="contiguous")
+    first = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
     asked = _replay(monkeypatch, scale=1.1)  # within _STALE: the cache holds
-    second = gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache,
-                       tolerance=0.05)
+    second = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
     assert asked and {o.order for o in asked} == {"weight"}
     assert len(asked) == len(first.compressed_layers)  # one dense check per layer
     assert [e.order for e in second.layers] == [e.order for e in first.layers]
@@ -260,17 +296,18 @@ def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_pat
 def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, caplog):
     model = _net().eval()
     x = torch.randn(1, 3, 8, 8)
-    cache = tmp_path / "latency.json"
-    gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
-    entries = json.loads(cache.read_text())["entries"]
+    # one layout: the whole-model timing that picks between two may pick either
+    nchw = LatencyObjective(cache=tmp_path / "latency.json", layout="contiguous")
+    gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
+    entries = json.loads(nchw.cache.read_text())["entries"]
     asked = _replay(monkeypatch, scale=2.0)  # the machine runs dense at half the speed
     with caplog.at_level("INFO", logger="gkpd"):
-        gkpd.plan(model, x, ratio=3, objective="latency", latency_cache=cache, tolerance=0.05)
+        gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
     # every option of every layer: the dense check, then all of them again
     assert len(asked) == len(entries) + sum("| dense |" in key for key in entries)
     assert "timing its options again" in caplog.text
     assert "layer(s) timed again" in caplog.text
-    saved = json.loads(cache.read_text())["entries"]
+    saved = json.loads(nchw.cache.read_text())["entries"]
     for key, seconds in saved.items():  # re-timed: the dense reference at its new time
         assert seconds == pytest.approx(entries[key] * (2.0 if "| dense |" in key else 1.0))
 

@@ -1,9 +1,9 @@
-"""Peak memory of one forward pass, measured in a fresh process (``peak_memory_mb``), and
-the allocator setting the speed benchmark times under (``keep_freed_memory``)."""
+"""Peak memory of one forward pass, measured in a fresh process (``peak_memory_mb``). The
+allocator setting the speed benchmark times under, ``keep_freed_memory``, is
+:mod:`gkpd.runtime`'s (importable from here as before)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -12,6 +12,10 @@ import queue as queue_module
 
 import torch
 from torch import nn
+
+from gkpd.runtime import keep_freed_memory
+
+__all__ = ["keep_freed_memory", "peak_memory_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +100,3 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor, timeout: float = 300) -> f
         log.warning("peak memory: the measuring process failed: %s", value)
         return None
     return value / 1024
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
-_TRIM_AT = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse, for the rest of this process: no
-    block gets its own ``mmap`` (which ``free`` unmaps at once), and the heap's top is handed
-    back to the OS only past 1 GiB. Returns whether it applied (glibc only).
-
-    By default every activation tensor of a few MB is mapped fresh on each forward pass and
-    faulted in page by page. What that costs depends on the kernel and the host: on this
-    project's machine, a ResNet-32 at batch 64 took 19-21 ms in one hour and 26-50 ms in the
-    next with the default, and 21.4 ms with this setting. The factored model, with more
-    intermediate tensors, suffered more (1.38x dense against 1.63x). PyTorch's CPU
-    performance guide recommends jemalloc or TCMalloc for the same reason."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_AT))
-

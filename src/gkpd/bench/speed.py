@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.bench.memory import keep_freed_memory, peak_memory_mb
+from gkpd.bench.memory import peak_memory_mb
 from gkpd.bench.peers import PEERS, build_peer, tltorch_peer
+from gkpd.layout import LAYOUTS
+from gkpd.runtime import describe_allocator, keep_freed_memory
 
 __all__ = [
     "BACKENDS", "LAYOUTS", "OBJECTIVES", "PEERS", "RESULTS_JSON", "RESULTS_MD", "SpeedConfig",
@@ -40,7 +42,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 OBJECTIVES = ("error", "latency")
-LAYOUTS = ("contiguous", "channels_last")
 RESULTS_JSON = "speed.json"
 RESULTS_MD = "speed.md"
 _RECOMPILES = 100_000  # see _unlimited_recompiles
@@ -69,11 +70,12 @@ class SpeedConfig:
     memory: bool = True
     latency_cache: str | Path | None = "default"
     # latency plans accept configurations up to 1 + slack times the smallest error; one plan
-    # per slack (and batch, and layout)
+    # per slack (and batch)
     latency_slacks: tuple[float, ...] = (0.1,)
-    # "contiguous" (NCHW, as models come) and/or "channels_last": the dense model and the
-    # latency plans (timed in that layout) run in each; error plans and peers in NCHW
-    layouts: tuple[str, ...] = ("contiguous",)
+    # "contiguous" (NCHW, as models come) and/or "channels_last": the dense model runs in
+    # each (fed inputs in that layout); the latency plans are timed in each and run in the
+    # faster (CompressionPlan.layout), fed NCHW inputs; error plans and peers run in NCHW
+    layouts: tuple[str, ...] = LAYOUTS
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -170,30 +172,32 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
             compressed = apply_(copy.deepcopy(model), error_plan).eval()
             variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
                                     dense / _params(compressed), graph=graph))
-        latency = [(b, s, layout) for b in config.batches for s in config.latency_slacks
-                   for layout in config.layouts] if "latency" in config.objectives else []
-        for batch, slack, layout in latency:
+        # one plan per batch and slack; it picks its layout among config.layouts itself
+        latency_layout = "auto" if len(config.layouts) > 1 else config.layouts[0]
+        latency = [(b, s) for b in config.batches for s in config.latency_slacks
+                   ] if "latency" in config.objectives else []
+        for batch, slack in latency:
             started = time.perf_counter()
-            channels_last = layout == "channels_last"
             latency_plan = make_plan(
                 model, example[:1], ratio=ratio, objective=LatencyObjective(
-                    batch=batch, slack=slack, cache=config.latency_cache,
-                    channels_last=channels_last,
+                    batch=batch, slack=slack, cache=config.latency_cache, layout=latency_layout,
                 ),
             )
-            fast = apply_(copy.deepcopy(model), latency_plan).eval()
-            if channels_last:
-                fast = _channels_last(fast)
+            fast = apply_(copy.deepcopy(model), latency_plan).eval()  # in the plan's layout
             orders = [e.order for e in latency_plan.compressed_layers]
             paths = ", ".join(f"{o}: {orders.count(o)}" for o in sorted(set(orders)))
             name = f"gkpd {ratio:g}x (latency@b{batch}"
             if len(config.latency_slacks) > 1:
                 name += f", slack {slack:g}"
-            name += ")" + (" [channels_last]" if channels_last else "")
+            name += ")" + (f" [{latency_plan.layout}]" if latency_plan.layout != "contiguous"
+                           else "")
+            timed = latency_plan.options["model_latency"]
             variants.append(Variant(
                 name, fast, _params(fast), dense / _params(fast), batch=batch, graph=graph,
-                channels_last=channels_last,
-                notes=f"planned in {time.perf_counter() - started:.1f} s; layers by path: {paths}",
+                notes=f"planned in {time.perf_counter() - started:.1f} s; layers by path: "
+                      f"{paths}; runs in {latency_plan.layout}, called with NCHW inputs "
+                      f"(the planner's timing, ms: {_ms(timed['ms'])}; dense "
+                      f"{_ms(timed['dense_ms'])})",
             ))
         for factorization in peers:
             peer, skipped = build_peer(model, error_plan, factorization, False)
@@ -207,6 +211,10 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
 
 def _channels_last(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _ms(by_layout: dict[str, float]) -> str:
+    return ", ".join(f"{layout} {ms:.3g}" for layout, ms in by_layout.items())
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -241,8 +249,9 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
 
     ``example_input``: one input (batch first; its batch size does not matter). Torch's
     thread count is set to ``config.threads`` for the run and restored after. glibc's malloc
-    is set to keep freed memory (:func:`keep_freed_memory`) for the rest of the process, so
-    that the timings do not depend on what the kernel's page faults cost at the moment."""
+    is set to keep freed memory (:func:`gkpd.runtime.keep_freed_memory`) for the rest of the
+    process, so that the timings do not depend on what the kernel's page faults cost at the
+    moment; the table's header names the allocator (:func:`gkpd.runtime.describe_allocator`)."""
     from gkpd.timing import time_interleaved
 
     config.validate()
@@ -258,7 +267,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         torch.set_num_threads(config.threads)
     try:
         threads = torch.get_num_threads()
-        heap_kept = keep_freed_memory()
+        keep_freed_memory()
         variants = build_variants(model, example_input, config)
         rows = {v.name: {"params": v.params, "ratio": round(v.ratio, 3), "notes": v.notes,
                          "times_ms": {}} for v in variants}
@@ -310,8 +319,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         "torch": torch.__version__,
         "input_shape": list(shape),
         "memory_batch": memory_batch,
-        "malloc": "glibc, freed memory kept (no mmap, trim past 1 GiB)" if heap_kept else
-                  "the platform's default",
+        "malloc": describe_allocator(),
         "variants": rows,
     }
     result = json.loads(json.dumps(result))  # as speed.json has it (lists, not tuples)

@@ -191,7 +191,8 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
                    help="accept configurations whose error is up to 1+SLACK times the most "
                    "accurate one's (default: 0.1)")
     p.add_argument("--channels-last", action="store_true",
-                   help="time on channels_last inputs, for a model run in that memory format")
+                   help="time and run in channels_last only (default: time NCHW and "
+                   "channels_last, run the model in the faster; it converts its inputs)")
 
 
 def add_parser(sub, **kwargs) -> None:

@@ -15,6 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.plan.schema import CompressionPlan
     from gkpd.report import summary
     from gkpd.resolve import resolve_model
+    from gkpd.runtime import describe_allocator
 
     model, card = resolve_model(args.model)
     report = summary(model, example_input(card, args.batch_size))
@@ -26,11 +27,15 @@ def run(args: argparse.Namespace) -> int:
         result["ratio"] = plan.dense_params / report.total_params
         text += (
             f"\ncompressed with {plan.method} ({plan.strategy}) from {plan.dense_params:,} "
-            f"parameters: {result['ratio']:.2f}x"
+            f"parameters: {result['ratio']:.2f}x; runs in {plan.layout}"
         )
+        result["layout"] = plan.layout
     if card.get("test_accuracy") is not None:
         result["test_accuracy"] = card["test_accuracy"]
         text += f"\ntest accuracy on {card.get('dataset', '?')}: {card['test_accuracy']:.2f}%"
+    # the allocator sets how fast the model runs on CPU (gkpd.runtime)
+    result["allocator"] = describe_allocator()
+    text += f"\nallocator: {result['allocator']}"
     emit(args, result, text)
     return 0
 

@@ -22,13 +22,14 @@ from torch import nn
 from gkpd.counting import ORDERS
 from gkpd.layers.base import CHANNEL_PATHS, WEIGHT_PATH
 from gkpd.layers.conv import conv_channel_paths
+from gkpd.layout import check_layout, to_layout
 from gkpd.methods.gkpd import GKPD, KroneckerConfig, order_macs
 from gkpd.plan.schema import LayerPlan
 from gkpd.timing import LatencyCache, environment_key, time_interleaved
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerTimer", "Option", "Timed", "fastest_within_budget"]
+__all__ = ["LayerTimer", "Option", "Timed", "fastest_within_budget", "runnable"]
 
 _PROBE_MARGIN = 4.0
 _MIN_SECONDS = 0.05  # per option, spread over its rounds
@@ -44,14 +45,16 @@ class Option:
 
 
 class LayerTimer:
-    """Times options of layers at a batch size, with a shared cache; ``measured`` and
-    ``cached`` count the options timed and those taken from the cache, ``stale`` the layers
-    whose cached timings were dropped (see :meth:`times`)."""
+    """Times options of layers at a batch size in a memory layout (4-d/5-d inputs only; see
+    :mod:`gkpd.layout`), with a shared cache; ``measured`` and ``cached`` count the options
+    timed and those taken from the cache, ``stale`` the layers whose cached timings were
+    dropped (see :meth:`times`). ``channels_last=True`` is ``layout="channels_last"``."""
 
-    def __init__(self, batch: int, cache: LatencyCache, *, channels_last: bool = False) -> None:
+    def __init__(self, batch: int, cache: LatencyCache, *, layout: str = "contiguous",
+                 channels_last: bool = False) -> None:
         self.batch = batch
         self.cache = cache
-        self.channels_last = channels_last
+        self.layout = "channels_last" if channels_last else check_layout(layout)
         self.measured = 0
         self.cached = 0
         self.stale = 0
@@ -66,7 +69,7 @@ class LayerTimer:
         return f"{env} | {module!r} | {shape} | {what} | {option.order}{layout}"
 
     def _channels_last(self, input_shape: Sequence[int]) -> bool:
-        return self.channels_last and len(input_shape) in (4, 5)
+        return self.layout == "channels_last" and len(input_shape) in (4, 5)
 
     def times(
         self, module: nn.Module, input_shape: Sequence[int], options: Sequence[Option]
@@ -105,13 +108,12 @@ class LayerTimer:
               options: Sequence[Option]) -> dict[Option, float]:
         weight = module.weight
         x = torch.randn(self.batch, *input_shape[1:], device=weight.device, dtype=weight.dtype)
-        layers = {o: _runnable(module, o) for o in options}
+        layers = {o: runnable(module, o) for o in options}
         if self._channels_last(input_shape):
-            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            x = x.to(memory_format=layout)
+            x = to_layout(x, self.layout)
             # a copy of the caller's module only (the weight path); the others are new
-            layers = {o: (copy.deepcopy(m) if m is module else m).to(memory_format=layout)
-                      for o, m in layers.items()}
+            layers = {o: (copy.deepcopy(m) if m is module else m)._apply(
+                lambda t: to_layout(t, self.layout)) for o, m in layers.items()}
         calls = {o: (lambda m=m: m(x)) for o, m in layers.items()}
         # one call each first: an option several times slower than the fastest cannot win
         # and keeps that time (the slowest batch-folded splits run ~100x dense)
@@ -122,7 +124,7 @@ class LayerTimer:
         return timed
 
 
-def _runnable(module: nn.Module, option: Option) -> nn.Module:
+def runnable(module: nn.Module, option: Option) -> nn.Module:
     """A module that runs like ``option`` would (fresh factors: timing needs only shapes)."""
     if option.order == WEIGHT_PATH:
         return module  # the weight path runs the dense op with a cached weight

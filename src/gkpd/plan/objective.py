@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gkpd.inputs import ModelCall
+from gkpd.layout import LAYOUTS
 from gkpd.plan.schema import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,21 @@ class LatencyObjective:
     configuration of each layer whose error is within ``1 + slack`` times the chosen one's and
     that keeps the model within budget, in both stage orders, on the channel paths its factor
     shapes allow and on the reconstructed-weight path, and keep the fastest.
-    ``channels_last`` times on channels_last inputs: for models run in that memory format
-    (``model.to(memory_format=torch.channels_last)``), where grouped convolutions are much
-    faster on CPU. Timings are cached in ``cache`` (a JSON file; ``"default"``:
-    ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
+
+    ``layout``: the memory layouts to time in, ``"auto"`` (NCHW and channels_last where the
+    model has 4-d/5-d layer inputs; then the whole model is timed in each, with the dense
+    model in each, and the faster layout is kept: ``CompressionPlan.layout``), or one of
+    ``gkpd.layout.LAYOUTS``. :func:`gkpd.apply_` makes the compressed model run in the plan's
+    layout; callers pass and get NCHW tensors as before. ``channels_last=True`` (deprecated)
+    is ``layout="channels_last"``. Timings are cached in ``cache`` (a JSON file;
+    ``"default"``: ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
     """
 
     batch: int | None = None
     slack: float = 0.1
     cache: str | Path | None = "default"
     channels_last: bool = False
+    layout: str = "auto"
 
     name = "latency"  # a class attribute: the plan's ``objective``
 
@@ -60,6 +66,16 @@ class LatencyObjective:
             raise ValueError(
                 f"latency_channels_last must be True or False, got {self.channels_last!r}"
             )
+        if self.layout not in ("auto", *LAYOUTS):
+            raise ValueError(f"latency layout must be 'auto' or one of {LAYOUTS}, got "
+                             f"{self.layout!r}")
+        if self.channels_last:
+            if self.layout not in ("auto", "channels_last"):
+                raise ValueError(f"channels_last=True contradicts layout={self.layout!r}")
+            warnings.warn("LatencyObjective(channels_last=True) is deprecated: pass "
+                          "layout='channels_last'", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "layout", "channels_last")
+            object.__setattr__(self, "channels_last", False)  # one spelling, for equality
 
     def batch_for(self, example_input: Any) -> int:
         """The batch size timed: ``batch``, else the example input's."""
@@ -68,7 +84,7 @@ class LatencyObjective:
     def options(self, example_input: Any) -> dict[str, Any]:
         """What the plan's ``options`` record of this objective."""
         return {"latency_batch": self.batch_for(example_input), "latency_slack": self.slack,
-                "latency_channels_last": self.channels_last}
+                "latency_layout": self.layout}
 
 
 def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjective | None:
@@ -81,7 +97,7 @@ def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjectiv
         warnings.warn(
             f"gkpd.plan's {', '.join(sorted(legacy))} keyword(s) are deprecated: pass "
             "objective=gkpd.LatencyObjective(batch=..., slack=..., cache=..., "
-            "channels_last=...)", DeprecationWarning, stacklevel=4,  # the caller of gkpd.plan
+            "layout=...)", DeprecationWarning, stacklevel=4,  # the caller of gkpd.plan
         )
     if isinstance(objective, LatencyObjective):
         if legacy:
@@ -95,12 +111,14 @@ def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjectiv
     return LatencyObjective(**{LEGACY_LATENCY_KEYWORDS[k]: v for k, v in legacy.items()})
 
 
-def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, example_input,
-            fits):
-    """Swap each pick for the fastest option within budget (see ``plan/latency_objective.py``); the
-    picks then index the full candidate tables. Returns ``(tables, picks, timings, change in
-    parameters)``."""
+def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, picks,
+            example_input, fits):
+    """Swap each pick for the fastest option within budget (see ``plan/latency_objective.py``),
+    in each layout the objective allows, and keep the layout the model runs fastest in (see
+    ``plan/layout_choice.py``); the picks then index the full candidate tables. Returns
+    ``(tables, picks, timings, change in parameters, the plan options of the layout)``."""
     from gkpd.plan.latency_objective import LayerTimer, fastest_within_budget
+    from gkpd.plan.layout_choice import choose_layout, layouts_to_time
     from gkpd.timing import LatencyCache, default_cache_path
 
     # picks index the Pareto tables; find the same configurations in the full tables
@@ -109,20 +127,26 @@ def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, e
         full_picks.append(None if pick is None else full.configs.index(table.configs[pick]))
     cache_path = objective.cache
     cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
-    timer = LayerTimer(objective.batch_for(example_input), cache,
-                       channels_last=objective.channels_last)
-    timings = fastest_within_budget(
-        contexts, full_tables, full_picks, timer=timer, error_slack=objective.slack, fits=fits
-    )
-    cache.save()
+    batch = objective.batch_for(example_input)
+    per_layout = {}
+    for layout in layouts_to_time(objective.layout, contexts):
+        timer = LayerTimer(batch, cache, layout=layout)
+        per_layout[layout] = fastest_within_budget(
+            contexts, full_tables, full_picks, timer=timer, error_slack=objective.slack,
+            fits=fits,
+        )
+        cache.save()
+        log.info("latency (%s): %d configurations timed, %d from the cache (%d layer(s) timed "
+                 "again: their cached dense time was off)", layout, timer.measured,
+                 timer.cached, timer.stale)
+    choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
+    timings = per_layout[choice.layout]
     picks = [None if t is None else t.pick for t in timings]
     total_change = sum(
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
     )
-    log.info("latency: %d configurations timed, %d from the cache (%d layer(s) timed again: "
-             "their cached dense time was off)", timer.measured, timer.cached, timer.stale)
-    return full_tables, picks, timings, total_change
+    return full_tables, picks, timings, total_change, choice.options()
 
 
 def describe_timing(entry: LayerPlan, timed, batch: int) -> None:

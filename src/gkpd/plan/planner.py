@@ -81,6 +81,7 @@ class _Search:
     tables: list[Candidates] = field(default_factory=list)
     full_tables: list[Candidates] = field(default_factory=list)
     timings: list = field(default_factory=list)  # per table, the latency objective's timing
+    layout_options: dict = field(default_factory=dict)  # the latency objective's layout
 
 
 def plan(
@@ -187,7 +188,7 @@ def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, reque
     dense_total = module_params(model)
     holders = coverage.unplanned_parameters(model, calls, layer_methods())
     try:
-        picks, total, search = _allocate(search, request, dense_total, example_input)
+        picks, total, search = _allocate(search, request, dense_total, example_input, model)
     except UnreachableRatio as error:
         if error.best is None:
             raise
@@ -311,7 +312,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
     return search
 
 
-def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any):
+def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any,
+              model: nn.Module):
     """The strategy's pick per layer (``None``: dense), then the latency objective's; returns
     ``(picks, total parameters, search)`` with ``search.tables`` the tables picks index."""
     dense_layers = [ctx.dense_params for ctx in search.contexts]
@@ -334,9 +336,9 @@ def _allocate(search: _Search, request: _Request, dense_total: int, example_inpu
         def fits(extra: int) -> bool:
             return math.isclose(dense_total / (start + extra), ratio, rel_tol=tolerance)
 
-        search.tables, picks, search.timings, change = fastest(
-            request.objective, search.contexts, search.tables, search.full_tables, picks,
-            example_input, fits,
+        search.tables, picks, search.timings, change, search.layout_options = fastest(
+            request.objective, model, search.contexts, search.tables, search.full_tables,
+            picks, example_input, fits,
         )
         total += change
     return picks, total, search
@@ -394,6 +396,7 @@ def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, reques
             "min_layer_ratio": request.min_layer_ratio, "tolerance": request.tolerance,
             "exhaustive": request.exhaustive,
             **(objective.options(example_input) if objective is not None else {}),
+            **search.layout_options,
             **({"calibration": request.calibration.settings()}
                if request.calibration is not None else {}),
             "include": pattern_names(request.include, "include"),

@@ -114,6 +114,23 @@ class CompressionPlan:
         raise KeyError(f"plan has no layer named {name!r}")
 
     @property
+    def layout(self) -> str:
+        """The memory layout the compressed model runs in (:func:`gkpd.layout.run_in_layout`):
+        what a latency plan timed fastest; ``"contiguous"`` for other plans. A plan made
+        before layouts were chosen says ``latency_channels_last`` instead."""
+        if "layout" in self.options:
+            return self.options["layout"]
+        return "channels_last" if self.options.get("latency_channels_last") else "contiguous"
+
+    def latency_speedup(self) -> float | None:
+        """The compressed model's speed over the dense one's in its fastest layout, as a
+        latency plan measured them (``options["model_latency"]``); ``None`` for others."""
+        timed = self.options.get("model_latency")
+        if not timed:
+            return None
+        return min(timed["dense_ms"].values()) / timed["ms"][self.layout]
+
+    @property
     def compressed_layers(self) -> list[LayerPlan]:
         return [entry for entry in self.layers if entry.compressed]
 
@@ -207,6 +224,15 @@ class CompressionPlan:
                else "")
             + ")"
         )
+        speedup = self.latency_speedup()
+        if speedup is not None:
+            timed = self.options["model_latency"]
+            dense_layout = min(timed["dense_ms"], key=timed["dense_ms"].get)
+            footer += (
+                f"\nlatency at batch {timed['batch']}: {timed['ms'][self.layout]:.3g} ms in "
+                f"{self.layout}, dense {timed['dense_ms'][dense_layout]:.3g} ms in "
+                f"{dense_layout} ({speedup:.2f}x)"
+            )
         table = format_table(rows, footer, right={7, 8, 9, 10, 11})
         return "\n".join([table, *(f"note: {note}" for note in self.notes)])
 

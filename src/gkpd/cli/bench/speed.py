@@ -178,9 +178,9 @@ def add_parser(bench, **kwargs) -> None:
     p.add_argument("--latency-slacks", type=types.slacks, default=[0.1],
                    help="comma-separated error slacks of the latency plans, one plan each "
                    "(default 0.1)")
-    p.add_argument("--layouts", type=types.choices(LAYOUTS), default=["contiguous"],
-                   help="memory layouts the dense model and the latency plans run in, of "
-                   f"{','.join(LAYOUTS)} (default: contiguous)")
+    p.add_argument("--layouts", type=types.choices(LAYOUTS), default=list(LAYOUTS),
+                   help="memory layouts the dense model runs in and the latency plans are "
+                   f"timed in (each runs in its faster), of {','.join(LAYOUTS)} (default: both)")
     p.add_argument("--out", required=True, help="directory for speed.md and speed.json")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(handler=run)

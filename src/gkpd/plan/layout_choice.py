@@ -1,0 +1,126 @@
+"""The memory layout a latency plan runs in: per model, the layout in which the compressed
+model, with every layer on its fastest path for that layout, runs fastest end to end.
+
+Per model rather than per layer: a change of layout between layers is a copy of the
+activations, and on CPU the factored layers' grouped and depthwise convolutions are fast in
+channels_last, the dense ones in either. The whole models are timed (the compressed one per
+layout, the dense one in every layout, round by round as the layers are) because what the
+layers' own timings leave out — the input's conversion, BatchNorm, pooling, additions — runs
+in the chosen layout too. The dense model's best time is what the plan's speed-up is against.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gkpd.layers.base import WEIGHT_PATH
+from gkpd.layout import LAYOUTS, run_in_layout
+from gkpd.plan.latency_objective import Option, Timed, runnable
+from gkpd.timing import time_interleaved
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LayoutChoice", "choose_layout", "layouts_to_time"]
+
+_MIN_SECONDS = 0.3  # per model, spread over its rounds
+
+
+def layouts_to_time(requested: str, contexts: Sequence) -> tuple[str, ...]:
+    """The layouts ``requested`` (``"auto"`` or one of ``LAYOUTS``) asks to time: for
+    ``"auto"``, channels_last only where some layer has a 4-d or 5-d input."""
+    if requested != "auto":
+        return (requested,)
+    if any(len(ctx.input_shape) in (4, 5) for ctx in contexts):
+        return LAYOUTS
+    return ("contiguous",)
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    """The layout a plan runs in, and the whole-model seconds per call that chose it."""
+
+    layout: str
+    batch: int
+    seconds: Mapping[str, float]  # the compressed model, per layout timed
+    dense_seconds: Mapping[str, float]  # the dense model, per layout
+
+    def options(self) -> dict[str, Any]:
+        """What the plan's ``options`` record: ``layout`` (what ``apply_`` runs the model in)
+        and ``model_latency`` (milliseconds per call at ``batch``)."""
+        ms = lambda seconds: {k: round(v * 1e3, 4) for k, v in seconds.items()}  # noqa: E731
+        return {"layout": self.layout, "model_latency": {
+            "batch": self.batch, "ms": ms(self.seconds), "dense_ms": ms(self.dense_seconds)}}
+
+
+def choose_layout(model: nn.Module, example_input: Any, batch: int, contexts: Sequence,
+                  tables: Sequence, per_layout: Mapping[str, Sequence[Timed | None]]
+                  ) -> LayoutChoice:
+    """Time ``model`` (in eval mode, a copy per layout) and, per layout of ``per_layout``,
+    the model with each layer of ``contexts`` on its timed option (``Timed.pick`` indexes
+    ``tables``), on ``example_input`` repeated to ``batch`` samples and passed in NCHW as
+    callers do; keep the fastest layout."""
+    x = _at_batch(example_input, batch)
+    dense_layouts = layouts_to_time("auto", contexts)
+    calls = {}
+    for layout in dense_layouts:
+        dense = run_in_layout(copy.deepcopy(model).eval(), layout)
+        calls["dense", layout] = _call(dense, x)
+    for layout, timings in per_layout.items():
+        compressed = copy.deepcopy(model).eval()
+        for ctx, table, timed in zip(contexts, tables, timings, strict=True):
+            if timed is not None and timed.order != WEIGHT_PATH:  # the weight path: dense
+                option = Option(table.configs[timed.pick], timed.order)
+                compressed.set_submodule(ctx.name, runnable(ctx.module, option))
+        calls["compressed", layout] = _call(run_in_layout(compressed, layout), x)
+    with _flush_denormals():  # fresh factors: their values must not set the speed
+        seconds = time_interleaved(calls, min_seconds=_MIN_SECONDS)
+    timed = {layout: seconds["compressed", layout] for layout in per_layout}
+    choice = LayoutChoice(min(timed, key=timed.get), batch, timed,
+                          {layout: seconds["dense", layout] for layout in dense_layouts})
+    log.info("latency: the plan runs in %s (ms per call at batch %d: %s; dense: %s)",
+             choice.layout, batch, _ms(choice.seconds), _ms(choice.dense_seconds))
+    return choice
+
+
+def _ms(seconds: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v * 1e3:.3g}" for k, v in seconds.items())
+
+
+def _at_batch(value: Any, batch: int) -> Any:
+    """``value`` with each batched tensor (2 dims or more) made of ``batch`` copies of its
+    first sample, in NCHW."""
+    if isinstance(value, Tensor):
+        if value.dim() < 2:
+            return value
+        return value[:1].expand(batch, *value.shape[1:]).contiguous()
+    if isinstance(value, tuple | list):
+        return type(value)(_at_batch(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _at_batch(v, batch) for k, v in value.items()}
+    return value
+
+
+def _call(model: nn.Module, x: Any):
+    if isinstance(x, dict):
+        return lambda: model(**x)
+    if isinstance(x, tuple):
+        return lambda: model(*x)
+    return lambda: model(x)
+
+
+@contextmanager
+def _flush_denormals():
+    previous = torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        yield
+    finally:
+        if previous:
+            torch.set_flush_denormal(False)
