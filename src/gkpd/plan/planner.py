@@ -361,11 +361,14 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
             # the timed path may run the other stage order than the one the MACs were for
             layer = compressor.build(ctx.module, entry, decompose=False)
             entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
-        entry.relative_error = compressor.exact_error(
-            ctx.module, entry,
-            **({"input_covariance": ctx.input_covariance}
-               if request.calibration is not None else {}),
-        )
+        if table.is_exact(pick):  # the table's error is the built layer's: no second SVD
+            entry.relative_error = float(table.error[pick])
+        else:
+            entry.relative_error = compressor.exact_error(
+                ctx.module, entry,
+                **({"input_covariance": ctx.input_covariance}
+                   if request.calibration is not None else {}),
+            )
         entry.reason = "compressed"
 
 
