@@ -1,4 +1,5 @@
-"""GKPD: each conv/linear weight as a sum of Kronecker products (docs/design.md §1–§5).
+"""GKPD: each conv, linear and embedding weight as a sum of Kronecker products
+(docs/design.md §1–§5).
 
 Per-layer override: ``{"a_shape": (...)}`` (that split only), optionally with ``"rank"``.
 """
@@ -14,13 +15,14 @@ from torch import nn
 
 from gkpd.counting import group_split
 from gkpd.decompose import b_shape_for, check_rank, rearrange
-from gkpd.layers import KroneckerConvNd, KroneckerLinear
+from gkpd.layers import KroneckerConvNd, KroneckerEmbedding, KroneckerLinear
 from gkpd.layers.conv import (
     KroneckerConv1d,
     KroneckerConv2d,
     KroneckerConv3d,
     on_channel_path,
 )
+from gkpd.layers.embedding import unsupported_embedding_settings
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.gkpd_search import (
     LayerShape,
@@ -45,25 +47,30 @@ def _is_conv(module: nn.Module) -> bool:
 
 class KroneckerConfig(NamedTuple):
     """One GKPD configuration of a layer: ``weight ≈ Σ_rank A_r ⊗ B_r`` with factors of
-    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs)."""
+    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs;
+    ``None`` for an embedding, which has one way to run)."""
 
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rank: int
-    order: str
+    order: str | None
 
 
 class GKPD(LayerMethod):
     name = "gkpd"
 
     def supports(self, module: nn.Module) -> str | None:
-        if isinstance(module, nn.Linear) or _is_conv(module):
+        if isinstance(module, nn.Linear | nn.Embedding) or _is_conv(module):
             if not module.weight.is_floating_point():
                 return f"weight dtype {module.weight.dtype} is not floating point"
+            if isinstance(module, nn.Embedding):
+                return unsupported_embedding_settings(
+                    module.max_norm, module.scale_grad_by_freq, module.sparse
+                )
             return None
         if isinstance(module, nn.modules.conv._ConvNd):
             return "transposed convolutions are not supported"
-        return f"{type(module).__name__} is not a conv or linear layer"
+        return f"{type(module).__name__} is not a conv, linear or embedding layer"
 
     # ------------------------------------------------------------------ planning
 
@@ -71,7 +78,8 @@ class GKPD(LayerMethod):
         """The splits to search: the override's, the families the first layer of this shape
         kept (``ctx.families``), or every one (the table is shared by the layer shape)."""
         budget = ctx.max_params() - ctx.bias_params
-        max_macs = ctx.max_macs
+        # a dense lookup counts no MACs, so an embedding has no MAC budget to stay within
+        max_macs = None if shape.kind == "embedding" else ctx.max_macs
         if "a_shape" in ctx.override:
             a = tuple(ctx.override["a_shape"])
             b = b_shape_for(shape.weight_shape, a)
@@ -206,6 +214,15 @@ class GKPD(LayerMethod):
     def _build(
         self, module: nn.Module, entry: LayerPlan, *, decompose: bool, **data: Any
     ) -> nn.Module:
+        if isinstance(module, nn.Embedding):  # never whitened: its inputs are token ids
+            if decompose:
+                return KroneckerEmbedding.from_dense(module, a_shape=entry.a_shape,
+                                                     rank=entry.rank)
+            w = module.weight
+            return KroneckerEmbedding(
+                module.num_embeddings, module.embedding_dim, module.padding_idx,
+                a_shape=entry.a_shape, rank=entry.rank, device=w.device, dtype=w.dtype,
+            )
         if isinstance(module, nn.Linear):
             if decompose:
                 return KroneckerLinear.from_dense(
@@ -247,10 +264,10 @@ def order_macs(
     rank: int,
 ) -> dict[str, int]:
     """MACs per stage order of the Kronecker layer (factor shapes ``a``, ``b``, ``rank``)
-    that would replace the conv/linear ``module``, for one sample of ``input_shape``
+    that would replace the conv, linear or embedding ``module``, for one sample of ``input_shape``
     (batch dim first)."""
     return LayerShape.of(module, input_shape).order_macs(a, b, rank)
 
 
 def is_kronecker(module: nn.Module) -> bool:
-    return isinstance(module, KroneckerConvNd | KroneckerLinear)
+    return isinstance(module, KroneckerConvNd | KroneckerLinear | KroneckerEmbedding)

@@ -115,7 +115,8 @@ def fastest(objective: LatencyObjective, contexts, tables, full_tables, picks, e
         contexts, full_tables, full_picks, timer=timer, error_slack=objective.slack, fits=fits
     )
     cache.save()
-    picks = [None if t is None else t.pick for t in timings]
+    # an untimed layer (an embedding: one way to run) keeps its pick
+    picks = [q if t is None else t.pick for t, q in zip(timings, full_picks, strict=True)]
     total_change = sum(
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
