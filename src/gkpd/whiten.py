@@ -48,6 +48,12 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
 
 
+def has_input_vectors(module: nn.Module) -> bool:
+    """Whether ``module`` reads input vectors to whiten: a conv or linear layer (an
+    embedding reads token ids, so its factors stay plain GKPD's)."""
+    return isinstance(module, nn.Linear) or _is_conv(module)
+
+
 def input_width(module: nn.Module) -> int:
     """Length of the input vector one output of ``module`` reads (a patch for a conv)."""
     weight = module.weight

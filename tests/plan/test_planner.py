@@ -148,7 +148,7 @@ def test_grouped_depthwise_3d_1d_and_linear_layers_plan_and_apply():
         ({"ratio": 1.0}, ValueError, "ratio must be a number > 1"),
         ({"ratio": "5"}, ValueError, "ratio"),
         ({"ratio": 500.0}, UnreachableRatio, "largest reachable whole-model ratio is"),
-        ({"exclude": "re:nothing\\..*"}, ValueError, "matches no conv/linear layer"),
+        ({"exclude": "re:nothing\\..*"}, ValueError, "matches no conv, linear or embedding layer"),
         ({"include": "re:("}, ValueError, "not a valid regex"),
         ({"method": "magic"}, ValueError, "unknown method 'magic'"),
         ({"strategy": "best"}, ValueError, "strategy"),

@@ -46,6 +46,13 @@ def refuse_script(module: nn.Module, why: str) -> None:
     )
 
 
+def check_sizes(**sizes: object) -> None:
+    """Each of ``sizes`` (an argument name and its value) must be a positive int."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def dense_factors(
     weight: Tensor,
     a_shape: Sequence[int],

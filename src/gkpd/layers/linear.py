@@ -11,7 +11,13 @@ from torch import Tensor, nn
 
 from gkpd.counting import best_order, kronecker_linear_order_macs
 from gkpd.decompose import as_shape, b_shape_for, check_rank
-from gkpd.layers.base import WEIGHT_PATH, KroneckerLayer, dense_factors, fx_leaf_call
+from gkpd.layers.base import (
+    WEIGHT_PATH,
+    KroneckerLayer,
+    check_sizes,
+    dense_factors,
+    fx_leaf_call,
+)
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
 __all__ = ["KroneckerLinear"]
@@ -37,9 +43,7 @@ class KroneckerLinear(KroneckerLayer):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_sizes(in_features=in_features, out_features=out_features)
         check_dtype(dtype)
         a = as_shape("a_shape", a_shape)
         self.in_features = in_features

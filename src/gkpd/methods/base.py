@@ -102,7 +102,9 @@ class LayerMethod(_Named):
 
     @abstractmethod
     def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
-        """Relative reconstruction error of ``entry``'s configuration on ``module``."""
+        """Relative reconstruction error of ``entry``'s configuration on ``module``; the
+        planner asks only for picks whose candidate error is not marked exact
+        (:attr:`Candidates.exact`)."""
 
     @abstractmethod
     def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:

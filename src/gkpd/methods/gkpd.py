@@ -1,11 +1,11 @@
-"""GKPD: each conv/linear weight as a sum of Kronecker products (docs/design.md §1–§5).
+"""GKPD: each conv, linear and embedding weight as a sum of Kronecker products
+(docs/design.md §1–§5).
 
 Per-layer override: ``{"a_shape": (...)}`` (that split only), optionally with ``"rank"``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -13,138 +13,87 @@ import numpy as np
 import torch
 from torch import nn
 
-from gkpd.counting import (
-    best_order,
-    group_split,
-    kronecker_conv_order_macs,
-    kronecker_linear_order_macs,
-)
-from gkpd.decompose import b_shape_for, check_rank, full_rank, rearrange
-from gkpd.layers import KroneckerConvNd, KroneckerLinear
+from gkpd.counting import group_split
+from gkpd.decompose import b_shape_for, check_rank, rearrange
+from gkpd.layers import KroneckerConvNd, KroneckerEmbedding, KroneckerLinear
 from gkpd.layers.conv import (
     KroneckerConv1d,
     KroneckerConv2d,
     KroneckerConv3d,
     on_channel_path,
 )
+from gkpd.layers.embedding import unsupported_embedding_settings
 from gkpd.methods.base import LayerContext, LayerMethod
+from gkpd.methods.gkpd_search import (
+    LayerShape,
+    Split,
+    exact_energies,
+    make_split,
+    split_table,
+    tail_errors,
+    whitened_tail_errors,
+)
 from gkpd.methods.lowrank import override_settings
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
-from gkpd.whiten import WhitenedSplit, decompose_whitened, output_error
+from gkpd.whiten import decompose_whitened, output_error
 
 _KRONECKER_CONV = {1: KroneckerConv1d, 2: KroneckerConv2d, 3: KroneckerConv3d}
-# Below this many rows/columns, or when most of the spectrum is wanted, an exact SVD is
-# cheaper than a randomized one.
-_EXACT_SVD_SIDE = 256
-_OVERSAMPLE = 10
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
 
 
-def _tail_errors(
-    weight: torch.Tensor, a_shape: tuple[int, ...], max_rank: int, total: float
-) -> np.ndarray:
-    """Relative error of the best rank-r GKPD for r = 1 … max_rank (float64); ``total`` is
-    ``‖weight‖²`` (the same for every split).
-
-    Where most of the spectrum is wanted, the squared singular values are the eigenvalues
-    of the Gram matrix of the rearranged weight's short side (about twice as fast as an SVD;
-    absolute error ~1e-7 of the largest, far below the errors compared here). Where only a
-    few are wanted from a large matrix, a randomized SVD (one power iteration) estimates them
-    from below, so the error here is never optimistic.
-    """
-    if total == 0.0:
-        return np.zeros(max_rank)
-    m = rearrange(weight, a_shape).float()
-    side = min(m.shape)
-    if side <= _EXACT_SVD_SIDE or 4 * (max_rank + _OVERSAMPLE) >= side:
-        short = m if m.shape[0] <= m.shape[1] else m.T
-        energies = torch.linalg.eigvalsh(short @ short.T).flip(0)[:max_rank].clamp_min(0)
-    else:
-        _, s, _ = torch.svd_lowrank(m, q=max_rank + _OVERSAMPLE, niter=1)
-        energies = s[:max_rank].square()
-    captured = np.cumsum(energies.double().numpy())
-    return np.sqrt(np.clip(total - captured, 0.0, None) / total)
-
-
-def _whitened_tail_errors(
-    weight: torch.Tensor, cov: torch.Tensor, a_shape: tuple[int, ...], max_rank: int,
-    damping: float,
-) -> np.ndarray:
-    """Relative output error of the best rank-r data-aware GKPD for r = 1 … max_rank, under
-    the damped nearest-Kronecker approximation of the input covariance ``cov``."""
-    split = WhitenedSplit.from_covariance(
-        cov, weight.shape, a_shape, b_shape_for(weight.shape, a_shape), damping=damping
-    )
-    m = split.whiten(rearrange(weight, a_shape))
-    total = float(m.square().sum())
-    if total == 0.0:
-        return np.zeros(max_rank)
-    short = m if m.shape[0] <= m.shape[1] else m.T
-    energies = torch.linalg.eigvalsh(short @ short.T).flip(0)[:max_rank].clamp_min(0)
-    captured = np.cumsum(energies.numpy())
-    return np.sqrt(np.clip(total - captured, 0.0, None) / total)
-
-
 class KroneckerConfig(NamedTuple):
     """One GKPD configuration of a layer: ``weight ≈ Σ_rank A_r ⊗ B_r`` with factors of
-    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs)."""
+    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs;
+    ``None`` for an embedding, which has one way to run)."""
 
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rank: int
-    order: str
+    order: str | None
 
 
 class GKPD(LayerMethod):
     name = "gkpd"
 
     def supports(self, module: nn.Module) -> str | None:
-        if isinstance(module, nn.Linear) or _is_conv(module):
+        if isinstance(module, nn.Linear | nn.Embedding) or _is_conv(module):
             if not module.weight.is_floating_point():
                 return f"weight dtype {module.weight.dtype} is not floating point"
+            if isinstance(module, nn.Embedding):
+                return unsupported_embedding_settings(
+                    module.max_norm, module.scale_grad_by_freq, module.sparse
+                )
             return None
         if isinstance(module, nn.modules.conv._ConvNd):
             return "transposed convolutions are not supported"
-        return f"{type(module).__name__} is not a conv or linear layer"
+        return f"{type(module).__name__} is not a conv, linear or embedding layer"
 
     # ------------------------------------------------------------------ planning
 
-    def _rank_one_macs(self, ctx: LayerContext, a: tuple[int, ...], b: tuple[int, ...]):
-        """``(order, MACs per unit of rank)`` for one sample at the planner's input size."""
-        macs = order_macs(ctx.module, ctx.input_shape, a, b, 1)
-        order = best_order(macs)
-        return order, macs[order]
-
-    def _splits(self, ctx: LayerContext) -> list[tuple[int, ...]]:
-        weight_shape = tuple(ctx.module.weight.shape)
+    def _splits(self, ctx: LayerContext, shape: LayerShape) -> tuple[Split, ...]:
+        """The splits to search: the override's, the families the first layer of this shape
+        kept (``ctx.families``), or every one (the table is shared by the layer shape)."""
+        budget = ctx.max_params() - ctx.bias_params
+        # a dense lookup counts no MACs, so an embedding has no MAC budget to stay within
+        max_macs = None if shape.kind == "embedding" else ctx.max_macs
         if "a_shape" in ctx.override:
             a = tuple(ctx.override["a_shape"])
-            b = b_shape_for(weight_shape, a)
+            b = b_shape_for(shape.weight_shape, a)
             self._check_groups(ctx, a, b)
-            return [a]
-        if ctx.families is not None:
-            return sorted(ctx.families)
-        total = math.prod(weight_shape)
-        splits = []
-        for a in itertools.product(*(_divisors(s) for s in weight_shape)):
-            if not 1 < math.prod(a) < total:
-                continue
-            b = tuple(w // x for w, x in zip(weight_shape, a, strict=True))
-            if _is_conv(ctx.module) and ctx.module.groups > 1:
-                try:
-                    group_split(ctx.module.groups, a, b)
-                except ValueError:
-                    continue
-            splits.append(a)
-        return splits
+            split = make_split(shape, a, budget, max_macs)
+            # the one split is the smallest, offered at rank 1 whatever the budget
+            cap = max(split.cap, 1)
+            if "rank" in ctx.override:
+                cap = check_rank(ctx.override["rank"], a, b)
+            return (split._replace(cap=cap),)
+        table = split_table(shape, budget, max_macs)
+        if ctx.families is None:
+            return table
+        return tuple(s for s in table if s.a in ctx.families)
 
     def _check_groups(self, ctx: LayerContext, a: tuple[int, ...], b: tuple[int, ...]) -> None:
         if _is_conv(ctx.module) and ctx.module.groups > 1:
@@ -158,49 +107,41 @@ class GKPD(LayerMethod):
         if "rank" in given and "a_shape" not in given:
             raise ValueError(f"overrides[{ctx.name!r}] gives a rank without an a_shape")
         weight = ctx.module.weight.detach()
-        weight_shape = tuple(weight.shape)
-        bias = ctx.bias_params
-        budget = ctx.max_params() - bias
-        fixed_rank = ctx.override.get("rank")
+        splits = self._splits(ctx, LayerShape.of(ctx.module, ctx.input_shape))
+        fixed_rank = "rank" in given
+        whitened = ctx.select_by_output and ctx.input_covariance is not None
         total = float(weight.double().square().sum())
-        if ctx.select_by_output and ctx.input_covariance is not None:
-            cov, damping = ctx.input_covariance, ctx.damping
-
-            def tail_errors(a, max_rank):
-                return _whitened_tail_errors(weight, cov, a, max_rank, damping)
-        else:
-
-            def tail_errors(a, max_rank):
-                return _tail_errors(weight, a, max_rank, total)
-
-        splits = self._splits(ctx)
-        # The smallest configuration is always offered, whatever the budget, so that the
-        # planner can say how far the model can shrink.
-        smallest = min(splits, key=lambda a: math.prod(a) + math.prod(b_shape_for(weight_shape, a)))
+        spectra: dict[tuple[int, ...], tuple[np.ndarray, bool]] = {}
+        if not whitened:  # splits of one spectrum: computed once, for the most ranks wanted
+            wanted: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+            for s in splits:
+                if s.spectrum not in wanted or wanted[s.spectrum][1] < s.cap:
+                    wanted[s.spectrum] = (s.a, s.cap)
+            spectra = {key: tail_errors(weight, a, cap, total)
+                       for key, (a, cap) in wanted.items()}
         parts = []
-        for a in splits:
-            b = b_shape_for(weight_shape, a)
-            per_rank = math.prod(a) + math.prod(b)
-            order, macs_per_rank = self._rank_one_macs(ctx, a, b)
-            if fixed_rank is not None:
-                ranks = np.array([check_rank(fixed_rank, a, b)])
-                errors = tail_errors(a, int(ranks[0]))[-1:]
+        for s in splits:
+            if whitened:
+                errors = whitened_tail_errors(
+                    weight, ctx.input_covariance, s.a, s.cap, ctx.damping
+                )
+                exact = False
             else:
-                cap = min(full_rank(a, b), budget // per_rank)
-                if ctx.max_macs is not None and macs_per_rank > 0:
-                    cap = min(cap, ctx.max_macs // macs_per_rank)
-                if cap < 1 and a == smallest:
-                    cap = 1
-                if cap < 1:
-                    continue
-                ranks = np.arange(1, cap + 1)
-                errors = tail_errors(a, cap)
+                errors, exact = spectra[s.spectrum]
+                errors = errors[: s.cap]
+            # a weight error is the one build's factors have unless they are whitened
+            exact = exact and ctx.input_covariance is None
+            ranks = np.array([s.cap]) if fixed_rank else np.arange(1, s.cap + 1)
+            errors = errors[-1:] if fixed_rank else errors
             parts.append(
                 Candidates(
-                    ranks * per_rank + bias,
-                    ranks * macs_per_rank,
+                    ranks * s.per_rank + ctx.bias_params,
+                    ranks * s.macs_per_rank,
                     errors,
-                    [KroneckerConfig(a, b, int(r), order) for r in ranks],
+                    # tuple.__new__ (KroneckerConfig._make) makes thousands of configs fast
+                    list(map(KroneckerConfig._make,
+                             ((s.a, s.b, r, s.order) for r in ranks.tolist()))),
+                    exact=np.full(len(ranks), exact),
                 )
             )
         return Candidates.concatenate(parts)
@@ -239,14 +180,13 @@ class GKPD(LayerMethod):
             )
             norm = float(weight.double().norm())
             return float((weight.double() - approx.double()).norm()) / norm if norm else 0.0
-        # singular values in the weight's own precision (float32 is ~3x faster than float64
-        # on the largest ResNet-50 layers); the sums in float64
-        m = rearrange(module.weight.detach(), entry.a_shape)
+        # the spectrum the candidate tables use, in float32 (the sums in float64)
+        m = rearrange(module.weight.detach(), entry.a_shape).float()
         total = float(m.double().square().sum())
         if total == 0.0:
             return 0.0
-        captured = float(torch.linalg.svdvals(m)[: entry.rank].double().square().sum())
-        return math.sqrt(max(total - captured, 0.0) / total)
+        tail = float(exact_energies(m)[entry.rank:].double().sum())
+        return math.sqrt(max(tail, 0.0) / total)
 
     # ------------------------------------------------------------------ applying
 
@@ -274,6 +214,15 @@ class GKPD(LayerMethod):
     def _build(
         self, module: nn.Module, entry: LayerPlan, *, decompose: bool, **data: Any
     ) -> nn.Module:
+        if isinstance(module, nn.Embedding):  # never whitened: its inputs are token ids
+            if decompose:
+                return KroneckerEmbedding.from_dense(module, a_shape=entry.a_shape,
+                                                     rank=entry.rank)
+            w = module.weight
+            return KroneckerEmbedding(
+                module.num_embeddings, module.embedding_dim, module.padding_idx,
+                a_shape=entry.a_shape, rank=entry.rank, device=w.device, dtype=w.dtype,
+            )
         if isinstance(module, nn.Linear):
             if decompose:
                 return KroneckerLinear.from_dense(
@@ -315,18 +264,10 @@ def order_macs(
     rank: int,
 ) -> dict[str, int]:
     """MACs per stage order of the Kronecker layer (factor shapes ``a``, ``b``, ``rank``)
-    that would replace the conv/linear ``module``, for one sample of ``input_shape``
+    that would replace the conv, linear or embedding ``module``, for one sample of ``input_shape``
     (batch dim first)."""
-    if isinstance(module, nn.Linear):
-        rows = math.prod(input_shape[1:-1]) if len(input_shape) > 1 else 1
-        return kronecker_linear_order_macs(a, b, rank, batch=rows)
-    n = len(module.kernel_size)
-    return kronecker_conv_order_macs(
-        input_shape[-n:], a, b, rank, stride=module.stride, padding=module.padding,
-        dilation=module.dilation, groups=module.groups, batch=1,
-        padding_mode=module.padding_mode,
-    )
+    return LayerShape.of(module, input_shape).order_macs(a, b, rank)
 
 
 def is_kronecker(module: nn.Module) -> bool:
-    return isinstance(module, KroneckerConvNd | KroneckerLinear)
+    return isinstance(module, KroneckerConvNd | KroneckerLinear | KroneckerEmbedding)

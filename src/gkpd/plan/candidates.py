@@ -14,12 +14,18 @@ class Candidates:
     of each, and ``configs[i]``, the method's own description of configuration ``i``.
 
     Index 0 may be the dense layer itself (error 0) where a strategy may keep it.
+    ``exact[i]`` (optional) says that ``error[i]`` is already the relative error of the layer
+    the method builds, so the planner need not ask :meth:`LayerMethod.exact_error` for it.
     """
 
     params: np.ndarray
     macs: np.ndarray
     error: np.ndarray
     configs: list[Any]
+    exact: np.ndarray | None = None
+
+    def is_exact(self, i: int) -> bool:
+        return self.exact is not None and bool(self.exact[i])
 
     def __len__(self) -> int:
         return len(self.configs)
@@ -34,6 +40,8 @@ class Candidates:
             np.concatenate([p.macs for p in parts]),
             np.concatenate([p.error for p in parts]),
             [c for p in parts for c in p.configs],
+            np.concatenate([np.zeros(len(p), bool) if p.exact is None else p.exact
+                            for p in parts]),
         )
 
     @classmethod
@@ -45,7 +53,8 @@ class Candidates:
         if keep.dtype == bool:
             keep = np.flatnonzero(keep)
         return Candidates(
-            self.params[keep], self.macs[keep], self.error[keep], [self.configs[i] for i in keep]
+            self.params[keep], self.macs[keep], self.error[keep], [self.configs[i] for i in keep],
+            None if self.exact is None else self.exact[keep],
         )
 
     def pareto(self) -> Candidates:

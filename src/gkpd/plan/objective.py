@@ -141,7 +141,8 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
                  timer.cached, timer.stale)
     choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
     timings = per_layout[choice.layout]
-    picks = [None if t is None else t.pick for t in timings]
+    # an untimed layer (an embedding: one way to run) keeps its pick
+    picks = [q if t is None else t.pick for t, q in zip(timings, full_picks, strict=True)]
     total_change = sum(
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None

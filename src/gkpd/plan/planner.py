@@ -38,8 +38,9 @@ from gkpd.plan.objective import (
     resolve_objective,
 )
 from gkpd.plan.schema import CompressionPlan, LayerPlan
-from gkpd.plan.select import Pattern, select_layers
+from gkpd.plan.select import SKIP, Pattern, select_layers, tied_layers, tied_reason
 from gkpd.plan.trace import LayerCall, Trace, dense_entry, pattern_names, trace, trace_layers
+from gkpd.whiten import has_input_vectors
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def plan(
     model = with_unpacked_attention(model)  # a copy where it has attention: plan projections
     traced = trace(model, example_input)
     if not traced.layers:
-        raise ValueError("the model calls no conv or linear layer on example_input")
+        raise ValueError("the model calls no conv, linear or embedding layer on example_input")
     try:
         return _plan_layers(compressor, model, traced, request, example_input)
     except RatioMissed as error:
@@ -256,10 +257,12 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
     )
     latency = request.objective is not None
     calibration = request.calibration
+    tied = tied_layers(model)
     covariances = {} if calibration is None else collect_covariances(
         model,
         {n: c.module for n, c in calls.items()
-         if not selection.reasons[n] and not compressor.supports(c.module)},
+         if not selection.reasons[n] and not compressor.supports(c.module)
+         and not tied_reason(n, tied) and has_input_vectors(c.module)},
         calibration,
     )
     search = _Search()
@@ -270,6 +273,11 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
         per_sample, dense_macs = entry.input_shape, entry.dense_macs
         search.entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
+        if not reason and tied_reason(name, tied):
+            if any(k != SKIP for k in selection.overrides.get(name, {})):
+                raise ValueError(f"overrides[{name!r}] compresses layer {name!r}, but "
+                                 f"{tied_reason(name, tied)}")
+            reason = tied_reason(name, tied)
         if reason:
             entry.reason = reason
             continue
@@ -288,7 +296,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
                 else shared_families.get(shape_key)
             ),
             **(
-                {"input_covariance": covariances[name], "damping": calibration.damping,
+                # an embedding has none: its inputs are token ids
+                {"input_covariance": covariances.get(name), "damping": calibration.damping,
                  "select_by_output": calibration.select}
                 if calibration is not None else {}
             ),
@@ -363,11 +372,14 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
             # the timed path may run the other stage order than the one the MACs were for
             layer = compressor.build(ctx.module, entry, decompose=False)
             entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
-        entry.relative_error = compressor.exact_error(
-            ctx.module, entry,
-            **({"input_covariance": ctx.input_covariance}
-               if request.calibration is not None else {}),
-        )
+        if table.is_exact(pick):  # the table's error is the built layer's: no second SVD
+            entry.relative_error = float(table.error[pick])
+        else:
+            entry.relative_error = compressor.exact_error(
+                ctx.module, entry,
+                **({"input_covariance": ctx.input_covariance}
+                   if request.calibration is not None else {}),
+            )
         entry.reason = "compressed"
 
 

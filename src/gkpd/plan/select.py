@@ -49,6 +49,30 @@ def _compile(patterns: list[Pattern], argument: str) -> None:
                 ) from None
 
 
+def tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Per module name, the other names its weight is reached by: modules holding the same
+    weight parameter (tied input and output embeddings, ``lm_head.weight is
+    embeddings.weight``) or the same module registered twice. Replacing the module at one
+    name would untie them, so such layers stay dense."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")  # its own, not a child's
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return {
+        name: [other for other in names if other != name]
+        for names in owners.values() if len(names) > 1 for name in names
+    }
+
+
+def tied_reason(name: str, tied: Mapping[str, list[str]]) -> str | None:
+    """Why layer ``name`` cannot be compressed on its own (``None``: it can)."""
+    if name not in tied:
+        return None
+    return (f"its weight is tied to {', '.join(tied[name])}: compressing it would untie them "
+            "(untie them first to compress)")
+
+
 @dataclass
 class Selection:
     """Per candidate layer name: ``None`` to compress it, else why it stays dense."""
@@ -66,7 +90,8 @@ def select_layers(
     first_layer: str | None,
     min_params: int,
 ) -> Selection:
-    """Decide for each layer (conv/linear modules called by the example input, in call order).
+    """Decide for each layer (conv, linear and embedding modules called by the example input,
+    in call order).
 
     Defaults: the first conv on 1–4 input channels stays dense (little to gain, much to
     lose), and so do layers with fewer than ``min_params`` weights; a layer given settings by
@@ -82,7 +107,8 @@ def select_layers(
         for p in patterns:
             if not any(_matches(p, n, m) for n, m in layers.items()):
                 raise ValueError(
-                    f"{argument} pattern {p!r} matches no conv/linear layer the model calls "
+                    f"{argument} pattern {p!r} matches no conv, linear or embedding layer the "
+                    "model calls "
                     f"(layers: {', '.join(list(layers)[:8])}{' ...' if len(layers) > 8 else ''})"
                 )
     clean_overrides: dict[str, dict[str, Any]] = {}

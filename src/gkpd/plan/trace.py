@@ -16,7 +16,7 @@ from gkpd.inputs import ModelCall
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
 
-LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)  # an embedding: its ids shape
 
 
 @dataclass
