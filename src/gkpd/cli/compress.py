@@ -58,10 +58,14 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.allow_more_macs:
         options["allow_more_macs"] = True
     if args.objective == "latency":
-        options.update(objective="latency", latency_batch=args.latency_batch,
-                       latency_channels_last=args.channels_last)
+        from gkpd.plan.objective import LatencyObjective
+
+        objective = {"batch": args.latency_batch}
         if args.latency_slack is not None:
-            options["latency_slack"] = args.latency_slack
+            objective["slack"] = args.latency_slack
+        if args.channels_last:
+            objective["layout"] = "channels_last"
+        options["objective"] = LatencyObjective(**objective)
     elif args.latency_batch is not None or args.latency_slack is not None or args.channels_last:
         raise CliError("--latency-batch, --latency-slack and --channels-last need "
                        "--objective latency")
