@@ -119,7 +119,8 @@ def main() -> None:
             "train_samples": args.train_subset, "params": counts.total_params,
             "macs": counts.total_macs, "accuracy_before": before,
             "accuracy_after": evaluate(model, test)["accuracy"],
-            "shapes": sorted({str(e.a_shape) for e in plan.layers if e.a_shape}),
+            "shapes": sorted({str(tuple(e.settings["a_shape"])) for e in plan.layers
+                              if "a_shape" in e.settings}),
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(json.dumps(row))

@@ -390,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "name": e.name,
                 "compressed": e.compressed,
-                "a_shape": e.a_shape,
-                "b_shape": e.b_shape,
-                "rank": e.rank,
+                "a_shape": e.settings.get("a_shape"),
+                "b_shape": e.settings.get("b_shape"),
+                "rank": e.settings.get("rank"),
                 "params": e.params,
                 "dense_params": e.dense_params,
                 "macs": e.macs,

@@ -55,7 +55,7 @@ def _full_rank(plan, model):
     modules = dict(gkpd.layers.attention.with_unpacked_attention(model).named_modules())
     for entry in plan.compressed_layers:
         if entry.method == "gkpd":
-            entry.rank = full_rank(entry.a_shape, entry.b_shape)
+            entry.settings["rank"] = full_rank(entry.settings["a_shape"], entry.settings["b_shape"])
         elif entry.method == "svd":
             entry.settings["rank"] = min(entry.weight_shape)
         else:

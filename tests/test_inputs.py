@@ -188,9 +188,10 @@ def test_compress_keeps_how_the_model_is_called_and_what_it_returns(case):
     # at full Kronecker rank the same factor shapes reproduce the original outputs
     exact = copy.deepcopy(plan)
     for entry in exact.compressed_layers:
-        entry.rank = full_rank(entry.a_shape, entry.b_shape)
+        entry.settings["rank"] = full_rank(entry.settings["a_shape"], entry.settings["b_shape"])
     full = gkpd.apply_(copy.deepcopy(model), exact)
-    assert all(full.get_submodule(e.name).rank == e.rank for e in exact.compressed_layers)
+    assert all(full.get_submodule(e.name).rank == e.settings["rank"]
+               for e in exact.compressed_layers)
     with torch.no_grad():
         _assert_same_outputs(call.run(full), want, atol=1e-5)
 

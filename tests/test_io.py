@@ -66,15 +66,11 @@ def compress_by_hand(model, choices=CHOICES):
             layer = cls.from_dense(module, a_shape=a_shape, rank=rank)
             parent, _, child = c.name.rpartition(".")
             setattr(modules[parent] if parent else model, child, layer)
-            entry.method, entry.a_shape, entry.b_shape, entry.rank = (
-                "gkpd",
-                layer.a_shape,
-                layer.b_shape,
-                layer.rank,
-            )
+            entry.method = "gkpd"
+            entry.settings = {"a_shape": list(layer.a_shape), "b_shape": list(layer.b_shape),
+                              "rank": layer.rank, "order": layer.resolve_order(c.input_shape)}
             entry.params = sum(p.numel() for p in layer.parameters())
             entry.macs = layer.macs(c.input_shape)
-            entry.order = layer.resolve_order(c.input_shape)
             entry.relative_error = 0.1
         else:
             entry.reason = "not chosen"

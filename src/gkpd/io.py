@@ -81,21 +81,24 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
         module = modules.get(entry.name)
         if module is None:
             raise ValueError(f"plan layer {entry.name!r} is not a module of the model")
+        # the settings a built layer keeps as attributes of the same name (GKPD's a_shape;
+        # the rank of gkpd, svd, cp, tensor_train, tensor_ring) must be the plan's
+        planned_a, planned_rank = entry.settings.get("a_shape"), entry.settings.get("rank")
         a_shape = getattr(module, "a_shape", None)
-        if entry.a_shape is not None and a_shape is None:
+        if planned_a is not None and a_shape is None:
             raise ValueError(
                 f"model layer {entry.name!r} is a dense {type(module).__name__}, but the plan "
                 f"compresses it with {entry.method}: apply the plan (gkpd.apply_) before saving"
             )
-        if entry.a_shape is not None and tuple(a_shape) != tuple(entry.a_shape):
+        if planned_a is not None and tuple(a_shape) != tuple(planned_a):
             raise ValueError(
                 f"model layer {entry.name!r} has a_shape {tuple(a_shape)}, the plan says "
-                f"{entry.a_shape}"
+                f"{tuple(planned_a)}"
             )
         rank = getattr(module, "rank", None)
-        if entry.rank is not None and rank is not None and rank != entry.rank:
+        if planned_rank is not None and rank is not None and rank != planned_rank:
             raise ValueError(
-                f"model layer {entry.name!r} has rank {rank}, the plan says {entry.rank}"
+                f"model layer {entry.name!r} has rank {rank}, the plan says {planned_rank}"
             )
 
 

@@ -143,7 +143,7 @@ def test_planning_compresses_embeddings_and_the_result_saves_and_loads(tmp_path)
     inputs = token_batch()
     compressed, plan = gkpd.compress(model, inputs, ratio=1.5)
     entry = plan.layer("embeddings.word_embeddings")
-    assert entry.compressed and entry.dense_macs == 0 and entry.order is None
+    assert entry.compressed and entry.dense_macs == 0 and "order" not in entry.settings
     layer = compressed.embeddings.word_embeddings
     assert isinstance(layer, gkpd.KroneckerEmbedding) and layer.padding_idx == 0
     dense = model.embeddings.word_embeddings.weight.detach()
@@ -165,7 +165,8 @@ def test_full_rank_embeddings_reproduce_the_model():
     inputs = token_batch()
     plan = gkpd.plan(model, inputs, ratio=1.2, include=["re:embeddings\\..*"], min_params=0)
     for entry in plan.compressed_layers:
-        entry.rank = min(math.prod(entry.a_shape), math.prod(entry.b_shape))
+        entry.settings["rank"] = min(map(math.prod, (entry.settings["a_shape"],
+                                                     entry.settings["b_shape"])))
     compressed = gkpd.apply_(copy.deepcopy(model), plan)
     with torch.no_grad():
         torch.testing.assert_close(compressed(*inputs).last_hidden_state,
@@ -216,5 +217,5 @@ def test_embeddings_with_calibration_data_and_the_latency_objective(monkeypatch)
                         lambda self, module, shape, options: timed.append(module)
                         or dict.fromkeys(options, 1e-3))
     plan = gkpd.plan(model, inputs, ratio=1.5, objective=gkpd.LatencyObjective(cache=None))
-    assert plan.layer(word).compressed and plan.layer(word).rank
+    assert plan.layer(word).compressed and plan.layer(word).settings["rank"]
     assert timed and not any(isinstance(m, nn.Embedding) for m in timed)

@@ -179,8 +179,8 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         assert entry.settings["latency_batch"] == 4
         # the weight path (dense speed) is always an option, so no layer is planned slower
         assert entry.settings["latency_ms"] <= entry.settings["dense_latency_ms"] * 1.0001
-        assert entry.order in ("a_first", "b_first", "weight", "b_first_channels",
-                               "a_first_channels")
+        assert entry.settings["order"] in ("a_first", "b_first", "weight", "b_first_channels",
+                                           "a_first_channels")
         assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
     compressed = gkpd.apply_(_net().eval(), plan)
     assert layout_of(compressed) == plan.layout  # apply_ runs it in the plan's layout
@@ -189,7 +189,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         torch.contiguous_format)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
-        assert layer.order == entry.order  # the timed path is pinned
+        assert layer.order == entry.settings["order"]  # the timed path is pinned
         assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
     # the oracle: every layer replaced by its dense reconstruction, in NCHW
     merged = gkpd.apply_(_net().eval(), plan)
@@ -205,7 +205,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     loaded = gkpd.load(tmp_path / "saved", _net().eval())
     assert layout_of(loaded) == plan.layout
     for entry in plan.compressed_layers:
-        assert loaded.get_submodule(entry.name).order == entry.order
+        assert loaded.get_submodule(entry.name).order == entry.settings["order"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x), rtol=1e-4, atol=1e-5)
     saved = json.loads(cache.read_text())
@@ -289,8 +289,10 @@ def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_pat
     second = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
     assert asked and {o.order for o in asked} == {"weight"}
     assert len(asked) == len(first.compressed_layers)  # one dense check per layer
-    assert [e.order for e in second.layers] == [e.order for e in first.layers]
-    assert [e.a_shape for e in second.layers] == [e.a_shape for e in first.layers]
+    assert [e.settings.get("order") for e in second.layers] == [
+        e.settings.get("order") for e in first.layers]
+    assert [e.settings.get("a_shape") for e in second.layers] == [
+        e.settings.get("a_shape") for e in first.layers]
 
 
 def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, caplog):

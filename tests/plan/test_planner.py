@@ -45,9 +45,11 @@ def test_resnet32_reaches_ratio_and_applied_model_matches(resnet32, ratio, strat
     # shapes allow one)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
-        assert layer.order == "auto" and layer.resolve_order(EXAMPLE.shape) == entry.order
+        assert layer.order == "auto"
+        assert layer.resolve_order(EXAMPLE.shape) == entry.settings["order"]
     if (ratio, strategy) == (5.0, "uniform"):  # its factors have a channel dim of 1
-        assert any(entry.order.endswith("_channels") for entry in plan.compressed_layers)
+        assert any(entry.settings["order"].endswith("_channels")
+                   for entry in plan.compressed_layers)
 
 
 def test_uniform_compresses_every_layer_alike(resnet32):
@@ -82,7 +84,7 @@ def test_full_rank_plan_reproduces_dense_outputs(resnet32):
     model = copy.deepcopy(resnet32).double()
     plan = CompressionPlan.from_json(_plan(resnet32, 5.0, "uniform").to_json())
     for entry in plan.compressed_layers:
-        entry.rank = full_rank(entry.a_shape, entry.b_shape)
+        entry.settings["rank"] = full_rank(entry.settings["a_shape"], entry.settings["b_shape"])
     compressed = apply_(copy.deepcopy(model), plan)
     x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
     with torch.no_grad():
@@ -104,7 +106,8 @@ def test_overrides_fix_a_layer_and_skip_another(resnet32):
                    "layer3.1.conv1": "skip"},
     )
     fixed = plan.layer("layer3.0.conv2")
-    assert (fixed.a_shape, fixed.b_shape, fixed.rank) == ((8, 8, 3, 1), (8, 8, 1, 3), 2)
+    assert fixed.settings == {"a_shape": [8, 8, 3, 1], "b_shape": [8, 8, 1, 3], "rank": 2,
+                              "order": fixed.settings["order"]}
     assert not plan.layer("layer3.1.conv1").compressed
     assert "override" in plan.layer("layer3.1.conv1").reason
 
@@ -136,7 +139,7 @@ def test_grouped_depthwise_3d_1d_and_linear_layers_plan_and_apply():
     assert count_model(compressed, x).total_params == plan.params
     full = CompressionPlan.from_json(plan.to_json())
     for entry in full.compressed_layers:
-        entry.rank = full_rank(entry.a_shape, entry.b_shape)
+        entry.settings["rank"] = full_rank(entry.settings["a_shape"], entry.settings["b_shape"])
     exact = apply_(copy.deepcopy(model), full)
     with torch.no_grad():
         torch.testing.assert_close(exact(x), model(x), rtol=1e-9, atol=1e-9)

@@ -184,7 +184,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 ),
             )
             fast = apply_(copy.deepcopy(model), latency_plan).eval()  # in the plan's layout
-            orders = [e.order for e in latency_plan.compressed_layers]
+            orders = [e.settings.get("order") for e in latency_plan.compressed_layers]
             paths = ", ".join(f"{o}: {orders.count(o)}" for o in sorted(set(orders)))
             name = f"gkpd {ratio:g}x (latency@b{batch}"
             if len(config.latency_slacks) > 1:

@@ -271,7 +271,6 @@ class TensorizedMethod(LayerMethod):
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         rank, in_modes, out_modes = config
-        entry.rank = int(rank)
         entry.settings = {"rank": int(rank), "in_modes": list(in_modes),
                           "out_modes": list(out_modes)}
 

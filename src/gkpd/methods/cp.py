@@ -181,7 +181,6 @@ class CP(LayerMethod):
         return Candidates(params[keep], macs[keep], errors, [int(r) for r in ranks])
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
-        entry.rank = int(config)
         entry.settings = {"rank": int(config), "iterations": ITERATIONS, "seed": SEED}
 
     def _settings(self, entry: LayerPlan) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from torch import nn
 from gkpd.counting import group_split
 from gkpd.decompose import b_shape_for, check_rank, rearrange
 from gkpd.layers import KroneckerConvNd, KroneckerEmbedding, KroneckerLinear
+from gkpd.layers.base import ORDER_CHOICES
 from gkpd.layers.conv import (
     KroneckerConv1d,
     KroneckerConv2d,
@@ -33,7 +34,7 @@ from gkpd.methods.gkpd_search import (
     tail_errors,
     whitened_tail_errors,
 )
-from gkpd.methods.lowrank import override_settings
+from gkpd.methods.lowrank import override_settings, positive_int, setting
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
 from gkpd.whiten import decompose_whitened, output_error
@@ -48,12 +49,38 @@ def _is_conv(module: nn.Module) -> bool:
 class KroneckerConfig(NamedTuple):
     """One GKPD configuration of a layer: ``weight ≈ Σ_rank A_r ⊗ B_r`` with factors of
     shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs;
-    ``None`` for an embedding, which has one way to run)."""
+    ``None`` for an embedding, which has one way to run). A plan entry holds it in its
+    settings (:meth:`to_settings`, :meth:`of`); there ``order`` is what the layer runs."""
 
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rank: int
     order: str | None
+
+    def to_settings(self) -> dict[str, Any]:
+        """The plan entry's settings for this configuration (JSON values)."""
+        settings = {"a_shape": list(self.a_shape), "b_shape": list(self.b_shape),
+                    "rank": int(self.rank)}
+        if self.order is not None:
+            settings["order"] = self.order
+        return settings
+
+    @classmethod
+    def of(cls, entry: LayerPlan) -> KroneckerConfig:
+        """The configuration a GKPD plan entry's settings hold (checked: a plan file may
+        have been edited by hand)."""
+        what = f"gkpd layer {entry.name!r}"
+        shapes = []
+        for key in ("a_shape", "b_shape"):
+            value = setting(entry.settings, key, "gkpd", entry.name)
+            if not isinstance(value, list | tuple) or not value:
+                raise ValueError(f"{what}: {key} must be a list of positive ints, got {value!r}")
+            shapes.append(tuple(positive_int(v, f"{what}: {key} entry") for v in value))
+        rank = positive_int(setting(entry.settings, "rank", "gkpd", entry.name), f"{what}: rank")
+        order = entry.settings.get("order")
+        if order is not None and order not in ORDER_CHOICES:
+            raise ValueError(f"{what}: order must be one of {ORDER_CHOICES}, got {order!r}")
+        return cls(shapes[0], shapes[1], rank, order)
 
 
 class GKPD(LayerMethod):
@@ -153,7 +180,7 @@ class GKPD(LayerMethod):
         a, b, rank, order = config
         if _is_conv(ctx.module):  # the path the layer will run on order "auto"
             order = on_channel_path(order, a, b, ctx.module.groups)
-        entry.a_shape, entry.b_shape, entry.rank, entry.order = a, b, rank, order
+        entry.settings.update(KroneckerConfig(a, b, rank, order).to_settings())
         if ctx.input_covariance is not None:
             entry.settings.update(init="whitened", damping=float(ctx.damping))
 
@@ -163,6 +190,7 @@ class GKPD(LayerMethod):
         """Relative weight error of the factors ``build`` starts from; with the layer's
         ``input_covariance`` (a data-aware entry) also records their relative output error on
         the calibration data, under the full covariance, as ``settings["output_error"]``."""
+        config = KroneckerConfig.of(entry)
         if entry.settings.get("init") == "whitened":
             if input_covariance is None:
                 raise ValueError(
@@ -171,7 +199,7 @@ class GKPD(LayerMethod):
                 )
             weight = module.weight.detach()
             factors = decompose_whitened(
-                weight, input_covariance, entry.a_shape, entry.b_shape, entry.rank,
+                weight, input_covariance, config.a_shape, config.b_shape, config.rank,
                 damping=entry.settings["damping"],
             )
             approx = factors.reconstruct()
@@ -181,11 +209,11 @@ class GKPD(LayerMethod):
             norm = float(weight.double().norm())
             return float((weight.double() - approx.double()).norm()) / norm if norm else 0.0
         # the spectrum the candidate tables use, in float32 (the sums in float64)
-        m = rearrange(module.weight.detach(), entry.a_shape).float()
+        m = rearrange(module.weight.detach(), config.a_shape).float()
         total = float(m.double().square().sum())
         if total == 0.0:
             return 0.0
-        tail = float(exact_energies(m)[entry.rank:].double().sum())
+        tail = float(exact_energies(m)[config.rank:].double().sum())
         return math.sqrt(max(tail, 0.0) / total)
 
     # ------------------------------------------------------------------ applying
@@ -206,41 +234,40 @@ class GKPD(LayerMethod):
             {"input_covariance": input_covariance, "damping": entry.settings["damping"]}
             if decompose and whitened else {}
         )
-        layer = self._build(module, entry, decompose=decompose, **data)
+        config = KroneckerConfig.of(entry)
+        layer = self._build(module, config, decompose=decompose, **data)
         if "latency_ms" in entry.settings:  # a latency plan timed this path: run it
-            layer.order = entry.order
+            layer.order = config.order
         return layer
 
     def _build(
-        self, module: nn.Module, entry: LayerPlan, *, decompose: bool, **data: Any
+        self, module: nn.Module, config: KroneckerConfig, *, decompose: bool, **data: Any
     ) -> nn.Module:
+        a_shape, rank = config.a_shape, config.rank
         if isinstance(module, nn.Embedding):  # never whitened: its inputs are token ids
             if decompose:
-                return KroneckerEmbedding.from_dense(module, a_shape=entry.a_shape,
-                                                     rank=entry.rank)
+                return KroneckerEmbedding.from_dense(module, a_shape=a_shape, rank=rank)
             w = module.weight
             return KroneckerEmbedding(
                 module.num_embeddings, module.embedding_dim, module.padding_idx,
-                a_shape=entry.a_shape, rank=entry.rank, device=w.device, dtype=w.dtype,
+                a_shape=a_shape, rank=rank, device=w.device, dtype=w.dtype,
             )
         if isinstance(module, nn.Linear):
             if decompose:
-                return KroneckerLinear.from_dense(
-                    module, a_shape=entry.a_shape, rank=entry.rank, **data
-                )
+                return KroneckerLinear.from_dense(module, a_shape=a_shape, rank=rank, **data)
             w = module.weight
             return KroneckerLinear(
                 module.in_features,
                 module.out_features,
                 module.bias is not None,
-                a_shape=entry.a_shape,
-                rank=entry.rank,
+                a_shape=a_shape,
+                rank=rank,
                 device=w.device,
                 dtype=w.dtype,
             )
         layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
         if decompose:
-            return layer_cls.from_dense(module, a_shape=entry.a_shape, rank=entry.rank, **data)
+            return layer_cls.from_dense(module, a_shape=a_shape, rank=rank, **data)
         w = module.weight
         return layer_cls(
             module.in_channels,
@@ -252,8 +279,8 @@ class GKPD(LayerMethod):
             module.groups,
             module.bias is not None,
             module.padding_mode,
-            a_shape=entry.a_shape,
-            rank=entry.rank,
+            a_shape=a_shape,
+            rank=rank,
             device=w.device,
             dtype=w.dtype,
         )

@@ -104,7 +104,6 @@ class SVD(LayerMethod):
         return Candidates(params[keep], macs[keep], errors[keep], [int(r) for r in ranks[keep]])
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
-        entry.rank = int(config)
         entry.settings = {"rank": int(config)}
 
     def _rank(self, module: nn.Module, entry: LayerPlan) -> int:

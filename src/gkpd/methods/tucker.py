@@ -160,7 +160,6 @@ class Tucker(LayerMethod):
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         r_in, r_out = config
-        entry.rank = None
         entry.settings = {"ranks": [int(r_in), int(r_out)], "iterations": HOOI_ITERATIONS}
 
     def _ranks(self, module: nn.Module, entry: LayerPlan) -> tuple[int, int, int]:

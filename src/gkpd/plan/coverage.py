@@ -89,7 +89,7 @@ def weak_layers(entries: Iterable[LayerPlan]) -> list[LayerPlan]:
 
 def weak_note(weak: Sequence[LayerPlan]) -> str:
     shown = ", ".join(
-        f"{e.name} (rank {e.rank}, {e.relative_error:.3f})" if e.rank is not None
+        f"{e.name} (rank {e.settings['rank']}, {e.relative_error:.3f})" if "rank" in e.settings
         else f"{e.name} ({e.relative_error:.3f})"
         for e in weak
     )

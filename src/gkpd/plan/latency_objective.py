@@ -130,7 +130,7 @@ def runnable(module: nn.Module, option: Option) -> nn.Module:
         return module  # the weight path runs the dense op with a cached weight
     config = KroneckerConfig(*option.config)
     entry = LayerPlan("timing", type(module).__name__, tuple(module.weight.shape), (), 0, 0,
-                      a_shape=config.a_shape, b_shape=config.b_shape, rank=config.rank)
+                      settings=config.to_settings())
     layer = GKPD().build(module, entry, decompose=False)
     layer.order = option.order
     return layer.eval()

@@ -2,40 +2,78 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from gkpd.text_table import format_table
 
-PLAN_VERSION = 1
+# Version 2 keeps GKPD's factor shapes, rank and path in the layer's ``settings`` like every
+# other method's; version 1 had them as fields of the layer, and gained ``attention_macs``,
+# ``notes`` and ``options["layout"]`` late (a version 1 file may lack them).
+PLAN_VERSION = 2
+_READABLE_VERSIONS = (1, PLAN_VERSION)
+# The layer fields of version 1 that are settings in version 2 (all None on a dense layer).
+_V1_FIELDS = ("a_shape", "b_shape", "rank", "order")
 
-
-# Settings that are the same for every layer of a method say nothing in a per-layer table.
-_QUIET_SETTINGS = frozenset({"iterations", "seed"})
+# Settings that are the same for every layer of a plan say nothing in a per-layer table.
+_QUIET_SETTINGS = frozenset({"iterations", "seed", "damping", "latency_batch"})
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
-    """A method's settings in a few characters: ``ranks=4,8 in_modes=4,4``."""
+    """A method's settings in a few characters: ``a_shape=4×4×3×1 ranks=4,8``."""
     parts = []
     for key, value in settings.items():
         if key in _QUIET_SETTINGS:
             continue
         if isinstance(value, list | tuple):
-            value = ",".join(map(str, value))
+            value = ("×" if key.endswith("_shape") else ",").join(map(str, value))
         parts.append(f"{key}={value}")
     return " ".join(parts) or "-"
+
+
+def _as_setting(value: Any) -> Any:
+    """A setting as JSON reads it back (tuples as lists), so a plan equals its reload."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _deprecated_setting(key: str) -> property:
+    """``LayerPlan.<key>``, once a field of GKPD layers, now read from and written to
+    ``settings[key]`` with a ``DeprecationWarning``."""
+
+    def warn() -> None:
+        warnings.warn(f"LayerPlan.{key} is deprecated: use LayerPlan.settings[{key!r}]",
+                      DeprecationWarning, stacklevel=3)
+
+    def get(self: LayerPlan) -> Any:
+        warn()
+        value = self.settings.get(key)
+        return tuple(value) if isinstance(value, list) else value
+
+    def put(self: LayerPlan, value: Any) -> None:
+        warn()
+        if value is None:
+            self.settings.pop(key, None)
+        else:
+            self.settings[key] = _as_setting(value)
+
+    return property(get, put, doc=f"Deprecated: ``settings.get({key!r})``.")
 
 
 @dataclass
 class LayerPlan:
     """One conv/linear layer: its dense facts and, when compressed, the chosen configuration.
 
-    ``method`` is ``"dense"`` for a layer left as it is (``reason`` says why). For a GKPD layer
-    ``a_shape``/``b_shape``/``rank``/``order`` describe the factors; other methods keep their
-    own settings in ``settings``. ``macs`` are per sample at the input size seen by the
-    planner (``input_shape``, batch dimension included as seen).
+    ``method`` is ``"dense"`` for a layer left as it is (``reason`` says why); a compressed
+    layer's ``settings`` are its method's (GKPD: ``a_shape``, ``b_shape``, ``rank`` and
+    ``order``, see :class:`gkpd.methods.KroneckerConfig`), JSON values only. ``macs`` are per
+    sample at the input size seen by the planner (``input_shape``, batch dimension included
+    as seen). ``a_shape``, ``b_shape``, ``rank`` and ``order`` still work as deprecated
+    attributes and constructor keywords, reading and writing ``settings``.
     """
 
     name: str
@@ -48,28 +86,64 @@ class LayerPlan:
     params: int = 0
     macs: int = 0
     relative_error: float = 0.0
-    a_shape: tuple[int, ...] | None = None
-    b_shape: tuple[int, ...] | None = None
-    rank: int | None = None
-    order: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+
+    a_shape = _deprecated_setting("a_shape")
+    b_shape = _deprecated_setting("b_shape")
+    rank = _deprecated_setting("rank")
+    order = _deprecated_setting("order")
 
     @property
     def compressed(self) -> bool:
         return self.method != "dense"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerPlan:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: dict[str, Any], version: int = PLAN_VERSION) -> LayerPlan:
+        """A layer as a plan file of ``version`` holds it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"plan layer is not a JSON object: {data!r:.100}")
+        if not isinstance(data.get("settings", {}), dict):
+            raise ValueError(f"plan layer settings must be an object, got {data['settings']!r}")
+        values = _layer_from_v1(data) if version == 1 else dict(data)
+        unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"plan layer has unknown fields {sorted(unknown)}")
-        values = dict(data)
-        for key in ("weight_shape", "input_shape", "a_shape", "b_shape"):
+        for key in ("weight_shape", "input_shape"):
             if values.get(key) is not None:
                 values[key] = tuple(int(v) for v in values[key])
         return cls(**values)
+
+
+def _accept_v1_fields(init: Callable[..., None]) -> Callable[..., None]:
+    """``LayerPlan(..., a_shape=..., rank=...)`` as before version 2: the values go into
+    ``settings`` (a ``DeprecationWarning``)."""
+
+    @functools.wraps(init)
+    def __init__(self: LayerPlan, *args: Any, **kwargs: Any) -> None:
+        moved = {k: kwargs.pop(k) for k in _V1_FIELDS if k in kwargs}
+        init(self, *args, **kwargs)
+        if moved:
+            warnings.warn(
+                f"LayerPlan({', '.join(f'{k}=' for k in moved)}...) is deprecated: pass "
+                "settings={...} instead", DeprecationWarning, stacklevel=2,
+            )
+            self.settings = {k: _as_setting(v) for k, v in moved.items() if v is not None} | (
+                self.settings)
+
+    return __init__
+
+
+LayerPlan.__init__ = _accept_v1_fields(LayerPlan.__init__)
+
+
+def _layer_from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 layer with its GKPD fields moved into its settings (where the settings
+    already hold one, as svd's ``rank``, the settings' value stays)."""
+    values = {k: v for k, v in data.items() if k not in _V1_FIELDS}
+    moved = {k: data[k] for k in _V1_FIELDS if data.get(k) is not None}
+    values["settings"] = moved | values.get("settings", {})
+    return values
 
 
 @dataclass
@@ -166,13 +240,15 @@ class CompressionPlan:
         if not isinstance(data, dict):
             raise ValueError(f"{source} is not a JSON object")
         version = data.get("version")
-        if version != PLAN_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ValueError(
-                f"{source} has plan version {version!r}; this gkpd reads version {PLAN_VERSION}"
+                f"{source} has plan version {version!r}; this gkpd reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}"
             )
         values = {k: v for k, v in data.items() if k != "achieved_ratio"}
+        values["version"] = PLAN_VERSION  # read as the current version: saved as one
         try:
-            values["layers"] = [LayerPlan.from_dict(layer) for layer in values["layers"]]
+            values["layers"] = [LayerPlan.from_dict(layer, version) for layer in values["layers"]]
             return cls(**values)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{source} is not a valid compression plan: {error}") from error
@@ -200,15 +276,11 @@ class CompressionPlan:
     # ------------------------------------------------------------------ table
 
     def table(self) -> str:
-        rows = [("layer", "method", "a_shape", "b_shape", "rank", "order", "settings", "params",
-                 "dense", "MACs", "dense MACs", "rel.err", "note")]
+        rows = [("layer", "method", "settings", "params", "dense", "MACs", "dense MACs", "rel.err",
+                 "note")]
         for e in self.layers:
             rows.append((
-                e.name, e.method,
-                "×".join(map(str, e.a_shape)) if e.a_shape else "-",
-                "×".join(map(str, e.b_shape)) if e.b_shape else "-",
-                str(e.rank) if e.rank is not None else "-", e.order or "-",
-                _settings_text(e.settings),
+                e.name, e.method, _settings_text(e.settings),
                 f"{e.params:,}", f"{e.dense_params:,}", f"{e.macs:,}", f"{e.dense_macs:,}",
                 f"{e.relative_error:.4f}" if e.compressed else "-", e.reason,
             ))
@@ -233,7 +305,7 @@ class CompressionPlan:
                 f"{self.layout}, dense {timed['dense_ms'][dense_layout]:.3g} ms in "
                 f"{dense_layout} ({speedup:.2f}x)"
             )
-        table = format_table(rows, footer, right={7, 8, 9, 10, 11})
+        table = format_table(rows, footer, right={3, 4, 5, 6, 7})
         return "\n".join([table, *(f"note: {note}" for note in self.notes)])
 
     def __str__(self) -> str:
