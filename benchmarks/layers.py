@@ -212,12 +212,12 @@ def bench_latency(repeats: int, batches: list[int], quick: bool) -> tuple[list[s
                 layer = layers[(a, rank)]
                 detail.append(
                     f"| {net} | {ch}→{ch} @ {px} | {batch} | {a} | {rank} | {achieved:.2f} | "
-                    f"{dense_macs / layer.macs(x.shape):.2f} | {layer.resolve_order(x.shape)} | "
+                    f"{dense_macs / layer.macs(x.shape):.2f} | {layer.resolve_path(x.shape)} | "
                     f"{ms(t[(a, rank)])} | {t['dense'] / t[(a, rank)]:.2f}× |"
                 )
             best = min(layers, key=lambda k: t[k])
             layer = layers[best]
-            order = layer.resolve_order(x.shape)
+            order = layer.resolve_path(x.shape)
             with torch.no_grad():
                 torch.testing.assert_close(
                     reference_forward(layer, x, order), layer(x), rtol=1e-3, atol=1e-3

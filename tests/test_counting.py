@@ -88,7 +88,7 @@ def test_kronecker_conv_macs_match_flop_counter(cfg):
     )
     assert macs == layer.order_macs(x.shape)
     for order in ("b_first", "a_first"):
-        layer.order = order
+        layer.path = order
         assert measured_macs(layer, x) == macs[order]
         assert layer.macs(x.shape) == macs[order]
     assert kronecker_conv_macs(
@@ -101,7 +101,7 @@ def test_linear_macs_match_flop_counter():
     layer = gkpd.KroneckerLinear(24, 20, bias=False, a_shape=(4, 3), rank=2)
     x = torch.randn(3, 5, 24)
     for order in ("b_first", "a_first"):
-        layer.order = order
+        layer.path = order
         assert measured_macs(layer, x) == layer.macs(x.shape)
 
 
@@ -132,7 +132,7 @@ def test_count_model():
     assert counts.total_params == sum(p.numel() for p in model.parameters())
     assert counts["0"].macs == 2 * 16 * 256 * 27
     assert counts["3"].macs == model[3].macs((2, 16, 16, 16))
-    assert counts["3"].order in ("a_first", "b_first")
+    assert counts["3"].path in ("a_first", "b_first")
     assert counts["3"].output_shape == (2, 32, 8, 8)
     assert counts["7"].macs == 2 * 100
     assert counts.total_macs == sum(layer.macs for layer in counts.layers)
@@ -171,7 +171,7 @@ def _kronecker(dense, order):
         layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=(3, 4), rank=2)
     else:
         layer = gkpd.KroneckerConv2d.from_dense(dense, a_shape=(4, 2, 3, 1), rank=2)
-    layer.order = order
+    layer.path = order
     return layer
 
 

@@ -163,7 +163,7 @@ def test_to_onnx_weight_path_stores_the_factors_not_the_dense_weight(tmp_path):
     conv = KroneckerConv2d.from_dense(nn.Conv2d(16, 32, 3, padding=1), a_shape=(4, 4, 1, 3),
                                       rank=3)
     linear = KroneckerLinear.from_dense(nn.Linear(32, 64), a_shape=(8, 4), rank=2)
-    conv.order = linear.order = "weight"  # the dense op with Σ a⊗b, as latency plans pick
+    conv.path = linear.path = "weight"  # the dense op with Σ a⊗b, as latency plans pick
     model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear).eval()
     path = to_onnx(model, torch.randn(1, 16, 8, 8), tmp_path / "w.onnx")
     proto = onnx.load(str(path))
@@ -288,14 +288,14 @@ def test_torch_compile_matches_eager():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("order", ["b_first_channels", "a_first_channels"])
-def test_channel_paths_export_to_onnx_torch_export_and_compile(tmp_path, order):
+@pytest.mark.parametrize("channel_path", ["b_first_channels", "a_first_channels"])
+def test_channel_paths_export_to_onnx_torch_export_and_compile(tmp_path, channel_path):
     # b_first_channels with C1 = 1 ends in a channel shuffle; a_first_channels needs C2 = 1.
-    # Error plans run these on order "auto"; latency plans pin them.
+    # Error plans run these on the path "auto"; latency plans pin them.
     torch.manual_seed(0)
-    a_shape = (2, 1, 3, 1) if order == "b_first_channels" else (8, 16, 3, 1)
+    a_shape = (2, 1, 3, 1) if channel_path == "b_first_channels" else (8, 16, 3, 1)
     conv = KroneckerConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), a_shape=a_shape, rank=2)
-    conv.order = order
+    conv.path = channel_path
     model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     path = to_onnx(model, torch.randn(1, 16, 6, 6), tmp_path / "c.onnx")
     program = export_program(model, torch.randn(1, 16, 6, 6))

@@ -68,7 +68,7 @@ def compress_by_hand(model, choices=CHOICES):
             setattr(modules[parent] if parent else model, child, layer)
             entry.method = "gkpd"
             entry.settings = {"a_shape": list(layer.a_shape), "b_shape": list(layer.b_shape),
-                              "rank": layer.rank, "order": layer.resolve_order(c.input_shape)}
+                              "rank": layer.rank, "path": layer.resolve_path(c.input_shape)}
             entry.params = sum(p.numel() for p in layer.parameters())
             entry.macs = layer.macs(c.input_shape)
             entry.relative_error = 0.1

@@ -94,7 +94,7 @@ def test_kronecker_layers_run_in_channels_last_and_train():
                           nn.Conv2d(8, 8, 3, padding=1))
     model = copy.deepcopy(dense)
     model[3] = gkpd.KroneckerConv2d.from_dense(dense[3], a_shape=(2, 1, 3, 3))  # exact
-    model[3].order = "b_first_channels"
+    model[3].path = "b_first_channels"
     run_in_layout(model, "channels_last")
     x = torch.randn(2, 4, 6, 6)
     model.eval()

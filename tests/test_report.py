@@ -47,10 +47,10 @@ def test_summary_matches_count_model(kronecker):
     assert len(report.kronecker_layers) == (2 if kronecker else 0)
     if kronecker:
         assert report["3"].type == "KroneckerConv2d"
-        assert report["3"].order in ("a_first", "b_first")
+        assert report["3"].path in ("a_first", "b_first")
         assert report["3"].params == 2 * (2 * 2 * 3 + 4 * 4 * 3) + 8
     else:
-        assert report["3"].order is None
+        assert report["3"].path is None
         assert report["3"].macs == 2 * 8 * 8 * 8 * 8 * 9
 
 

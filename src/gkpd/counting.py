@@ -28,6 +28,7 @@ from gkpd.attention_counting import (
     multihead_attention_macs,
     sdpa_macs,
 )
+from gkpd.deprecation import renamed
 from gkpd.geometry import (
     ORDERS,
     conv_output_shape,
@@ -271,8 +272,10 @@ class LayerCount:
     macs: int
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    order: str | None = None
+    path: str | None = None  # what a Kronecker layer ran (gkpd.layers.base)
     calls: int = 1
+
+    order = renamed("order", "path")
 
 
 @dataclass
@@ -317,14 +320,14 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
     def enter(module: nn.Module, args: tuple) -> None:
         inside[0] += 1
 
-    def record(name, kind, params, macs, shape, out_shape, order=None) -> None:
+    def record(name, kind, params, macs, shape, out_shape, path=None) -> None:
         if inside[0]:
             return
         if name in entries:
             entries[name].macs += macs
             entries[name].calls += 1
             return
-        entries[name] = LayerCount(name, kind, params, macs, shape, out_shape, order)
+        entries[name] = LayerCount(name, kind, params, macs, shape, out_shape, path)
         result.layers.append(entries[name])
 
     def hook_for(name: str, own: bool):
@@ -335,9 +338,9 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
                 return
             shape = tuple(args[0].shape)
             out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-            order = module.resolve_order(shape) if hasattr(module, "resolve_order") else None
+            path = module.resolve_path(shape) if hasattr(module, "resolve_path") else None
             record(name, type(module).__name__, module_params(module), module_macs(module, shape),
-                   shape, out_shape, order)
+                   shape, out_shape, path)
 
         return hook
 

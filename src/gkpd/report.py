@@ -1,7 +1,7 @@
 """``summary(model, example_input)``: per-layer parameters and MACs as a table or JSON.
 
 Built on :func:`gkpd.counting.count_model` (one forward pass with hooks), so what is reported
-for a Kronecker layer is the stage order it runs at the example input's size.
+for a Kronecker layer is the path it runs at the example input's size.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.counting import count_model
+from gkpd.deprecation import renamed
 from gkpd.inputs import ModelCall
 from gkpd.text_table import format_table
 
@@ -28,8 +29,10 @@ class LayerSummary:
     macs: int
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    order: str | None = None
+    path: str | None = None  # what a Kronecker layer runs (gkpd.layers.base)
     calls: int = 1
+
+    order = renamed("order", "path")
 
     @property
     def kronecker(self) -> bool:
@@ -81,7 +84,7 @@ class Report:
         return data
 
     def table(self) -> str:
-        header = ("#", "layer", "type", "input", "order", "params", "MACs")
+        header = ("#", "layer", "type", "input", "path", "params", "MACs")
         rows = [header]
         for i, layer in enumerate(self.layers):
             rows.append(
@@ -90,7 +93,7 @@ class Report:
                     layer.name,
                     layer.type,
                     "×".join(map(str, layer.input_shape)),
-                    layer.order or "-",
+                    layer.path or "-",
                     f"{layer.params:,}",
                     f"{layer.macs:,}" + (f" ({layer.calls} calls)" if layer.calls > 1 else ""),
                 )
@@ -110,7 +113,7 @@ class Report:
 def summary(model: nn.Module, example_input: object) -> Report:
     """Run ``model`` once on ``example_input`` (eval mode, no gradients; the model's mode is
     restored) and report every conv, linear and Kronecker layer it calls: name, type,
-    parameters, MACs, input shape and, for Kronecker layers, the stage order that runs.
+    parameters, MACs, input shape and, for Kronecker layers, the path that runs.
     ``example_input``: a tensor, a tuple of positional or a dict of keyword inputs; the
     report's ``input_shape`` is its first tensor's."""
     if not isinstance(model, nn.Module):
@@ -125,7 +128,7 @@ def summary(model: nn.Module, example_input: object) -> Report:
             macs=c.macs,
             input_shape=tuple(c.input_shape),
             output_shape=tuple(c.output_shape),
-            order=c.order,
+            path=c.path,
             calls=c.calls,
         )
         for c in counts.layers

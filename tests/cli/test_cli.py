@@ -130,7 +130,7 @@ def test_compress_latency_objective(capsys, workspace, tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "latency.json").is_file()
     loaded, _ = resolve_model(str(out))
     for entry in plan.compressed_layers:  # the timed paths come back pinned
-        assert loaded.get_submodule(entry.name).order == entry.settings["order"]
+        assert loaded.get_submodule(entry.name).path == entry.settings["path"]
     assert layout_of(loaded) == "channels_last"  # and the layout they were timed in
 
 

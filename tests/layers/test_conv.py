@@ -100,7 +100,7 @@ def test_full_rank_from_dense_is_exact(cfg, seed):
     x = torch.randn(cfg["input_shape"], dtype=f64)
     expected = dense(x)
     for order in ("auto", "b_first", "a_first", "weight"):
-        layer.order = order
+        layer.path = order
         out = layer(x)
         assert out.shape == expected.shape
         assert rel(out, expected) < 1e-10, order
@@ -137,7 +137,7 @@ def test_truncated_forward_and_gradients_match_reconstruction(cfg, seed, data):
         ref_out, [x_ref, layer.a, layer.b], grad_out
     )
     for order in ("b_first", "a_first", "weight"):
-        layer.order = order
+        layer.path = order
         x_k = x.clone().requires_grad_()
         out = layer(x_k)
         assert rel(out, expected) < 1e-10
@@ -163,7 +163,7 @@ def test_named_kernel_splits(nd, weight, a_shape, stride):
     layer = KRON[nd].from_dense(dense, a_shape=a_shape)
     x = torch.randn(2, weight[1], *([11] * nd), dtype=f64)
     for order in ("b_first", "a_first"):
-        layer.order = order
+        layer.path = order
         assert rel(layer(x), dense(x)) < 1e-10
 
 
@@ -181,7 +181,7 @@ def test_depthwise_and_grouped_splits():
         layer = gkpd.KroneckerConv2d.from_dense(grouped, a_shape=a_shape)
         assert (layer._g1, layer._g2) == split
         for order in ("b_first", "a_first"):
-            layer.order = order
+            layer.path = order
             assert rel(layer(x), grouped(x)) < 1e-10
 
 
@@ -196,7 +196,7 @@ def test_stride_moves_into_first_stage():
     macs = layer.order_macs(x.shape)
     # b_first: A is 1x1 so B runs with stride 2; both stages at 8x8 output
     assert macs["b_first"] == 2 * (4 * 4 * 4 * 9 * 64) + 2 * (4 * 4 * 4 * 64)
-    layer.order = "b_first"
+    layer.path = "b_first"
     torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
 
 
@@ -204,12 +204,12 @@ def test_auto_order_picks_cheaper():
     layer = gkpd.KroneckerConv2d(64, 64, 3, padding=1, a_shape=(8, 8, 3, 3), rank=4)
     shape = (1, 64, 16, 16)
     macs = layer.order_macs(shape)
-    assert layer.resolve_order(shape) == min(macs, key=macs.get)
+    assert layer.resolve_path(shape) == min(macs, key=macs.get)
     assert layer.macs(shape) == min(macs.values())
-    layer.order = "a_first"
+    layer.path = "a_first"
     assert layer.macs(shape) == macs["a_first"]
-    with pytest.raises(ValueError, match="order 'fast'"):
-        layer.order = "fast"
+    with pytest.raises(ValueError, match="path 'fast'"):
+        layer.path = "fast"
 
 
 def test_init_variance_matches_dense_default():
@@ -296,7 +296,7 @@ def test_bad_inputs():
 def test_weight_path_cache_follows_factor_updates():
     torch.manual_seed(0)
     layer = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 2, 3, 1), rank=2, dtype=f64)
-    layer.order = "weight"
+    layer.path = "weight"
     layer.eval()
     x = torch.randn(2, 8, 6, 6, dtype=f64)
     with torch.no_grad():
@@ -347,7 +347,7 @@ def test_channel_paths_match_the_dense_layer(case, channels_last):
     paths = layer.channel_paths()
     assert paths, "every case has a channel path"
     for path in paths:
-        layer.order = path
+        layer.path = path
         layer.eval()
         with torch.no_grad():
             torch.testing.assert_close(layer(x), expected)
@@ -363,12 +363,12 @@ def test_channel_paths_match_the_dense_layer(case, channels_last):
         a_grad = layer.a.grad.clone()
         layer.a.grad = None
         # the gradient reaching the factors is that of the dense op through the weight
-        layer.order = "weight"
+        layer.path = "weight"
         layer(x).square().sum().backward()
         torch.testing.assert_close(a_grad, layer.a.grad)
         layer.a.grad = None
         assert layer.macs(x.shape) == layer.dense_macs(x.shape)
-        layer.order = path
+        layer.path = path
         base = path.removesuffix("_channels")
         assert layer.macs(x.shape) == layer.order_macs(x.shape)[base]
 
@@ -379,7 +379,7 @@ def test_channel_paths_in_1d_and_3d(nd, a_shape, b_path):
     torch.manual_seed(0)
     layer = KRON[nd](8, 8, 3, 1, 1, a_shape=a_shape, rank=2, dtype=f64).eval()
     x = torch.randn(2, 8, *([5] * nd), dtype=f64)
-    layer.order = "b_first_channels" if b_path else "a_first_channels"
+    layer.path = "b_first_channels" if b_path else "a_first_channels"
     torch.testing.assert_close(layer(x), layer.to_dense()(x))
 
 
@@ -393,22 +393,22 @@ def test_auto_runs_the_cheaper_order_on_its_channel_path(case):
     cheaper = min(("b_first", "a_first"), key=lambda o: (macs[o], o != "b_first"))
     channel = f"{cheaper}_channels"
     expected = channel if channel in layer.channel_paths() else cheaper
-    assert layer.order == "auto" and layer.resolve_order(x.shape) == expected
+    assert layer.path == "auto" and layer.resolve_path(x.shape) == expected
     assert layer.macs(x.shape) == macs[cheaper]
     torch.testing.assert_close(layer(x), layer.to_dense()(x))
     # no channel path for the cheaper order: the stage order itself
     stage_only = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 2, 3, 3), rank=1)
-    assert stage_only.resolve_order((1, 8, 6, 6)) in ("b_first", "a_first")
+    assert stage_only.resolve_path((1, 8, 6, 6)) in ("b_first", "a_first")
 
 
 def test_channel_path_needs_matching_shapes():
     layer = gkpd.KroneckerConv2d(8, 8, 3, a_shape=(2, 2, 3, 3), rank=1)
     assert layer.channel_paths() == ()
     with pytest.raises(ValueError, match="b_first_channels.*a_shape"):
-        layer.order = "b_first_channels"
+        layer.path = "b_first_channels"
     grouped = gkpd.KroneckerConv2d(8, 8, 3, groups=2, a_shape=(2, 1, 3, 3), rank=1)
     assert grouped.channel_paths() == ()
-    assert layer.order == "auto"  # a refused order changes nothing
+    assert layer.path == "auto"  # a refused order changes nothing
 
 
 @pytest.mark.parametrize("nd, layout", [(1, torch.channels_last), (1, torch.channels_last_3d),

@@ -143,7 +143,7 @@ def test_planning_compresses_embeddings_and_the_result_saves_and_loads(tmp_path)
     inputs = token_batch()
     compressed, plan = gkpd.compress(model, inputs, ratio=1.5)
     entry = plan.layer("embeddings.word_embeddings")
-    assert entry.compressed and entry.dense_macs == 0 and "order" not in entry.settings
+    assert entry.compressed and entry.dense_macs == 0 and "path" not in entry.settings
     layer = compressed.embeddings.word_embeddings
     assert isinstance(layer, gkpd.KroneckerEmbedding) and layer.padding_idx == 0
     dense = model.embeddings.word_embeddings.weight.detach()

@@ -43,7 +43,7 @@ def test_linear_exact_and_truncated(cfg, seed, data):
     x = torch.randn(*lead, in_f, dtype=f64)
     layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=a_shape)
     for order in ("auto", "b_first", "a_first", "weight"):
-        layer.order = order
+        layer.path = order
         out = layer(x)
         assert out.shape == (*lead, out_f)
         assert rel(out, dense(x)) < 1e-10
@@ -56,7 +56,7 @@ def test_linear_exact_and_truncated(cfg, seed, data):
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, [x_ref, layer.a, layer.b], grad_out)
     for order in ("b_first", "a_first", "weight"):
-        layer.order = order
+        layer.path = order
         x_k = x.clone().requires_grad_()
         out = layer(x_k)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

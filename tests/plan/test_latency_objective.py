@@ -37,8 +37,8 @@ class _FakeTimer(LayerTimer):
 
     def times(self, module, input_shape, options):
         return {
-            o: self.seconds.get((o.config[0], o.config[2], o.order), self.seconds["weight"])
-            if o.order != "weight" else self.seconds["weight"]
+            o: self.seconds.get((o.config[0], o.config[2], o.path), self.seconds["weight"])
+            if o.path != "weight" else self.seconds["weight"]
             for o in options
         }
 
@@ -61,17 +61,17 @@ def test_fastest_within_error_slack_and_budget():
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.1, fits=lambda extra: True)
     # (4, 4) is fastest but 20% worse; (2, 2) rank 2 is within 10%, the largest rank of its shape
-    assert (timed.pick, timed.order, timed.seconds, timed.dense_seconds) == (1, "a_first", 2.0, 9.0)
+    assert (timed.pick, timed.path, timed.seconds, timed.dense_seconds) == (1, "a_first", 2.0, 9.0)
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.25, fits=lambda extra: True)
-    assert (timed.pick, timed.order) == (2, "a_first")
+    assert (timed.pick, timed.path) == (2, "a_first")
     # a budget that allows no change in size keeps the pick's own shape, in its faster order
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.25, fits=lambda extra: extra == 0)
-    assert (timed.pick, timed.order) == (2, "a_first")  # same params (100): allowed
+    assert (timed.pick, timed.path) == (2, "a_first")  # same params (100): allowed
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(slow),
                                     error_slack=0.1, fits=lambda extra: extra == 0)
-    assert (timed.pick, timed.order) == (0, "a_first")
+    assert (timed.pick, timed.path) == (0, "a_first")
 
 
 def test_channel_paths_are_offered_where_the_factor_shapes_allow():
@@ -84,13 +84,13 @@ def test_channel_paths_are_offered_where_the_factor_shapes_allow():
 
     class Recording(_FakeTimer):
         def times(self, module, input_shape, options):
-            offered.extend((o.config[0], o.order) for o in options)
+            offered.extend((o.config[0], o.path) for o in options)
             return super().times(module, input_shape, options)
 
     times = {"weight": 9.0, ((2, 1, 3, 1), 1, "b_first_channels"): 1.0}
     [timed] = fastest_within_budget([ctx], [table], [0], timer=Recording(times),
                                     error_slack=0.0, fits=lambda extra: True)
-    assert (timed.pick, timed.order) == (1, "b_first_channels")
+    assert (timed.pick, timed.path) == (1, "b_first_channels")
     assert ((2, 1, 3, 1), "b_first_channels") in offered
     assert ((2, 1, 3, 1), "a_first_channels") not in offered  # C2 = 16
     assert not any(a == (4, 4, 3, 1) and order.endswith("channels") for a, order in offered)
@@ -123,7 +123,7 @@ def test_paths_with_more_macs_than_dense_are_not_timed_but_the_picks_own_order_i
         left_out = 0
         for j, (a, b, rank, order) in enumerate(configs):
             macs = order_macs(ctx.module, ctx.input_shape, a, b, rank)
-            for path in latency_objective._orders(ctx.module, configs[j]):
+            for path in latency_objective._paths(ctx.module, configs[j]):
                 option = Option(configs[j], path)
                 own = j == pick and path == order
                 if macs[CHANNEL_PATHS.get(path, path)] <= ctx.dense_macs or own:
@@ -142,7 +142,7 @@ def test_weight_path_wins_when_factors_are_slower_than_dense():
              ((2, 2), 2, "a_first"): 4.0, ((2, 2), 2, "b_first"): 3.0}
     [timed] = fastest_within_budget([_Ctx("l")], [table], [0], timer=_FakeTimer(times),
                                     error_slack=0.1, fits=lambda extra: True)
-    assert (timed.pick, timed.order, timed.seconds) == (0, "weight", 1.0)
+    assert (timed.pick, timed.path, timed.seconds) == (0, "weight", 1.0)
 
 
 def _net():
@@ -179,7 +179,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         assert entry.settings["latency_batch"] == 4
         # the weight path (dense speed) is always an option, so no layer is planned slower
         assert entry.settings["latency_ms"] <= entry.settings["dense_latency_ms"] * 1.0001
-        assert entry.settings["order"] in ("a_first", "b_first", "weight", "b_first_channels",
+        assert entry.settings["path"] in ("a_first", "b_first", "weight", "b_first_channels",
                                            "a_first_channels")
         assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
     compressed = gkpd.apply_(_net().eval(), plan)
@@ -189,7 +189,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         torch.contiguous_format)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
-        assert layer.order == entry.settings["order"]  # the timed path is pinned
+        assert layer.path == entry.settings["path"]  # the timed path is pinned
         assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
     # the oracle: every layer replaced by its dense reconstruction, in NCHW
     merged = gkpd.apply_(_net().eval(), plan)
@@ -205,7 +205,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     loaded = gkpd.load(tmp_path / "saved", _net().eval())
     assert layout_of(loaded) == plan.layout
     for entry in plan.compressed_layers:
-        assert loaded.get_submodule(entry.name).order == entry.settings["order"]
+        assert loaded.get_submodule(entry.name).path == entry.settings["path"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x), rtol=1e-4, atol=1e-5)
     saved = json.loads(cache.read_text())
@@ -249,7 +249,7 @@ def test_options_far_slower_than_the_fastest_are_timed_once(monkeypatch):
 
     modules = {"b_first": Counting(0.0), "a_first": Counting(0.02), "weight": Counting(0.0)}
     monkeypatch.setattr(latency_objective, "runnable",
-                        lambda module, option: modules[option.order])
+                        lambda module, option: modules[option.path])
     timer = LayerTimer(2, LatencyCache(None))
     config = ((2, 2, 3, 3), (2, 2, 1, 1), 1, "b_first")
     options = [Option(config, order) for order in modules]
@@ -271,7 +271,7 @@ def _replay(monkeypatch, scale: float) -> list:
         for o in options:
             seconds = self.cache.get(self._key(env, module, input_shape, o))
             assert seconds is not None, "asked to time an option the first plan did not"
-            result[o] = seconds * (scale if o.order == "weight" else 1.0)
+            result[o] = seconds * (scale if o.path == "weight" else 1.0)
         return result
 
     monkeypatch.setattr(LayerTimer, "_time", cached_times)
@@ -287,10 +287,10 @@ def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_pat
     first = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
     asked = _replay(monkeypatch, scale=1.1)  # within _STALE: the cache holds
     second = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=nchw)
-    assert asked and {o.order for o in asked} == {"weight"}
+    assert asked and {o.path for o in asked} == {"weight"}
     assert len(asked) == len(first.compressed_layers)  # one dense check per layer
-    assert [e.settings.get("order") for e in second.layers] == [
-        e.settings.get("order") for e in first.layers]
+    assert [e.settings.get("path") for e in second.layers] == [
+        e.settings.get("path") for e in first.layers]
     assert [e.settings.get("a_shape") for e in second.layers] == [
         e.settings.get("a_shape") for e in first.layers]
 

@@ -1,5 +1,6 @@
-"""Plan format version 2 keeps GKPD's factor shapes, rank and order in the layer settings;
-version 1 files (GKPD's fields at the top of each layer) keep loading, applying and saving.
+"""Plan format version 2 keeps GKPD's factor shapes, rank and path in the layer settings;
+version 1 files (GKPD's fields at the top of each layer, the path as ``order``) keep loading,
+applying and saving.
 
 The files under ``fixtures/`` were written by gkpd at version 1 (``gkpd.plan(net(), X,
 ratio=2, min_params=0, tolerance=0.2)``, with ``objective=LatencyObjective(batch=2)`` or
@@ -49,7 +50,7 @@ def test_plan_version_is_2_and_gkpd_layers_keep_their_settings():
     assert data["version"] == 2
     layer = next(entry for entry in data["layers"] if entry["method"] == "gkpd")
     assert not {"a_shape", "b_shape", "rank", "order"} & set(layer)
-    assert {"a_shape", "b_shape", "rank", "order"} <= set(layer["settings"])
+    assert {"a_shape", "b_shape", "rank", "path"} <= set(layer["settings"])
     assert CompressionPlan.from_json(plan.to_json()) == plan
 
 
@@ -59,7 +60,7 @@ def test_an_early_version_1_plan_loads_and_applies():
     assert plan.layout == "contiguous"
     entry = plan.layer("3")
     assert entry.settings == {"a_shape": [16, 2], "b_shape": [1, 64], "rank": 9,
-                              "order": "b_first"}
+                              "path": "b_first"}
     assert plan.layer("0").settings == {} and not plan.layer("0").compressed
     model = gkpd.apply_(early_net(), plan)
     assert (model[3].a_shape, model[3].rank) == ((16, 2), 9)
@@ -67,14 +68,14 @@ def test_an_early_version_1_plan_loads_and_applies():
     assert model(X).shape == (2, 16)
 
 
-def test_a_version_1_latency_plan_keeps_its_timed_orders():
+def test_a_version_1_latency_plan_keeps_its_timed_paths():
     plan = _load("plan_v1_latency.json")
     assert plan.layer("2").settings == {
-        "a_shape": [1, 4, 3, 3], "b_shape": [8, 2, 1, 1], "rank": 5, "order": "weight",
+        "a_shape": [1, 4, 3, 3], "b_shape": [8, 2, 1, 1], "rank": 5, "path": "weight",
         "latency_batch": 2, "latency_ms": 0.2304, "dense_latency_ms": 0.2304,
     }
     model = gkpd.apply_(net(), plan)
-    assert (model[2].order, model[5].order) == ("weight", "b_first")  # pinned, as timed
+    assert (model[2].path, model[5].path) == ("weight", "b_first")  # pinned, as timed
     assert (model[2].a_shape, model[2].rank, model[5].a_shape) == ((1, 4, 3, 3), 5, (16, 2))
     assert sum(p.numel() for p in model.parameters()) == plan.params
     assert plan.layout == "contiguous" and plan.latency_speedup() == pytest.approx(0.4183 / 0.4227)
@@ -103,7 +104,7 @@ def test_a_model_saved_with_a_version_1_plan_loads(tmp_path):
                                       "sha256": file_sha256(plan_file)}
     manifest_path.write_text(json.dumps(manifest))
     loaded = gkpd.load(tmp_path / "m", net())
-    assert loaded[5].order == "b_first"
+    assert loaded[5].path == "b_first"
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), compressed.eval()(X))
 
@@ -138,13 +139,13 @@ def test_version_1_attributes_and_keywords_still_work_with_a_warning():
                               "init": "whitened"}
     with pytest.deprecated_call(match="LayerPlan.a_shape is deprecated"):
         assert entry.a_shape == (16, 2)
-    with pytest.deprecated_call(match="LayerPlan.order is deprecated"):
+    with pytest.deprecated_call(match=r"LayerPlan.order is deprecated: use .*\['path'\]"):
         assert entry.order is None
     with pytest.deprecated_call(match="LayerPlan.rank is deprecated"):
         entry.rank = 4
     with pytest.deprecated_call(match="LayerPlan.order is deprecated"):
         entry.order = "b_first"
-    assert entry.settings["rank"] == 4 and entry.settings["order"] == "b_first"
+    assert entry.settings["rank"] == 4 and entry.settings["path"] == "b_first"
     with pytest.deprecated_call():
         entry.order = None
-    assert "order" not in entry.settings
+    assert "path" not in entry.settings

@@ -45,10 +45,10 @@ def test_resnet32_reaches_ratio_and_applied_model_matches(resnet32, ratio, strat
     # shapes allow one)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
-        assert layer.order == "auto"
-        assert layer.resolve_order(EXAMPLE.shape) == entry.settings["order"]
+        assert layer.path == "auto"
+        assert layer.resolve_path(EXAMPLE.shape) == entry.settings["path"]
     if (ratio, strategy) == (5.0, "uniform"):  # its factors have a channel dim of 1
-        assert any(entry.settings["order"].endswith("_channels")
+        assert any(entry.settings["path"].endswith("_channels")
                    for entry in plan.compressed_layers)
 
 
@@ -106,8 +106,8 @@ def test_overrides_fix_a_layer_and_skip_another(resnet32):
                    "layer3.1.conv1": "skip"},
     )
     fixed = plan.layer("layer3.0.conv2")
-    assert fixed.settings == {"a_shape": [8, 8, 3, 1], "b_shape": [8, 8, 1, 3], "rank": 2,
-                              "order": fixed.settings["order"]}
+    factors = {k: fixed.settings[k] for k in ("a_shape", "b_shape", "rank")}
+    assert factors == {"a_shape": [8, 8, 3, 1], "b_shape": [8, 8, 1, 3], "rank": 2}
     assert not plan.layer("layer3.1.conv1").compressed
     assert "override" in plan.layer("layer3.1.conv1").reason
 

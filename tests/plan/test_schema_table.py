@@ -17,7 +17,7 @@ def test_table_has_a_compact_settings_column():
             _layer("b", "tensor_train",
                    settings={"rank": 3, "in_modes": [4, 4], "out_modes": [4, 4]}),
             _layer("c", "gkpd", settings={"a_shape": [4, 4, 3, 1], "b_shape": [4, 4, 1, 3],
-                                          "rank": 2, "order": "b_first", "latency_batch": 8}),
+                                          "rank": 2, "path": "b_first", "latency_batch": 8}),
             _layer("d", "dense"),
         ],
     )
@@ -28,7 +28,7 @@ def test_table_has_a_compact_settings_column():
     assert "ranks=4,8" in row["a"] and "iterations" not in row["a"]
     assert "rank=3 in_modes=4,4 out_modes=4,4" in row["b"]
     # shapes as a product; the plan's latency batch is in the footer, not in each row
-    assert "a_shape=4×4×3×1 b_shape=4×4×1×3 rank=2 order=b_first 500" in " ".join(
+    assert "a_shape=4×4×3×1 b_shape=4×4×1×3 rank=2 path=b_first 500" in " ".join(
         row["c"].split())
     assert "latency_batch" not in row["c"] and row["d"].split()[2] == "-"
     assert all(len(line) < 200 for line in lines)

@@ -184,8 +184,8 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
                 ),
             )
             fast = apply_(copy.deepcopy(model), latency_plan).eval()  # in the plan's layout
-            orders = [e.settings.get("order") for e in latency_plan.compressed_layers]
-            paths = ", ".join(f"{o}: {orders.count(o)}" for o in sorted(set(orders)))
+            runs = [e.settings.get("path") for e in latency_plan.compressed_layers]
+            paths = ", ".join(f"{p}: {runs.count(p)}" for p in sorted(set(runs)))
             name = f"gkpd {ratio:g}x (latency@b{batch}"
             if len(config.latency_slacks) > 1:
                 name += f", slack {slack:g}"

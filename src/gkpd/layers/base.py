@@ -1,7 +1,14 @@
-"""What the Kronecker conv and linear layers share: the factors, the stage order, the cost."""
+"""What the Kronecker conv and linear layers share: the factors, the path, the cost.
+
+A layer's **path** is how it runs: ``"auto"`` (chosen per input size), one of the two
+**stage orders** (``"b_first"``, ``"a_first"``: which factor's convolution runs first), a
+channel path (``CHANNEL_PATHS``) or the weight path (``WEIGHT_PATH``). "Order" names only
+the two stage orders (``gkpd.counting.ORDERS``, ``order_macs``).
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -9,6 +16,7 @@ from torch import Tensor, nn
 
 from gkpd.counting import ORDERS
 from gkpd.decompose import KroneckerFactors, decompose, kron_sum
+from gkpd.deprecation import renamed
 from gkpd.whiten import DEFAULT_DAMPING, decompose_whitened
 
 # "weight": run the dense op with the reconstructed weight Σ_r a[r] ⊗ b[r] (cached at
@@ -18,7 +26,8 @@ WEIGHT_PATH = "weight"
 # shapes that allow it (``channel_paths``); MACs as in the stage order each is named after.
 # Fast where grouped and depthwise convolutions are, e.g. in channels_last.
 CHANNEL_PATHS = {"b_first_channels": "b_first", "a_first_channels": "a_first"}
-ORDER_CHOICES = ("auto", *ORDERS, WEIGHT_PATH, *CHANNEL_PATHS)
+PATH_CHOICES = ("auto", *ORDERS, WEIGHT_PATH, *CHANNEL_PATHS)
+ORDER_CHOICES = PATH_CHOICES  # its name before paths were named apart from stage orders
 
 
 def fx_leaf_call(module: nn.Module, *args):
@@ -78,31 +87,33 @@ def dense_factors(
 
 class KroneckerLayer(nn.Module):
     """Base of the Kronecker layers: parameters ``a`` ``(R, *a_shape)`` and ``b``
-    ``(R, *b_shape)``; subclasses give ``order_macs`` and ``resolve_order``."""
+    ``(R, *b_shape)``; subclasses give ``order_macs`` and ``resolve_path``."""
 
     a: nn.Parameter
     b: nn.Parameter
-    _order: str = "auto"
+    _path: str = "auto"
 
     _weight_cache: dict[str, tuple[tuple, Tensor]] | None = None
 
     @property
-    def order(self) -> str:
-        """``"auto"`` (the cheaper order for each input size), ``"b_first"``, ``"a_first"``,
-        ``"weight"`` (the dense op with the reconstructed weight), or one of
-        ``channel_paths()``."""
-        return self._order
+    def path(self) -> str:
+        """How the layer runs: ``"auto"`` (the cheaper stage order for each input size),
+        ``"b_first"``, ``"a_first"``, ``"weight"`` (the dense op with the reconstructed
+        weight), or one of ``channel_paths()``."""
+        return self._path
 
-    @order.setter
-    def order(self, value: str) -> None:
-        if value not in ORDER_CHOICES:
-            raise ValueError(f"order {value!r} is not supported: expected one of {ORDER_CHOICES}")
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATH_CHOICES:
+            raise ValueError(f"path {value!r} is not supported: expected one of {PATH_CHOICES}")
         if value in CHANNEL_PATHS and value not in self.channel_paths():
             raise ValueError(
-                f"order {value!r} needs other factor shapes (a_shape={self.a_shape}, "
+                f"path {value!r} needs other factor shapes (a_shape={self.a_shape}, "
                 f"b_shape={self.b_shape}): this layer has {self.channel_paths() or 'none'}"
             )
-        self._order = value
+        self._path = value
+
+    order = renamed("order", "path")
 
     def channel_paths(self) -> tuple[str, ...]:
         """The ``CHANNEL_PATHS`` this layer's factor shapes allow."""
@@ -130,8 +141,16 @@ class KroneckerLayer(nn.Module):
     def order_macs(self, input_shape: Sequence[int]) -> dict[str, int]:
         raise NotImplementedError
 
-    def resolve_order(self, input_shape: Sequence[int]) -> str:
+    def resolve_path(self, input_shape: Sequence[int]) -> str:
+        """The path that runs for an input of ``input_shape`` (``path``, or what ``"auto"``
+        picks)."""
         raise NotImplementedError
+
+    def resolve_order(self, *args: Sequence[int]) -> str:
+        """Deprecated name of :meth:`resolve_path`."""
+        warnings.warn(f"{type(self).__name__}.resolve_order is deprecated: use .resolve_path",
+                      DeprecationWarning, stacklevel=2)
+        return self.resolve_path(*args)
 
     def dense_macs(self, input_shape: Sequence[int]) -> int:
         """MACs of the dense op this layer replaces (what the ``"weight"`` path runs)."""
@@ -139,10 +158,10 @@ class KroneckerLayer(nn.Module):
 
     def macs(self, input_shape: Sequence[int]) -> int:
         """MACs of the forward that runs for an input of ``input_shape``."""
-        order = self.resolve_order(input_shape)
-        if order == WEIGHT_PATH:
+        path = self.resolve_path(input_shape)
+        if path == WEIGHT_PATH:
             return self.dense_macs(input_shape)
-        return self.order_macs(input_shape)[CHANNEL_PATHS.get(order, order)]
+        return self.order_macs(input_shape)[CHANNEL_PATHS.get(path, path)]
 
     def reconstruct_weight(self) -> Tensor:
         """The dense weight ``Σ_r a[r] ⊗ b[r]``."""

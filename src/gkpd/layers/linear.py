@@ -27,7 +27,7 @@ class KroneckerLinear(KroneckerLayer):
     """``nn.Linear`` whose weight ``(out_features, in_features)`` is ``Σ_r a[r] ⊗ b[r]``.
 
     ``a_shape = (O1, I1)``; ``b_shape = (out_features/O1, in_features/I1)``. Accepts any
-    number of leading dims, like ``nn.Linear``. ``order`` is ``"auto"``, ``"b_first"``,
+    number of leading dims, like ``nn.Linear``. ``path`` is ``"auto"``, ``"b_first"``,
     ``"a_first"`` or ``"weight"``.
     """
 
@@ -51,7 +51,7 @@ class KroneckerLinear(KroneckerLayer):
         self.a_shape = a
         self.b_shape = b_shape_for((out_features, in_features), a)
         self.rank = check_rank(rank, self.a_shape, self.b_shape)
-        self._order = "auto"
+        self._path = "auto"
         factory = {"device": device, "dtype": dtype}
         self.a = nn.Parameter(torch.empty(self.rank, *self.a_shape, **factory))
         self.b = nn.Parameter(torch.empty(self.rank, *self.b_shape, **factory))
@@ -107,9 +107,9 @@ class KroneckerLinear(KroneckerLayer):
     def dense_macs(self, input_shape: Sequence[int]) -> int:
         return math.prod(int(s) for s in input_shape[:-1]) * self.in_features * self.out_features
 
-    def resolve_order(self, input_shape: Sequence[int] = (1, 1)) -> str:
-        if self._order != "auto":
-            return self._order
+    def resolve_path(self, input_shape: Sequence[int] = (1, 1)) -> str:
+        if self._path != "auto":
+            return self._path
         return best_order(self.order_macs((1, self.in_features)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,14 +120,14 @@ class KroneckerLinear(KroneckerLayer):
                 f"input has shape {tuple(x.shape)}, expected last dim in_features="
                 f"{self.in_features}"
             )
-        order = self.resolve_order()
-        if order == WEIGHT_PATH:
+        path = self.resolve_path()
+        if path == WEIGHT_PATH:
             return F.linear(x, self._path_weight(), self.bias)
         r = self.rank
         (o1, i1), (o2, i2) = self.a_shape, self.b_shape
         lead = x.shape[:-1]
         x = x.reshape(-1, i1, i2)
-        if order == "b_first":
+        if path == "b_first":
             t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
             y = self.a.permute(1, 2, 0).reshape(o1, i1 * r) @ t.reshape(-1, i1 * r, o2)
         else:
@@ -143,6 +143,6 @@ class KroneckerLinear(KroneckerLayer):
         if self.bias is None:
             s += ", bias=False"
         s += f", a_shape={self.a_shape}, b_shape={self.b_shape}, rank={self.rank}"
-        if self._order != "auto":
-            s += f", order={self._order!r}"
+        if self._path != "auto":
+            s += f", path={self._path!r}"
         return s

@@ -15,8 +15,9 @@ from torch import nn
 
 from gkpd.counting import group_split
 from gkpd.decompose import b_shape_for, check_rank, rearrange
+from gkpd.deprecation import renamed
 from gkpd.layers import KroneckerConvNd, KroneckerEmbedding, KroneckerLinear
-from gkpd.layers.base import ORDER_CHOICES
+from gkpd.layers.base import PATH_CHOICES
 from gkpd.layers.conv import (
     KroneckerConv1d,
     KroneckerConv2d,
@@ -48,21 +49,24 @@ def _is_conv(module: nn.Module) -> bool:
 
 class KroneckerConfig(NamedTuple):
     """One GKPD configuration of a layer: ``weight ≈ Σ_rank A_r ⊗ B_r`` with factors of
-    shapes ``a_shape`` and ``b_shape``, run in stage ``order`` (the cheaper one in MACs;
-    ``None`` for an embedding, which has one way to run). A plan entry holds it in its
-    settings (:meth:`to_settings`, :meth:`of`); there ``order`` is what the layer runs."""
+    shapes ``a_shape`` and ``b_shape``, run on ``path`` (see :mod:`gkpd.layers.base`; in a
+    candidate table the stage order with fewer MACs; ``None`` for an embedding, which has
+    one way to run). A plan entry holds it in its settings (:meth:`to_settings`,
+    :meth:`of`)."""
 
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rank: int
-    order: str | None
+    path: str | None
+
+    order = renamed("order", "path", settable=False)
 
     def to_settings(self) -> dict[str, Any]:
         """The plan entry's settings for this configuration (JSON values)."""
         settings = {"a_shape": list(self.a_shape), "b_shape": list(self.b_shape),
                     "rank": int(self.rank)}
-        if self.order is not None:
-            settings["order"] = self.order
+        if self.path is not None:
+            settings["path"] = self.path
         return settings
 
     @classmethod
@@ -77,10 +81,10 @@ class KroneckerConfig(NamedTuple):
                 raise ValueError(f"{what}: {key} must be a list of positive ints, got {value!r}")
             shapes.append(tuple(positive_int(v, f"{what}: {key} entry") for v in value))
         rank = positive_int(setting(entry.settings, "rank", "gkpd", entry.name), f"{what}: rank")
-        order = entry.settings.get("order")
-        if order is not None and order not in ORDER_CHOICES:
-            raise ValueError(f"{what}: order must be one of {ORDER_CHOICES}, got {order!r}")
-        return cls(shapes[0], shapes[1], rank, order)
+        path = entry.settings.get("path")
+        if path is not None and path not in PATH_CHOICES:
+            raise ValueError(f"{what}: path must be one of {PATH_CHOICES}, got {path!r}")
+        return cls(shapes[0], shapes[1], rank, path)
 
 
 class GKPD(LayerMethod):
@@ -177,10 +181,10 @@ class GKPD(LayerMethod):
         return config.a_shape
 
     def describe(self, ctx: LayerContext, config: KroneckerConfig, entry: LayerPlan) -> None:
-        a, b, rank, order = config
-        if _is_conv(ctx.module):  # the path the layer will run on order "auto"
-            order = on_channel_path(order, a, b, ctx.module.groups)
-        entry.settings.update(KroneckerConfig(a, b, rank, order).to_settings())
+        a, b, rank, path = config
+        if _is_conv(ctx.module):  # the path the layer will run on "auto"
+            path = on_channel_path(path, a, b, ctx.module.groups)
+        entry.settings.update(KroneckerConfig(a, b, rank, path).to_settings())
         if ctx.input_covariance is not None:
             entry.settings.update(init="whitened", damping=float(ctx.damping))
 
@@ -237,7 +241,7 @@ class GKPD(LayerMethod):
         config = KroneckerConfig.of(entry)
         layer = self._build(module, config, decompose=decompose, **data)
         if "latency_ms" in entry.settings:  # a latency plan timed this path: run it
-            layer.order = config.order
+            layer.path = config.path
         return layer
 
     def _build(

@@ -40,8 +40,8 @@ _STALE = 0.25  # a cached dense time off by more: the layer is timed again
 class Option:
     """One way to run a layer: a GKPD configuration and the path it runs on."""
 
-    config: KroneckerConfig  # a plain (a_shape, b_shape, rank, order) tuple also works
-    order: str  # a stage order, a channel path or "weight"
+    config: KroneckerConfig  # a plain (a_shape, b_shape, rank, path) tuple also works
+    path: str  # a stage order, a channel path or "weight"
 
 
 class LayerTimer:
@@ -62,11 +62,11 @@ class LayerTimer:
     def _key(self, env: str, module: nn.Module, input_shape: Sequence[int], option: Option):
         config = KroneckerConfig(*option.config)
         what = f"a={config.a_shape} r={config.rank}"
-        if option.order == WEIGHT_PATH:
+        if option.path == WEIGHT_PATH:
             what = "dense"  # the weight path runs the dense op, whatever the factors
         shape = (self.batch, *input_shape[1:])
         layout = " | channels_last" if self._channels_last(input_shape) else ""
-        return f"{env} | {module!r} | {shape} | {what} | {option.order}{layout}"
+        return f"{env} | {module!r} | {shape} | {what} | {option.path}{layout}"
 
     def _channels_last(self, input_shape: Sequence[int]) -> bool:
         return self.layout == "channels_last" and len(input_shape) in (4, 5)
@@ -86,7 +86,7 @@ class LayerTimer:
         keys = {o: self._key(env, module, input_shape, o) for o in options}
         result = {o: self.cache.get(k) for o, k in keys.items()}
         missing = [o for o, t in result.items() if t is None]
-        reference = next((o for o in options if o.order == WEIGHT_PATH), None)
+        reference = next((o for o in options if o.path == WEIGHT_PATH), None)
         if reference is not None and reference not in missing and len(missing) < len(options):
             now = self._time(module, input_shape, [reference])[reference]
             if abs(now / result[reference] - 1) > _STALE:
@@ -126,17 +126,17 @@ class LayerTimer:
 
 def runnable(module: nn.Module, option: Option) -> nn.Module:
     """A module that runs like ``option`` would (fresh factors: timing needs only shapes)."""
-    if option.order == WEIGHT_PATH:
+    if option.path == WEIGHT_PATH:
         return module  # the weight path runs the dense op with a cached weight
     config = KroneckerConfig(*option.config)
     entry = LayerPlan("timing", type(module).__name__, tuple(module.weight.shape), (), 0, 0,
                       settings=config.to_settings())
     layer = GKPD().build(module, entry, decompose=False)
-    layer.order = option.order
+    layer.path = option.path
     return layer.eval()
 
 
-def _orders(module: nn.Module, config: KroneckerConfig) -> tuple[str, ...]:
+def _paths(module: nn.Module, config: KroneckerConfig) -> tuple[str, ...]:
     """The stage orders and channel paths a GKPD configuration of ``module`` can run."""
     if not isinstance(module, nn.modules.conv._ConvNd):
         return ORDERS
@@ -149,7 +149,7 @@ class Timed:
     """The option a layer runs with, its time, and the dense layer's time, per call."""
 
     pick: int  # index into the layer's candidate table
-    order: str
+    path: str
     seconds: float
     dense_seconds: float
 
@@ -170,7 +170,7 @@ def fastest_within_budget(
     Options are the configurations (per factor shape, the largest rank no bigger than the
     pick: the best error that shape has there) in both stage orders and on the channel paths
     their shapes allow, and the pick on the ``"weight"`` path (dense speed). Paths with more
-    MACs than the dense layer are left out (the pick's own order excepted): the weight path
+    MACs than the dense layer are left out (the pick's own path excepted): the weight path
     beats them, and they are the slow ones to time (in ResNet-50's first 1x1 conv, 9-30x the
     dense MACs and 1-12 s per call at batch 8). Layers move greedily, largest time saving
     first.
@@ -196,15 +196,15 @@ def fastest_within_budget(
             config = configs[j]
             macs = order_macs(ctx.module, ctx.input_shape, config.a_shape, config.b_shape,
                               config.rank)  # per stage order
-            for order in _orders(ctx.module, config):
-                if (j, order) == (pick, configs[pick].order) or (
-                    macs[CHANNEL_PATHS.get(order, order)] <= ctx.dense_macs
+            for path in _paths(ctx.module, config):
+                if (j, path) == (pick, configs[pick].path) or (
+                    macs[CHANNEL_PATHS.get(path, path)] <= ctx.dense_macs
                 ):
-                    options[(j, order)] = Option(table.configs[j], order)
+                    options[(j, path)] = Option(table.configs[j], path)
         times = timer.times(ctx.module, ctx.input_shape, list(options.values()))
         dense = times[options[(pick, WEIGHT_PATH)]]
-        timed = [Timed(j, order, times[o], dense) for (j, order), o in options.items()]
-        current = min((t for t in timed if t.pick == pick and t.order != WEIGHT_PATH),
+        timed = [Timed(j, path, times[o], dense) for (j, path), o in options.items()]
+        current = min((t for t in timed if t.pick == pick and t.path != WEIGHT_PATH),
                       key=lambda t: t.seconds)
         result[i] = current
         for t in timed:

@@ -76,8 +76,8 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int, contexts: Se
     for layout, timings in per_layout.items():
         compressed = copy.deepcopy(model).eval()
         for ctx, table, timed in zip(contexts, tables, timings, strict=True):
-            if timed is not None and timed.order != WEIGHT_PATH:  # the weight path: dense
-                option = Option(table.configs[timed.pick], timed.order)
+            if timed is not None and timed.path != WEIGHT_PATH:  # the weight path: dense
+                option = Option(table.configs[timed.pick], timed.path)
                 compressed.set_submodule(ctx.name, runnable(ctx.module, option))
         calls["compressed", layout] = _call(run_in_layout(compressed, layout), x)
     with _flush_denormals():  # fresh factors: their values must not set the speed

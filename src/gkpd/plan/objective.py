@@ -152,7 +152,7 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
 
 def describe_timing(entry: LayerPlan, timed, batch: int) -> None:
     entry.settings |= {
-        "order": timed.order,
+        "path": timed.path,
         "latency_batch": batch,
         "latency_ms": round(timed.seconds * 1e3, 4),
         "dense_latency_ms": round(timed.dense_seconds * 1e3, 4),

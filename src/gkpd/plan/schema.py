@@ -13,12 +13,14 @@ from typing import Any
 from gkpd.text_table import format_table
 
 # Version 2 keeps GKPD's factor shapes, rank and path in the layer's ``settings`` like every
-# other method's; version 1 had them as fields of the layer, and gained ``attention_macs``,
-# ``notes`` and ``options["layout"]`` late (a version 1 file may lack them).
+# other method's; version 1 had them as fields of the layer (the path as ``order``), and
+# gained ``attention_macs``, ``notes`` and ``options["layout"]`` late (a version 1 file may
+# lack them).
 PLAN_VERSION = 2
 _READABLE_VERSIONS = (1, PLAN_VERSION)
-# The layer fields of version 1 that are settings in version 2 (all None on a dense layer).
-_V1_FIELDS = ("a_shape", "b_shape", "rank", "order")
+# The layer fields of version 1 and the settings they are in version 2 (all None on a dense
+# layer).
+_V1_FIELDS = {"a_shape": "a_shape", "b_shape": "b_shape", "rank": "rank", "order": "path"}
 
 # Settings that are the same for every layer of a plan say nothing in a per-layer table.
 _QUIET_SETTINGS = frozenset({"iterations", "seed", "damping", "latency_batch"})
@@ -41,12 +43,13 @@ def _as_setting(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _deprecated_setting(key: str) -> property:
-    """``LayerPlan.<key>``, once a field of GKPD layers, now read from and written to
-    ``settings[key]`` with a ``DeprecationWarning``."""
+def _deprecated_setting(field_name: str) -> property:
+    """``LayerPlan.<field_name>``, a field of GKPD layers in plan version 1, now read from and
+    written to their settings with a ``DeprecationWarning``."""
+    key = _V1_FIELDS[field_name]
 
     def warn() -> None:
-        warnings.warn(f"LayerPlan.{key} is deprecated: use LayerPlan.settings[{key!r}]",
+        warnings.warn(f"LayerPlan.{field_name} is deprecated: use LayerPlan.settings[{key!r}]",
                       DeprecationWarning, stacklevel=3)
 
     def get(self: LayerPlan) -> Any:
@@ -70,10 +73,10 @@ class LayerPlan:
 
     ``method`` is ``"dense"`` for a layer left as it is (``reason`` says why); a compressed
     layer's ``settings`` are its method's (GKPD: ``a_shape``, ``b_shape``, ``rank`` and
-    ``order``, see :class:`gkpd.methods.KroneckerConfig`), JSON values only. ``macs`` are per
+    ``path``, see :class:`gkpd.methods.KroneckerConfig`), JSON values only. ``macs`` are per
     sample at the input size seen by the planner (``input_shape``, batch dimension included
-    as seen). ``a_shape``, ``b_shape``, ``rank`` and ``order`` still work as deprecated
-    attributes and constructor keywords, reading and writing ``settings``.
+    as seen). ``a_shape``, ``b_shape``, ``rank`` and ``order`` (the path) still work as
+    deprecated attributes and constructor keywords, reading and writing ``settings``.
     """
 
     name: str
@@ -128,8 +131,8 @@ def _accept_v1_fields(init: Callable[..., None]) -> Callable[..., None]:
                 f"LayerPlan({', '.join(f'{k}=' for k in moved)}...) is deprecated: pass "
                 "settings={...} instead", DeprecationWarning, stacklevel=2,
             )
-            self.settings = {k: _as_setting(v) for k, v in moved.items() if v is not None} | (
-                self.settings)
+            self.settings = {_V1_FIELDS[k]: _as_setting(v) for k, v in moved.items()
+                             if v is not None} | self.settings
 
     return __init__
 
@@ -141,7 +144,7 @@ def _layer_from_v1(data: dict[str, Any]) -> dict[str, Any]:
     """A version 1 layer with its GKPD fields moved into its settings (where the settings
     already hold one, as svd's ``rank``, the settings' value stays)."""
     values = {k: v for k, v in data.items() if k not in _V1_FIELDS}
-    moved = {k: data[k] for k in _V1_FIELDS if data.get(k) is not None}
+    moved = {key: data[k] for k, key in _V1_FIELDS.items() if data.get(k) is not None}
     values["settings"] = moved | values.get("settings", {})
     return values
 
