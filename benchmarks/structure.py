@@ -9,6 +9,7 @@ budget and settings (alpha 0.9, T 4, lr 0.01, batch 128, cosine). Families:
   channel   the whole kernel in one factor: a=(F1,C1,k,k), b=(F2,C2,1,1), the split with the
             least weight error at the layer's size
   tucker    Tucker-2 (``method="tucker"``), the strongest baseline, as the reference
+  auto      ``method="auto"``: per layer GKPD, Tucker-2 or SVD, whichever keeps most weight
 
 usage:
   python benchmarks/structure.py --families planned,channel,tucker --ratio 5 \
@@ -60,8 +61,8 @@ def channel_split(weight: torch.Tensor, budget: int) -> dict:
 
 
 def build(family: str, teacher, x, ratio: float):
-    if family == "tucker":
-        return gkpd.compress(teacher, x, ratio=ratio, method="tucker")
+    if family in ("tucker", "auto"):
+        return gkpd.compress(teacher, x, ratio=ratio, method=family)
     model, plan = gkpd.compress(teacher, x, ratio=ratio)
     if family == "planned":
         return model, plan

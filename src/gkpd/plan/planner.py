@@ -363,8 +363,8 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
         if pick is None:
             entry.reason = "kept dense by the global allocation"
             continue
+        entry.method = compressor.name  # a mixing method (auto) names its component
         compressor.describe(ctx, table.configs[pick], entry)
-        entry.method = compressor.name
         entry.params = int(table.params[pick])
         entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
         if timed is not None:
