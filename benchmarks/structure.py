@@ -32,13 +32,9 @@ from torch.utils.data import DataLoader
 import gkpd
 from gkpd import data
 from gkpd.counting import count_model
-from gkpd.decompose import rearrange
+from gkpd.decompose import divisors, rearrange
 from gkpd.train import evaluate
 from gkpd.train.finetune import finetune, finetune_loader
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def channel_split(weight: torch.Tensor, budget: int) -> dict:
@@ -46,7 +42,7 @@ def channel_split(weight: torch.Tensor, budget: int) -> dict:
     ``budget`` weight parameters."""
     f, c, *kernel = weight.shape
     best = None
-    for f1, c1 in itertools.product(_divisors(f), _divisors(c)):
+    for f1, c1 in itertools.product(divisors(f), divisors(c)):
         a = (f1, c1, *kernel)
         b = (f // f1, c // c1, *(1 for _ in kernel))
         rank = budget // (math.prod(a) + math.prod(b))
