@@ -62,6 +62,9 @@ class UnpackedRecurrent(nn.Module):
 
     torch_type: type[nn.RNNBase]
     gates: int
+    # the keyword arguments of torch_type, attributes of it and of this module alike
+    option_names: tuple[str, ...] = ("num_layers", "bias", "batch_first", "dropout",
+                                     "bidirectional")
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
@@ -99,12 +102,10 @@ class UnpackedRecurrent(nn.Module):
         ``l0_reverse``."""
         return [f"l{layer}", f"l{layer}_reverse"][: self.directions]
 
-    def _options(self) -> dict:
-        """The keyword arguments of ``torch_type`` (and of this class) that this module has."""
-        options = {"num_layers": self.num_layers, "bias": self.bias,
-                   "batch_first": self.batch_first, "dropout": self.dropout,
-                   "bidirectional": self.bidirectional}
-        return options | ({"proj_size": self.proj_size} if self.proj_size else {})
+    @classmethod
+    def _options(cls, module: nn.Module) -> dict:
+        """The keyword arguments that build a module like ``module`` (torch's or this one)."""
+        return {name: getattr(module, name) for name in cls.option_names}
 
     # ------------------------------------------------------------------ torch's module
 
@@ -115,7 +116,7 @@ class UnpackedRecurrent(nn.Module):
             raise TypeError(f"module must be an {cls.torch_type.__name__}, got "
                             f"{type(module).__name__}")
         reference = module.weight_ih_l0
-        new = cls(module.input_size, module.hidden_size, **cls._torch_options(module),
+        new = cls(module.input_size, module.hidden_size, **cls._options(module),
                   device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for suffix, gates in new._gates():
@@ -126,12 +127,6 @@ class UnpackedRecurrent(nn.Module):
                             getattr(target, kind).copy_(source)
                             getattr(target, kind).requires_grad_(source.requires_grad)
         return new.train(module.training)
-
-    @classmethod
-    def _torch_options(cls, module: nn.RNNBase) -> dict:
-        return {"num_layers": module.num_layers, "bias": module.bias,
-                "batch_first": module.batch_first, "dropout": module.dropout,
-                "bidirectional": module.bidirectional}
 
     def to_torch(self) -> nn.RNNBase:
         """The ``torch_type`` module computing the same function, in this module's mode (gate
@@ -155,7 +150,7 @@ class UnpackedRecurrent(nn.Module):
         if any(linear is None for linear in layers.values()):
             return self
         reference = next(iter(layers.values())).weight
-        module = self.torch_type(self.input_size, self.hidden_size, **self._options(),
+        module = self.torch_type(self.input_size, self.hidden_size, **self._options(self),
                                  device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for name, linear in layers.items():
@@ -284,8 +279,8 @@ class UnpackedRecurrent(nn.Module):
 
     def extra_repr(self) -> str:
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
-                    "bidirectional": False, "nonlinearity": "tanh"}  # shown as torch shows them
-        options = [f"{k}={v!r}" for k, v in self._options().items() if defaults.get(k) != v]
+                    "bidirectional": False, "proj_size": 0, "nonlinearity": "tanh"}
+        options = [f"{k}={v!r}" for k, v in self._options(self).items() if defaults[k] != v]
         return ", ".join([str(self.input_size), str(self.hidden_size), *options])
 
 
@@ -309,10 +304,7 @@ class UnpackedLSTM(UnpackedRecurrent):
 
     torch_type = nn.LSTM
     gates = 4  # input, forget, cell, output: torch's order
-
-    @classmethod
-    def _torch_options(cls, module: nn.LSTM) -> dict:
-        return super()._torch_options(module) | {"proj_size": module.proj_size}
+    option_names = (*UnpackedRecurrent.option_names, "proj_size")
 
     def _state_sizes(self) -> tuple[int, ...]:
         return (self.proj_size or self.hidden_size, self.hidden_size)
@@ -361,6 +353,7 @@ class UnpackedRNN(UnpackedRecurrent):
 
     torch_type = nn.RNN
     gates = 1
+    option_names = ("nonlinearity", *UnpackedRecurrent.option_names)
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
@@ -371,13 +364,6 @@ class UnpackedRNN(UnpackedRecurrent):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
-
-    @classmethod
-    def _torch_options(cls, module: nn.RNN) -> dict:
-        return super()._torch_options(module) | {"nonlinearity": module.nonlinearity}
-
-    def _options(self) -> dict:
-        return {"nonlinearity": self.nonlinearity} | super()._options()
 
     def _step(self, gates, from_input, state):
         (h,) = state
