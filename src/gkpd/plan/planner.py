@@ -19,7 +19,7 @@ from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances
 from gkpd.counting import module_params
-from gkpd.layers.attention import with_unpacked_attention
+from gkpd.layers.attention import with_unpacked_layers
 from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method, layer_methods
 from gkpd.plan import coverage
 from gkpd.plan.budget import (
@@ -126,8 +126,11 @@ def plan(
     Each ``nn.MultiheadAttention`` is planned as its four projections (``q_proj``, ``k_proj``,
     ``v_proj``, ``out_proj``: :class:`gkpd.layers.attention.UnpackedMultiheadAttention`,
     which ``apply_`` puts in its place); the MACs of the attention products are counted
-    (``attention_macs``). ``notes`` name the parameters outside every planned layer and the
-    compressed layers that keep little of their weight (also logged as a warning).
+    (``attention_macs``). Each ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` is planned as its
+    gate layers per layer and direction (``l0.ih``, called once on the whole sequence,
+    ``l0.hh``, called at every step: :mod:`gkpd.layers.recurrent`). ``notes`` name the
+    parameters outside every planned layer and the compressed layers that keep little of
+    their weight (also logged as a warning).
 
     ``objective``: ``"error"``, or a :class:`LatencyObjective` (GKPD only) to keep, per
     layer, the fastest configuration within an error slack, timed on this machine.
@@ -161,7 +164,7 @@ def plan(
     if not isinstance(compressor, LayerMethod):
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
 
-    model = with_unpacked_attention(model)  # a copy where it has attention: plan projections
+    model = with_unpacked_layers(model)  # a copy with attention/recurrent layers as linears
     traced = trace(model, example_input)
     if not traced.layers:
         raise ValueError("the model calls no conv, linear or embedding layer on example_input")
