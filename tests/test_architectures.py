@@ -2,14 +2,15 @@
 nn.TransformerEncoder; written in ``testkit.architectures`` with torchvision's structure),
 compressed 2× with default arguments by GKPD and by SVD: the ratio is met, the compressed
 model answers in the dense model's shape with finite values in train and eval mode, gradients
-reach every trainable parameter, and a save + ``gkpd.load`` round trip gives the same
-outputs."""
+reach every trainable parameter, what runs is what the plan counted, and a save +
+``gkpd.load`` round trip gives the same outputs."""
 
 import pytest
 import torch
 from testkit.architectures import ARCHITECTURES
 
 import gkpd
+from gkpd.counting import count_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +48,7 @@ def test_architecture_compresses_2x_trains_and_round_trips(name, method, tmp_pat
     compressed, plan = gkpd.compress(dense, x, ratio=2, method=method)
     assert abs(plan.achieved_ratio / 2 - 1) <= 0.03
     assert sum(p.numel() for p in compressed.parameters()) == plan.params
+    assert count_model(compressed.eval(), x).total_macs == len(x) * plan.macs  # per sample
     compressed_names = {e.name for e in plan.compressed_layers}
     assert set(MUST_COMPRESS[name]) <= compressed_names
     assert {e.method for e in plan.compressed_layers} == {method}
