@@ -75,6 +75,7 @@ def test_compressed_transformer_encoder_fast_path_agrees_with_the_slow_path():
     tensors for the padded batch) where it can; with gradients on it cannot. The compressed
     encoder must answer the same on both, on the positions that are not padding."""
     dense, x = _build("transformer_encoder")
+    assert dense.encoder.use_nested_tensor  # the dense model has the fast path to take
     compressed, _ = gkpd.compress(dense, x, ratio=2)
     padding = torch.zeros(x.shape[:2], dtype=torch.bool)
     padding[1, -2:] = True
