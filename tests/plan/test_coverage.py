@@ -71,6 +71,7 @@ def test_layers_that_keep_little_of_their_weight_are_flagged(caplog):
     assert weak and all(e.reason.startswith("compressed; keeps little") for e in weak)
     note = next(n for n in plan.notes if "keep little of their weight" in n)
     assert all(e.name in note for e in weak) and "--exclude" in note
+    assert "max_layer_error=0.9 (--max-layer-error)" in note
     assert any("keep little of their weight" in r.message for r in caplog.records)
     assert plan.totals()["notes"] == plan.notes
     assert gkpd.CompressionPlan.from_json(plan.to_json()).notes == plan.notes
@@ -81,3 +82,25 @@ def test_a_plan_that_keeps_its_weights_has_no_warning(resnet32, caplog):
         plan = gkpd.plan(resnet32, torch.randn(1, 1, 28, 28), ratio=2)
     assert not caplog.records
     assert plan.notes == [next(n for n in plan.notes if "BatchNorm2d" in n)]
+
+
+def test_max_layer_error_keeps_layers_that_would_keep_little_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 64))
+    with torch.no_grad():  # layer '0' is nearly low rank, layer '2' is noise
+        model[0].weight.copy_(torch.randn(512, 4) @ torch.randn(4, 512) / 16
+                              + 0.02 * torch.randn(512, 512))
+    x = torch.randn(1, 512)
+    plain = gkpd.plan(model, x, ratio=2, min_params=0)
+    # within its ratio limits the noise keeps at best 0.49 of its error
+    assert plain.layer("2").compressed and plain.layer("2").relative_error >= 0.3
+    kept = gkpd.plan(model, x, ratio=2, min_params=0, max_layer_error=0.3)
+    assert not kept.layer("2").compressed and "max_layer_error 0.3" in kept.layer("2").reason
+    assert kept.compressed_layers and all(e.relative_error < 0.3 for e in kept.compressed_layers)
+    assert kept.achieved_ratio == pytest.approx(2, rel=0.03)
+    assert kept.options["max_layer_error"] == 0.3
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="max_layer_error must be a number in"):
+            gkpd.plan(model, x, ratio=2, max_layer_error=bad)
+    with pytest.raises(ValueError, match="max_layer_error is for layer methods"):
+        gkpd.plan(model, x, ratio=2, method="prune", max_layer_error=0.5)

@@ -95,8 +95,9 @@ def weak_note(weak: Sequence[LayerPlan]) -> str:
     )
     return (
         f"{len(weak)} compressed layer(s) keep little of their weight (relative error >= "
-        f"{WEAK_ERROR}): {shown}; ask for a smaller ratio, or keep them dense with "
-        "exclude= (--exclude) and let the other layers take the budget"
+        f"{WEAK_ERROR}): {shown}; ask for a smaller ratio, or keep such layers dense with "
+        f"max_layer_error={WEAK_ERROR} (--max-layer-error) or exclude= (--exclude) and let the "
+        "other layers take the budget"
     )
 
 
