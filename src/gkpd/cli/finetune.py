@@ -12,6 +12,7 @@ from gkpd.cli.common import (
     command_line,
     common_args,
     data_args,
+    distillation_args,
     emit,
     fine_tuning_loaders,
     log,
@@ -131,15 +132,7 @@ def add_parser(sub, **kwargs) -> None:
     data_args(p)
     p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="directory for checkpoints and the result")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
-    p.add_argument(
-        "--feature-layers", action="append", default=None, metavar="PATTERN",
-        help="also distil the outputs of these modules (a name, a type such as BasicBlock, or "
-        "a regex re:layer\\d\\.\\d+; repeatable) from the teacher's modules of the same name",
-    )
-    p.add_argument("--feature-weight", type=float, default=1.0,
-                   help="weight of the --feature-layers term (mean squared error)")
+    distillation_args(p)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--batch-size", type=positive_int, default=128)
