@@ -27,7 +27,7 @@ from torch import nn
 
 import gkpd
 from gkpd.counting import conv_macs, kronecker_conv_order_macs
-from gkpd.decompose import rearrange
+from gkpd.decompose import divisors, rearrange
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -107,10 +107,6 @@ def bench_decompose(repeats: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- latency
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def candidate_configs(channels: int, size: int, ratio: float = 5.0, keep: int = 5):

@@ -9,10 +9,12 @@ budget and settings (alpha 0.9, T 4, lr 0.01, batch 128, cosine). Families:
   channel   the whole kernel in one factor: a=(F1,C1,k,k), b=(F2,C2,1,1), the split with the
             least weight error at the layer's size
   tucker    Tucker-2 (``method="tucker"``), the strongest baseline, as the reference
+  auto      ``method="auto"``: per layer GKPD, Tucker-2 or SVD, whichever keeps most weight
 
 usage:
   python benchmarks/structure.py --families planned,channel,tucker --ratio 5 \
-      --epochs 1 --train-subset 16000 [--threads 1] [--out benchmarks/structure/cells.jsonl]
+      --epochs 1 --train-subset 16000 [--threads 1] [--out benchmarks/structure/cells.jsonl] \
+      [--feature-layers 're:layer\\d\\.\\d+']
 One JSON line per family is appended to --out as it finishes; a family already there is skipped.
 """
 
@@ -31,13 +33,9 @@ from torch.utils.data import DataLoader
 import gkpd
 from gkpd import data
 from gkpd.counting import count_model
-from gkpd.decompose import rearrange
+from gkpd.decompose import divisors, rearrange
 from gkpd.train import evaluate
 from gkpd.train.finetune import finetune, finetune_loader
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def channel_split(weight: torch.Tensor, budget: int) -> dict:
@@ -45,7 +43,7 @@ def channel_split(weight: torch.Tensor, budget: int) -> dict:
     ``budget`` weight parameters."""
     f, c, *kernel = weight.shape
     best = None
-    for f1, c1 in itertools.product(_divisors(f), _divisors(c)):
+    for f1, c1 in itertools.product(divisors(f), divisors(c)):
         a = (f1, c1, *kernel)
         b = (f // f1, c // c1, *(1 for _ in kernel))
         rank = budget // (math.prod(a) + math.prod(b))
@@ -60,8 +58,8 @@ def channel_split(weight: torch.Tensor, budget: int) -> dict:
 
 
 def build(family: str, teacher, x, ratio: float):
-    if family == "tucker":
-        return gkpd.compress(teacher, x, ratio=ratio, method="tucker")
+    if family in ("tucker", "auto"):
+        return gkpd.compress(teacher, x, ratio=ratio, method=family)
     model, plan = gkpd.compress(teacher, x, ratio=ratio)
     if family == "planned":
         return model, plan
@@ -87,19 +85,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/structure/cells.jsonl")
+    parser.add_argument("--feature-layers", default=None, metavar="PATTERN",
+                        help="also distil these blocks' outputs (gkpd finetune --feature-layers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.is_file():
-        done = {(r["family"], r["ratio"], r["seed"], r["epochs"], r["train_samples"])
-                for r in map(json.loads, out.read_text().splitlines())}
+        done = {(r["family"], r["ratio"], r["seed"], r["epochs"], r["train_samples"],
+                 r.get("feature_layers")) for r in map(json.loads, out.read_text().splitlines())}
     teacher = gkpd.models.load_pretrained("resnet32_fashion_mnist").eval()
     x = torch.zeros(1, 1, 28, 28)
     test = DataLoader(data.build_dataset("fashion-mnist", "test", augment=False), batch_size=500)
     for family in args.families.split(","):
-        key = (family, args.ratio, args.seed, args.epochs, args.train_subset)
+        key = (family, args.ratio, args.seed, args.epochs, args.train_subset, args.feature_layers)
         if key in done:
             print(f"{family}: recorded before, skipped")
             continue
@@ -113,10 +113,11 @@ def main() -> None:
         loader = finetune_loader("fashion-mnist", None, batch_size=128,
                                  train_subset=args.train_subset)
         finetune(model, teacher, loader, epochs=args.epochs, checkpoint_dir=None, resume=False,
-                 progress=False, seed=args.seed)
+                 progress=False, seed=args.seed, feature_layers=args.feature_layers)
         row = {
             "family": family, "ratio": args.ratio, "seed": args.seed, "epochs": args.epochs,
-            "train_samples": args.train_subset, "params": counts.total_params,
+            "train_samples": args.train_subset, "feature_layers": args.feature_layers,
+            "params": counts.total_params,
             "macs": counts.total_macs, "accuracy_before": before,
             "accuracy_after": evaluate(model, test)["accuracy"],
             "shapes": sorted({str(tuple(e.settings["a_shape"])) for e in plan.layers

@@ -52,7 +52,7 @@ class ViT(nn.Module):
 
 def _full_rank(plan, model):
     """Every compressed layer of ``plan`` at its full rank (an exact decomposition)."""
-    modules = dict(gkpd.layers.attention.with_unpacked_attention(model).named_modules())
+    modules = dict(gkpd.layers.attention.with_unpacked_layers(model).named_modules())
     for entry in plan.compressed_layers:
         if entry.method == "gkpd":
             entry.settings["rank"] = full_rank(entry.settings["a_shape"], entry.settings["b_shape"])

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from gkpd.counting import count_model
-from gkpd.layers.attention import UnpackedMultiheadAttention, with_unpacked_attention
+from gkpd.layers.attention import UnpackedMultiheadAttention, with_unpacked_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +71,7 @@ def test_a_transformer_counts_the_same_dense_and_unpacked():
     model = nn.Transformer(8, 2, 1, 1, 16, batch_first=True).eval()
     args = (torch.randn(2, 5, 8), torch.randn(2, 4, 8))
     dense = count_model(model, args)
-    unpacked = count_model(with_unpacked_attention(model), args)
+    unpacked = count_model(with_unpacked_layers(model), args)
     assert dense.total_macs == unpacked.total_macs
     assert dense.total_params == unpacked.total_params
     kinds = {c.kind for c in unpacked.layers}

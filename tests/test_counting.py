@@ -15,6 +15,7 @@ from gkpd.counting import (
     kronecker_params,
     linear_macs,
     module_macs,
+    recurrent_macs,
 )
 from gkpd.decompose import full_rank
 from gkpd.geometry import group_split
@@ -359,3 +360,20 @@ def test_count_model_of_a_model_called_with_keywords():
     }
     assert counts["up"].input_shape == (3, 5, 64)
     assert counts.total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("module", "shape"), [
+    (nn.LSTM(3, 8, 2, bidirectional=True, proj_size=4), (5, 2, 3)),
+    (nn.GRU(3, 8, 2, batch_first=True), (2, 5, 3)),
+    (nn.RNN(3, 8, nonlinearity="relu"), (5, 3)),  # unbatched
+])
+def test_recurrent_layers_count_their_products_as_torch_runs_them(module, shape):
+    from gkpd.layers.attention import with_unpacked_layers
+
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert recurrent_macs(module, shape) == measured_macs(module, x)
+    model = nn.Sequential(module)
+    dense, unpacked = count_model(model, x), count_model(with_unpacked_layers(model), x)
+    assert dense["0"].macs == recurrent_macs(module, shape) == unpacked.total_macs
+    assert dense.total_params == unpacked.total_params

@@ -16,9 +16,9 @@ cell() {  # SEED METHODS
 }
 # closest to GKPD in the recorded 2x16k run first, so that their extra seeds start early
 cell 0 tucker
-cell 0 tensor_train
 cell 1 tucker
 cell 2 tucker
+cell 0 tensor_train
 cell 0 prune
 cell 0 tensor_ring
 cell 0 svd

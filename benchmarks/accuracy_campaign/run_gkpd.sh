@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The campaign's GKPD cells, with the budget of run_baselines.sh, seeds 0-2: 'gkpd-plain' (GKPD
+# The campaign's GKPD cells (and the auto mix), with the budget of run_baselines.sh, seeds 0-2: 'gkpd-plain' (GKPD
 # as planned before issue #12) and 'gkpd-whiten' (factors whitened on 512 training images).
 # gkpd-plain at seed 0 first: it is the cell that decides whether GKPD reaches Tucker's 93.45%.
 # Run beside run_baselines.sh on one thread each; rerunning resumes.
@@ -13,9 +13,14 @@ cell() {  # SEED METHODS RATIO
 }
 cell 0 gkpd-plain 5
 cell 0 gkpd-plain 10
+# the seeds that decide whether GKPD and Tucker differ at 5x (run_baselines.sh runs tucker's)
+cell 1 gkpd-plain 5
+# the per-layer mix of GKPD, Tucker-2 and SVD (method="auto"), its own row
+cell 0 auto 5
+cell 0 auto 10
 cell 0 gkpd-whiten 5
 cell 0 gkpd-whiten 10
+cell 2 gkpd-plain 5
 for seed in 1 2; do
-  cell "$seed" gkpd-plain 5
   cell "$seed" gkpd-plain 10
 done

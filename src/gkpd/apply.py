@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
-from gkpd.layers.attention import unfuse, unpacked
+from gkpd.layers.attention import UNPACKED, unfuse, unpacked
 from gkpd.layout import run_in_layout
 from gkpd.methods import ModelMethod, get_method
 from gkpd.plan import CompressionPlan, plan
@@ -29,13 +29,13 @@ def _require_plan(compression_plan: Any) -> None:
         raise TypeError(f"plan must be a CompressionPlan, got {type(compression_plan).__name__}")
 
 
-def _planned_attention(model: nn.Module, compression_plan: CompressionPlan) -> list[str]:
-    """Names of the ``nn.MultiheadAttention`` modules of ``model`` that plan entries reach
-    into (the planner planned their projections as layers)."""
+def _planned_unpacked(model: nn.Module, compression_plan: CompressionPlan) -> list[str]:
+    """Names of the modules of ``model`` that the planner unpacked (attention, recurrent
+    layers: ``gkpd.layers.attention.UNPACKED``) and plan entries reach into."""
     _require_plan(compression_plan)
     return [
         name for name, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention)
+        if isinstance(module, tuple(UNPACKED))
         and any(e.name.startswith(f"{name}.") for e in compression_plan.layers)
     ]
 
@@ -46,11 +46,11 @@ def check_plan_fits(
 ) -> None:
     """Raise ``ValueError`` unless every planned layer exists in ``model`` with the planned
     type and weight shape (a plan made for another architecture is refused whole), once the
-    attention the plan reaches into is unpacked as ``apply_`` does it (``unpacked_attention``:
-    those modules by name, if already built)."""
+    attention and recurrent layers the plan reaches into are unpacked as ``apply_`` does it
+    (``unpacked_attention``: those modules by name, if already built)."""
     _require_plan(compression_plan)
     if unpacked_attention is None:
-        unpacked_attention = unpacked(model, _planned_attention(model, compression_plan))
+        unpacked_attention = unpacked(model, _planned_unpacked(model, compression_plan))
     modules = dict(model.named_modules())
     for name, module in unpacked_attention.items():
         modules.update((f"{name}.{child}", m) for child, m in module.named_modules() if child)
@@ -103,10 +103,12 @@ def apply_(
     An ``nn.MultiheadAttention`` whose projections the plan names becomes an
     :class:`gkpd.layers.attention.UnpackedMultiheadAttention` (the same function, its
     projections layers), and transformer layers with replaced children run through them
-    (:func:`gkpd.layers.attention.unfuse`).
+    (:func:`gkpd.layers.attention.unfuse`). An ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` the plan
+    reaches into becomes its :mod:`gkpd.layers.recurrent` equivalent (its gate weights
+    layers) the same way.
     """
-    attention = unpacked(model, _planned_attention(model, compression_plan))
-    check_plan_fits(model, compression_plan, attention)
+    replacements = unpacked(model, _planned_unpacked(model, compression_plan))
+    check_plan_fits(model, compression_plan, replacements)
     settings = compression_plan.options.get("calibration")
     calibrated = decompose and settings is not None
     if calibrated and calibration is None:
@@ -117,7 +119,7 @@ def apply_(
     whole_model = get_method(compression_plan.method)
     for entry in compression_plan.compressed_layers:
         get_method(entry.method)  # an unknown or unavailable method fails before any change
-    for name, module in attention.items():
+    for name, module in replacements.items():
         set_submodule(model, name, module)
     if calibrated:
         _apply_calibrated(model, compression_plan, settings, calibration)

@@ -1,12 +1,13 @@
 """Parameters and multiply-accumulates (MACs) of dense and Kronecker layers.
 
 Closed forms for a given input size, for either stage order of a Kronecker layer
-(docs/design.md §6), and :func:`count_model`, which runs a model once with forward hooks and counts
-every ``nn.Conv*d`` and ``nn.Linear`` it calls, and every module that counts itself: one with
-a ``macs(input_shape)`` method (the Kronecker layers, the tensor-train/ring layers of
-``gkpd.methods``). Such a module's own count covers everything its forward runs, so the
-modules it calls are not counted again. The Kronecker layers use the same formulas to pick
-the cheaper order, so what is counted here is what runs.
+(docs/design.md §6), and :func:`count_model`, which runs a model once with forward hooks and
+counts every ``nn.Conv*d``, ``nn.Linear`` and recurrent layer (``nn.LSTM``, ``nn.GRU``,
+``nn.RNN``: their matrix products, not the elementwise gate math) it calls, and every module
+that counts itself: one with a ``macs(input_shape)`` method (the Kronecker layers, the
+tensor-train/ring layers of ``gkpd.methods``). Such a module's own count covers everything
+its forward runs, so the modules it calls are not counted again. The Kronecker layers use
+the same formulas to pick the cheaper order, so what is counted here is what runs.
 
 The convolution geometry these formulas stand on (padding, output sizes, group splits, stage
 strides) is :mod:`gkpd.geometry`, the attention's :mod:`gkpd.attention_counting`; their names
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from gkpd.attention_counting import (
     AttentionCounter,
@@ -64,6 +66,7 @@ __all__ = [
     "module_params",
     "multihead_attention_macs",
     "padding_stage",
+    "recurrent_macs",
     "sdpa_macs",
     "resolve_padding",
     "stage_strides",
@@ -238,12 +241,34 @@ def counts_itself(module: nn.Module) -> bool:
     return callable(getattr(module, "macs", None))
 
 
+def recurrent_macs(module: nn.RNNBase, input_shape: Sequence[int]) -> int:
+    """MACs of one call of torch's ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` on an input of
+    ``input_shape`` (``(L, N, in)``, ``(N, L, in)``, or ``(rows, in)`` unbatched or packed):
+    at every step, per layer and direction, the input-to-gates and hidden-to-gates products
+    and an LSTM's projection, what its unpacked equivalent's linear layers count. The gate
+    nonlinearities and elementwise products are not counted, as usual (``O(hidden)`` per
+    step against the products' ``O(hidden²)``)."""
+    rows = math.prod(int(s) for s in input_shape[:-1])  # time steps × sequences
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    hidden, projected = module.hidden_size, module.proj_size
+    state = projected or hidden
+    directions = 2 if module.bidirectional else 1
+    per_row = 0
+    for layer in range(module.num_layers):
+        inputs = module.input_size if layer == 0 else directions * state
+        per_row += directions * (gates * hidden * (inputs + state) + hidden * projected)
+    return rows * per_row
+
+
 def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of one call of ``module`` on an input of ``input_shape``: its own ``macs`` (see
-    :func:`counts_itself`), else those of a conv or linear layer (0 for other modules)."""
+    :func:`counts_itself`), else those of a conv, linear or recurrent layer
+    (:func:`recurrent_macs`; 0 for other modules)."""
     shape = tuple(int(s) for s in input_shape)
     if counts_itself(module):
         return int(module.macs(shape))
+    if isinstance(module, nn.RNNBase):
+        return recurrent_macs(module, shape)
     if isinstance(module, nn.Linear):
         return linear_macs(module.in_features, module.out_features, math.prod(shape[:-1]))
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -334,10 +359,14 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if own:
                 inside[0] -= 1
-            if inside[0] or not args or not isinstance(args[0], torch.Tensor):
+            first = args[0] if args else None
+            if isinstance(first, PackedSequence):  # a recurrent layer's: its rows are steps
+                first = first.data
+            if inside[0] or not isinstance(first, torch.Tensor):
                 return
-            shape = tuple(args[0].shape)
-            out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
+            shape = tuple(first.shape)
+            out = output[0] if isinstance(output, tuple) else output  # a recurrent layer's
+            out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
             path = module.resolve_path(shape) if hasattr(module, "resolve_path") else None
             record(name, type(module).__name__, module_params(module), module_macs(module, shape),
                    shape, out_shape, path)
@@ -348,7 +377,7 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
         own = counts_itself(module)
         if own:
             handles.append(module.register_forward_pre_hook(enter))
-        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.RNNBase):
             handles.append(module.register_forward_hook(hook_for(name, own)))
     modes = {m: m.training for m in model.modules()}
     try:

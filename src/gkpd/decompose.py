@@ -20,6 +20,7 @@ __all__ = [
     "check_factor_shapes",
     "check_rank",
     "decompose",
+    "divisors",
     "full_rank",
     "kron",
     "kron_sum",
@@ -45,6 +46,11 @@ def as_shape(name: str, value: object) -> tuple[int, ...]:
             raise ValueError(f"{name} {tuple(value)} must have positive entries")
         out.append(int(v))
     return tuple(out)
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending: the sizes a mode of ``n`` can split into."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def b_shape_for(weight_shape: Sequence[int], a_shape: Sequence[int]) -> tuple[int, ...]:

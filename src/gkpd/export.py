@@ -2,7 +2,8 @@
 
 * :func:`merge` swaps every module that has a ``to_dense()`` method (the Kronecker layers,
   and any other factorized layer that offers one) for the dense ``nn.Conv*d`` / ``nn.Linear``
-  it stands for: the same function, the dense model's size and speed.
+  it stands for, and an unpacked LSTM/GRU/RNN for torch's module: the same function, the
+  dense model's size and speed.
 * :func:`to_onnx` writes an ONNX file with ``torch.onnx.export(..., dynamo=True)``, a dynamic
   batch dimension, the factors stored as they are (constant folding never multiplies them out
   into a dense weight, not even for a layer on the ``"weight"`` path), and checks it in
@@ -75,8 +76,10 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     other factorized layers that provide one) is replaced by what it returns, on the same
     device and dtype and in the same training mode; a layer shared by several parents stays
     shared. Baselines built from plain ``nn`` layers (svd, tucker, cp) are left as they are.
-    The merged model computes the same function with the dense architecture's parameter
-    count. ``inplace=False`` (default) works on a deep copy; forward hooks registered on
+    An unpacked LSTM, GRU or RNN (:mod:`gkpd.layers.recurrent`) becomes torch's module where
+    its gate layers are dense once merged (not where one is the svd baseline's). The merged
+    model computes the same function with the dense architecture's parameter count.
+    ``inplace=False`` (default) works on a deep copy; forward hooks registered on
     the replaced layers do not carry over.
     """
     if not isinstance(model, nn.Module):
@@ -87,13 +90,15 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return _dense_of(model)
     merged: dict[int, nn.Module] = {}
     count = 0
-    for parent in list(model.modules()):
+    # children before their parents: an unpacked recurrent layer becomes torch's module once
+    # its gate layers are dense (gkpd.layers.recurrent)
+    for parent in reversed(list(model.modules())):
         for name, child in list(parent.named_children()):
             if not _mergeable(child):
                 continue
             if id(child) not in merged:
                 merged[id(child)] = _dense_of(child)
-                count += 1
+                count += merged[id(child)] is not child
             setattr(parent, name, merged[id(child)])
     log.info("merged %d factorized layers into dense layers", count)
     return model

@@ -25,28 +25,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelCall", "output_tensors"]
+__all__ = ["ModelCall", "map_tensors", "output_tensors"]
 
 _EXPECTED = ("a tensor, a tuple of positional inputs or a dict of keyword inputs, holding at "
              "least one tensor")
 
 
-def _map(fn: Callable[[Tensor], Any], value: Any) -> Any:
+def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
     """``value`` with ``fn`` applied to every tensor in it (nested in tuples, lists, dicts)."""
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(_map(fn, v) for v in value))
+        return type(value)(*(map_tensors(fn, v) for v in value))
     if isinstance(value, tuple | list):
-        return type(value)(_map(fn, v) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _map(fn, v) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     return value
 
 
 def _tensors(value: Any) -> list[Tensor]:
     found: list[Tensor] = []
-    _map(found.append, value)
+    map_tensors(found.append, value)
     return found
 
 
@@ -100,7 +100,7 @@ class ModelCall:
 
     def map(self, fn: Callable[[Tensor], Any]) -> ModelCall:
         """The call with ``fn`` applied to each of its tensors."""
-        return ModelCall(_map(fn, self.args), _map(fn, self.kwargs))
+        return ModelCall(map_tensors(fn, self.args), map_tensors(fn, self.kwargs))
 
     def to(self, device: torch.device | str | None) -> ModelCall:
         """The call with its tensors on ``device`` (``None``: where they are)."""

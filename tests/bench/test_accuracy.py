@@ -128,6 +128,30 @@ def test_interrupted_cell_resumes_from_its_checkpoint(workspace, monkeypatch, ca
     assert result["status"] == "ok" and result["epochs"] == 2
 
 
+def test_feature_layers_reach_every_compressed_cell_and_the_budget(workspace, monkeypatch):
+    out = workspace[0] / "features"
+    asked = {}
+    real = accuracy.finetune
+
+    def recording(model, teacher, loader, **kwargs):
+        asked[type(model).__name__ + str(sum(p.numel() for p in model.parameters()))] = (
+            kwargs.get("feature_layers"), kwargs.get("feature_weight"))
+        return real(model, teacher, loader, **kwargs)
+
+    monkeypatch.setattr(accuracy, "finetune", recording)
+    blocks = r"re:layer\d\.\d+"
+    assert bench(workspace, out, "--no-plot", "--feature-layers", blocks, "--feature-weight",
+                 "0.5", methods="gkpd,svd,student") == 0
+    # the two compressed cells distil the blocks, the student (other widths) does not
+    assert sorted(asked.values(), key=str) == sorted(
+        [([blocks], 0.5), ([blocks], 0.5), (None, None)], key=str)
+    budget = json.loads((out / "bench.json").read_text())["budget"]
+    assert (budget["feature_layers"], budget["feature_weight"]) == ([blocks], 0.5)
+    assert "and the outputs of " + blocks in (out / "results.md").read_text()
+    # a budget without the option reads as before it existed: no feature keys at all
+    assert "feature_layers" not in AccuracyConfig(("gkpd",), (5,), 1).budget()
+
+
 def test_unknown_method_is_refused_before_any_work(workspace, capsys):
     out = workspace[0] / "unknown"
     assert bench(workspace, out, methods="gkpd,nonsense") == 2

@@ -245,6 +245,23 @@ def test_finetune_without_distillation(capsys, workspace, compressed, tmp_path):
     assert io.read_card(tmp_path / "ft")["finetune"]["teacher"] is None
 
 
+def test_finetune_distils_the_blocks_outputs_with_feature_layers(capsys, workspace, compressed,
+                                                                 tmp_path):
+    _, data, _ = workspace
+    common = ["finetune", compressed, "--data", "fashion-mnist", "--data-dir", data, "--epochs",
+              "1", "--batch-size", "16", "--train-subset", "16", "--no-progress"]
+    blocks = r"re:layer\d\.\d+"
+    run_json(capsys, *common, "--feature-layers", blocks, "--feature-weight", "0.5",
+             "--out", tmp_path / "ft")
+    recorded = io.read_card(tmp_path / "ft")["finetune"]
+    assert (recorded["feature_layers"], recorded["feature_weight"]) == ([blocks], 0.5)
+    code, _, err = run(capsys, *common, "--feature-layers", "blocks", "--out", tmp_path / "x")
+    assert code == 2 and "'blocks' names no module" in err
+    code, _, err = run(capsys, *common, "--feature-layers", blocks, "--no-distill",
+                       "--out", tmp_path / "y")
+    assert code == 2 and "drop --no-distill" in err
+
+
 def test_finetune_rejects_a_dense_model_and_bad_teacher(capsys, workspace, compressed, tmp_path):
     _, data, teacher = workspace
     common = ["--data", "fashion-mnist", "--data-dir", data, "--epochs", "1", "--no-progress"]

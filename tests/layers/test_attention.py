@@ -12,6 +12,7 @@ from gkpd.layers.attention import (
     UnpackedMultiheadAttention,
     unfuse,
     with_unpacked_attention,
+    with_unpacked_layers,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,7 +157,7 @@ def _encoder(batch_first=True, norm_first=False):
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_unpacked_encoder_matches_torch_in_train_and_eval(batch_first, norm_first):
     dense = _encoder(batch_first, norm_first)
-    planned = with_unpacked_attention(dense)
+    planned = with_unpacked_layers(dense)
     assert isinstance(dense.layers[0].self_attn, nn.MultiheadAttention)  # dense unchanged
     assert type(dense.layers[0]) is nn.TransformerEncoderLayer
     assert isinstance(planned.layers[0], UnfusedTransformerEncoderLayer)
@@ -193,8 +194,11 @@ def test_unfuse_converts_only_layers_whose_children_were_replaced():
     assert out.shape == (N, L, E)
 
 
-def test_with_unpacked_attention_keeps_a_model_without_attention():
+def test_with_unpacked_layers_keeps_a_model_without_attention():
     model = nn.Sequential(nn.Linear(2, 2))
-    assert with_unpacked_attention(model) is model
-    copied = with_unpacked_attention(nn.Sequential(copy.deepcopy(_encoder())))
+    assert with_unpacked_layers(model) is model
+    copied = with_unpacked_layers(nn.Sequential(copy.deepcopy(_encoder())))
     assert isinstance(copied[0].layers[0].self_attn, UnpackedMultiheadAttention)
+    with pytest.warns(DeprecationWarning, match="use with_unpacked_layers"):
+        old = with_unpacked_attention(nn.Sequential(copy.deepcopy(_encoder())))
+    assert isinstance(old[0].layers[0].self_attn, UnpackedMultiheadAttention)

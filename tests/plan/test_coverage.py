@@ -15,16 +15,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recurrent(nn.Module):
+    """Most parameters in an ``nn.LSTMCell``, which no method compresses (an ``nn.LSTM``
+    is planned as its gate layers)."""
+
     def __init__(self):
         super().__init__()
         self.embedding = nn.Embedding(100, 32)
-        self.lstm = nn.LSTM(32, 128, batch_first=True)
+        self.lstm = nn.LSTMCell(32, 128)
         self.unused = nn.Linear(64, 64)
         self.head = nn.Linear(128, 16)
         self.out = nn.Linear(16, 10)
 
     def forward(self, x):
-        return self.out(self.head(self.lstm(self.embedding(x))[0][:, -1]))
+        return self.out(self.head(self.lstm(self.embedding(x)[:, -1])[0]))
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "global"])
@@ -38,7 +41,7 @@ def test_an_unreachable_ratio_names_what_holds_the_parameters(strategy):
     total = sum(p.numel() for p in model.parameters())
     lstm = sum(p.numel() for p in model.lstm.parameters())
     share = f"{lstm:,} ({100 * lstm / total:.1f}%)"
-    assert f"Parameters no method compresses: {share} in LSTM 'lstm'" in message
+    assert f"Parameters no method compresses: {share} in LSTMCell 'lstm'" in message
     assert "Not planned, as the forward pass on example_input does not call them" in message
     assert "Linear 'unused'" in message
     assert "layer 'out' kept dense: too small (160 < min_params 1024)" in message
@@ -46,7 +49,7 @@ def test_an_unreachable_ratio_names_what_holds_the_parameters(strategy):
     assert "allow_more_macs" not in message  # it would not help here
     assert error.value.best < 1.1
     plan = gkpd.plan(model, x, ratio=1.02, strategy=strategy, min_params=0)  # within reach
-    assert any("LSTM 'lstm'" in note for note in plan.notes)
+    assert any("LSTMCell 'lstm'" in note for note in plan.notes)
     assert any("Linear 'unused'" in note for note in plan.notes)
     assert "note: parameters no method compresses" in plan.table()
 
@@ -68,6 +71,7 @@ def test_layers_that_keep_little_of_their_weight_are_flagged(caplog):
     assert weak and all(e.reason.startswith("compressed; keeps little") for e in weak)
     note = next(n for n in plan.notes if "keep little of their weight" in n)
     assert all(e.name in note for e in weak) and "--exclude" in note
+    assert "max_layer_error=0.9 (--max-layer-error)" in note
     assert any("keep little of their weight" in r.message for r in caplog.records)
     assert plan.totals()["notes"] == plan.notes
     assert gkpd.CompressionPlan.from_json(plan.to_json()).notes == plan.notes
@@ -78,3 +82,25 @@ def test_a_plan_that_keeps_its_weights_has_no_warning(resnet32, caplog):
         plan = gkpd.plan(resnet32, torch.randn(1, 1, 28, 28), ratio=2)
     assert not caplog.records
     assert plan.notes == [next(n for n in plan.notes if "BatchNorm2d" in n)]
+
+
+def test_max_layer_error_keeps_layers_that_would_keep_little_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 64))
+    with torch.no_grad():  # layer '0' is nearly low rank, layer '2' is noise
+        model[0].weight.copy_(torch.randn(512, 4) @ torch.randn(4, 512) / 16
+                              + 0.02 * torch.randn(512, 512))
+    x = torch.randn(1, 512)
+    plain = gkpd.plan(model, x, ratio=2, min_params=0)
+    # within its ratio limits the noise keeps at best 0.49 of its error
+    assert plain.layer("2").compressed and plain.layer("2").relative_error >= 0.3
+    kept = gkpd.plan(model, x, ratio=2, min_params=0, max_layer_error=0.3)
+    assert not kept.layer("2").compressed and "max_layer_error 0.3" in kept.layer("2").reason
+    assert kept.compressed_layers and all(e.relative_error < 0.3 for e in kept.compressed_layers)
+    assert kept.achieved_ratio == pytest.approx(2, rel=0.03)
+    assert kept.options["max_layer_error"] == 0.3
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match="max_layer_error must be a number in"):
+            gkpd.plan(model, x, ratio=2, max_layer_error=bad)
+    with pytest.raises(ValueError, match="max_layer_error is for layer methods"):
+        gkpd.plan(model, x, ratio=2, method="prune", max_layer_error=0.5)

@@ -62,6 +62,10 @@ class AccuracyConfig:
     seed: int = 0
     latency_threads: int | None = 1
     latency_repeats: int = 20
+    # distil these modules' outputs too (gkpd finetune --feature-layers), in every compressed
+    # cell alike; not in the student's, whose modules have other widths
+    feature_layers: tuple[str, ...] | None = None
+    feature_weight: float = 1.0
 
     def validate(self) -> None:
         if isinstance(self.methods, str) or not self.methods:
@@ -101,6 +105,10 @@ class AccuracyConfig:
         data = asdict(self)
         for key in ("methods", "ratios", "latency_threads", "latency_repeats"):
             del data[key]
+        if self.feature_layers is None:  # as budgets recorded before the option existed
+            del data["feature_layers"], data["feature_weight"]
+        else:
+            data["feature_layers"] = list(self.feature_layers)
         return data
 
     def cells(self) -> list[tuple[str, float]]:
@@ -275,6 +283,8 @@ class _Bench:
                 alpha=c.alpha,
                 temperature=c.temperature,
                 seed=c.seed,
+                **({"feature_layers": list(c.feature_layers), "feature_weight": c.feature_weight}
+                   if c.feature_layers is not None and method != STUDENT else {}),
             )
             stage = "evaluate"
             result["accuracy_after"] = self.evaluate(model)

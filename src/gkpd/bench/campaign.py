@@ -63,7 +63,8 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
                 train_size
             )
             settings = {k: budget[k] for k in ("lr", "batch_size", "weight_decay", "alpha",
-                                                "temperature")}
+                                                "temperature", "feature_layers",
+                                                "feature_weight") if k in budget}
             settings["strategy"] = cell.get("strategy", "uniform")
             if row["method"] in VARIANTS:
                 base, options = VARIANTS[row["method"]]
@@ -126,7 +127,10 @@ def format_campaign(results: dict[str, Any]) -> str:
         f"({dense.get('params', 0) / 1e3:.2f}k parameters). Every cell: {budget.get('epochs')} "
         f"epochs of {', '.join(str(s) for s in sorted(samples, key=str))} training samples, "
         f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, cosine, distilled from "
-        f"the teacher (alpha {budget.get('alpha')}, T {budget.get('temperature')}); the "
+        f"the teacher (alpha {budget.get('alpha')}, T {budget.get('temperature')}"
+        + (f"; and the outputs of {', '.join(budget['feature_layers'])}, weight "
+           f"{budget.get('feature_weight')}" if budget.get("feature_layers") else "")
+        + "); the "
         f"student from random weights with lr {budget.get('student_lr')}. Test accuracy in %.",
     ]
     for f in results["failed"]:

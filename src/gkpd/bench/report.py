@@ -97,7 +97,11 @@ def format_table(results: dict[str, Any]) -> str:
         f"{config['train_subset'] or 'all'} training samples (batch {config['batch_size']}, "
         f"lr {config['lr']:g}, cosine; the student from random weights with lr "
         f"{config['student_lr']:g}), distilled from the dense model (alpha {config['alpha']:g},"
-        f" T {config['temperature']:g}), seed {config['seed']}.",
+        f" T {config['temperature']:g}"
+        + (f"; and the outputs of {', '.join(config['feature_layers'])} by mean squared error,"
+           f" weight {config['feature_weight']:g}, the student's excepted"
+           if config.get("feature_layers") else "")
+        + f"), seed {config['seed']}.",
         f"Latency: median of {config['latency_repeats']} forward passes at batch 1 on "
         f"{results.get('device', '?')}, {config['latency_threads'] or 'all'} thread(s). "
         "Fine-tune time: training epochs only.",

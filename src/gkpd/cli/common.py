@@ -139,6 +139,22 @@ def subparser_options() -> dict[str, Any]:
     return {"parents": [verbose], "formatter_class": HelpFormatter}
 
 
+def distillation_args(parser: argparse.ArgumentParser) -> None:
+    """The distillation flags of ``gkpd finetune`` and ``gkpd bench accuracy``."""
+    parser.add_argument("--alpha", type=float, default=0.9,
+                        help="weight of the distillation term")
+    parser.add_argument("--temperature", type=float, default=4.0,
+                        help="distillation temperature")
+    parser.add_argument(
+        "--feature-layers", action="append", default=None, metavar="PATTERN",
+        help="also distil the outputs of these modules (a name, a type such as BasicBlock, or "
+        "a regex re:layer\\d\\.\\d+; repeatable) from the teacher's modules of the same "
+        "name, by mean squared error",
+    )
+    parser.add_argument("--feature-weight", type=float, default=1.0,
+                        help="weight of the --feature-layers term")
+
+
 def data_args(parser: argparse.ArgumentParser) -> None:
     from gkpd.data import dataset_names
 

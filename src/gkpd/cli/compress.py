@@ -57,6 +57,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["min_params"] = args.min_params
     if args.allow_more_macs:
         options["allow_more_macs"] = True
+    if args.max_layer_error is not None:
+        options["max_layer_error"] = args.max_layer_error
     if args.objective == "latency":
         from gkpd.plan.objective import LatencyObjective
 
@@ -160,6 +162,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
                    help="keep layers with fewer than N weights dense (default: 1024)")
     p.add_argument("--allow-more-macs", action="store_true",
                    help="also offer configurations that cost more MACs than their dense layer")
+    p.add_argument("--max-layer-error", type=float, default=None, metavar="E",
+                   help="keep dense the layers that would keep too little of their weight: no "
+                   "configuration with relative error >= E (e.g. 0.95) is offered")
 
 
 def _calibration_args(p: argparse.ArgumentParser) -> None:

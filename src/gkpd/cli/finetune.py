@@ -12,6 +12,7 @@ from gkpd.cli.common import (
     command_line,
     common_args,
     data_args,
+    distillation_args,
     emit,
     fine_tuning_loaders,
     log,
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.train.finetune import finetune
 
     source = Path(args.model)
+    if args.feature_layers and args.no_distill:
+        raise CliError("--feature-layers distils the teacher's modules: drop --no-distill")
     if not is_saved_model(source):
         raise CliError(
             f"DIR {source} is not a compressed model written by `gkpd compress` (no {PLAN_FILE})"
@@ -68,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             **training_run(args, out, test_loader),
             alpha=args.alpha,
             temperature=args.temperature,
+            feature_layers=args.feature_layers,
+            feature_weight=args.feature_weight,
         )
     final = history[-1]
     new_card = finetuned_card(
@@ -78,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             "distillation": not args.no_distill,
             "alpha": args.alpha,
             "temperature": args.temperature,
+            "feature_layers": args.feature_layers,
+            "feature_weight": args.feature_weight,
             "epochs": args.epochs,
             "lr": args.lr,
             "weight_decay": args.weight_decay,
@@ -125,8 +132,7 @@ def add_parser(sub, **kwargs) -> None:
     data_args(p)
     p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="directory for checkpoints and the result")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    distillation_args(p)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--batch-size", type=positive_int, default=128)

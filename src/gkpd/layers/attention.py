@@ -12,12 +12,17 @@ such weight, and running the fused kernel on a reconstructed dense one would und
 compression at run time; :func:`unfuse` makes those parents run through their children
 instead (``UnfusedTransformerEncoderLayer``; ``nn.TransformerEncoder`` without its
 nested-tensor path). :func:`gkpd.apply_` does both where a plan needs it.
+
+:func:`with_unpacked_layers` prepares a model for planning: it unpacks, on a copy, every
+module of :data:`UNPACKED` (the attention, and the recurrent layers of
+:mod:`gkpd.layers.recurrent`, whose gate weights are parameters of their own too).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -26,9 +31,10 @@ from torch import Tensor, nn
 
 from gkpd.attention_counting import attention_products_macs
 from gkpd.layers.base import fx_leaf_call, refuse_script
+from gkpd.layers.recurrent import UNPACKED_RECURRENT
 
-__all__ = ["UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention", "unfuse",
-           "unpacked", "with_unpacked_attention"]
+__all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention",
+           "unfuse", "unpacked", "with_unpacked_attention", "with_unpacked_layers"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -245,15 +251,22 @@ def _unfuse(modules: list[nn.Module]) -> None:
             module.use_nested_tensor = False
 
 
-def unpacked(model: nn.Module, names: Iterable[str]) -> dict[str, UnpackedMultiheadAttention]:
-    """Per name of an ``nn.MultiheadAttention`` of ``model``, its unpacked equivalent (new
-    modules; ``model`` is not changed)."""
+def _unpacked_type(module: nn.Module) -> type[nn.Module] | None:
+    return next((new for old, new in UNPACKED.items() if isinstance(module, old)), None)
+
+
+def unpacked(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Per name of a module of ``model`` that :data:`UNPACKED` lists (an
+    ``nn.MultiheadAttention``, ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``), its unpacked
+    equivalent (new modules; ``model`` is not changed)."""
     result = {}
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.MultiheadAttention):
-            raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.MultiheadAttention")
-        result[name] = UnpackedMultiheadAttention.from_torch(module)
+        kind = _unpacked_type(module)
+        if kind is None:
+            raise TypeError(f"{name!r} is a {type(module).__name__}, not one of "
+                            f"{', '.join(t.__name__ for t in UNPACKED)}")
+        result[name] = kind.from_torch(module)
     return result
 
 
@@ -265,11 +278,12 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def with_unpacked_attention(model: nn.Module) -> nn.Module:
-    """``model`` with every ``nn.MultiheadAttention`` unpacked and its transformer layers
-    unfused, as a copy that shares every other module and parameter (for reading: planning
-    traces it); ``model`` itself when it has no ``nn.MultiheadAttention``."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+def with_unpacked_layers(model: nn.Module) -> nn.Module:
+    """``model`` prepared for planning: every module that :data:`UNPACKED` lists unpacked
+    (attention, recurrent layers) and its transformer layers unfused, as a copy that shares
+    every other module and parameter (for reading: planning traces it); ``model`` itself
+    when it has none."""
+    names = [n for n, m in model.named_modules() if _unpacked_type(m) is not None]
     if not names:
         return model
     root = _shallow_copy(model)
@@ -285,3 +299,17 @@ def with_unpacked_attention(model: nn.Module) -> nn.Module:
         copies[".".join(parts[:-1])]._modules[parts[-1]] = replacement
     _unfuse(list(copies.values()))  # the shared modules stay as they are
     return root
+
+
+def with_unpacked_attention(model: nn.Module) -> nn.Module:
+    """Deprecated name of :func:`with_unpacked_layers` (which unpacks recurrent layers too)."""
+    warnings.warn("with_unpacked_attention is deprecated: use with_unpacked_layers",
+                  DeprecationWarning, stacklevel=2)
+    return with_unpacked_layers(model)
+
+
+# torch modules whose layers' weights are parameters of their own, and the equivalents whose
+# layers are called modules (``from_torch``) that planning and apply_ put in their place
+UNPACKED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.MultiheadAttention: UnpackedMultiheadAttention, **UNPACKED_RECURRENT,
+}

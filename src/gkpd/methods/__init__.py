@@ -4,6 +4,7 @@ kinds of method, :class:`LayerMethod` and :class:`ModelMethod`)."""
 
 from __future__ import annotations
 
+from gkpd.methods.auto import Auto
 from gkpd.methods.base import LayerContext, LayerMethod, Method, ModelMethod
 from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD, KroneckerConfig
@@ -43,9 +44,11 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
     return method
 
 
-for _method in (GKPD(), SVD(), Tucker(), CP(), TensorTrain(), TensorRing(), Prune()):
+_gkpd, _svd, _tucker = GKPD(), SVD(), Tucker()
+for _method in (_gkpd, _svd, _tucker, CP(), TensorTrain(), TensorRing(), Prune(),
+                Auto((_gkpd, _tucker, _svd))):
     register_method(_method)
-del _method
+del _method, _gkpd, _svd, _tucker
 
 
 def method_names() -> list[str]:
@@ -67,6 +70,7 @@ def get_method(name: str) -> Method:
 
 
 __all__ = [
+    "Auto",
     "CP",
     "GKPD",
     "SVD",

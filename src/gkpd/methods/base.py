@@ -98,7 +98,9 @@ class LayerMethod(_Named):
     @abstractmethod
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         """Write ``config`` into the plan ``entry`` (its settings), so that
-        :meth:`exact_error` and :meth:`build` can work from the entry alone."""
+        :meth:`exact_error` and :meth:`build` can work from the entry alone. ``entry.method``
+        is this method's name; a method that mixes others (``auto``) sets it to the one that
+        builds the layer."""
 
     @abstractmethod
     def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:

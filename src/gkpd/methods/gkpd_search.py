@@ -23,16 +23,12 @@ from torch import Tensor, nn
 
 from gkpd.counting import best_order, group_split, kronecker_conv_order_macs
 from gkpd.counting import kronecker_linear_order_macs as linear_order_macs
-from gkpd.decompose import full_rank, rearrange
+from gkpd.decompose import divisors, full_rank, rearrange
 
 # Below this many rows/columns, or when most of the spectrum is wanted, the exact spectrum is
 # cheaper than a randomized estimate.
 _EXACT_SIDE = 256
 _OVERSAMPLE = 10
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class LayerShape(NamedTuple):
@@ -126,7 +122,7 @@ def split_table(shape: LayerShape, budget: int, max_macs: int | None) -> tuple[S
     weight_shape = shape.weight_shape
     total = math.prod(weight_shape)
     splits = []
-    for a in itertools.product(*(_divisors(s) for s in weight_shape)):
+    for a in itertools.product(*(divisors(s) for s in weight_shape)):
         if not 1 < math.prod(a) < total:
             continue
         if shape.groups > 1:

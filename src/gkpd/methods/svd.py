@@ -101,7 +101,9 @@ class SVD(LayerMethod):
         total = float(s2.sum())
         captured = np.cumsum(s2.sum(0).cpu().numpy())
         errors = np.sqrt(np.clip(total - captured, 0.0, None) / total) if total else 0 * captured
-        return Candidates(params[keep], macs[keep], errors[keep], [int(r) for r in ranks[keep]])
+        # the errors are those of the SVD that build truncates: no second SVD per layer
+        return Candidates(params[keep], macs[keep], errors[keep], [int(r) for r in ranks[keep]],
+                          exact=np.ones(len(keep), bool))
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         entry.settings = {"rank": int(config)}

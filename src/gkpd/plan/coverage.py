@@ -49,13 +49,13 @@ def _share(count: int, total: int) -> str:
 
 
 def _named(one: str, many: str, names: Sequence[str]) -> str:
-    """``LSTM 'lstm'`` or ``31 BatchNorm2d ('bn1', 'layer1.0.bn1', 'layer1.0.bn2', ...)``."""
+    """``Embedding 'embed'`` or ``31 BatchNorm2d ('bn1', 'layer1.0.bn1', 'layer1.0.bn2', ...)``."""
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
     return f"{one} {shown}" if len(names) == 1 else f"{len(names)} {many} ({shown})"
 
 
 def describe_holders(holders: Sequence[Holder], total: int) -> str:
-    """``holders`` grouped by type, largest first: ``1,050,624 (83.1%) in LSTM 'lstm'``."""
+    """``holders`` grouped by type, largest first: ``51,200 (4.1%) in Embedding 'embed'``."""
     groups: dict[str, list[Holder]] = {}
     for holder in holders:
         groups.setdefault(holder.type, []).append(holder)
@@ -95,8 +95,9 @@ def weak_note(weak: Sequence[LayerPlan]) -> str:
     )
     return (
         f"{len(weak)} compressed layer(s) keep little of their weight (relative error >= "
-        f"{WEAK_ERROR}): {shown}; ask for a smaller ratio, or keep them dense with "
-        "exclude= (--exclude) and let the other layers take the budget"
+        f"{WEAK_ERROR}): {shown}; ask for a smaller ratio, or keep such layers dense with "
+        f"max_layer_error={WEAK_ERROR} (--max-layer-error) or exclude= (--exclude) and let the "
+        "other layers take the budget"
     )
 
 

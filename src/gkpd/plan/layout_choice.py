@@ -12,6 +12,7 @@ in the chosen layout too. The dense model's best time is what the plan's speed-u
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from gkpd.inputs import ModelCall
 from gkpd.layers.base import WEIGHT_PATH
 from gkpd.layout import LAYOUTS, run_in_layout
 from gkpd.plan.latency_objective import Option, Timed, runnable
@@ -72,14 +74,14 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int, contexts: Se
     calls = {}
     for layout in dense_layouts:
         dense = run_in_layout(copy.deepcopy(model).eval(), layout)
-        calls["dense", layout] = _call(dense, x)
+        calls["dense", layout] = functools.partial(x.run, dense)
     for layout, timings in per_layout.items():
         compressed = copy.deepcopy(model).eval()
         for ctx, table, timed in zip(contexts, tables, timings, strict=True):
             if timed is not None and timed.path != WEIGHT_PATH:  # the weight path: dense
                 option = Option(table.configs[timed.pick], timed.path)
                 compressed.set_submodule(ctx.name, runnable(ctx.module, option))
-        calls["compressed", layout] = _call(run_in_layout(compressed, layout), x)
+        calls["compressed", layout] = functools.partial(x.run, run_in_layout(compressed, layout))
     with _flush_denormals():  # fresh factors: their values must not set the speed
         seconds = time_interleaved(calls, min_seconds=_MIN_SECONDS)
     timed = {layout: seconds["compressed", layout] for layout in per_layout}
@@ -94,26 +96,12 @@ def _ms(seconds: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v * 1e3:.3g}" for k, v in seconds.items())
 
 
-def _at_batch(value: Any, batch: int) -> Any:
-    """``value`` with each batched tensor (2 dims or more) made of ``batch`` copies of its
-    first sample, in NCHW."""
-    if isinstance(value, Tensor):
-        if value.dim() < 2:
-            return value
-        return value[:1].expand(batch, *value.shape[1:]).contiguous()
-    if isinstance(value, tuple | list):
-        return type(value)(_at_batch(v, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _at_batch(v, batch) for k, v in value.items()}
-    return value
-
-
-def _call(model: nn.Module, x: Any):
-    if isinstance(x, dict):
-        return lambda: model(**x)
-    if isinstance(x, tuple):
-        return lambda: model(*x)
-    return lambda: model(x)
+def _at_batch(example_input: Any, batch: int) -> ModelCall:
+    """The call of ``example_input`` with each batched tensor (2 dims or more) made of
+    ``batch`` copies of its first sample, in NCHW."""
+    return ModelCall.of(example_input).map(
+        lambda t: t if t.dim() < 2 else t[:1].expand(batch, *t.shape[1:]).contiguous()
+    )
 
 
 @contextmanager

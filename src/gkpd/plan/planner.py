@@ -19,7 +19,7 @@ from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances
 from gkpd.counting import module_params
-from gkpd.layers.attention import with_unpacked_attention
+from gkpd.layers.attention import with_unpacked_layers
 from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method, layer_methods
 from gkpd.plan import coverage
 from gkpd.plan.budget import (
@@ -70,6 +70,7 @@ class _Request:
     exhaustive: bool
     objective: LatencyObjective | None
     calibration: Calibration | None = None
+    max_layer_error: float | None = None
 
 
 @dataclass
@@ -102,6 +103,7 @@ def plan(
     exhaustive: bool = False,
     objective: str | LatencyObjective = "error",
     calibration: Any = None,
+    max_layer_error: float | None = None,
     **deprecated: Any,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
@@ -126,8 +128,15 @@ def plan(
     Each ``nn.MultiheadAttention`` is planned as its four projections (``q_proj``, ``k_proj``,
     ``v_proj``, ``out_proj``: :class:`gkpd.layers.attention.UnpackedMultiheadAttention`,
     which ``apply_`` puts in its place); the MACs of the attention products are counted
-    (``attention_macs``). ``notes`` name the parameters outside every planned layer and the
-    compressed layers that keep little of their weight (also logged as a warning).
+    (``attention_macs``). Each ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` is planned as its
+    gate layers per layer and direction (``l0.ih``, called once on the whole sequence,
+    ``l0.hh``, called at every step: :mod:`gkpd.layers.recurrent`). ``notes`` name the
+    parameters outside every planned layer and the compressed layers that keep little of
+    their weight (also logged as a warning).
+
+    ``max_layer_error`` (layer methods): no layer is offered a configuration whose relative
+    error reaches it, so a layer that would keep too little of its weight (say 0.95) stays
+    dense and the other layers take the budget.
 
     ``objective``: ``"error"``, or a :class:`LatencyObjective` (GKPD only) to keep, per
     layer, the fastest configuration within an error slack, timed on this machine.
@@ -151,9 +160,13 @@ def plan(
     calibration = Calibration.of(calibration)
     if calibration is not None and method != "gkpd":
         raise ValueError(f"calibration is used by method 'gkpd' only, got method={method!r}")
-    request = replace(request, calibration=calibration)
+    request = replace(request, calibration=calibration,
+                      max_layer_error=_checked_max_error(max_layer_error))
     compressor = get_method(method)
     if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
+        if max_layer_error is not None:
+            raise ValueError(f"max_layer_error is for layer methods; method {method!r} plans "
+                             "the whole model")
         return compressor.plan_model(
             model, example_input, ratio=ratio, strategy=request.strategy, include=include,
             exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
@@ -161,7 +174,7 @@ def plan(
     if not isinstance(compressor, LayerMethod):
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
 
-    model = with_unpacked_attention(model)  # a copy where it has attention: plan projections
+    model = with_unpacked_layers(model)  # a copy with attention/recurrent layers as linears
     traced = trace(model, example_input)
     if not traced.layers:
         raise ValueError("the model calls no conv, linear or embedding layer on example_input")
@@ -230,6 +243,16 @@ def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
         objective=resolve_objective(objective, deprecated),
     )
+
+
+def _checked_max_error(max_layer_error: Any) -> float | None:
+    if max_layer_error is None:
+        return None
+    if (isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real)
+            or not 0 < max_layer_error <= 1):
+        raise ValueError(f"max_layer_error must be a number in (0, 1] or None, got "
+                         f"{max_layer_error!r}")
+    return float(max_layer_error)
 
 
 def _with_min_layer_ratio(request: _Request) -> _Request:
@@ -303,6 +326,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
             ),
         )
         full_table = compressor.candidates(ctx)
+        if request.max_layer_error is not None:
+            full_table = full_table.subset(full_table.error < request.max_layer_error)
         table = full_table.pareto()
         if not override and shape_key not in shared_families:
             families = frozenset(compressor.family(c) for c in table.configs)
@@ -312,6 +337,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
             entry.reason = (
                 "no configuration both smaller than "
                 f"1/{request.min_layer_ratio:g} of the layer and within its dense MACs"
+                + ("" if request.max_layer_error is None
+                   else f" and below max_layer_error {request.max_layer_error:g}")
             )
             continue
         search.contexts.append(ctx)
@@ -363,8 +390,8 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
         if pick is None:
             entry.reason = "kept dense by the global allocation"
             continue
+        entry.method = compressor.name  # a mixing method (auto) names its component
         compressor.describe(ctx, table.configs[pick], entry)
-        entry.method = compressor.name
         entry.params = int(table.params[pick])
         entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
         if timed is not None:
@@ -407,6 +434,8 @@ def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, reques
             "min_params": request.min_params, "allow_more_macs": request.allow_more_macs,
             "min_layer_ratio": request.min_layer_ratio, "tolerance": request.tolerance,
             "exhaustive": request.exhaustive,
+            **({"max_layer_error": request.max_layer_error}
+               if request.max_layer_error is not None else {}),
             **(objective.options(example_input) if objective is not None else {}),
             **search.layout_options,
             **({"calibration": request.calibration.settings()}

@@ -30,7 +30,8 @@ def as_pattern_list(patterns: Pattern | Iterable[Pattern] | None, argument: str)
     return result
 
 
-def _matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
+def matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
+    """Whether module ``name`` (``module``) is one that ``pattern`` names."""
     if isinstance(pattern, type):
         return isinstance(module, pattern)
     if pattern.startswith("re:"):
@@ -38,7 +39,7 @@ def _matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
     return pattern == name or pattern == type(module).__name__
 
 
-def _compile(patterns: list[Pattern], argument: str) -> None:
+def check_patterns(patterns: list[Pattern], argument: str) -> None:
     for p in patterns:
         if isinstance(p, str) and p.startswith("re:"):
             try:
@@ -101,11 +102,11 @@ def select_layers(
     """
     include_list = as_pattern_list(include, "include")
     exclude_list = as_pattern_list(exclude, "exclude")
-    _compile(include_list, "include")
-    _compile(exclude_list, "exclude")
+    check_patterns(include_list, "include")
+    check_patterns(exclude_list, "exclude")
     for argument, patterns in (("include", include_list), ("exclude", exclude_list)):
         for p in patterns:
-            if not any(_matches(p, n, m) for n, m in layers.items()):
+            if not any(matches(p, n, m) for n, m in layers.items()):
                 raise ValueError(
                     f"{argument} pattern {p!r} matches no conv, linear or embedding layer the "
                     "model calls "
@@ -141,9 +142,9 @@ def select_layers(
         forced = any(k != SKIP for k in override)
         if override.get(SKIP):
             reasons[name] = "skipped by override"
-        elif include_list and not any(_matches(p, name, module) for p in include_list):
+        elif include_list and not any(matches(p, name, module) for p in include_list):
             reasons[name] = "not included"
-        elif any(_matches(p, name, module) for p in exclude_list):
+        elif any(matches(p, name, module) for p in exclude_list):
             reasons[name] = "excluded"
         elif forced:
             reasons[name] = None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, map_tensors
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
@@ -71,13 +71,7 @@ def class_scores(output: Any) -> torch.Tensor:
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` with every tensor in it (nested in tuples, lists and mappings) on ``device``;
     a mapping comes back as a dict."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(to_device(item, device) for item in value)
-    return value
+    return map_tensors(lambda t: t.to(device), value)
 
 
 def batch_size(inputs: Any) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from gkpd.plan.select import Pattern, as_pattern_list, check_patterns, matches
 from gkpd.train.objectives import state_distance, state_tensor
 
 
@@ -68,3 +69,24 @@ class FeaturePairs:
     def remove(self) -> None:
         self.student.remove()
         self.teacher.remove()
+
+
+def same_name_pairs(student: nn.Module, teacher: nn.Module,
+                    patterns: Pattern | Iterable[Pattern]) -> dict[str, str]:
+    """``{name: name}`` for each module of ``student`` that one of ``patterns`` names (module
+    types, names or ``"re:"`` regexes, as ``include=`` of :func:`gkpd.plan` takes them) and
+    that ``teacher`` has under the same name: compression keeps module names, so each block
+    of a compressed model pairs with its dense teacher's. ``feature_pairs`` for
+    :class:`gkpd.train.FitConfig`; ``ValueError`` when a pattern names no such module."""
+    patterns = as_pattern_list(patterns, "feature_layers")
+    check_patterns(patterns, "feature_layers")
+    teacher_names = {name for name, _ in teacher.named_modules()}
+    pairs: dict[str, str] = {}
+    for pattern in patterns:
+        found = [name for name, module in student.named_modules()
+                 if name and name in teacher_names and matches(pattern, name, module)]
+        if not found:
+            raise ValueError(f"feature_layers pattern {pattern!r} names no module that the "
+                             "student and the teacher both have")
+        pairs.update((name, name) for name in found)
+    return pairs

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from gkpd.train.features import same_name_pairs
 from gkpd.train.loop import fit_with
 from gkpd.train.options import FitConfig, FitRun
 
@@ -97,12 +98,23 @@ def finetune(
     temperature: float = FINETUNE_DEFAULTS["temperature"],
     seed: int = 0,
     after_epoch: Callable[[dict[str, Any]], None] | None = None,
+    feature_layers: Any = None,
+    feature_weight: float = 1.0,
 ) -> list[dict[str, Any]]:
     """:func:`gkpd.train.fit` of ``student`` with distillation from ``teacher`` (cross-entropy
     alone when ``teacher`` is None); checkpoints every epoch in ``checkpoint_dir``;
-    ``after_epoch`` as in :class:`gkpd.train.options.FitRun`."""
+    ``after_epoch`` as in :class:`gkpd.train.options.FitRun`. ``feature_layers`` (module
+    types, names or ``"re:"`` regexes, e.g. ``"re:layer\\d\\.\\d+"`` for every residual
+    block) adds ``feature_weight`` times the mean squared error between those modules'
+    outputs in student and teacher (:func:`gkpd.train.features.same_name_pairs`)."""
+    pairs = {}
+    if feature_layers is not None:
+        if teacher is None:
+            raise ValueError("feature_layers compare the student with a teacher: pass teacher=")
+        pairs = same_name_pairs(student, teacher, feature_layers)
     config = FitConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, alpha=alpha,
-                       temperature=temperature, seed=seed)
+                       temperature=temperature, seed=seed, feature_pairs=pairs,
+                       feature_weight=feature_weight)
     run = FitRun(teacher=teacher, eval_loader=eval_loader, checkpoint_dir=checkpoint_dir,
                  resume=resume, device=device, progress=progress, after_epoch=after_epoch)
     return fit_with(student, train_loader, config, run)

@@ -69,6 +69,10 @@ class FitConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.feature_weight, int | float) and 0 <= self.feature_weight
+                < math.inf):
+            raise ValueError(f"feature_weight must be a finite number >= 0, got "
+                             f"{self.feature_weight!r}")
         check_distance(self.feature_loss, "feature_loss")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -13,6 +13,7 @@ from gkpd.cli.common import (
     Interrupted,
     common_args,
     data_args,
+    distillation_args,
     emit,
     fine_tuning_loaders,
     positive_int,
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         alpha=args.alpha,
         temperature=args.temperature,
+        feature_layers=None if args.feature_layers is None else tuple(args.feature_layers),
+        feature_weight=args.feature_weight,
         seed=args.seed,
         latency_threads=args.latency_threads,
     )
@@ -152,8 +155,7 @@ def add_parser(bench, **kwargs) -> None:
         help="learning rate of the 'student', which starts from random weights",
     )
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the distillation term")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    distillation_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--seeds",

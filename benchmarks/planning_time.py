@@ -1,0 +1,95 @@
+"""Time to plan the full-width ResNet-18 (torchvision's structure, from ``tests/testkit``) at
+224 px, batch 1: issue 13's "planning a ResNet-18-sized model in ≤ 30 s on 2 cores".
+
+usage: OMP_NUM_THREADS=1 python benchmarks/planning_time.py [--threads 1] [--ratios 2 5]
+           [--methods gkpd svd] [--out benchmarks/planning_time/results.json] [--profile]
+
+Weights are random (the planner's cost depends on shapes, not values). ``gkpd.plan`` is timed
+with default arguments apart from ``ratio`` and ``method``; each line gives wall-clock and
+process CPU seconds (CPU time says more on a loaded machine: the load average is recorded
+too), the achieved ratio, the plan's strategy and the layers compressed. ``--profile`` prints
+the 25 functions with the most cumulative time of each plan (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gkpd
+from gkpd.files import atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from testkit.architectures import ResNet18  # noqa: E402  (the tests' model, not a package)
+
+OUT = Path(__file__).resolve().parent / "planning_time" / "results.json"
+
+
+def _time_plan(model, example, ratio, method, profile):
+    profiler = cProfile.Profile() if profile else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
+    plan = gkpd.plan(model, example, ratio=ratio, method=method)
+    if profiler:
+        profiler.disable()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    return plan, wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 5.0])
+    parser.add_argument("--methods", nargs="+", default=["gkpd", "svd"])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = ResNet18().eval()
+    example = torch.randn(1, 3, 224, 224)
+    load_before = os.getloadavg()
+    rows = []
+    for method in args.methods:
+        for ratio in args.ratios:
+            plan, wall, cpu = _time_plan(model, example, ratio, method, args.profile)
+            row = {
+                "method": method, "ratio": ratio, "wall_s": round(wall, 2),
+                "cpu_s": round(cpu, 2), "achieved_ratio": round(plan.achieved_ratio, 4),
+                "strategy": plan.strategy, "layers": len(plan.layers),
+                "layers_compressed": len(plan.compressed_layers),
+            }
+            rows.append(row)
+            print(f"{method} {ratio:g}x: {wall:.1f} s wall, {cpu:.1f} s CPU, ratio "
+                  f"{plan.achieved_ratio:.3f} ({plan.strategy}), "
+                  f"{row['layers_compressed']}/{row['layers']} layers", flush=True)
+    record = {
+        "model": "ResNet-18 (tests/testkit/architectures.py), 224 px, batch 1, random weights",
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count(),
+        "load_average_1min": {"before": round(load_before[0], 2),
+                              "after": round(os.getloadavg()[0], 2)},
+        "profiled": args.profile, "runs": rows,
+    }
+    atomic_write_json(args.out, record, indent=2)
+    print("\n| method | ratio | wall s | CPU s | achieved | strategy | layers compressed |\n"
+          "|---|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['ratio']:g} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+              f"{r['achieved_ratio']:.3f} | {r['strategy']} | "
+              f"{r['layers_compressed']}/{r['layers']} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
