@@ -90,7 +90,7 @@ def test_writes_table_and_plot_then_does_not_retrain(workspace, capsys, monkeypa
     assert "epochs 1 -> 2" in capsys.readouterr().err
 
 
-def test_failed_cell_records_its_error_and_others_go_on(workspace, capsys):
+def test_failed_cell_records_its_error_and_others_go_on(workspace, capsys, caplog):
     out = workspace[0] / "failing"
     assert bench(workspace, out, "--no-plot", methods="svd,student", ratios="40") == 0
     failed = json.loads((out / "svd-40x" / "result.json").read_text())
@@ -100,6 +100,13 @@ def test_failed_cell_records_its_error_and_others_go_on(workspace, capsys):
     table = (out / "results.md").read_text()
     assert "failed" in table and "svd at 40x failed" in table
     assert "1 cell(s) failed" in capsys.readouterr().out
+    # a rerun tries the failed cell again (it may have failed for a reason since mended) and
+    # leaves the finished one alone
+    stamp = (out / "student-40x" / "result.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="gkpd.bench.accuracy"):
+        assert bench(workspace, out, "--no-plot", methods="svd,student", ratios="40") == 0
+    assert any("svd-40x: failed before" in r.getMessage() for r in caplog.records)
+    assert (out / "student-40x" / "result.json").stat().st_mtime_ns == stamp
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(workspace, monkeypatch, caplog,

@@ -3,9 +3,10 @@ fine-tune each with the same budget and the same distillation from the original,
 
 Every (method, ratio) cell lives in its own directory under ``out``: ``before.json`` (test
 accuracy right after compression), ``finetune/`` (the checkpoint :func:`gkpd.train.fit` writes
-every epoch), ``model/`` (the fine-tuned model) and, written last, ``result.json``. A cell with
-a ``result.json`` is done and is not run again; a cell without one resumes from its checkpoint.
-Delete a cell's directory to run it again.
+every epoch), ``model/`` (the fine-tuned model) and, written last, ``result.json``. A cell whose
+``result.json`` says ``ok`` is done and is not run again; a cell without one, or whose last run
+failed (a mismatched checkpoint, an interrupted machine), runs again and resumes from its
+checkpoint. Delete a cell's directory to run it from the start.
 """
 
 from __future__ import annotations
@@ -241,8 +242,12 @@ class _Bench:
         cell = self.out / cell_name(method, ratio)
         result_path = cell / RESULT_FILE
         if result_path.is_file():
-            log.info("%s: done before, not run again", cell.name)
-            return _read_json(result_path)
+            previous = _read_json(result_path)
+            if previous.get("status") == "ok":
+                log.info("%s: done before, not run again", cell.name)
+                return previous
+            log.info("%s: failed before (%s); running it again", cell.name,
+                     previous.get("error", "no error recorded"))
         result: dict[str, Any] = {"method": method, "ratio": ratio, "dir": cell.name}
         stage = "compress"
         started = time.perf_counter()
