@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import os
 import pstats
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +26,17 @@ import torch
 import gkpd
 from gkpd.files import atomic_write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from testkit.architectures import ResNet18  # noqa: E402  (the tests' model, not a package)
+
+def _tests_resnet18():
+    """The tests' ResNet-18 class, loaded from its file (tests/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "testkit" / "architectures.py"
+    spec = importlib.util.spec_from_file_location("testkit_architectures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ResNet18
+
+
+ResNet18 = _tests_resnet18()
 
 OUT = Path(__file__).resolve().parent / "planning_time" / "results.json"
 

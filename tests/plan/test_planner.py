@@ -197,22 +197,23 @@ def test_shared_search_matches_exhaustive_search_closely(resnet32):
     assert summed(shared) <= summed(exhaustive) * 1.05
 
 
-def test_default_strategy_plans_globally_where_uniform_steps_miss(caplog):
+def test_default_strategy_tops_uniform_up_where_its_steps_miss(caplog):
     # Two same-shaped layers: svd adds 128 parameters a rank to each, so uniform ranks move
-    # the total by 256 (8x at rank 4, 10.7x at rank 3) and miss 8192/896 = 9.14x; the global
-    # allocation gives them ranks 3 and 4, exactly 896 parameters.
+    # the total by 256 (8x at rank 4, 10.7x at rank 3) and miss 8192/896 = 9.14x; near_uniform
+    # takes rank 3 for both (the largest uniform plan within 896) and raises one to rank 4,
+    # exactly 896 parameters.
     model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
     x, ratio = torch.randn(1, 64), 8192 / 896
     with pytest.raises(RatioMissed, match="nearest plan reaches 8.00"):
         gkpd.plan(model, x, ratio=ratio, method="svd", strategy="uniform")
     with caplog.at_level("INFO", logger="gkpd.plan.planner"):
         plan = gkpd.plan(model, x, ratio=ratio, method="svd")
-    assert plan.strategy == "global" and plan.params == 896
+    assert plan.strategy == "near_uniform" and plan.params == 896
     assert sorted(e.settings["rank"] for e in plan.layers) == [3, 4]
     assert "nearest plan reaches 8.00" in plan.options["uniform_error"]
-    assert "planning with strategy 'global'" in caplog.text
-    assert "global (uniform missed the ratio)" in plan.table()
-    explicit = gkpd.plan(model, x, ratio=ratio, method="svd", strategy="global")
+    assert "planning with strategy 'near_uniform'" in caplog.text
+    assert "near_uniform (uniform missed the ratio)" in plan.table()
+    explicit = gkpd.plan(model, x, ratio=ratio, method="svd", strategy="near_uniform")
     assert "uniform_error" not in explicit.options
     assert [e.settings for e in explicit.layers] == [e.settings for e in plan.layers]
     # where uniform reaches the ratio, the default is uniform

@@ -3,21 +3,17 @@ wired into the real fine-tuning loop on a tiny model; the whole job runs end to 
 tests/cli/test_cli.py."""
 
 import argparse
-import sys
-from pathlib import Path
 
+import main_job
 import pytest
 import torch
+from main_job_budget import MIN_BATCHES, RESERVE_SECONDS, FineTuningBudget
 from testkit.fake_data import write_fake_fashion_mnist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from gkpd import data
 from gkpd.train import loop
-
-sys.path.insert(0, str(Path(__file__).parents[2] / "scripts"))
-import main_job  # noqa: E402
-from main_job_budget import MIN_BATCHES, RESERVE_SECONDS, FineTuningBudget  # noqa: E402
 
 BATCH, EVAL = 128, 10.0
 

@@ -227,7 +227,7 @@ class _Bench:
             return model, None, {"model_kwargs": kwargs}
         method, options = self.options(method)
         model, plan = compress(self.teacher, self.x, ratio=ratio, method=method, **options)
-        # the default strategy: uniform, or global where uniform's rank steps miss the ratio
+        # the default strategy: uniform, or near_uniform where uniform's rank steps miss the ratio
         # (svd, tensor_ring on ResNet-32); the table says so
         notes: dict[str, Any] = {"strategy": plan.strategy}
         if "uniform_error" in plan.options:

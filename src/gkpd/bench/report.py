@@ -82,9 +82,10 @@ def format_table(results: dict[str, Any]) -> str:
             cells[6] = "failed"
             failures.append(f"{row['method']} at {row['ratio']:g}x failed at stage "
                             f"{row.get('stage', '?')}: {row.get('error', '?')}")
-        if row.get("strategy") == "global":
-            cells[0] += " (global)"
-            failures.append(f"{row['method']} at {row['ratio']:g}x: strategy 'global' "
+        strategy = row.get("strategy", "uniform")
+        if strategy != "uniform":
+            cells[0] += f" ({strategy})"
+            failures.append(f"{row['method']} at {row['ratio']:g}x: strategy '{strategy}' "
                             f"(uniform: {row.get('uniform_error', '?')})")
         rows.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

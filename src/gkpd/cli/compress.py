@@ -18,6 +18,7 @@ from gkpd.cli.common import (
     positive_int,
     slack,
 )
+from gkpd.plan.budget import STRATEGIES
 
 
 def _ratio(text: str) -> float:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--data, --calibration-select and --calibration-sequential need "
                        "--calibration N")
     log.info("planning %s at %gx (%s, strategy %s)", args.model, args.ratio, args.method,
-             args.strategy or "uniform, else global")
+             args.strategy or "uniform, else near_uniform")
     compressed, plan = compress(model, x, **options)
     source = model_dir(args.model)
     new_card = compressed_card(
@@ -138,11 +139,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="gkpd", help="compression method (default: gkpd)")
     p.add_argument(
         "--strategy",
-        choices=["uniform", "global"],
+        choices=sorted(STRATEGIES),
         default=None,
-        help="uniform: every layer at the same ratio (the paper); global: "
-        "minimize the summed relative squared error (default: uniform, or global where "
-        "uniform's rank steps miss the ratio)",
+        help="uniform: every layer at the same ratio (the paper); near_uniform: the largest "
+        "uniform plan within the budget, topped up where the error falls most; global: "
+        "minimize the summed relative squared error (default: uniform, or near_uniform where "
+        "uniform's rank steps miss the ratio, or global where that misses it too)",
     )
     p.add_argument(
         "--include",
