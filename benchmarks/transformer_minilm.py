@@ -24,18 +24,21 @@ split, the same budget for every method (--steps of --batch-size, AdamW at --lr,
 schedule with --warmup), dropout off, the loss the cosine distance of the last hidden states
 over the real tokens plus --feature-weight times that of each earlier encoder layer's output.
 A cell writes ``cells/<method>-<ratio>x/result.json`` when done and is skipped on a rerun; an
-interrupted cell resumes from its checkpoint (``fit/``, every --checkpoint-every steps).
+interrupted cell resumes from its checkpoint (``fit/``, every --checkpoint-every steps). Every
+cell of one --out must share the budget (the options in ``BUDGET``): a run that asks for
+another refuses before it starts.
 Methods that cannot compress a linear layer (tucker: convolutions only) are skipped and listed
 in ``run.json``. Planning tensor_train took 10 minutes a ratio on one (shared) thread.
 
 Then every finished cell's model and the original are timed side by side (interleaved rounds,
 ``gkpd.timing.time_interleaved``) at batch 32 x 128 tokens, and ``results.json`` gets one row
-per method x ratio: ``method``, ``ratio`` (the target over the encoder's linear layers;
-``achieved_ratio`` is what the plan reached), ``params`` (the whole model's), ``cosine`` (mean
-cosine of the held-out documents' mean-pooled embeddings to the original's; ``cosine_before``
-before distillation), ``latency_ms`` (median); ``compress_seconds`` is planning and applying, or
-applying alone where the cell replayed its saved plan after an interruption. ``run.json`` holds
-the settings, the original's figures, the environment and the command.
+per finished cell under ``cells/`` (this run's and earlier ones'): ``method``, ``ratio`` (the
+target over the encoder's linear layers; ``achieved_ratio`` is what the plan reached),
+``params`` (the whole model's), ``cosine`` (mean cosine of the held-out documents' mean-pooled
+embeddings to the original's; ``cosine_before`` before distillation), ``latency_ms`` (median);
+``compress_seconds`` is planning and applying, or applying alone where the cell replayed its
+saved plan after an interruption. ``run.json`` holds the settings, the original's figures, the
+environment and the command.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ FORTUNES = Path("/usr/share/games/fortunes")
 NOT_TEXT = {"ascii-art"}  # pictures drawn in characters
 ENCODER = "re:encoder\\..*"
 LATENCY_SHAPE = (32, 128)  # batch x tokens
+BUDGET = ("steps", "batch_size", "lr", "weight_decay", "warmup", "feature_weight", "max_length",
+          "held_out", "max_held_out", "seed")
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
@@ -209,12 +214,32 @@ def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict
         "model_ratio": round(plan.achieved_ratio, 4), "strategy": plan.strategy,
         "params": parameters(student), "encoder_linear_params": linear_params,
         "cosine_before": round(cosine_before, 5), "cosine": round(cosine, 5),
-        "steps": args.steps, "compress_seconds": round(compress_seconds, 1),
+        "steps": args.steps, "budget": budget(args),
+        "compress_seconds": round(compress_seconds, 1),
         "distill_seconds": round(distill_seconds, 1),
         "final_train_loss": round(history[-1]["train_loss"], 5),
     }
     atomic_write_text(cell / "result.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+def budget(args: argparse.Namespace) -> dict:
+    """What every cell of one table must share: the distillation budget and the text."""
+    return {k: getattr(args, k) for k in BUDGET}
+
+
+def finished_cells(cells: Path, expected: dict) -> dict[str, dict]:
+    """Every finished cell under ``cells`` (earlier runs' too, so that the table covers all
+    ratios and methods run so far), each checked to have had ``expected``'s budget."""
+    found = {}
+    for path in sorted(cells.glob("*/result.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        had = result.get("budget")
+        if had != expected:
+            sys.exit(f"{path.parent} was distilled with {had}, this run asks for {expected}: "
+                     "rerun with that budget or write this one to another --out")
+        found[path.parent.name] = result
+    return found
 
 
 def latencies(models: dict[str, nn.Module], batch: dict, rounds: int, warmup: int) -> dict:
@@ -284,19 +309,17 @@ def main(argv=None) -> None:
     }
     probe = nn.Linear(teacher.config.hidden_size, teacher.config.intermediate_size)
     skipped = {m: reason for m in args.methods if (reason := get_method(m).supports(probe))}
-    cells = {}
+    finished_cells(args.out / "cells", budget(args))  # refuse a mixed table before hours of work
     for method in (m for m in args.methods if m not in skipped):
         for ratio in args.ratios:
             cell = args.out / "cells" / f"{method}-{ratio:g}x"
-            done = cell / "result.json"
-            if done.is_file():
+            if (cell / "result.json").is_file():
                 print(f"{cell.name}: done before, skipped", flush=True)
-                cells[cell.name] = json.loads(done.read_text())
                 continue
             result = run_cell(args, method, ratio, teacher, data, cell)
-            cells[cell.name] = result
             print(f"{cell.name}: cosine {result['cosine_before']:.4f} -> {result['cosine']:.4f}, "
                   f"{result['params']:,} params", flush=True)
+    cells = finished_cells(args.out / "cells", budget(args))
 
     models = {"dense": teacher}
     for name in cells:
