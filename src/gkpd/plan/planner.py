@@ -1,6 +1,6 @@
 """``plan``: read a model and an example input, decide every layer, change nothing.
 
-The steps, each a function below: resolve the options (:func:`_resolve`), trace the layers
+The steps: resolve the options (:func:`gkpd.plan.request.resolve`), trace the layers
 (:func:`gkpd.plan.trace.trace`), collect each layer's candidates (:func:`_collect`),
 allocate the budget (:func:`_allocate`, then the latency objective's :func:`fastest`), and
 describe the picks in the plan (:func:`_describe`, :func:`_assemble`).
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,8 +34,8 @@ from gkpd.plan.objective import (
     LatencyObjective,
     describe_timing,
     fastest,
-    resolve_objective,
 )
+from gkpd.plan.request import Request, checked_max_error, resolve, with_min_layer_ratio
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import SKIP, Pattern, select_layers, tied_layers, tied_reason
 from gkpd.plan.trace import LayerCall, Trace, dense_entry, pattern_names, trace, trace_layers
@@ -45,32 +44,6 @@ from gkpd.whiten import has_input_vectors
 log = logging.getLogger(__name__)
 
 __all__ = ["OBJECTIVES", "LatencyObjective", "dense_entry", "plan", "trace_layers"]
-
-
-@dataclass(frozen=True)
-class _Request:
-    """The options of one ``plan`` call, checked and with their defaults filled in.
-
-    An option group of its own (``objective``: a :class:`LatencyObjective` or ``None`` for
-    the error objective) is resolved in :func:`_resolve` into one field here; a data-aware
-    group (a calibration set, say) belongs next to it, and reaches the methods through
-    :class:`LayerContext`.
-    """
-
-    ratio: float
-    strategy: str
-    fall_back: bool  # no strategy asked for: "near_uniform" where "uniform" misses the ratio
-    include: Any
-    exclude: Any
-    overrides: Mapping[str, Any] | None
-    min_params: int
-    allow_more_macs: bool
-    min_layer_ratio: float | None
-    tolerance: float
-    exhaustive: bool
-    objective: LatencyObjective | None
-    calibration: Calibration | None = None
-    max_layer_error: float | None = None
 
 
 @dataclass
@@ -154,7 +127,7 @@ def plan(
     by that output error. The plan records the settings; ``apply_`` needs the data
     again (``compress`` passes it on).
     """
-    request = _resolve(
+    request = resolve(
         ratio=ratio, method=method, strategy=strategy, include=include, exclude=exclude,
         overrides=overrides, min_params=min_params, allow_more_macs=allow_more_macs,
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
@@ -164,7 +137,7 @@ def plan(
     if calibration is not None and method != "gkpd":
         raise ValueError(f"calibration is used by method 'gkpd' only, got method={method!r}")
     request = replace(request, calibration=calibration,
-                      max_layer_error=_checked_max_error(max_layer_error))
+                      max_layer_error=checked_max_error(max_layer_error))
     compressor = get_method(method)
     if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
         if max_layer_error is not None:
@@ -203,12 +176,12 @@ def plan(
     raise missed
 
 
-def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, request: _Request,
+def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, request: Request,
                  example_input: Any) -> CompressionPlan:
     """The plan of a layer method with the request's strategy: collect, allocate, describe,
     assemble."""
     calls = traced.layers
-    request = _with_min_layer_ratio(request)
+    request = with_min_layer_ratio(request)
     search = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
     holders = coverage.unplanned_parameters(model, calls, layer_methods())
@@ -227,57 +200,7 @@ def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, reque
                      traced.attention_macs, holders)
 
 
-def _resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
-             allow_more_macs, min_layer_ratio, tolerance, exhaustive, objective,
-             deprecated) -> _Request:
-    """Check the options and bundle them (the method-independent checks, in the order
-    ``plan`` always made them)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
-        raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(
-            f"strategy must be one of {sorted(STRATEGIES)} or None, got {strategy!r}"
-        )
-    if not isinstance(min_params, int) or min_params < 0:
-        raise ValueError(f"min_params must be an int >= 0, got {min_params!r}")
-    if not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be in (0, 1), got {tolerance!r}")
-    if objective == "latency" or isinstance(objective, LatencyObjective):
-        if method != "gkpd":
-            raise ValueError(
-                f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
-            )
-    return _Request(
-        ratio=ratio, strategy=strategy or "uniform", fall_back=strategy is None,
-        include=include, exclude=exclude, overrides=overrides,
-        min_params=min_params, allow_more_macs=allow_more_macs,
-        min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
-        objective=resolve_objective(objective, deprecated),
-    )
-
-
-def _checked_max_error(max_layer_error: Any) -> float | None:
-    if max_layer_error is None:
-        return None
-    if (isinstance(max_layer_error, bool) or not isinstance(max_layer_error, numbers.Real)
-            or not 0 < max_layer_error <= 1):
-        raise ValueError(f"max_layer_error must be a number in (0, 1] or None, got "
-                         f"{max_layer_error!r}")
-    return float(max_layer_error)
-
-
-def _with_min_layer_ratio(request: _Request) -> _Request:
-    """``request`` with the default ``min_layer_ratio`` of its strategy, checked (layer
-    methods only: a whole-model method has no layer ratio)."""
-    min_layer_ratio = request.min_layer_ratio
-    if min_layer_ratio is None:
-        min_layer_ratio = max(1.0, request.ratio / (4.0 if request.strategy == "global" else 1.5))
-    if not min_layer_ratio >= 1:
-        raise ValueError(f"min_layer_ratio must be >= 1, got {min_layer_ratio!r}")
-    return replace(request, min_layer_ratio=min_layer_ratio)
-
-
-def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Request,
+def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Request,
              model: nn.Module) -> _Search:
     """Every layer's plan entry (dense, with the reason when it stays so) and, for those the
     method can take, its candidates (ranked on the calibration data, when there is some)."""
@@ -359,7 +282,7 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: _Req
     return search
 
 
-def _allocate(search: _Search, request: _Request, dense_total: int, example_input: Any,
+def _allocate(search: _Search, request: Request, dense_total: int, example_input: Any,
               model: nn.Module):
     """The strategy's pick per layer (``None``: dense), then the latency objective's; returns
     ``(picks, total parameters, search)`` with ``search.tables`` the tables picks index."""
@@ -391,7 +314,7 @@ def _allocate(search: _Search, request: _Request, dense_total: int, example_inpu
     return picks, total, search
 
 
-def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _Request,
+def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: Request,
               example_input: Any) -> None:
     """Write each pick into its layer's plan entry."""
     for ctx, table, pick, timed in zip(
@@ -421,7 +344,7 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: _
         entry.reason = "compressed"
 
 
-def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, request: _Request,
+def _assemble(model: nn.Module, compressor: LayerMethod, search: _Search, request: Request,
               dense_total: int, total: int, example_input: Any, attention: int,
               holders: list[coverage.Holder]) -> CompressionPlan:
     """The plan: the entries, their totals, the options that made them and its notes."""
