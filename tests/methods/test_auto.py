@@ -81,14 +81,23 @@ def test_an_override_names_its_method():
         gkpd.plan(model, X, ratio=2, method="auto", overrides={"2": {"method": "cp"}})
 
 
-def test_a_missing_component_is_left_out(monkeypatch):
+def test_a_missing_component_is_left_out(monkeypatch, caplog):
+    checks = []
+
     def missing(self):
+        checks.append(self.name)
         raise ImportError("method 'tucker' needs TensorLy")
 
     monkeypatch.setattr(Tucker, "check_available", missing)
-    plan = gkpd.plan(_convnet(), X, ratio=3, method="auto", min_params=0)
-    assert {e.method for e in plan.compressed_layers} <= {"gkpd", "svd"}
-    assert plan.compressed_layers
+    for _ in range(2):
+        with caplog.at_level("INFO", logger="gkpd.methods.auto"):
+            caplog.clear()
+            plan = gkpd.plan(_convnet(), X, ratio=3, method="auto", min_params=0)
+        assert {e.method for e in plan.compressed_layers} <= {"gkpd", "svd"}
+        assert plan.compressed_layers
+        # found once per plan, not once per layer, and said once per plan
+        assert caplog.text.count("plans without 'tucker'") == 1
+    assert checks == ["tucker", "tucker"]
 
 
 def test_auto_needs_components():

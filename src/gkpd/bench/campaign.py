@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE
-from gkpd.bench.report import require_matplotlib
+from gkpd.bench.report import distillation_text, require_matplotlib
 from gkpd.bench.variants import VARIANTS
 from gkpd.files import atomic_write, atomic_write_text
 
@@ -126,12 +126,9 @@ def format_campaign(results: dict[str, Any]) -> str:
         f"Dense teacher: {dense.get('accuracy_after', float('nan')):.2f}% "
         f"({dense.get('params', 0) / 1e3:.2f}k parameters). Every cell: {budget.get('epochs')} "
         f"epochs of {', '.join(str(s) for s in sorted(samples, key=str))} training samples, "
-        f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, cosine, distilled from "
-        f"the teacher (alpha {budget.get('alpha')}, T {budget.get('temperature')}"
-        + (f"; and the outputs of {', '.join(budget['feature_layers'])}, weight "
-           f"{budget.get('feature_weight')}" if budget.get("feature_layers") else "")
-        + "); the "
-        f"student from random weights with lr {budget.get('student_lr')}. Test accuracy in %.",
+        f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, cosine, "
+        f"{distillation_text(budget)}; the student from random weights with lr "
+        f"{budget.get('student_lr')}. Test accuracy in %.",
     ]
     for f in results["failed"]:
         notes.append(f"- {f['dir']} failed: {f['error']}")

@@ -13,6 +13,16 @@ RESULTS_JSON = "results.json"
 PARETO_PNG = "pareto.png"
 
 
+def distillation_text(budget: dict[str, Any]) -> str:
+    """How every compressed cell was distilled, from a bench budget (``config``), for the
+    notes under a table."""
+    text = f"distilled from the dense model (alpha {budget['alpha']:g}, T {budget['temperature']:g}"
+    if budget.get("feature_layers"):
+        text += (f"; and the outputs of {', '.join(budget['feature_layers'])} by mean squared "
+                 f"error, weight {budget['feature_weight']:g}, the student's excepted")
+    return text + ")"
+
+
 def require_matplotlib():
     """``matplotlib.pyplot`` with a non-interactive backend, or an ImportError saying how to
     install it."""
@@ -97,12 +107,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"Every cell fine-tuned {epochs} epoch{'s' * (epochs != 1)} of "
         f"{config['train_subset'] or 'all'} training samples (batch {config['batch_size']}, "
         f"lr {config['lr']:g}, cosine; the student from random weights with lr "
-        f"{config['student_lr']:g}), distilled from the dense model (alpha {config['alpha']:g},"
-        f" T {config['temperature']:g}"
-        + (f"; and the outputs of {', '.join(config['feature_layers'])} by mean squared error,"
-           f" weight {config['feature_weight']:g}, the student's excepted"
-           if config.get("feature_layers") else "")
-        + f"), seed {config['seed']}.",
+        f"{config['student_lr']:g}), {distillation_text(config)}, seed {config['seed']}.",
         f"Latency: median of {config['latency_repeats']} forward passes at batch 1 on "
         f"{results.get('device', '?')}, {config['latency_threads'] or 'all'} thread(s). "
         "Fine-tune time: training epochs only.",

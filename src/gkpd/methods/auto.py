@@ -35,21 +35,27 @@ class Auto(LayerMethod):
         if not components:
             raise ValueError("method 'auto' needs at least one component method")
         self._components = {method.name: method for method in components}
-        self._missing_logged = False
+        self._available: list[LayerMethod] | None = None
 
-    def available(self) -> list[LayerMethod]:
-        """The components whose optional dependencies are installed here."""
+    def check_available(self) -> None:
+        """Find which components are installed here, once per plan (``get_method`` calls this
+        before any work), and say at INFO which are left out. ``auto`` itself is always
+        available: GKPD needs nothing optional."""
         found = []
         for method in self._components.values():
             try:
                 method.check_available()
             except ImportError as error:
-                if not self._missing_logged:
-                    log.info("method 'auto' plans without %r: %s", method.name, error)
+                log.info("method 'auto' plans without %r: %s", method.name, error)
                 continue
             found.append(method)
-        self._missing_logged = True
-        return found
+        self._available = found
+
+    def available(self) -> list[LayerMethod]:
+        """The components whose optional dependencies are installed here."""
+        if self._available is None:
+            self.check_available()
+        return self._available
 
     def component(self, name: str) -> LayerMethod:
         if name not in self._components:
