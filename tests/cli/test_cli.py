@@ -311,6 +311,8 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
             "16",
             "--latency-repeats",
             "1",
+            "--objective",
+            "error",  # the default, latency, times every layer: its call is tested in-process
             "--out",
             str(out),
             "--no-progress",
@@ -329,8 +331,15 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     assert 1.5 < size["bytes_ratio"] < 2.5  # about the parameter ratio: 4 bytes a parameter
     assert report["finetune"]["images_per_epoch"] == [32]
     assert report["latency"]["batch_64"]["dense"] > 0
+    assert "--objective error" in report["commands"]["compress"]
+    # the dense model is timed in both layouts and counted in the faster
+    for batch in ("batch_1", "batch_64"):
+        timed = report["latency"][batch]
+        assert timed["dense"] == min(timed["dense_by_layout"].values())
+        assert timed["dense_layout"] in timed["dense_by_layout"]
     assert "gkpd finetune" in report["longer_run"]
     text = (out / "report.md").read_text()
     assert "A longer, better run" in text and "| 64 |" in text
+    assert "planned for the least error" in text
     assert f"| weights file (bytes) | {size['dense_bytes']:,} | {size['bytes']:,} |" in text
     assert io.is_saved_model(out / "finetuned")

@@ -131,3 +131,41 @@ def test_the_job_stops_a_late_epoch_and_resizes_the_next(tmp_path, monkeypatch, 
     assert images[2] < images[1] < images[0]
     # fine-tuning ended in time to leave the reserve (less at most one slow batch)
     assert clock.now <= budget.deadline - RESERVE_SECONDS + 3 * 0.032
+
+
+def test_the_job_plans_for_latency_by_default(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_compress(model, x, **options):
+        calls.update(options)
+        return model, "plan"
+
+    monkeypatch.setattr(main_job, "compress", fake_compress)
+    monkeypatch.setattr(main_job, "compressed_card", lambda card, plan, **kw: {})
+    monkeypatch.setattr(main_job, "save", lambda *a, **kw: None)
+    card = {"input_size": [1, 28, 28]}
+    args = main_job.parse_args([])
+    *_, command = main_job.compress_teacher(args, nn.Linear(2, 2), card, tmp_path)
+    assert isinstance(calls["objective"], main_job.LatencyObjective)
+    assert "--objective latency" in command
+    main_job.compress_teacher(main_job.parse_args(["--objective", "error"]), nn.Linear(2, 2),
+                              card, tmp_path)
+    assert calls["objective"] == "error"
+
+
+def test_latency_counts_the_dense_model_in_its_faster_layout(monkeypatch):
+    # the timer says the dense model runs in 3 ms as it comes, in 1 ms as its channels_last
+    # copy, and the compressed model in 2 ms
+    def fake_latency(model, x, **kwargs):
+        if model is compressed:
+            return {"median_ms": 2.0}
+        return {"median_ms": 3.0 if model is dense else 1.0}
+
+    dense, compressed = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3)
+    monkeypatch.setattr(main_job, "measure_latency", fake_latency)
+    result = main_job.latencies(dense, compressed, repeats=1)
+    for batch in ("batch_1", "batch_64"):
+        entry = result[batch]
+        assert entry["dense_layout"] == "channels_last" and entry["dense"] == 1.0
+        assert entry["dense_by_layout"] == {"contiguous": 3.0, "channels_last": 1.0}
+        assert entry["speedup"] == 0.5
