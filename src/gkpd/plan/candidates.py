@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+TIE = 1e-9  # relative errors closer than this are the same error to the planner
+
 
 @dataclass
 class Candidates:
@@ -60,15 +62,21 @@ class Candidates:
     def pareto(self) -> Candidates:
         """Drop every configuration that another beats or ties on params and error.
 
-        Among equal (params, error) the one with fewer MACs stays; the result is sorted by
-        params, with error strictly falling.
+        Among equal (params, error) the one with fewer MACs stays, and among those the one
+        whose configuration reads first (``repr``): errors that are equal in exact arithmetic
+        (a split and its mirror image) differ in the last bits from one SVD routine to the
+        next, so errors within ``TIE`` count as equal and the choice does not depend on the
+        order the method listed them in or on rounding. The result is sorted by params, with
+        error strictly falling.
         """
         if not len(self):
             return self
-        order = np.lexsort((self.macs, self.error, self.params))
+        error = np.round(self.error / TIE) * TIE
+        text = np.argsort(np.argsort(np.array([repr(c) for c in self.configs], dtype=object)))
+        order = np.lexsort((text, self.macs, error, self.params))
         keep, best = [], np.inf
         for i in order:
-            if self.error[i] < best - 1e-12:
+            if error[i] < best - TIE / 2:
                 keep.append(i)
-                best = self.error[i]
+                best = error[i]
         return self.subset(np.array(keep, dtype=np.int64))
