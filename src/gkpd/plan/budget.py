@@ -93,8 +93,8 @@ def near_uniform(
     """The largest uniform plan within the budget, and what is left of the budget spent where
     the error falls most per parameter: the default where uniform's steps miss the ratio.
 
-    It keeps uniform's even spread (every layer compressed, none starved), which fine-tunes
-    better than the global allocation (ResNet-32, issue 12), and lands within a few
+    It keeps uniform's even spread (every layer compressed, none starved: the global
+    allocation gave six of ResNet-32's convolutions rank 1 at 9.93x) and lands within a few
     parameters of the budget.
     """
     _check_reachable(layers, fixed, ratio, dense_total, tolerance, "with every layer compressed")
