@@ -11,6 +11,10 @@ directories under ``--out`` are ordinary gkpd saves (``gkpd summary``/``eval`` r
 With ``--train-subset auto`` the images per epoch fit ``--budget-minutes``, re-checked after
 every epoch (:class:`FineTuningBudget`). Writes ``report.md``, ``report.json`` and
 ``layers.png`` (``main_job_report``) to ``--out``.
+
+Over 400 lines on purpose: each step is a function above ``main``, which wires them in the
+order the README describes and assembles ``report.json`` in one place, the record that
+``report.md`` (``main_job_report``) and the tests read.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ every epoch), ``model/`` (the fine-tuned model) and, written last, ``result.json
 ``result.json`` says ``ok`` is done and is not run again; a cell without one, or whose last run
 failed (a mismatched checkpoint, an interrupted machine), runs again and resumes from its
 checkpoint. Delete a cell's directory to run it from the start.
+
+About 400 lines on purpose: the cells' life cycle (build, evaluate, fine-tune, resume,
+record) shares the budget checks that keep one directory's cells comparable.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ median and its speed-up over the dense model on the same backend. Backends: ``ea
 ``compile`` (``torch.compile``, inductor) and ``onnxruntime`` (through :func:`gkpd.export.to_onnx`).
 Peak memory is the growth of a fresh process's peak resident set from loading the model to the
 end of one forward pass (:func:`peak_memory_mb`).
+
+About 400 lines on purpose: the config, the variants it builds and the interleaved timing of
+all of them are one measurement; split apart, each part would take the whole config.
 """
 
 from __future__ import annotations
