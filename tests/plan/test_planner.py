@@ -8,7 +8,7 @@ import gkpd
 from gkpd.apply import apply_
 from gkpd.counting import count_model
 from gkpd.decompose import full_rank
-from gkpd.plan import CompressionPlan, RatioMissed, UnreachableRatio
+from gkpd.plan import CompressionPlan, RatioMissed, UnreachableRatio, planner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +197,7 @@ def test_shared_search_matches_exhaustive_search_closely(resnet32):
     assert summed(shared) <= summed(exhaustive) * 1.05
 
 
-def test_default_strategy_tops_uniform_up_where_its_steps_miss(caplog):
+def test_default_strategy_tops_uniform_up_where_its_steps_miss(caplog, monkeypatch):
     # Two same-shaped layers: svd adds 128 parameters a rank to each, so uniform ranks move
     # the total by 256 (8x at rank 4, 10.7x at rank 3) and miss 8192/896 = 9.14x; near_uniform
     # takes rank 3 for both (the largest uniform plan within 896) and raises one to rank 4,
@@ -213,6 +213,13 @@ def test_default_strategy_tops_uniform_up_where_its_steps_miss(caplog):
     assert "nearest plan reaches 8.00" in plan.options["uniform_error"]
     assert "planning with strategy 'near_uniform'" in caplog.text
     assert "near_uniform (uniform missed the ratio)" in plan.table()
+    # the fallback reuses uniform's candidate search (the same min_layer_ratio)
+    collected = []
+    original = planner._collect
+    monkeypatch.setattr(planner, "_collect",
+                        lambda *a, **kw: collected.append(1) or original(*a, **kw))
+    assert gkpd.plan(model, x, ratio=ratio, method="svd").strategy == "near_uniform"
+    assert len(collected) == 1
     explicit = gkpd.plan(model, x, ratio=ratio, method="svd", strategy="near_uniform")
     assert "uniform_error" not in explicit.options
     assert [e.settings for e in explicit.layers] == [e.settings for e in plan.layers]

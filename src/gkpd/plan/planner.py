@@ -154,8 +154,9 @@ def plan(
     traced = trace(model, example_input)
     if not traced.layers:
         raise ValueError("the model calls no conv, linear or embedding layer on example_input")
+    searches: dict[float, _Search] = {}  # a strategy that misses leaves its search as it was
     try:
-        return _plan_layers(compressor, model, traced, request, example_input)
+        return _plan_layers(compressor, model, traced, request, example_input, searches)
     except RatioMissed as error:
         if not request.fall_back:
             raise
@@ -167,7 +168,7 @@ def plan(
         log.info("strategy 'uniform': %s; planning with strategy '%s'", uniform_error, strategy)
         try:
             result = _plan_layers(compressor, model, traced, replace(request, strategy=strategy),
-                                  example_input)
+                                  example_input, searches)
         except RatioMissed as error:
             missed = error
             continue
@@ -177,12 +178,16 @@ def plan(
 
 
 def _plan_layers(compressor: LayerMethod, model: nn.Module, traced: Trace, request: Request,
-                 example_input: Any) -> CompressionPlan:
+                 example_input: Any, searches: dict[float, _Search]) -> CompressionPlan:
     """The plan of a layer method with the request's strategy: collect, allocate, describe,
-    assemble."""
+    assemble. The candidates depend on the strategy only through its ``min_layer_ratio``:
+    ``searches`` keeps them by it, so that a fallback strategy with the same one (uniform,
+    then near_uniform) does not search again."""
     calls = traced.layers
     request = with_min_layer_ratio(request)
-    search = _collect(compressor, calls, request, model)
+    search = searches.get(request.min_layer_ratio)
+    if search is None:
+        search = searches[request.min_layer_ratio] = _collect(compressor, calls, request, model)
     dense_total = module_params(model)
     holders = coverage.unplanned_parameters(model, calls, layer_methods())
     try:
