@@ -1,6 +1,6 @@
 """Models whose parameters sit in recurrent layers compress with the defaults: an LSTM text
-classifier at 2x by gkpd and svd (train/eval outputs, backward, save/load, merge, MACs), and a
-bidirectional, sequence-first GRU."""
+classifier at 2x by gkpd and svd (train/eval outputs, backward, save/load, merge, MACs), a
+bidirectional, sequence-first GRU, and a decoder that loops an LSTMCell itself."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import gkpd
 from gkpd.counting import count_model
 from gkpd.export import merge
 from gkpd.layers.recurrent import UnpackedGRU, UnpackedLSTM
+from gkpd.layers.recurrent_cells import UnpackedLSTMCell
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +103,41 @@ def test_a_bidirectional_sequence_first_gru_compresses():
     assert "gru.l0_reverse.hh" in {e.name for e in plan.compressed_layers}
     out = compressed(x)
     assert out.shape == (LENGTH, BATCH, 5) and torch.isfinite(out).all()
+
+
+class Decoder(nn.Module):
+    """An LSTMCell called at every step of the model's own loop (97% of the parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(16, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0])
+
+
+def test_a_cell_called_in_the_models_own_loop_compresses(tmp_path):
+    torch.manual_seed(0)
+    model, x = Decoder(), torch.randn(BATCH, LENGTH, 16)
+    compressed, plan = gkpd.compress(model, x, ratio=2)
+    assert abs(plan.achieved_ratio - 2) <= 0.03 * 2
+    assert isinstance(model.cell, nn.LSTMCell) and isinstance(compressed.cell, UnpackedLSTMCell)
+    assert {e.name for e in plan.compressed_layers} == {"cell.ih", "cell.hh"}
+    assert not plan.notes  # nothing left that no method compresses
+    ih = next(e for e in plan.layers if e.name == "cell.ih")
+    assert ih.input_shape == (1, 16) and ih.dense_macs == LENGTH * 16 * 4 * 64  # every call
+    assert count_model(model, x).total_macs == plan.dense_macs * BATCH
+    assert count_model(compressed, x).total_macs == plan.macs * BATCH
+    compressed(x).square().sum().backward()
+    assert all(p.grad is not None for p in compressed.cell.parameters())
+    gkpd.save(tmp_path / "saved", compressed.eval(), plan)
+    loaded = gkpd.load(tmp_path / "saved", Decoder()).eval()
+    merged = merge(compressed)
+    assert type(merged.cell) is nn.LSTMCell
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), compressed(x))
+        torch.testing.assert_close(merged(x), compressed(x), rtol=1e-4, atol=1e-5)

@@ -366,6 +366,9 @@ def test_count_model_of_a_model_called_with_keywords():
     (nn.LSTM(3, 8, 2, bidirectional=True, proj_size=4), (5, 2, 3)),
     (nn.GRU(3, 8, 2, batch_first=True), (2, 5, 3)),
     (nn.RNN(3, 8, nonlinearity="relu"), (5, 3)),  # unbatched
+    (nn.LSTMCell(3, 8), (2, 3)),  # one step
+    (nn.GRUCell(3, 8, bias=False), (3,)),  # one unbatched step
+    (nn.RNNCell(3, 8), (4, 3)),
 ])
 def test_recurrent_layers_count_their_products_as_torch_runs_them(module, shape):
     from gkpd.layers.attention import with_unpacked_layers

@@ -103,9 +103,9 @@ def apply_(
     An ``nn.MultiheadAttention`` whose projections the plan names becomes an
     :class:`gkpd.layers.attention.UnpackedMultiheadAttention` (the same function, its
     projections layers), and transformer layers with replaced children run through them
-    (:func:`gkpd.layers.attention.unfuse`). An ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` the plan
-    reaches into becomes its :mod:`gkpd.layers.recurrent` equivalent (its gate weights
-    layers) the same way.
+    (:func:`gkpd.layers.attention.unfuse`). An ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` (or
+    one of their cells) the plan reaches into becomes its :mod:`gkpd.layers.recurrent`
+    (:mod:`gkpd.layers.recurrent_cells`) equivalent, its gate weights layers, the same way.
     """
     replacements = unpacked(model, _planned_unpacked(model, compression_plan))
     check_plan_fits(model, compression_plan, replacements)

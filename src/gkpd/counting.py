@@ -2,12 +2,13 @@
 
 Closed forms for a given input size, for either stage order of a Kronecker layer
 (docs/design.md §6), and :func:`count_model`, which runs a model once with forward hooks and
-counts every ``nn.Conv*d``, ``nn.Linear`` and recurrent layer (``nn.LSTM``, ``nn.GRU``,
-``nn.RNN``: their matrix products, not the elementwise gate math) it calls, and every module
-that counts itself: one with a ``macs(input_shape)`` method (the Kronecker layers, the
-tensor-train/ring layers of ``gkpd.methods``). Such a module's own count covers everything
-its forward runs, so the modules it calls are not counted again. The Kronecker layers use
-the same formulas to pick the cheaper order, so what is counted here is what runs.
+counts every ``nn.Conv*d``, ``nn.Linear`` and recurrent layer or cell (``nn.LSTM``,
+``nn.GRU``, ``nn.RNN``, ``nn.LSTMCell``, ...: their matrix products, not the elementwise gate
+math) it calls, and every module that counts itself: one with a ``macs(input_shape)``
+method (the Kronecker layers, the tensor-train/ring layers of ``gkpd.methods``). Such a
+module's own count covers everything its forward runs, so the modules it calls are not
+counted again. The Kronecker layers use the same formulas to pick the cheaper order, so what
+is counted here is what runs.
 
 The convolution geometry these formulas stand on (padding, output sizes, group splits, stage
 strides) is :mod:`gkpd.geometry`, the attention's :mod:`gkpd.attention_counting`; their names
@@ -241,14 +242,17 @@ def counts_itself(module: nn.Module) -> bool:
     return callable(getattr(module, "macs", None))
 
 
-def recurrent_macs(module: nn.RNNBase, input_shape: Sequence[int]) -> int:
+def recurrent_macs(module: nn.RNNBase | nn.RNNCellBase, input_shape: Sequence[int]) -> int:
     """MACs of one call of torch's ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` on an input of
     ``input_shape`` (``(L, N, in)``, ``(N, L, in)``, or ``(rows, in)`` unbatched or packed):
     at every step, per layer and direction, the input-to-gates and hidden-to-gates products
-    and an LSTM's projection, what its unpacked equivalent's linear layers count. The gate
-    nonlinearities and elementwise products are not counted, as usual (``O(hidden)`` per
-    step against the products' ``O(hidden²)``)."""
+    and an LSTM's projection, what its unpacked equivalent's linear layers count; of one step
+    of a cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``; ``(N, in)`` or ``(in,)``), its
+    two products. The gate nonlinearities and elementwise products are not counted, as usual
+    (``O(hidden)`` per step against the products' ``O(hidden²)``)."""
     rows = math.prod(int(s) for s in input_shape[:-1])  # time steps × sequences
+    if isinstance(module, nn.RNNCellBase):
+        return rows * module.weight_ih.shape[0] * (module.input_size + module.hidden_size)
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
     hidden, projected = module.hidden_size, module.proj_size
     state = projected or hidden
@@ -267,7 +271,7 @@ def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
     shape = tuple(int(s) for s in input_shape)
     if counts_itself(module):
         return int(module.macs(shape))
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, nn.RNNBase | nn.RNNCellBase):
         return recurrent_macs(module, shape)
     if isinstance(module, nn.Linear):
         return linear_macs(module.in_features, module.out_features, math.prod(shape[:-1]))
@@ -377,7 +381,8 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
         own = counts_itself(module)
         if own:
             handles.append(module.register_forward_pre_hook(enter))
-        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.RNNBase):
+        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.RNNBase
+                             | nn.RNNCellBase):
             handles.append(module.register_forward_hook(hook_for(name, own)))
     modes = {m: m.training for m in model.modules()}
     try:

@@ -76,7 +76,8 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     other factorized layers that provide one) is replaced by what it returns, on the same
     device and dtype and in the same training mode; a layer shared by several parents stays
     shared. Baselines built from plain ``nn`` layers (svd, tucker, cp) are left as they are.
-    An unpacked LSTM, GRU or RNN (:mod:`gkpd.layers.recurrent`) becomes torch's module where
+    An unpacked LSTM, GRU or RNN or one of their cells (:mod:`gkpd.layers.recurrent`,
+    :mod:`gkpd.layers.recurrent_cells`) becomes torch's module where
     its gate layers are dense once merged (not where one is the svd baseline's). The merged
     model computes the same function with the dense architecture's parameter count.
     ``inplace=False`` (default) works on a deep copy; forward hooks registered on

@@ -3,6 +3,7 @@ float64, every option), convert back, and refuse bad input with clear errors."""
 
 import pytest
 import torch
+from testkit import assert_converts_back, assert_same_outputs
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -32,17 +33,6 @@ def _states(kind, reference, batched=True):
     return h, torch.randn(count, *batch, H, dtype=torch.double)
 
 
-def _assert_same(got, expected):
-    """Outputs (a tensor, or nested tuples of tensors) equal to float64 rounding."""
-    if isinstance(expected, torch.Tensor):
-        assert got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    else:
-        assert isinstance(got, tuple) and len(got) == len(expected)
-        for g, e in zip(got, expected, strict=True):
-            _assert_same(g, e)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -50,13 +40,13 @@ def test_matches_torch_batched_unbatched_and_with_states(kind, batch_first, bidi
     reference, unpacked = _pair(kind, num_layers=2, batch_first=batch_first,
                                 bidirectional=bidirectional)
     x = torch.randn((N, T, IN) if batch_first else (T, N, IN), dtype=torch.double)
-    _assert_same(unpacked(x), reference(x))
+    assert_same_outputs(unpacked(x), reference(x))
     hx = _states(kind, reference)
-    _assert_same(unpacked(x, hx), reference(x, hx))
+    assert_same_outputs(unpacked(x, hx), reference(x, hx))
     single = torch.randn(T, IN, dtype=torch.double)
-    _assert_same(unpacked(single), reference(single))
+    assert_same_outputs(unpacked(single), reference(single))
     hx = _states(kind, reference, batched=False)
-    _assert_same(unpacked(single, hx), reference(single, hx))
+    assert_same_outputs(unpacked(single, hx), reference(single, hx))
 
 
 @pytest.mark.parametrize("options", [
@@ -66,9 +56,9 @@ def test_matches_torch_batched_unbatched_and_with_states(kind, batch_first, bidi
 def test_lstm_options_match_torch(options):
     reference, unpacked = _pair("lstm", **options)
     x = torch.randn(T, N, IN, dtype=torch.double)
-    _assert_same(unpacked(x), reference(x))
+    assert_same_outputs(unpacked(x), reference(x))
     hx = _states("lstm", reference)
-    _assert_same(unpacked(x, hx), reference(x, hx))
+    assert_same_outputs(unpacked(x, hx), reference(x, hx))
 
 
 def test_gradients_match_torch():
@@ -87,9 +77,9 @@ def test_dropout_between_layers_in_training_only(kind):
     # dropout=1 zeroes every input of the second layer, in torch and here alike
     reference, unpacked = _pair(kind, num_layers=2, dropout=1.0)
     x = torch.randn(T, N, IN, dtype=torch.double)
-    _assert_same(unpacked(x), reference(x))
+    assert_same_outputs(unpacked(x), reference(x))
     reference.eval(), unpacked.eval()
-    _assert_same(unpacked(x), reference(x))
+    assert_same_outputs(unpacked(x), reference(x))
     _, half = _pair(kind, num_layers=2, dropout=0.5)
     assert not torch.equal(half(x)[0], half.eval()(x)[0])  # in training it drops
 
@@ -105,19 +95,15 @@ def test_packed_sequences_match_torch(kind, enforce_sorted, bidirectional):
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted)
     got, expected = unpacked(packed), reference(packed)
     assert torch.equal(got[0].batch_sizes, expected[0].batch_sizes)
-    _assert_same(pad_packed_sequence(got[0], batch_first=True)[0],
+    assert_same_outputs(pad_packed_sequence(got[0], batch_first=True)[0],
                  pad_packed_sequence(expected[0], batch_first=True)[0])
-    _assert_same(got[1], expected[1])
+    assert_same_outputs(got[1], expected[1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_to_torch_round_trips(kind):
     reference, unpacked = _pair(kind, num_layers=2, bidirectional=True, batch_first=True)
-    back = unpacked.eval().to_torch()
-    assert type(back) is type(reference) and not back.training
-    for name, value in reference.state_dict().items():
-        assert torch.equal(back.state_dict()[name], value), name
-    assert repr(back) == repr(reference)
+    assert_converts_back(reference, unpacked)
 
 
 def test_to_dense_merges_kronecker_gates_and_keeps_svd_ones():
@@ -126,7 +112,7 @@ def test_to_dense_merges_kronecker_gates_and_keeps_svd_ones():
     x = torch.randn(T, N, IN, dtype=torch.double)
     dense = unpacked.to_dense()
     assert type(dense) is nn.LSTM
-    _assert_same(dense(x), unpacked(x))
+    assert_same_outputs(dense(x), unpacked(x))
     unpacked.l0.ih = nn.Sequential(nn.Linear(IN, 2), nn.Linear(2, 4 * H)).double()
     assert unpacked.to_dense() is unpacked
     with pytest.raises(TypeError, match="dense form.*Sequential"):

@@ -14,34 +14,34 @@ from gkpd.plan import UnreachableRatio
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Recurrent(nn.Module):
-    """Most parameters in an ``nn.LSTMCell``, which no method compresses (an ``nn.LSTM``
-    is planned as its gate layers)."""
+class Pairwise(nn.Module):
+    """Most parameters in an ``nn.Bilinear``, which no method compresses."""
 
     def __init__(self):
         super().__init__()
         self.embedding = nn.Embedding(100, 32)
-        self.lstm = nn.LSTMCell(32, 128)
+        self.pair = nn.Bilinear(32, 32, 128)
         self.unused = nn.Linear(64, 64)
         self.head = nn.Linear(128, 16)
         self.out = nn.Linear(16, 10)
 
     def forward(self, x):
-        return self.out(self.head(self.lstm(self.embedding(x)[:, -1])[0]))
+        tokens = self.embedding(x)
+        return self.out(self.head(self.pair(tokens[:, 0], tokens[:, -1])))
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "global"])
 def test_an_unreachable_ratio_names_what_holds_the_parameters(strategy):
     torch.manual_seed(0)
-    model = Recurrent()
+    model = Pairwise()
     x = torch.randint(0, 100, (2, 7))
     with pytest.raises(UnreachableRatio) as error:
         gkpd.plan(model, x, ratio=2, strategy=strategy)
     message = str(error.value)
     total = sum(p.numel() for p in model.parameters())
-    lstm = sum(p.numel() for p in model.lstm.parameters())
-    share = f"{lstm:,} ({100 * lstm / total:.1f}%)"
-    assert f"Parameters no method compresses: {share} in LSTMCell 'lstm'" in message
+    pair = sum(p.numel() for p in model.pair.parameters())
+    share = f"{pair:,} ({100 * pair / total:.1f}%)"
+    assert f"Parameters no method compresses: {share} in Bilinear 'pair'" in message
     assert "Not planned, as the forward pass on example_input does not call them" in message
     assert "Linear 'unused'" in message
     assert "layer 'out' kept dense: too small (160 < min_params 1024)" in message
@@ -49,7 +49,7 @@ def test_an_unreachable_ratio_names_what_holds_the_parameters(strategy):
     assert "allow_more_macs" not in message  # it would not help here
     assert error.value.best < 1.1
     plan = gkpd.plan(model, x, ratio=1.02, strategy=strategy, min_params=0)  # within reach
-    assert any("LSTMCell 'lstm'" in note for note in plan.notes)
+    assert any("Bilinear 'pair'" in note for note in plan.notes)
     assert any("Linear 'unused'" in note for note in plan.notes)
     assert "note: parameters no method compresses" in plan.table()
 

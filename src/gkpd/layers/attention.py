@@ -14,8 +14,9 @@ instead (``UnfusedTransformerEncoderLayer``; ``nn.TransformerEncoder`` without i
 nested-tensor path). :func:`gkpd.apply_` does both where a plan needs it.
 
 :func:`with_unpacked_layers` prepares a model for planning: it unpacks, on a copy, every
-module of :data:`UNPACKED` (the attention, and the recurrent layers of
-:mod:`gkpd.layers.recurrent`, whose gate weights are parameters of their own too).
+module of :data:`UNPACKED` (the attention, and the recurrent layers and cells of
+:mod:`gkpd.layers.recurrent` and :mod:`gkpd.layers.recurrent_cells`, whose gate weights are
+parameters of their own too).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from gkpd.attention_counting import attention_products_macs
 from gkpd.layers.base import fx_leaf_call, refuse_script
 from gkpd.layers.recurrent import UNPACKED_RECURRENT
+from gkpd.layers.recurrent_cells import UNPACKED_CELLS
 
 __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention",
            "unfuse", "unpacked", "with_unpacked_attention", "with_unpacked_layers"]
@@ -311,5 +313,5 @@ def with_unpacked_attention(model: nn.Module) -> nn.Module:
 # torch modules whose layers' weights are parameters of their own, and the equivalents whose
 # layers are called modules (``from_torch``) that planning and apply_ put in their place
 UNPACKED: dict[type[nn.Module], type[nn.Module]] = {
-    nn.MultiheadAttention: UnpackedMultiheadAttention, **UNPACKED_RECURRENT,
+    nn.MultiheadAttention: UnpackedMultiheadAttention, **UNPACKED_RECURRENT, **UNPACKED_CELLS,
 }

@@ -23,7 +23,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from gkpd.layers.base import fx_leaf_call, refuse_script
 
-__all__ = ["RecurrentGates", "UnpackedGRU", "UnpackedLSTM", "UnpackedRNN", "UnpackedRecurrent"]
+__all__ = ["RecurrentGates", "UnpackedGRU", "UnpackedLSTM", "UnpackedRNN", "UnpackedRecurrent",
+           "copy_from_torch", "copy_to_torch", "gru_update", "lstm_update", "rnn_update"]
 
 
 class RecurrentGates(nn.Module):
@@ -48,6 +49,30 @@ def _dense_linear(module: nn.Module) -> nn.Linear | None:
     to_dense = getattr(module, "to_dense", None)
     dense = to_dense() if callable(to_dense) else None
     return dense if type(dense) is nn.Linear else None
+
+
+def copy_from_torch(module: nn.Module, layers: dict[str, nn.Linear]) -> None:
+    """Copy torch's ``weight_<key>`` and ``bias_<key>`` parameters of ``module`` into the
+    linear layer of each key of ``layers`` (``ih_l0``, ``hh``, ...), with their
+    ``requires_grad``."""
+    with torch.no_grad():
+        for key, target in layers.items():
+            for kind in ("weight", "bias"):
+                source = getattr(module, f"{kind}_{key}", None)
+                if source is not None:
+                    getattr(target, kind).copy_(source)
+                    getattr(target, kind).requires_grad_(source.requires_grad)
+
+
+def copy_to_torch(layers: dict[str, nn.Linear], module: nn.Module) -> nn.Module:
+    """Copy each dense linear of ``layers`` into torch's ``weight_<key>`` / ``bias_<key>``
+    of ``module``; ``module``."""
+    with torch.no_grad():
+        for key, linear in layers.items():
+            getattr(module, f"weight_{key}").copy_(linear.weight)
+            if linear.bias is not None:
+                getattr(module, f"bias_{key}").copy_(linear.bias)
+    return module
 
 
 def _check_size(name: str, value: object, minimum: int) -> None:
@@ -118,14 +143,8 @@ class UnpackedRecurrent(nn.Module):
         reference = module.weight_ih_l0
         new = cls(module.input_size, module.hidden_size, **cls._options(module),
                   device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            for suffix, gates in new._gates():
-                for name, target in (("ih", gates.ih), ("hh", gates.hh), ("hr", gates.hr)):
-                    for kind in ("weight", "bias"):
-                        source = getattr(module, f"{kind}_{name}_{suffix}", None)
-                        if source is not None:
-                            getattr(target, kind).copy_(source)
-                            getattr(target, kind).requires_grad_(source.requires_grad)
+        copy_from_torch(module, {f"{name}_{suffix}": layer for suffix, gates in new._gates()
+                                 for name, layer in gates.named_children()})
         return new.train(module.training)
 
     def to_torch(self) -> nn.RNNBase:
@@ -152,12 +171,7 @@ class UnpackedRecurrent(nn.Module):
         reference = next(iter(layers.values())).weight
         module = self.torch_type(self.input_size, self.hidden_size, **self._options(self),
                                  device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            for name, linear in layers.items():
-                getattr(module, f"weight_{name}").copy_(linear.weight)
-                if linear.bias is not None:
-                    getattr(module, f"bias_{name}").copy_(linear.bias)
-        return module.train(self.training)
+        return copy_to_torch(layers, module).train(self.training)
 
     def _gates(self) -> list[tuple[str, RecurrentGates]]:
         """``(suffix, gates)`` per layer and direction, in torch's order."""
@@ -284,6 +298,38 @@ class UnpackedRecurrent(nn.Module):
         return ", ".join([str(self.input_size), str(self.hidden_size), *options])
 
 
+# The gate arithmetic of one step, shared by the sequence layers here and the cells of
+# gkpd.layers.recurrent_cells; torch's gate order and formulas (nn.LSTM, nn.GRU, nn.RNN docs).
+
+
+def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h, c)`` after one LSTM step, from the summed input and hidden parts of the gates
+    ``(N, 4·hidden)`` and the cell state before it."""
+    i, f, g, o = gates.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_update(from_input: Tensor, from_hidden: Tensor, h: Tensor) -> Tensor:
+    """``h`` after one GRU step, from the input's and the hidden state's parts of the gates
+    (each ``(N, 3·hidden)``, biases included) and ``h`` before it."""
+    x_r, x_z, x_n = from_input.chunk(3, -1)
+    h_r, h_z, h_n = from_hidden.chunk(3, -1)  # the reset gate scales h_n, bias included
+    reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+    new = torch.tanh(x_n + reset * h_n)
+    return (1 - update) * new + update * h
+
+
+def rnn_update(total: Tensor, nonlinearity: str) -> Tensor:
+    """``h`` after one step of an Elman RNN from the summed input and hidden products."""
+    return torch.tanh(total) if nonlinearity == "tanh" else torch.relu(total)
+
+
+def check_nonlinearity(nonlinearity: object) -> None:
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+
+
 def _repacked(output: Tensor, lengths: Tensor, packed: PackedSequence) -> PackedSequence:
     """``output`` ``(N, T, size)``, in the order of ``packed``'s sequences, packed as
     ``packed`` is (the same batch sizes and sorting)."""
@@ -318,10 +364,7 @@ class UnpackedLSTM(UnpackedRecurrent):
         return states[0], states[1]
 
     def _step(self, gates, from_input, state):
-        h, c = state
-        i, f, g, o = (from_input + gates.hh(h)).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm_update(from_input + gates.hh(state[0]), state[1])
         return (h if gates.hr is None else gates.hr(h)), c
 
 
@@ -340,11 +383,7 @@ class UnpackedGRU(UnpackedRecurrent):
 
     def _step(self, gates, from_input, state):
         (h,) = state
-        x_r, x_z, x_n = from_input.chunk(3, -1)
-        h_r, h_z, h_n = gates.hh(h).chunk(3, -1)  # the reset gate scales h_n, bias included
-        reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-        new = torch.tanh(x_n + reset * h_n)
-        return ((1 - update) * new + update * h,)
+        return (gru_update(from_input, gates.hh(h), h),)
 
 
 class UnpackedRNN(UnpackedRecurrent):
@@ -359,16 +398,13 @@ class UnpackedRNN(UnpackedRecurrent):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        check_nonlinearity(nonlinearity)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 
     def _step(self, gates, from_input, state):
-        (h,) = state
-        total = from_input + gates.hh(h)
-        return (torch.tanh(total) if self.nonlinearity == "tanh" else torch.relu(total),)
+        return (rnn_update(from_input + gates.hh(state[0]), self.nonlinearity),)
 
 
 UNPACKED_RECURRENT: dict[type[nn.Module], type[UnpackedRecurrent]] = {

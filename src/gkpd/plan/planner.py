@@ -106,7 +106,9 @@ def plan(
     which ``apply_`` puts in its place); the MACs of the attention products are counted
     (``attention_macs``). Each ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` is planned as its
     gate layers per layer and direction (``l0.ih``, called once on the whole sequence,
-    ``l0.hh``, called at every step: :mod:`gkpd.layers.recurrent`). ``notes`` name the
+    ``l0.hh``, called at every step: :mod:`gkpd.layers.recurrent`), each ``nn.LSTMCell``,
+    ``nn.GRUCell`` and ``nn.RNNCell`` as its ``ih`` and ``hh`` (every call counted:
+    :mod:`gkpd.layers.recurrent_cells`). ``notes`` name the
     parameters outside every planned layer and the compressed layers that keep little of
     their weight (also logged as a warning).
 
