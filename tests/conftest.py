@@ -6,11 +6,12 @@ import torch
 import gkpd
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Torch on one thread for the test: these models are tiny per call, and extra threads
-    only fight other work on the machine. Modules use it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """Torch on one thread for a test module: these models are tiny per call, and extra
+    threads only fight other work on the machine. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``. Module-scoped, so that hypothesis
+    tests (which refuse function-scoped fixtures) share it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -20,13 +20,7 @@ from gkpd.counting import (
 from gkpd.decompose import full_rank
 from gkpd.geometry import group_split
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured_macs(module, x):

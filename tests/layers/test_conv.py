@@ -24,13 +24,7 @@ KRON = {1: gkpd.KroneckerConv1d, 2: gkpd.KroneckerConv2d, 3: gkpd.KroneckerConv3
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny float64 convs: thread start-up and contention cost far more than the work
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
