@@ -22,9 +22,17 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from gkpd.layers.base import fx_leaf_call, refuse_script
+from gkpd.layers.gates import (
+    check_nonlinearity,
+    copy_from_torch,
+    copy_to_torch,
+    dense_linear,
+    gru_update,
+    lstm_update,
+    rnn_update,
+)
 
-__all__ = ["RecurrentGates", "UnpackedGRU", "UnpackedLSTM", "UnpackedRNN", "UnpackedRecurrent",
-           "copy_from_torch", "copy_to_torch", "gru_update", "lstm_update", "rnn_update"]
+__all__ = ["RecurrentGates", "UnpackedGRU", "UnpackedLSTM", "UnpackedRNN", "UnpackedRecurrent"]
 
 
 class RecurrentGates(nn.Module):
@@ -39,40 +47,6 @@ class RecurrentGates(nn.Module):
         self.ih = nn.Linear(input_size, gates * hidden_size, bias=bias, **factory)
         self.hh = nn.Linear(state, gates * hidden_size, bias=bias, **factory)
         self.hr = nn.Linear(hidden_size, proj_size, bias=False, **factory) if proj_size else None
-
-
-def _dense_linear(module: nn.Module) -> nn.Linear | None:
-    """``module`` as an ``nn.Linear``: itself, or what its ``to_dense()`` gives (a Kronecker
-    layer's); ``None`` when it has no dense form (svd's two linears)."""
-    if type(module) is nn.Linear:
-        return module
-    to_dense = getattr(module, "to_dense", None)
-    dense = to_dense() if callable(to_dense) else None
-    return dense if type(dense) is nn.Linear else None
-
-
-def copy_from_torch(module: nn.Module, layers: dict[str, nn.Linear]) -> None:
-    """Copy torch's ``weight_<key>`` and ``bias_<key>`` parameters of ``module`` into the
-    linear layer of each key of ``layers`` (``ih_l0``, ``hh``, ...), with their
-    ``requires_grad``."""
-    with torch.no_grad():
-        for key, target in layers.items():
-            for kind in ("weight", "bias"):
-                source = getattr(module, f"{kind}_{key}", None)
-                if source is not None:
-                    getattr(target, kind).copy_(source)
-                    getattr(target, kind).requires_grad_(source.requires_grad)
-
-
-def copy_to_torch(layers: dict[str, nn.Linear], module: nn.Module) -> nn.Module:
-    """Copy each dense linear of ``layers`` into torch's ``weight_<key>`` / ``bias_<key>``
-    of ``module``; ``module``."""
-    with torch.no_grad():
-        for key, linear in layers.items():
-            getattr(module, f"weight_{key}").copy_(linear.weight)
-            if linear.bias is not None:
-                getattr(module, f"bias_{key}").copy_(linear.bias)
-    return module
 
 
 def _check_size(name: str, value: object, minimum: int) -> None:
@@ -154,7 +128,7 @@ class UnpackedRecurrent(nn.Module):
         dense = self.to_dense()
         if dense is self:
             kinds = sorted({type(m).__name__ for _, g in self._gates() for m in g.children()
-                            if _dense_linear(m) is None})
+                            if dense_linear(m) is None})
             raise TypeError(f"{type(self).__name__}.to_torch() needs gate layers with a dense "
                             f"form (nn.Linear or a Kronecker layer), got {', '.join(kinds)}")
         return dense
@@ -164,7 +138,7 @@ class UnpackedRecurrent(nn.Module):
         :func:`gkpd.export.merge` puts in its place), its gate layers made dense where they
         are Kronecker layers; this module itself where a gate layer has no dense form (the
         svd baseline's two linears, which merge leaves as they are)."""
-        layers = {f"{name}_{suffix}": _dense_linear(m) for suffix, gates in self._gates()
+        layers = {f"{name}_{suffix}": dense_linear(m) for suffix, gates in self._gates()
                   for name, m in gates.named_children()}
         if any(linear is None for linear in layers.values()):
             return self
@@ -296,38 +270,6 @@ class UnpackedRecurrent(nn.Module):
                     "bidirectional": False, "proj_size": 0, "nonlinearity": "tanh"}
         options = [f"{k}={v!r}" for k, v in self._options(self).items() if defaults[k] != v]
         return ", ".join([str(self.input_size), str(self.hidden_size), *options])
-
-
-# The gate arithmetic of one step, shared by the sequence layers here and the cells of
-# gkpd.layers.recurrent_cells; torch's gate order and formulas (nn.LSTM, nn.GRU, nn.RNN docs).
-
-
-def lstm_update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """``(h, c)`` after one LSTM step, from the summed input and hidden parts of the gates
-    ``(N, 4·hidden)`` and the cell state before it."""
-    i, f, g, o = gates.chunk(4, -1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
-def gru_update(from_input: Tensor, from_hidden: Tensor, h: Tensor) -> Tensor:
-    """``h`` after one GRU step, from the input's and the hidden state's parts of the gates
-    (each ``(N, 3·hidden)``, biases included) and ``h`` before it."""
-    x_r, x_z, x_n = from_input.chunk(3, -1)
-    h_r, h_z, h_n = from_hidden.chunk(3, -1)  # the reset gate scales h_n, bias included
-    reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-    new = torch.tanh(x_n + reset * h_n)
-    return (1 - update) * new + update * h
-
-
-def rnn_update(total: Tensor, nonlinearity: str) -> Tensor:
-    """``h`` after one step of an Elman RNN from the summed input and hidden products."""
-    return torch.tanh(total) if nonlinearity == "tanh" else torch.relu(total)
-
-
-def check_nonlinearity(nonlinearity: object) -> None:
-    if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
 
 
 def _repacked(output: Tensor, lengths: Tensor, packed: PackedSequence) -> PackedSequence:

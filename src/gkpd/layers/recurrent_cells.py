@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.layers.base import check_sizes, fx_leaf_call, refuse_script
-from gkpd.layers.recurrent import (
-    _dense_linear,
+from gkpd.layers.gates import (
     check_nonlinearity,
     copy_from_torch,
     copy_to_torch,
+    dense_linear,
     gru_update,
     lstm_update,
     rnn_update,
@@ -74,7 +74,7 @@ class UnpackedCell(nn.Module):
         """The ``torch_type`` cell computing the same step (what :func:`gkpd.export.merge`
         puts in its place), its gate layers made dense where they are Kronecker layers; this
         module itself where a gate layer has no dense form (the svd baseline's two linears)."""
-        layers = {"ih": _dense_linear(self.ih), "hh": _dense_linear(self.hh)}
+        layers = {"ih": dense_linear(self.ih), "hh": dense_linear(self.hh)}
         if any(linear is None for linear in layers.values()):
             return self
         reference = layers["ih"].weight
@@ -87,7 +87,7 @@ class UnpackedCell(nn.Module):
         dense = self.to_dense()
         if dense is self:
             kinds = sorted({type(m).__name__ for m in (self.ih, self.hh)
-                            if _dense_linear(m) is None})
+                            if dense_linear(m) is None})
             raise TypeError(f"{type(self).__name__}.to_torch() needs gate layers with a dense "
                             f"form (nn.Linear or a Kronecker layer), got {', '.join(kinds)}")
         return dense
