@@ -12,9 +12,10 @@ With ``--train-subset auto`` the images per epoch fit ``--budget-minutes``, re-c
 every epoch (:class:`FineTuningBudget`). Writes ``report.md``, ``report.json`` and
 ``layers.png`` (``main_job_report``) to ``--out``.
 
-Over 400 lines on purpose: each step is a function above ``main``, which wires them in the
-order the README describes and assembles ``report.json`` in one place, the record that
-``report.md`` (``main_job_report``) and the tests read.
+Over 400 lines on purpose: each step is a function above ``main`` (compress, fine-tune,
+latency, :func:`build_report`), which wires them in the order the README describes;
+``report.json`` is assembled in one place, the record that ``report.md``
+(``main_job_report``) and the tests read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,34 +278,28 @@ def latencies(dense, compressed, repeats: int) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("gkpd.train.loop").setLevel(logging.INFO)  # one line per epoch
-    global STARTED
-    if args.started_at:  # the clock of the progress lines includes the set-up
-        STARTED = args.started_at
-    started_at = STARTED
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    compressed_dir, finetuned_dir = out / "compressed", out / "finetuned"
-    progress = [] if not args.no_progress else ["--no-progress"]
-    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; output in {out}")
+@dataclass
+class FineTuned:
+    """What the fine-tuning step did: its history, the images each epoch trained, the first
+    draw, the budget that re-checked it, the measured seconds per training image, the
+    equivalent ``gkpd finetune`` command and the model card it saved with."""
 
-    say(f"loading the teacher {args.teacher}")
-    teacher, card = resolve_model(args.teacher)
-    loader = test_loader(args.data_dir)
-    dense_eval = train.evaluate(teacher, loader, device="cpu", progress=not args.no_progress)
-    say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
+    history: list[dict[str, Any]]
+    images: list[int]
+    subset: int
+    budget: FineTuningBudget | None
+    seconds_per_image: float
+    command: str
+    card: dict[str, Any]
 
-    student, plan, student_card, compress_command = compress_teacher(
-        args, teacher, card, compressed_dir)
-    print(f"{plan.table()}\nwritten to {compressed_dir}")
-    before = train.evaluate(student, loader, device="cpu", progress=not args.no_progress)
-    say(f"compressed, before fine-tuning: test accuracy {before['accuracy']:.2f}%")
 
+def finetune_student(args, student, teacher, loader, plan, student_card, input_size: list[int],
+                     compressed_dir: Path, finetuned_dir: Path, started_at: float) -> FineTuned:
+    """``gkpd finetune``'s step: time a few batches, fit the first epoch's draw to the budget,
+    fine-tune with distillation (re-checking the budget every epoch) and save the result to
+    ``finetuned_dir``."""
     per_train, per_test = calibrate(
-        student, teacher, args.data_dir, args.batch_size, card["input_size"]
+        student, teacher, args.data_dir, args.batch_size, input_size
     )
     subset, budget = first_draw(args, per_train, per_test, started_at)
     if budget is not None:
@@ -315,34 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         + (", re-checked after every epoch)" if budget else ")")
     )
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
-    finetune_argv = [
-        "finetune",
-        str(compressed_dir),
-        "--teacher",
-        args.teacher,
-        "--data",
-        DATASET,
-        *data_dir,
-        "--epochs",
-        str(args.epochs),
-        "--train-subset",
-        str(subset),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--out",
-        str(finetuned_dir),
-        "--force",
-        "--device",
-        "cpu",
-        *progress,
-    ]
-    finetune_command = command(finetune_argv)
+    progress = ["--no-progress"] if args.no_progress else []
+    finetune_command = command([
+        "finetune", str(compressed_dir), "--teacher", args.teacher, "--data", DATASET,
+        *data_dir, "--epochs", str(args.epochs), "--train-subset", str(subset),
+        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--out",
+        str(finetuned_dir), "--force", "--device", "cpu", *progress,
+    ])
     history, images = fine_tune(args, student, teacher, loader, finetuned_dir, subset, budget)
-    finetuned = student.cpu()
-    after = history[-1]["eval_accuracy"]
-    ft_card = finetuned_card(
+    card = finetuned_card(
         student_card,
         {
             "source": str(compressed_dir.resolve()),
@@ -361,34 +338,29 @@ def main(argv: list[str] | None = None) -> int:
         },
         command=finetune_command,
     )
-    save(finetuned_dir, finetuned, plan, card=ft_card)
-    dense_bytes = len(safetensors.torch.save(
-        {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
-    ))  # what gkpd train (and the shipped model) write: the same safetensors format
-    print(
-        f"fine-tuned {compressed_dir} for {len(history)} epochs with distillation from "
-        f"{args.teacher}: test accuracy {after:.2f}%; written to {finetuned_dir}"
-    )
+    save(finetuned_dir, student.cpu(), plan, card=card)
+    return FineTuned(history, images, subset, budget, per_train, finetune_command, card)
 
-    say("measuring CPU latency at batch 1 and 64 (dense and compressed alternately)")
-    lat = latencies(teacher, finetuned, args.latency_repeats)
-    dense_summary = summary(teacher, example_input(card))
-    compressed_summary = summary(finetuned, example_input(card))
-    plotted = plot_layers(plan, out / "layers.png")
-    if not plotted:
-        say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
 
+def dense_weights_bytes(model) -> int:
+    """The bytes of ``model``'s weights in the safetensors format that gkpd train (and the
+    shipped model) write."""
+    return len(safetensors.torch.save(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    ))
+
+
+def build_report(args, *, out: Path, plan, accuracy: dict[str, Any], dense_summary,
+                 compressed_summary, dense_bytes: int, finetuned_dir: Path, latency: dict,
+                 tuned: FineTuned, compress_command: str, compressed_dir: Path,
+                 plotted: bool, started_at: float) -> dict[str, Any]:
+    """``report.json``: every figure the job measured, the commands, the machine."""
     longer_epochs = 30
+    budget = tuned.budget
     report: dict[str, Any] = {
         "teacher": args.teacher,
         "dataset": DATASET,
-        "accuracy": {
-            "dense": dense_eval["accuracy"],
-            "before_finetune": before["accuracy"],
-            "after_finetune": after,
-            "gap": after - dense_eval["accuracy"],
-            "test_images": dense_eval["count"],
-        },
+        "accuracy": accuracy,
         "size": {
             "dense_params": dense_summary.total_params,
             "params": compressed_summary.total_params,
@@ -402,18 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             "dense_bytes": dense_bytes,
             "bytes": (finetuned_dir / WEIGHTS_FILE).stat().st_size,
         },
-        "latency": lat,
+        "latency": latency,
         "finetune": {
             "epochs": args.epochs,
-            "train_subset": subset,
-            "images_per_epoch": images,
+            "train_subset": tuned.subset,
+            "images_per_epoch": tuned.images,
             "train_images": TRAIN_SIZE,
             "budget_minutes": args.budget_minutes if budget else None,
             "slowdown": budget.slowdown if budget else None,
             "batch_size": args.batch_size,
             "lr": args.lr,
-            "seconds_per_train_image": per_train,
-            "history": ft_card["finetune"]["history"],
+            "seconds_per_train_image": tuned.seconds_per_image,
+            "history": tuned.card["finetune"]["history"],
         },
         "layers": [
             {
@@ -431,10 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for e in plan.layers
         ],
-        "commands": {
-            "compress": compress_command,
-            "finetune": finetune_command,
-        },
+        "commands": {"compress": compress_command, "finetune": tuned.command},
         "longer_run": (
             f"gkpd finetune {shlex.quote(str(compressed_dir))} --teacher "
             f"{shlex.quote(args.teacher)} --data {DATASET} --epochs {longer_epochs} "
@@ -455,6 +424,60 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["size"]["bytes_ratio"] = report["size"]["dense_bytes"] / report["size"]["bytes"]
     report["wall_minutes"] = (time.time() - started_at) / 60
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gkpd.train.loop").setLevel(logging.INFO)  # one line per epoch
+    global STARTED
+    if args.started_at:  # the clock of the progress lines includes the set-up
+        STARTED = args.started_at
+    started_at = STARTED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    compressed_dir, finetuned_dir = out / "compressed", out / "finetuned"
+    progress = not args.no_progress
+    say(f"torch {torch.__version__}, {torch.get_num_threads()} threads; output in {out}")
+
+    say(f"loading the teacher {args.teacher}")
+    teacher, card = resolve_model(args.teacher)
+    loader = test_loader(args.data_dir)
+    dense_eval = train.evaluate(teacher, loader, device="cpu", progress=progress)
+    say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
+
+    student, plan, student_card, compress_command = compress_teacher(
+        args, teacher, card, compressed_dir)
+    print(f"{plan.table()}\nwritten to {compressed_dir}")
+    before = train.evaluate(student, loader, device="cpu", progress=progress)
+    say(f"compressed, before fine-tuning: test accuracy {before['accuracy']:.2f}%")
+
+    tuned = finetune_student(args, student, teacher, loader, plan, student_card,
+                             card["input_size"], compressed_dir, finetuned_dir, started_at)
+    finetuned = student.cpu()
+    after = tuned.history[-1]["eval_accuracy"]
+    print(
+        f"fine-tuned {compressed_dir} for {len(tuned.history)} epochs with distillation from "
+        f"{args.teacher}: test accuracy {after:.2f}%; written to {finetuned_dir}"
+    )
+
+    say("measuring CPU latency at batch 1 and 64 (dense and compressed alternately)")
+    lat = latencies(teacher, finetuned, args.latency_repeats)
+    plotted = plot_layers(plan, out / "layers.png")
+    if not plotted:
+        say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
+    report = build_report(
+        args, out=out, plan=plan,
+        accuracy={"dense": dense_eval["accuracy"], "before_finetune": before["accuracy"],
+                  "after_finetune": after, "gap": after - dense_eval["accuracy"],
+                  "test_images": dense_eval["count"]},
+        dense_summary=summary(teacher, example_input(card)),
+        compressed_summary=summary(finetuned, example_input(card)),
+        dense_bytes=dense_weights_bytes(teacher), finetuned_dir=finetuned_dir, latency=lat,
+        tuned=tuned, compress_command=compress_command, compressed_dir=compressed_dir,
+        plotted=plotted, started_at=started_at,
+    )
     atomic_write_json(out / "report.json", report, indent=2)
     write_report(out, report, plan)
     say(
