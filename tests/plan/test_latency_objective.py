@@ -217,6 +217,39 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     assert not any("channels_last" in key for key in saved["entries"] if "Linear" in key)
 
 
+def test_stop_leaves_the_remaining_layers_untimed():
+    table = _table()
+    times = {"weight": 9.0, ((2, 2), 2, "a_first"): 2.0}
+    asked = []
+
+    def stop():
+        asked.append(True)
+        return len(asked) > 1  # time the first layer only
+
+    timings = fastest_within_budget([_Ctx("a"), _Ctx("b"), _Ctx("c")], [table] * 3, [0] * 3,
+                                    timer=_FakeTimer(times), error_slack=0.1,
+                                    fits=lambda extra: True, stop=stop)
+    assert timings[0].pick == 1 and timings[1:] == [None, None]
+
+
+def test_max_seconds_bounds_the_timing_and_the_plan_says_what_it_left(tmp_path):
+    model, x = _net().eval(), torch.randn(2, 3, 8, 8)
+    error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
+    plan = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=LatencyObjective(
+        cache=None, max_seconds=1e-9))  # spent before the first layer
+    untimed = len(plan.compressed_layers)
+    assert plan.options["latency_max_seconds"] == 1e-9
+    assert plan.options["latency_untimed"] == untimed > 0
+    assert list(plan.options["model_latency"]["ms"]) == ["contiguous"]  # no second layout
+    for entry in plan.compressed_layers:  # the error plan's configurations, untimed
+        assert "latency_ms" not in entry.settings
+        assert entry.settings == error_plan.layer(entry.name).settings
+    roomy = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=LatencyObjective(
+        cache=None, max_seconds=600))
+    assert roomy.options["latency_untimed"] == 0
+    assert all("latency_ms" in e.settings for e in roomy.compressed_layers)
+
+
 def test_a_linear_model_is_timed_in_nchw_only(tmp_path):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
     plan = gkpd.plan(model, torch.randn(2, 64), ratio=2, tolerance=0.1, min_params=0,

@@ -21,6 +21,9 @@ def test_latency_objective_checks_its_fields():
         LatencyObjective(slack=-1)
     with pytest.raises(ValueError, match="latency_channels_last must be True or False"):
         LatencyObjective(channels_last="yes")
+    for bad in (0, -1.0, True, "60"):
+        with pytest.raises(ValueError, match="max_seconds must be a number > 0 or None"):
+            LatencyObjective(max_seconds=bad)
 
 
 def test_the_string_and_the_keywords_make_the_same_objective():

@@ -136,9 +136,12 @@ def test_the_job_stops_a_late_epoch_and_resizes_the_next(tmp_path, monkeypatch, 
 def test_the_job_plans_for_latency_by_default(monkeypatch, tmp_path):
     calls = {}
 
+    class Plan:
+        options = {}
+
     def fake_compress(model, x, **options):
         calls.update(options)
-        return model, "plan"
+        return model, Plan()
 
     monkeypatch.setattr(main_job, "compress", fake_compress)
     monkeypatch.setattr(main_job, "compressed_card", lambda card, plan, **kw: {})
@@ -147,7 +150,12 @@ def test_the_job_plans_for_latency_by_default(monkeypatch, tmp_path):
     args = main_job.parse_args([])
     *_, command = main_job.compress_teacher(args, nn.Linear(2, 2), card, tmp_path)
     assert isinstance(calls["objective"], main_job.LatencyObjective)
-    assert "--objective latency" in command
+    assert "--objective latency --latency-max-seconds 180" in command
+    # the timing may spend a fifth of the 15-minute budget; no budget, no limit
+    assert calls["objective"].max_seconds == 180
+    main_job.compress_teacher(main_job.parse_args(["--budget-minutes", "0"]), nn.Linear(2, 2),
+                              card, tmp_path)
+    assert calls["objective"].max_seconds is None
     main_job.compress_teacher(main_job.parse_args(["--objective", "error"]), nn.Linear(2, 2),
                               card, tmp_path)
     assert calls["objective"] == "error"

@@ -15,6 +15,7 @@ from gkpd.cli.common import (
     emit,
     log,
     model_dir,
+    positive_float,
     positive_int,
     slack,
 )
@@ -68,10 +69,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             objective["slack"] = args.latency_slack
         if args.channels_last:
             objective["layout"] = "channels_last"
+        if args.latency_max_seconds is not None:
+            objective["max_seconds"] = args.latency_max_seconds
         options["objective"] = LatencyObjective(**objective)
-    elif args.latency_batch is not None or args.latency_slack is not None or args.channels_last:
-        raise CliError("--latency-batch, --latency-slack and --channels-last need "
-                       "--objective latency")
+    elif (args.latency_batch is not None or args.latency_slack is not None
+          or args.channels_last or args.latency_max_seconds is not None):
+        raise CliError("--latency-batch, --latency-slack, --latency-max-seconds and "
+                       "--channels-last need --objective latency")
     return options
 
 
@@ -201,6 +205,9 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-slack", type=slack, default=None,
                    help="accept configurations whose error is up to 1+SLACK times the most "
                    "accurate one's (default: 0.1)")
+    p.add_argument("--latency-max-seconds", type=positive_float, default=None,
+                   help="stop timing after this many seconds: layers not timed by then keep "
+                   "the most accurate configuration (default: no limit)")
     p.add_argument("--channels-last", action="store_true",
                    help="time and run in channels_last only (default: time NCHW and "
                    "channels_last, run the model in the faster; it converts its inputs)")

@@ -162,6 +162,7 @@ def fastest_within_budget(
     timer: LayerTimer,
     error_slack: float,
     fits: Callable[[int], bool],
+    stop: Callable[[], bool] | None = None,
 ) -> list[Timed | None]:
     """For each picked layer, the fastest way to run it whose error is at most
     ``(1 + error_slack)`` times the picked configuration's and whose size keeps the whole
@@ -175,13 +176,16 @@ def fastest_within_budget(
     dense MACs and 1-12 s per call at batch 8). Layers move greedily, largest time saving
     first.
     ``tables`` are full candidate tables: a slightly worse but much faster configuration is
-    off the Pareto front.
+    off the Pareto front. ``stop`` is asked before each layer is timed: once it says True,
+    the layers left are not timed and keep their picks (``None``).
     """
     result: list[Timed | None] = [None] * len(picks)
     offers = []  # (saving, layer, Timed, extra params)
     for i, (ctx, table, pick) in enumerate(zip(contexts, tables, picks, strict=True)):
         if pick is None or isinstance(ctx.module, nn.Embedding):  # a lookup: one way to run
             continue
+        if stop is not None and stop():
+            break
         bound = table.error[pick] * (1 + error_slack) + 1e-12
         configs = [KroneckerConfig(*c) for c in table.configs]
         best: dict[tuple, int] = {}  # per A-factor shape, the largest config within bounds

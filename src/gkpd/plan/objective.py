@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import numbers
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from gkpd.inputs import ModelCall
 from gkpd.layout import LAYOUTS
@@ -44,6 +47,11 @@ class LatencyObjective:
     layout; callers pass and get NCHW tensors as before. ``channels_last=True`` (deprecated)
     is ``layout="channels_last"``. Timings are cached in ``cache`` (a JSON file;
     ``"default"``: ``$GKPD_CACHE_DIR`` or ``~/.cache/gkpd/latency.json``; ``None``: no file).
+
+    ``max_seconds`` (``None``: no limit) bounds the timing: once it is spent, the layers not
+    yet timed keep the error plan's configuration (on ``path="auto"``) and a further layout is
+    not timed; the plan's ``options`` say how many layers were left (``latency_untimed``).
+    On a busy machine timing can take minutes, and a job with a deadline needs the bound.
     """
 
     batch: int | None = None
@@ -51,6 +59,7 @@ class LatencyObjective:
     cache: str | Path | None = "default"
     channels_last: bool = False
     layout: str = "auto"
+    max_seconds: float | None = None
 
     name = "latency"  # a class attribute: the plan's ``objective``
 
@@ -66,6 +75,10 @@ class LatencyObjective:
             raise ValueError(
                 f"latency_channels_last must be True or False, got {self.channels_last!r}"
             )
+        seconds = self.max_seconds
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(
+                seconds, numbers.Real) or not seconds > 0):
+            raise ValueError(f"max_seconds must be a number > 0 or None, got {seconds!r}")
         if self.layout not in ("auto", *LAYOUTS):
             raise ValueError(f"latency layout must be 'auto' or one of {LAYOUTS}, got "
                              f"{self.layout!r}")
@@ -83,8 +96,11 @@ class LatencyObjective:
 
     def options(self, example_input: Any) -> dict[str, Any]:
         """What the plan's ``options`` record of this objective."""
-        return {"latency_batch": self.batch_for(example_input), "latency_slack": self.slack,
-                "latency_layout": self.layout}
+        options = {"latency_batch": self.batch_for(example_input),
+                   "latency_slack": self.slack, "latency_layout": self.layout}
+        if self.max_seconds is not None:
+            options["latency_max_seconds"] = self.max_seconds
+        return options
 
 
 def resolve_objective(objective: Any, legacy: dict[str, Any]) -> LatencyObjective | None:
@@ -128,17 +144,39 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
     cache_path = objective.cache
     cache = LatencyCache(default_cache_path() if cache_path == "default" else cache_path)
     batch = objective.batch_for(example_input)
-    per_layout = {}
+    deadline = None if objective.max_seconds is None else (
+        time.monotonic() + objective.max_seconds)
+    cut = []  # set once the deadline has stopped the timing
+
+    def stop() -> bool:
+        if deadline is not None and not cut and time.monotonic() > deadline:
+            cut.append(True)
+        return bool(cut)
+
+    per_layout: dict[str, list] = {}
+    untimed = 0
     for layout in layouts_to_time(objective.layout, contexts):
+        if per_layout and stop():
+            log.info("latency: max_seconds %g spent; layout %s not timed",
+                     objective.max_seconds, layout)
+            continue
         timer = LayerTimer(batch, cache, layout=layout)
-        per_layout[layout] = fastest_within_budget(
+        timings = fastest_within_budget(
             contexts, full_tables, full_picks, timer=timer, error_slack=objective.slack,
-            fits=fits,
+            fits=fits, stop=stop,
         )
         cache.save()
         log.info("latency (%s): %d configurations timed, %d from the cache (%d layer(s) timed "
                  "again: their cached dense time was off)", layout, timer.measured,
                  timer.cached, timer.stale)
+        if cut and per_layout:  # a layout timed in part is not compared with a whole one
+            continue
+        per_layout[layout] = timings
+        if cut:
+            untimed = sum(t is None and p is not None and not isinstance(c.module, nn.Embedding)
+                          for t, p, c in zip(timings, full_picks, contexts, strict=True))
+            log.info("latency: max_seconds %g spent; %d layer(s) not timed keep the error "
+                     "plan's configuration", objective.max_seconds, untimed)
     choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
     timings = per_layout[choice.layout]
     # an untimed layer (an embedding: one way to run) keeps its pick
@@ -147,7 +185,10 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
         int(full.params[p]) - int(full.params[q])
         for full, p, q in zip(full_tables, picks, full_picks, strict=True) if p is not None
     )
-    return full_tables, picks, timings, total_change, choice.options()
+    options = choice.options()
+    if objective.max_seconds is not None:
+        options["latency_untimed"] = untimed
+    return full_tables, picks, timings, total_change, options
 
 
 def describe_timing(entry: LayerPlan, timed, batch: int) -> None:
