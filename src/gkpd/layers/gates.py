@@ -8,8 +8,63 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_nonlinearity", "copy_from_torch", "copy_to_torch", "dense_linear",
-           "gru_update", "lstm_update", "rnn_update"]
+__all__ = ["TorchGates", "check_nonlinearity", "copy_from_torch", "copy_to_torch",
+           "dense_linear", "gru_update", "lstm_update", "rnn_update"]
+
+
+class TorchGates:
+    """Conversion from and to torch's module, for an unpacked recurrent layer or cell (a
+    mixin before ``nn.Module``). The class gives ``torch_type``, ``option_names`` (its keyword
+    arguments besides the sizes, attributes of torch's module and of this one alike),
+    ``input_size``, ``hidden_size`` and :meth:`gate_layers`."""
+
+    torch_type: type[nn.Module]
+    option_names: tuple[str, ...]
+
+    def gate_layers(self) -> dict[str, nn.Module]:
+        """The gate layers by the suffix of torch's parameters (``ih_l0``, ``hh``, ...)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _options(cls, module: nn.Module) -> dict:
+        """The keyword arguments besides the sizes that build a module like ``module``
+        (torch's or this one)."""
+        return {name: getattr(module, name) for name in cls.option_names}
+
+    @classmethod
+    def from_torch(cls, module: nn.Module):
+        """The same layer as ``module`` (its weights copied), in its train/eval mode."""
+        if not isinstance(module, cls.torch_type):
+            raise TypeError(f"module must be an {cls.torch_type.__name__}, got "
+                            f"{type(module).__name__}")
+        reference = next(module.parameters())
+        new = cls(module.input_size, module.hidden_size, **cls._options(module),
+                  device=reference.device, dtype=reference.dtype)
+        copy_from_torch(module, new.gate_layers())
+        return new.train(module.training)
+
+    def to_dense(self) -> nn.Module:
+        """The ``torch_type`` module computing the same function (what
+        :func:`gkpd.export.merge` puts in its place), its gate layers made dense where they
+        are Kronecker layers; this module itself where a gate layer has no dense form (the
+        svd baseline's two linears, which merge leaves as they are)."""
+        layers = {key: dense_linear(m) for key, m in self.gate_layers().items()}
+        if any(linear is None for linear in layers.values()):
+            return self
+        reference = next(iter(layers.values())).weight
+        module = self.torch_type(self.input_size, self.hidden_size, **self._options(self),
+                                 device=reference.device, dtype=reference.dtype)
+        return copy_to_torch(layers, module).train(self.training)
+
+    def to_torch(self) -> nn.Module:
+        """As :meth:`to_dense`; ``TypeError`` when a gate layer has no dense form."""
+        dense = self.to_dense()
+        if dense is self:
+            kinds = sorted({type(m).__name__ for m in self.gate_layers().values()
+                            if dense_linear(m) is None})
+            raise TypeError(f"{type(self).__name__}.to_torch() needs gate layers with a dense "
+                            f"form (nn.Linear or a Kronecker layer), got {', '.join(kinds)}")
+        return dense
 
 
 def dense_linear(module: nn.Module) -> nn.Linear | None:

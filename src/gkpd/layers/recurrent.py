@@ -23,10 +23,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from gkpd.layers.base import fx_leaf_call, refuse_script
 from gkpd.layers.gates import (
+    TorchGates,
     check_nonlinearity,
-    copy_from_torch,
-    copy_to_torch,
-    dense_linear,
     gru_update,
     lstm_update,
     rnn_update,
@@ -54,7 +52,7 @@ def _check_size(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-class UnpackedRecurrent(nn.Module):
+class UnpackedRecurrent(TorchGates, nn.Module):
     """What the unpacked LSTM, GRU and RNN share: the options of ``nn.RNNBase``, the gate
     layers, the loop over layers, directions and time steps, conversion from and to torch's
     module. A subclass gives ``torch_type``, ``gates`` (per hidden unit) and ``_step``."""
@@ -101,51 +99,12 @@ class UnpackedRecurrent(nn.Module):
         ``l0_reverse``."""
         return [f"l{layer}", f"l{layer}_reverse"][: self.directions]
 
-    @classmethod
-    def _options(cls, module: nn.Module) -> dict:
-        """The keyword arguments that build a module like ``module`` (torch's or this one)."""
-        return {name: getattr(module, name) for name in cls.option_names}
-
     # ------------------------------------------------------------------ torch's module
+    # from_torch, to_torch, to_dense: TorchGates, over these layers
 
-    @classmethod
-    def from_torch(cls, module: nn.RNNBase) -> UnpackedRecurrent:
-        """The same layer as ``module`` (its weights copied), in its train/eval mode."""
-        if not isinstance(module, cls.torch_type):
-            raise TypeError(f"module must be an {cls.torch_type.__name__}, got "
-                            f"{type(module).__name__}")
-        reference = module.weight_ih_l0
-        new = cls(module.input_size, module.hidden_size, **cls._options(module),
-                  device=reference.device, dtype=reference.dtype)
-        copy_from_torch(module, {f"{name}_{suffix}": layer for suffix, gates in new._gates()
-                                 for name, layer in gates.named_children()})
-        return new.train(module.training)
-
-    def to_torch(self) -> nn.RNNBase:
-        """The ``torch_type`` module computing the same function, in this module's mode (gate
-        layers that are Kronecker layers made dense); ``TypeError`` when a gate layer has no
-        dense form."""
-        dense = self.to_dense()
-        if dense is self:
-            kinds = sorted({type(m).__name__ for _, g in self._gates() for m in g.children()
-                            if dense_linear(m) is None})
-            raise TypeError(f"{type(self).__name__}.to_torch() needs gate layers with a dense "
-                            f"form (nn.Linear or a Kronecker layer), got {', '.join(kinds)}")
-        return dense
-
-    def to_dense(self) -> nn.Module:
-        """The ``torch_type`` module computing the same function (what
-        :func:`gkpd.export.merge` puts in its place), its gate layers made dense where they
-        are Kronecker layers; this module itself where a gate layer has no dense form (the
-        svd baseline's two linears, which merge leaves as they are)."""
-        layers = {f"{name}_{suffix}": dense_linear(m) for suffix, gates in self._gates()
-                  for name, m in gates.named_children()}
-        if any(linear is None for linear in layers.values()):
-            return self
-        reference = next(iter(layers.values())).weight
-        module = self.torch_type(self.input_size, self.hidden_size, **self._options(self),
-                                 device=reference.device, dtype=reference.dtype)
-        return copy_to_torch(layers, module).train(self.training)
+    def gate_layers(self) -> dict[str, nn.Module]:
+        return {f"{name}_{suffix}": layer for suffix, gates in self._gates()
+                for name, layer in gates.named_children()}
 
     def _gates(self) -> list[tuple[str, RecurrentGates]]:
         """``(suffix, gates)`` per layer and direction, in torch's order."""

@@ -17,21 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.layers.base import check_sizes, fx_leaf_call, refuse_script
-from gkpd.layers.gates import (
-    check_nonlinearity,
-    copy_from_torch,
-    copy_to_torch,
-    dense_linear,
-    gru_update,
-    lstm_update,
-    rnn_update,
-)
+from gkpd.layers.gates import TorchGates, check_nonlinearity, gru_update, lstm_update, rnn_update
 
 __all__ = ["UNPACKED_CELLS", "UnpackedCell", "UnpackedGRUCell", "UnpackedLSTMCell",
            "UnpackedRNNCell"]
 
 
-class UnpackedCell(nn.Module):
+class UnpackedCell(TorchGates, nn.Module):
     """What the unpacked cells share: the gate layers ``ih`` and ``hh``, the input and state
     checks of torch's cells (a batch ``(N, input_size)`` or one input ``(input_size,)``),
     conversion from and to torch's module. A subclass gives ``torch_type``, ``gates`` (per
@@ -52,45 +44,8 @@ class UnpackedCell(nn.Module):
         self.ih = nn.Linear(input_size, self.gates * hidden_size, bias=bias, **factory)
         self.hh = nn.Linear(hidden_size, self.gates * hidden_size, bias=bias, **factory)
 
-    @classmethod
-    def _options(cls, module: nn.Module) -> dict:
-        """The keyword arguments besides the sizes that build a cell like ``module`` (torch's
-        or this one)."""
-        return {name: getattr(module, name) for name in cls.option_names}
-
-    @classmethod
-    def from_torch(cls, module: nn.RNNCellBase) -> UnpackedCell:
-        """The same cell as ``module`` (its weights copied), in its train/eval mode."""
-        if not isinstance(module, cls.torch_type):
-            raise TypeError(f"module must be an {cls.torch_type.__name__}, got "
-                            f"{type(module).__name__}")
-        reference = module.weight_ih
-        new = cls(module.input_size, module.hidden_size, **cls._options(module),
-                  device=reference.device, dtype=reference.dtype)
-        copy_from_torch(module, {"ih": new.ih, "hh": new.hh})
-        return new.train(module.training)
-
-    def to_dense(self) -> nn.Module:
-        """The ``torch_type`` cell computing the same step (what :func:`gkpd.export.merge`
-        puts in its place), its gate layers made dense where they are Kronecker layers; this
-        module itself where a gate layer has no dense form (the svd baseline's two linears)."""
-        layers = {"ih": dense_linear(self.ih), "hh": dense_linear(self.hh)}
-        if any(linear is None for linear in layers.values()):
-            return self
-        reference = layers["ih"].weight
-        module = self.torch_type(self.input_size, self.hidden_size, **self._options(self),
-                                 device=reference.device, dtype=reference.dtype)
-        return copy_to_torch(layers, module).train(self.training)
-
-    def to_torch(self) -> nn.RNNCellBase:
-        """As :meth:`to_dense`; ``TypeError`` when a gate layer has no dense form."""
-        dense = self.to_dense()
-        if dense is self:
-            kinds = sorted({type(m).__name__ for m in (self.ih, self.hh)
-                            if dense_linear(m) is None})
-            raise TypeError(f"{type(self).__name__}.to_torch() needs gate layers with a dense "
-                            f"form (nn.Linear or a Kronecker layer), got {', '.join(kinds)}")
-        return dense
+    def gate_layers(self) -> dict[str, nn.Module]:  # for TorchGates' conversions
+        return {"ih": self.ih, "hh": self.hh}
 
     def forward(self, input: Tensor, hx=None):
         if isinstance(input, torch.fx.Proxy):
