@@ -146,12 +146,9 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
     batch = objective.batch_for(example_input)
     deadline = None if objective.max_seconds is None else (
         time.monotonic() + objective.max_seconds)
-    cut = []  # set once the deadline has stopped the timing
 
     def stop() -> bool:
-        if deadline is not None and not cut and time.monotonic() > deadline:
-            cut.append(True)
-        return bool(cut)
+        return deadline is not None and time.monotonic() > deadline
 
     per_layout: dict[str, list] = {}
     untimed = 0
@@ -169,14 +166,16 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
         log.info("latency (%s): %d configurations timed, %d from the cache (%d layer(s) timed "
                  "again: their cached dense time was off)", layout, timer.measured,
                  timer.cached, timer.stale)
-        if cut and per_layout:  # a layout timed in part is not compared with a whole one
+        # picked layers without a timing (an embedding has one way to run) were cut off
+        left = sum(t is None and p is not None and not isinstance(c.module, nn.Embedding)
+                   for t, p, c in zip(timings, full_picks, contexts, strict=True))
+        if left and per_layout:  # a layout timed in part is not compared with a whole one
             continue
         per_layout[layout] = timings
-        if cut:
-            untimed = sum(t is None and p is not None and not isinstance(c.module, nn.Embedding)
-                          for t, p, c in zip(timings, full_picks, contexts, strict=True))
+        untimed = left
+        if left:
             log.info("latency: max_seconds %g spent; %d layer(s) not timed keep the error "
-                     "plan's configuration", objective.max_seconds, untimed)
+                     "plan's configuration", objective.max_seconds, left)
     choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
     timings = per_layout[choice.layout]
     # an untimed layer (an embedding: one way to run) keeps its pick
