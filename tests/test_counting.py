@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from gkpd.counting import (
     conv_macs,
     conv_params,
     count_model,
+    kronecker_conv_intermediate_numel,
     kronecker_conv_macs,
     kronecker_conv_order_macs,
     kronecker_params,
@@ -21,6 +24,23 @@ from gkpd.decompose import full_rank
 from gkpd.geometry import group_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def first_stage_numel(layer, x):
+    """Elements of what the first of a Kronecker conv's two stages returns, measured."""
+    from gkpd.layers import conv
+
+    sizes = []
+    real = conv._stage
+
+    def recording(*args):
+        y = real(*args)
+        sizes.append(y.numel())
+        return y
+
+    with mock.patch.object(conv, "_stage", recording):
+        layer(x)
+    return sizes[0]
 
 
 def measured_macs(module, x):
@@ -81,11 +101,16 @@ def test_kronecker_conv_macs_match_flop_counter(cfg):
         (cfg["size"],) * 2, a, b, cfg["rank"], stride=cfg["stride"], padding=cfg["padding"],
         dilation=cfg["dilation"], groups=g, batch=2,
     )
+    between = kronecker_conv_intermediate_numel(
+        (cfg["size"],) * 2, a, b, cfg["rank"], stride=cfg["stride"], padding=cfg["padding"],
+        dilation=cfg["dilation"], groups=g, batch=2,
+    )
     assert macs == layer.order_macs(x.shape)
     for order in ("b_first", "a_first"):
         layer.path = order
         assert measured_macs(layer, x) == macs[order]
         assert layer.macs(x.shape) == macs[order]
+        assert first_stage_numel(layer, x) == between[order]
     assert kronecker_conv_macs(
         (cfg["size"],) * 2, a, b, cfg["rank"], stride=cfg["stride"], padding=cfg["padding"],
         dilation=cfg["dilation"], groups=g, batch=2,

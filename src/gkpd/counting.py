@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ __all__ = [
     "count_model",
     "counts_itself",
     "group_split",
+    "kronecker_conv_intermediate_numel",
     "kronecker_conv_macs",
     "kronecker_conv_order_macs",
     "kronecker_linear_macs",
@@ -145,6 +147,26 @@ def kronecker_conv_order_macs(
     ``a_shape = (F1, C1, *K1)`` and ``b_shape = (F2, C2, *K2)`` are the factor shapes of the
     weight ``(F, C/groups, *K)``.
     """
+    stages = _conv_stages(input_spatial, a_shape, b_shape, rank, stride=stride, padding=padding,
+                          dilation=dilation, groups=groups, batch=batch,
+                          padding_mode=padding_mode)
+    return {order: first + second for order, (first, second, _) in stages.items()}
+
+
+def kronecker_conv_intermediate_numel(
+    input_spatial: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int], rank: int,
+    **geometry: Any,
+) -> dict[str, int]:
+    """Elements of the tensor between the two stages of each stage order (``geometry``: the
+    keyword arguments of :func:`kronecker_conv_order_macs`): a badly matched order can make it
+    far larger than the layer's input and output."""
+    stages = _conv_stages(input_spatial, a_shape, b_shape, rank, **geometry)
+    return {order: between for order, (_, _, between) in stages.items()}
+
+
+def _conv_stages(input_spatial, a_shape, b_shape, rank, *, stride=1, padding=0, dilation=1,
+                 groups=1, batch=1, padding_mode="zeros") -> dict[str, tuple[int, int, int]]:
+    """``(first stage MACs, second stage MACs, elements between them)`` of each order."""
     n = len(a_shape) - 2
     f1, c1, *k1 = a_shape
     f2, c2, *k2 = b_shape
@@ -163,14 +185,16 @@ def kronecker_conv_order_macs(
             first_in = list(input_spatial)
         if order == "b_first":
             o1 = math.prod(conv_output_shape(first_in, k2, s1, zero, dl))
-            first = batch * g1 * c1 * rank * f2 * c2 * math.prod(k2) * o1
+            between = batch * g1 * c1 * rank * f2 * o1
+            first = between * c2 * math.prod(k2)
             second = batch * f2 * f1 * rank * c1 * math.prod(k1) * out
         else:
             dil_a = [d * k for d, k in zip(dl, k2, strict=True)]
             o1 = math.prod(conv_output_shape(first_in, k1, s1, zero, dil_a))
-            first = batch * g2 * c2 * rank * f1 * c1 * math.prod(k1) * o1
+            between = batch * g2 * c2 * rank * f1 * o1
+            first = between * c1 * math.prod(k1)
             second = batch * f1 * f2 * rank * c2 * math.prod(k2) * out
-        result[order] = first + second
+        result[order] = (first, second, between)
     return result
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import gkpd
 from gkpd.counting import group_split
-from gkpd.layers import KroneckerConvNd
+from gkpd.layers import KroneckerConvNd, base
 
 f64 = torch.float64
 DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -210,6 +210,23 @@ def test_auto_order_picks_cheaper():
     assert layer.macs(shape) == macs["a_first"]
     with pytest.raises(ValueError, match="path 'fast'"):
         layer.path = "fast"
+
+
+def test_a_forced_order_refuses_a_tensor_between_stages_larger_than_memory(monkeypatch):
+    # (1, C, 1, 1) run b_first folds all 16 input channels into the batch: 2·16 rows of
+    # rank·F2 = 2·16 channels of 8×8, 65536 floats between the stages
+    layer = gkpd.KroneckerConv2d(16, 16, 3, padding=1, a_shape=(1, 16, 1, 1), rank=2)
+    x = torch.randn(2, 16, 8, 8)
+    monkeypatch.setattr(base, "memory_bytes", lambda device: 4 * 65536 - 1)
+    layer.path = "b_first"
+    refused = r"path='b_first'.*262,144 bytes.*shape \(2, 16, 8, 8\).*262,143 bytes"
+    with pytest.raises(MemoryError, match=refused):
+        layer(x)
+    monkeypatch.setattr(base, "memory_bytes", lambda device: 4 * 65536)
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(base, "memory_bytes", lambda device: 1)
+    layer.path = "auto"  # auto is never refused: its fewer MACs bound what it builds
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_init_variance_matches_dense_default():

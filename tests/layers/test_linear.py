@@ -9,6 +9,7 @@ from testkit import divisors
 from torch import nn
 
 import gkpd
+from gkpd.layers import base
 
 f64 = torch.float64
 
@@ -86,6 +87,19 @@ def test_linear_macs_and_order():
     macs = layer.order_macs((10, 64))
     assert layer.macs((10, 64)) == min(macs.values())
     assert macs["b_first"] == 10 * 2 * (32 * 2 * 16 + 2 * 32 * 16)
+
+
+def test_linear_forced_order_refuses_a_tensor_between_stages_larger_than_memory(
+    monkeypatch,
+):
+    layer = gkpd.KroneckerLinear(12, 20, a_shape=(4, 3), rank=2)  # B: (5, 4)
+    x = torch.randn(3, 7, 12)  # 21 rows; b_first: 21·I1·R·O2 = 630, a_first: 21·O1·R·I2 = 672
+    monkeypatch.setattr(base, "memory_bytes", lambda device: 4 * 672 - 1)
+    layer.path = "b_first"
+    layer(x)
+    layer.path = "a_first"
+    with pytest.raises(MemoryError, match="path='a_first'"):
+        layer(x)
 
 
 def test_linear_bad_inputs():

@@ -8,6 +8,7 @@ the two stage orders (``gkpd.counting.ORDERS``, ``order_macs``).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -53,6 +54,36 @@ def refuse_script(module: nn.Module, why: str) -> None:
         "torch.jit.trace(model, example_input), torch.export.export or torch.fx.symbolic_trace, "
         "or gkpd.export.merge(model) for dense layers"
     )
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device`` (the host's RAM for the CPU), or ``None`` when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def refuse_oversized(layer: nn.Module, path: str, elements: int, like: Tensor) -> None:
+    """Raise a clear ``MemoryError`` before a forced stage order builds a tensor between its
+    stages larger than the device's memory (a split such as ``a_shape=(1, C, 1, 1)`` run
+    ``"b_first"`` folds every input channel into the batch), instead of torch's allocator
+    failing deep inside a convolution, or the host swapping."""
+    if not isinstance(elements, int):  # a symbolic batch (torch.export): its size is unknown
+        return
+    needed = elements * like.element_size()
+    limit = memory_bytes(like.device)
+    if limit is not None and needed > limit:
+        raise MemoryError(
+            f"{type(layer).__name__} path={path!r} would build a tensor of {needed:,} bytes "
+            f"between its stages for an input of shape {tuple(like.shape)}, more than the "
+            f"{limit:,} bytes of memory of {like.device}: set path='auto' (the order with "
+            "fewer MACs) or a smaller batch"
+        )
 
 
 def check_sizes(**sizes: object) -> None:

@@ -23,6 +23,7 @@ from gkpd.counting import (
     best_order,
     conv_macs,
     group_split,
+    kronecker_conv_intermediate_numel,
     kronecker_conv_order_macs,
     ntuple,
     padding_stage,
@@ -36,6 +37,7 @@ from gkpd.layers.base import (
     KroneckerLayer,
     dense_factors,
     fx_leaf_call,
+    refuse_oversized,
 )
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
@@ -389,6 +391,14 @@ class KroneckerConvNd(KroneckerLayer):
                 f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
             )
         path = self.resolve_path(x.shape)
+        if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
+            n_batch, spatial = x.shape[0], tuple(x.shape[2:])
+            between = kronecker_conv_intermediate_numel(
+                spatial, self.a_shape, self.b_shape, self.rank, stride=self.stride,
+                padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,
+                batch=n_batch, padding_mode=self.padding_mode,
+            )[path]
+            refuse_oversized(self, path, between, x)
         if path == WEIGHT_PATH:
             y = self._with_weight(x)
             return y.squeeze(0) if unbatched else y

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkpd.counting import best_order, kronecker_linear_order_macs
+from gkpd.counting import ORDERS, best_order, kronecker_linear_order_macs
 from gkpd.decompose import as_shape, b_shape_for, check_rank
 from gkpd.layers.base import (
     WEIGHT_PATH,
@@ -17,6 +17,7 @@ from gkpd.layers.base import (
     check_sizes,
     dense_factors,
     fx_leaf_call,
+    refuse_oversized,
 )
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
@@ -126,6 +127,9 @@ class KroneckerLinear(KroneckerLayer):
         r = self.rank
         (o1, i1), (o2, i2) = self.a_shape, self.b_shape
         lead = x.shape[:-1]
+        if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
+            rows = math.prod(lead)
+            refuse_oversized(self, path, rows * r * (i1 * o2 if path == "b_first" else o1 * i2), x)
         x = x.reshape(-1, i1, i2)
         if path == "b_first":
             t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
