@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 import gkpd
 from gkpd.files import atomic_write_json, atomic_write_text
 from gkpd.layers.base import ORDERS, WEIGHT_PATH
-from gkpd.timing import cpu_model
+from gkpd.timing import cpu_model, time_interleaved
 
 TARGET = 1.10
 ISSUE_CASE = ("issue case", 64, 8, (2, 1, 3, 1), 1)
@@ -46,22 +45,6 @@ def cases(quick: bool) -> list[tuple[str, int, int, tuple[int, ...], int]]:
 
 def paths_of(layer: gkpd.KroneckerConv2d) -> list[str]:
     return [*ORDERS, *layer.channel_paths(), WEIGHT_PATH]
-
-
-def rotated_medians(calls: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each zero-argument function over ``rounds`` rounds, the
-    order rotating by one every round (a fixed order favoured the first call by up to 1.5×
-    in trials on this machine: identical computations timed 2.3 and 3.5 ms)."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for fn in calls.values():
-        fn()
-    for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def time_case(net, channels, px, a_shape, rank, batch, repeats) -> dict:
@@ -81,8 +64,9 @@ def time_case(net, channels, px, a_shape, rank, batch, repeats) -> dict:
         for path, module in list(variants.items()):
             try:
                 module(x)  # warm: the first call of a path allocates its workspaces
-            except RuntimeError as error:  # a stage order that folds channels into the batch
-                if "can't allocate memory" not in str(error):
+            except (MemoryError, RuntimeError) as error:  # a stage order that folds channels
+                # into the batch: refused by the layer, or beyond the memory that is free
+                if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
                     raise
                 failed.append(path)
                 del variants[path]
@@ -98,7 +82,7 @@ def time_case(net, channels, px, a_shape, rank, batch, repeats) -> dict:
         cutoff = 5 * min(first.values())
         slow = sorted(p for p, t in first.items() if t > cutoff and p != "auto")
         timed = {p: (lambda m=m: m(x)) for p, m in variants.items() if p not in slow}
-        seconds = rotated_medians(timed, repeats)
+        seconds = time_interleaved(timed, rounds=repeats, warmup=1)
     runs = layer.resolve_path(x.shape)
     paths = {p: s for p, s in seconds.items() if p != "auto"}
     fastest = min(paths, key=paths.get)

@@ -5,6 +5,7 @@ usage:
   python benchmarks/transformer_minilm.py [--out benchmarks/transformer_minilm]
       [--methods gkpd,svd,tucker,tensor_train] [--ratios 2,4] [--steps 2000]
       [--checkpoint-every 250] [--batch-size 32] [--lr 1e-4] [--threads 2] [--seed 0]
+      [--calibration-documents 512]
   smoke run (one minute of CPU time on 1 thread, 3 minutes wall on a loaded machine; write it
   elsewhere):
   python benchmarks/transformer_minilm.py --out /tmp/minilm-smoke --methods svd,tucker \\
@@ -19,10 +20,12 @@ of each document's text (deterministic; --held-out of them held out), tokenized 
 Each cell (method x ratio): ``gkpd.compress`` of the encoder's linear layers
 (``include=["re:encoder\\\\..*"]``) so that they shrink ``ratio``-fold together (the whole-model
 ratio passed to ``compress`` is worked out from that; the uniform strategy, or the global one
-where uniform misses it); then ``gkpd.train.fit`` from the original as teacher on the train
-split, the same budget for every method (--steps of --batch-size, AdamW at --lr, cosine
-schedule with --warmup), dropout off, the loss the cosine distance of the last hidden states
-over the real tokens plus --feature-weight times that of each earlier encoder layer's output.
+where uniform misses it). A method is one of ``gkpd.methods`` or a variant of
+``gkpd.bench.variants`` (``gkpd-whiten``: GKPD's factors fitted to the first
+--calibration-documents train documents' activations); then ``gkpd.train.fit`` from the original as
+teacher on the train split, the same budget for every method (--steps of --batch-size, AdamW at
+--lr, cosine schedule with --warmup), dropout off, the loss the cosine distance of the last hidden
+states over the real tokens plus --feature-weight times that of each earlier encoder layer's output.
 A cell writes ``cells/<method>-<ratio>x/result.json`` when done and is skipped on a rerun; an
 interrupted cell resumes from its checkpoint (``fit/``, every --checkpoint-every steps). Every
 cell of one --out must share the budget (the options in ``BUDGET``): a run that asks for
@@ -57,6 +60,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 import gkpd
+from gkpd.bench.variants import base_method, compress_options, needs_calibration
 from gkpd.files import atomic_write_text
 from gkpd.methods import get_method
 from gkpd.plan.budget import UnreachableRatio
@@ -163,20 +167,19 @@ def encoder_entries(plan) -> list:
     return [e for e in plan.layers if e.name.startswith("encoder.")]
 
 
-def example_input(batch: dict):
-    # TODO(inputs): pass `batch` itself (keyword inputs) once gkpd.compress takes them (helper
-    # A); until then BertModel's positional order.
-    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-
-
-def build_student(teacher: nn.Module, method: str, ratio: float, example, cell: Path):
-    """The compressed copy and its plan: planned once, replayed from the cell's plan.json."""
+def build_student(teacher: nn.Module, name: str, ratio: float, data: dict, cell: Path):
+    """The compressed copy and its plan: planned once, replayed from the cell's plan.json.
+    ``name`` is a method or a variant (``gkpd-whiten``: factors whitened on the calibration
+    documents, which it needs again to replay)."""
+    method, options = compress_options(name, data["calibration"])
     plan_path = cell / "plan.json"
     if plan_path.is_file():
         plan = gkpd.CompressionPlan.load(plan_path)
-        return gkpd.apply_(copy.deepcopy(teacher), plan), plan
-    options = dict(ratio=model_ratio(teacher, ratio), method=method, include=[ENCODER],
+        return gkpd.apply_(copy.deepcopy(teacher), plan,
+                           calibration=options.get("calibration")), plan
+    options.update(ratio=model_ratio(teacher, ratio), method=method, include=[ENCODER],
                    tolerance=0.01)
+    example = data["example"]
     try:
         student, plan = gkpd.compress(teacher, example, **options)
     except UnreachableRatio:
@@ -188,7 +191,7 @@ def build_student(teacher: nn.Module, method: str, ratio: float, example, cell: 
 def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict:
     cell.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    student, plan = build_student(teacher, method, ratio, data["example"], cell)
+    student, plan = build_student(teacher, method, ratio, data, cell)
     compress_seconds = time.perf_counter() - started
     cosine_before = mean_cosine(embeddings(student, data["held_out"]), data["teacher_embeddings"])
     epochs = args.steps // args.checkpoint_every
@@ -215,6 +218,8 @@ def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict
         "params": parameters(student), "encoder_linear_params": linear_params,
         "cosine_before": round(cosine_before, 5), "cosine": round(cosine, 5),
         "steps": args.steps, "budget": budget(args),
+        **({"calibration_documents": args.calibration_documents}
+           if needs_calibration(method) else {}),
         "compress_seconds": round(compress_seconds, 1),
         "distill_seconds": round(distill_seconds, 1),
         "final_train_loss": round(history[-1]["train_loss"], 5),
@@ -270,12 +275,14 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency-warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-documents", type=int, default=512,
+                        help="train documents a data-aware variant (gkpd-whiten) whitens on")
     parser.add_argument("--fortunes", type=Path, default=FORTUNES)
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     args.ratios = [float(r) for r in args.ratios.split(",") if r]
     for name in ("steps", "checkpoint_every", "batch_size", "max_length", "max_held_out",
-                 "latency_rounds", "threads"):
+                 "latency_rounds", "threads", "calibration_documents"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.steps % args.checkpoint_every:
@@ -286,7 +293,7 @@ def arguments(argv=None) -> argparse.Namespace:
         parser.error("--ratios must be > 1")
     for method in args.methods:
         try:
-            get_method(method)
+            get_method(base_method(method))
         except (ValueError, ImportError) as error:
             parser.error(str(error))
     return args
@@ -304,11 +311,16 @@ def main(argv=None) -> None:
     held_out = loader(tokenizer, Tokenized(tokenizer, held_out_texts, args.max_length), 64)
     data = {
         "tokenizer": tokenizer, "train": train, "held_out": held_out,
-        "example": example_input(next(iter(loader(tokenizer, train, 2)))),
+        "example": next(iter(loader(tokenizer, train, 2))),  # keyword inputs, as BERT's
+        # the first --calibration-documents of the train split, in batches padded to their
+        # longest (the variants that whiten their factors on data use them)
+        "calibration": loader(tokenizer, Tokenized(tokenizer, train_texts[
+            : args.calibration_documents], args.max_length), 16),
         "teacher_embeddings": embeddings(teacher, held_out),
     }
     probe = nn.Linear(teacher.config.hidden_size, teacher.config.intermediate_size)
-    skipped = {m: reason for m in args.methods if (reason := get_method(m).supports(probe))}
+    skipped = {m: reason for m in args.methods
+               if (reason := get_method(base_method(m)).supports(probe))}
     finished_cells(args.out / "cells", budget(args))  # refuse a mixed table before hours of work
     for method in (m for m in args.methods if m not in skipped):
         for ratio in args.ratios:

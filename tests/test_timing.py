@@ -34,6 +34,14 @@ def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
     assert counts["fast"] == 3  # no min_seconds: the rounds asked for
 
 
+def test_each_round_starts_one_call_later():
+    order = []
+    calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
+    timing.time_interleaved(calls, rounds=4, warmup=1)
+    assert order == list("abc" "abc" "bca" "cab" "abc")  # warm-up, then 4 rotated rounds
+    assert timing.time_interleaved({}, rounds=3) == {}
+
+
 def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):
     path = tmp_path / "sub" / "latency.json"
     path.parent.mkdir()

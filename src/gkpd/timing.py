@@ -116,18 +116,23 @@ def time_interleaved(
     calls: dict[Hashable, Callable[[], object]], rounds: int = _ROUNDS, warmup: int = _WARMUP,
     *, min_seconds: float = 0.0, max_rounds: int = _MAX_ROUNDS,
 ) -> dict[Hashable, float]:
-    """Median seconds of each call, timed round by round so that load changes hit all.
+    """Median seconds of each call, timed round by round so that load changes hit all, each
+    round starting one call later than the one before.
 
     With ``min_seconds``, rounds are added (up to ``max_rounds``) until the fastest call has
     run that long in total: a burst of load on a shared machine lasts milliseconds, which is
     all of 7 rounds of a 0.2 ms layer, and the median of such rounds is the burst's."""
     samples: dict[Hashable, list[float]] = {k: [] for k in calls}
+    keys = list(calls)
 
     def run(n: int) -> None:
         for _ in range(n):
-            for key, call in calls.items():
+            # the order rotates by one each round: in a fixed order the first call of a
+            # round ran up to 1.5x faster than the same computation later in it (this host)
+            first = len(samples[keys[0]]) % len(keys) if keys else 0
+            for key in keys[first:] + keys[:first]:
                 start = time.perf_counter()
-                call()
+                calls[key]()
                 samples[key].append(time.perf_counter() - start)
 
     # no_grad rather than inference_mode: compiled callables guard on the grad mode they

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.bench.campaign import RESULTS_MD as CAMPAIGN_MD
     from gkpd.bench.campaign import seed_dir, write_campaign
     from gkpd.bench.report import RESULTS_MD, require_matplotlib
-    from gkpd.bench.variants import VARIANTS
+    from gkpd.bench.variants import needs_calibration
     from gkpd.models.cards import example_input
     from gkpd.resolve import resolve_model
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"MODEL {args.model} is already compressed; give the dense model")
     train_loader, test_loader = fine_tuning_loaders(args, card, "benchmarking")
     calibration = None
-    if any("calibration" in VARIANTS.get(m, ("", {}))[1] for m in args.methods):
+    if any(needs_calibration(m) for m in args.methods):
         calibration = data.sample_inputs(args.data, args.calibration, args.data_dir)
     source = Path(args.model)
     try:
