@@ -45,7 +45,7 @@ from gkpd.plan.budget import STRATEGIES
 from gkpd.plan.objective import LatencyObjective
 from gkpd.report import summary
 from gkpd.resolve import resolve_model
-from gkpd.timing import cpu_model, measure_latency
+from gkpd.timing import BUSY_CORES, CpuContention, cpu_model, measure_latency
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune, finetune_loader
 
 DATASET = "fashion-mnist"
@@ -360,6 +360,17 @@ def finetune_student(args, student, teacher, loader, plan, student_card, input_s
     return FineTuned(history, images, subset, budget, per_train, finetune_command, card)
 
 
+def busy_steps(others: dict[str, float | None]) -> list[str]:
+    """The steps during which other processes kept at least ``BUSY_CORES`` busy."""
+    return [step for step, cores in others.items() if cores is not None and cores >= BUSY_CORES]
+
+
+def describe_others(others: dict[str, float | None], steps: list[str]) -> str:
+    """``"1.4 cores during fine_tuning, 0.9 during latency"``."""
+    return ", ".join(f"{others[step]:.1f} {'cores ' if i == 0 else ''}during "
+                     f"{step.replace('_', '-')}" for i, step in enumerate(steps))
+
+
 def dense_weights_bytes(model) -> int:
     """The bytes of ``model``'s weights in the safetensors format that gkpd train (and the
     shipped model) write."""
@@ -371,7 +382,8 @@ def dense_weights_bytes(model) -> int:
 def build_report(args, *, out: Path, plan, accuracy: dict[str, Any], dense_summary,
                  compressed_summary, dense_bytes: int, finetuned_dir: Path, latency: dict,
                  tuned: FineTuned, compress_command: str, compressed_dir: Path,
-                 plotted: bool, started_at: float) -> dict[str, Any]:
+                 plotted: bool, started_at: float,
+                 others: dict[str, float | None]) -> dict[str, Any]:
     """``report.json``: every figure the job measured, the commands, the machine."""
     longer_epochs = 30
     budget = tuned.budget
@@ -437,6 +449,10 @@ def build_report(args, *, out: Path, plan, accuracy: dict[str, Any], dense_summa
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
+            # cores other processes kept busy on average during each step (None: unknown)
+            "other_processes_cores": others,
+            "busy_steps": busy_steps(others),
+            "busy_cores": BUSY_CORES,
         },
         "setup_included": args.started_at is not None,
     }
@@ -465,14 +481,19 @@ def main(argv: list[str] | None = None) -> int:
     dense_eval = train.evaluate(teacher, loader, device="cpu", progress=progress)
     say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
 
+    others: dict[str, float | None] = {}  # cores other processes kept busy, per step
+    contention = CpuContention()
     student, plan, student_card, compress_command = compress_teacher(
         args, teacher, card, compressed_dir)
+    others["planning"] = contention.others_cores()
     print(f"{plan.table()}\nwritten to {compressed_dir}")
     before = train.evaluate(student, loader, device="cpu", progress=progress)
     say(f"compressed, before fine-tuning: test accuracy {before['accuracy']:.2f}%")
 
+    contention.start()
     tuned = finetune_student(args, student, teacher, loader, plan, student_card,
                              card["input_size"], compressed_dir, finetuned_dir, started_at)
+    others["fine_tuning"] = contention.others_cores()
     finetuned = student.cpu()
     after = tuned.history[-1]["eval_accuracy"]
     print(
@@ -481,7 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     say("measuring CPU latency at batch 1 and 64 (dense and compressed alternately)")
+    contention.start()
     lat = latencies(teacher, finetuned, args.latency_repeats)
+    others["latency"] = contention.others_cores()
+    busy = busy_steps(others)
+    if busy:
+        say(f"the machine was busy: other processes kept {describe_others(others, busy)} "
+            "busy; this run's times are slower than a quiet machine's")
     plotted = plot_layers(plan, out / "layers.png")
     if not plotted:
         say("matplotlib is not installed (pip install -e '.[plot]'): no plot")
@@ -494,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         compressed_summary=summary(finetuned, example_input(card)),
         dense_bytes=dense_weights_bytes(teacher), finetuned_dir=finetuned_dir, latency=lat,
         tuned=tuned, compress_command=compress_command, compressed_dir=compressed_dir,
-        plotted=plotted, started_at=started_at,
+        plotted=plotted, started_at=started_at, others=others,
     )
     atomic_write_json(out / "report.json", report, indent=2)
     write_report(out, report, plan)

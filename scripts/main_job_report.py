@@ -100,6 +100,7 @@ def write_report(out: Path, report: dict[str, Any], plan: CompressionPlan) -> No
         "in both memory layouts and counted in the faster, the compressed one is called "
         "with plain NCHW inputs. On a shared machine the numbers are noisy.",
         "",
+        *_machine_note(report["machine"]),
         "## Per layer",
         "",
         "![per-layer compression and error](layers.png)" if report["plot"] else "(no plot)",
@@ -143,6 +144,23 @@ def write_report(out: Path, report: dict[str, Any], plan: CompressionPlan) -> No
         "",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _machine_note(machine: dict[str, Any]) -> list[str]:
+    """Whether other processes kept the cores busy while the job planned, trained and timed
+    (``/proc/stat``, less the job's own CPU time)."""
+    others = machine.get("other_processes_cores") or {}
+    known = {step: cores for step, cores in others.items() if cores is not None}
+    if not known:
+        return ["Whether other processes ran meanwhile is unknown (no /proc/stat).", ""]
+    figures = ", ".join(f"{step.replace('_', ' ')} {cores:.2f}" for step, cores in known.items())
+    if machine["busy_steps"]:
+        verdict = (f"**The machine was busy** (at least {machine['busy_cores']:g} of a core "
+                   "taken by others): this run's times, the plan's latency choices included, "
+                   "are slower and noisier than a quiet machine's.")
+    else:
+        verdict = "The machine was quiet."
+    return [f"Cores other processes kept busy on average — {figures}. {verdict}", ""]
 
 
 def _objective(plan: CompressionPlan) -> str:

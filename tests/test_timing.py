@@ -1,13 +1,15 @@
 """gkpd.timing: interleaved rounds, the latency cache file, the environment key, aliases."""
 
 import json
+import os
 import time
 
+import pytest
 import torch
 
 from gkpd import latency, timing
 from gkpd.plan import latency as plan_latency
-from gkpd.timing import LatencyCache
+from gkpd.timing import CpuContention, LatencyCache
 
 
 def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
@@ -40,6 +42,31 @@ def test_each_round_starts_one_call_later():
     timing.time_interleaved(calls, rounds=4, warmup=1)
     assert order == list("abc" "abc" "bca" "cab" "abc")  # warm-up, then 4 rotated rounds
     assert timing.time_interleaved({}, rounds=3) == {}
+
+
+def test_contention_is_the_hosts_busy_time_less_this_processs_own(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    clock = {"wall": 0.0, "own": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def host(busy_seconds, idle_seconds=0):  # user, nice, system, idle, iowait, irq, ...
+        user = round(busy_seconds * tick)
+        idle = round(idle_seconds * tick)
+        stat.write_text(f"cpu  {user} 0 0 {idle} {idle} 0 0 0 0 0\ncpu0 ...\n")
+
+    host(100, 50)
+    meter = CpuContention(stat, wall=lambda: clock["wall"], own_cpu=lambda: clock["own"])
+    # 10 s: the host's cores were busy 25 s, 16 of them this process's threads
+    clock.update(wall=10.0, own=16.0)
+    host(125, 1000)  # idle and iowait time is not busy time
+    assert meter.others_cores() == pytest.approx(0.9)
+    meter.start()
+    clock.update(wall=20.0, own=26.0)
+    host(135)  # quiet: all of the host's busy time was this process's
+    assert meter.others_cores() == 0.0
+    stat.unlink()
+    assert meter.others_cores() is None
+    assert CpuContention(tmp_path / "missing").others_cores() is None
 
 
 def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):

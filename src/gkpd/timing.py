@@ -1,5 +1,6 @@
 """Timing on this machine: interleaved rounds of several calls, the forward latency of a
-model, the CPU's name, and the on-disk cache of per-layer timings.
+model, the CPU's name, the on-disk cache of per-layer timings, and how busy other processes
+kept the cores meanwhile.
 
 Interleaving (one call of each option per round, medians over rounds) makes a change of the
 machine's load hit every option alike; :mod:`gkpd.plan.latency_objective` plans with it and
@@ -30,6 +31,7 @@ from gkpd.inputs import ModelCall
 
 __all__ = [
     "CACHE_ENV",
+    "CpuContention",
     "LatencyCache",
     "cpu_model",
     "default_cache_path",
@@ -45,6 +47,56 @@ _CACHE_VERSION = 1
 _ROUNDS = 7
 _WARMUP = 2
 _MAX_ROUNDS = 200
+
+
+# the cores that other processes may keep busy on average while a measurement still counts
+# as taken on a quiet machine (the kernel and daemons of an idle host use a few hundredths)
+BUSY_CORES = 0.25
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # /proc/stat's user, nice, system, irq, softirq, steal
+
+
+class CpuContention:
+    """How many cores other processes (and the hypervisor, as steal time) kept busy while
+    this one ran: the host's busy CPU time since :meth:`start` (``/proc/stat``) less this
+    process's own, over the wall time. A measurement is taken on a busy machine when that is
+    at least :data:`BUSY_CORES`. Child processes (DataLoader workers) count as others.
+    ``None`` where ``/proc/stat`` cannot be read (not Linux)."""
+
+    def __init__(self, stat_path: str | Path = "/proc/stat", *,
+                 wall: Callable[[], float] = time.monotonic,
+                 own_cpu: Callable[[], float] = time.process_time) -> None:
+        self._stat_path = Path(stat_path)
+        self._wall, self._own_cpu = wall, own_cpu
+        self._started: tuple[float, float, float] | None = None
+        self.start()
+
+    def _host_busy_seconds(self) -> float | None:
+        try:
+            line = self._stat_path.read_text(encoding="ascii").split("\n", 1)[0]
+            ticks = [int(v) for v in line.split()[1:]]
+            per_second = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+        return sum(ticks[i] for i in _BUSY_FIELDS if i < len(ticks)) / per_second
+
+    def start(self) -> CpuContention:
+        """Measure from now on."""
+        host = self._host_busy_seconds()
+        self._started = None if host is None else (self._wall(), self._own_cpu(), host)
+        return self
+
+    def others_cores(self) -> float | None:
+        """Cores other processes kept busy on average since :meth:`start` (``None``:
+        unknown)."""
+        host = self._host_busy_seconds()
+        if host is None or self._started is None:
+            return None
+        wall0, own0, host0 = self._started
+        wall = self._wall() - wall0
+        if wall <= 0:
+            return 0.0
+        others = (host - host0) - (self._own_cpu() - own0)
+        return max(0.0, others / wall)
 
 
 def default_cache_path() -> Path:

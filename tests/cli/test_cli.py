@@ -342,4 +342,11 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     assert "A longer, better run" in text and "| 64 |" in text
     assert "planned for the least error" in text
     assert f"| weights file (bytes) | {size['dense_bytes']:,} | {size['bytes']:,} |" in text
+    machine = report["machine"]
+    assert set(machine["other_processes_cores"]) == {"planning", "fine_tuning", "latency"}
+    assert machine["busy_steps"] == [step for step, cores in
+                                     machine["other_processes_cores"].items()
+                                     if cores is not None and cores >= machine["busy_cores"]]
+    assert "Cores other processes kept busy on average — planning " in text
+    assert ("**The machine was busy**" in text) == bool(machine["busy_steps"])
     assert io.is_saved_model(out / "finetuned")

@@ -177,3 +177,13 @@ def test_latency_counts_the_dense_model_in_its_faster_layout(monkeypatch):
         assert entry["dense_layout"] == "channels_last" and entry["dense"] == 1.0
         assert entry["dense_by_layout"] == {"contiguous": 3.0, "channels_last": 1.0}
         assert entry["speedup"] == 0.5
+
+
+def test_busy_steps_are_those_where_others_kept_a_quarter_core_busy():
+    others = {"planning": 0.02, "fine_tuning": 1.43, "latency": None}
+    assert main_job.busy_steps(others) == ["fine_tuning"]
+    assert main_job.busy_steps({"planning": main_job.BUSY_CORES}) == ["planning"]
+    others["latency"] = 0.9
+    assert main_job.describe_others(others, main_job.busy_steps(others)) == (
+        "1.4 cores during fine-tuning, 0.9 during latency"
+    )
