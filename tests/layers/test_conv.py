@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from testkit import divisors
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gkpd
 from gkpd.counting import group_split
@@ -227,6 +228,38 @@ def test_a_forced_order_refuses_a_tensor_between_stages_larger_than_memory(monke
     monkeypatch.setattr(base, "memory_bytes", lambda device: 1)
     layer.path = "auto"  # auto is never refused: its fewer MACs bound what it builds
     torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
+
+
+class _ConvDilations(TorchDispatchMode):
+    """The (kernel, dilation) of every convolution that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.seen.append((tuple(args[1].shape[2:]), tuple(args[5])))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["b_first", "a_first", "b_first_channels", "a_first_channels"])
+@pytest.mark.parametrize("a_shape", [(1, 16, 3, 1), (1, 16, 1, 3), (2, 16, 1, 1)])
+def test_no_stage_dilates_along_a_kernel_axis_of_size_one(path, a_shape):
+    # A (1, 16, 3, 1) ⊗ B (16, 1, 1, 3): A's stage is dilated by B's kernel (1, 3), which along
+    # A's size-1 axis changes nothing but sends torch to its slow dilated convolution
+    dense = nn.Conv2d(16, 16, 3, padding=1)
+    layer = gkpd.KroneckerConv2d.from_dense(dense, a_shape=a_shape, rank=2)
+    if path not in ("b_first", "a_first") and path not in layer.channel_paths():
+        pytest.skip(f"{a_shape} has no {path}")
+    layer.path = path
+    x = torch.randn(1, 16, 8, 8)
+    with _ConvDilations() as convs:
+        y = layer(x)
+    torch.testing.assert_close(y, F.conv2d(x, layer.reconstruct_weight(), layer.bias,
+                                           padding=1), rtol=1e-4, atol=1e-5)
+    for kernel, dilation in convs.seen:
+        assert all(d == 1 for k, d in zip(kernel, dilation, strict=True) if k == 1), convs.seen
 
 
 def test_init_variance_matches_dense_default():

@@ -88,6 +88,13 @@ def _repeat_each_channel(x: Tensor, times: int) -> Tensor:
     return last.unsqueeze(-1).expand(*last.shape, times).flatten(-2).movedim(-1, 1)
 
 
+def _plain_dilation(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """``dilation`` with 1 wherever the kernel is 1 (where it changes nothing): torch sends
+    any dilated convolution to its slow generic kernel, which a split such as A (1, C, 3, 1)
+    ⊗ B (F, 1, 1, 3) would otherwise hit in every layer (A's kernel dilated by (1, 3))."""
+    return tuple(d if k > 1 else 1 for k, d in zip(kernel, dilation, strict=True))
+
+
 def _is_pointwise(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> bool:
     return all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding)
 
@@ -368,8 +375,8 @@ class KroneckerConvNd(KroneckerLayer):
             pad2,
             s1,
             s2,
-            self.dilation if order == "b_first" else dil_k2,
-            dil_k2 if order == "b_first" else self.dilation,
+            _plain_dilation(first, self.dilation if order == "b_first" else dil_k2),
+            _plain_dilation(second, dil_k2 if order == "b_first" else self.dilation),
             _is_pointwise(first, s1, pad1),
             _is_pointwise(second, s2, pad2),
         )
