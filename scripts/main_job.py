@@ -45,7 +45,7 @@ from gkpd.plan.budget import STRATEGIES
 from gkpd.plan.objective import LatencyObjective
 from gkpd.report import summary
 from gkpd.resolve import resolve_model
-from gkpd.timing import BUSY_CORES, CpuContention, cpu_model, measure_latency
+from gkpd.timing import BUSY_CORES, CpuContention, cpu_model, free_cores, measure_latency
 from gkpd.train.finetune import FINETUNE_DEFAULTS, finetune, finetune_loader
 
 DATASET = "fashion-mnist"
@@ -122,6 +122,7 @@ def command(argv: list[str]) -> str:
     return printable
 
 
+THREADS_ENV = "OMP_NUM_THREADS"  # set by a user who chose the threads: never changed then
 # the share of --budget-minutes the latency planning may spend timing: on a busy machine the
 # timing took 10 of 15 minutes (ninth session), leaving fine-tuning its floor of batches
 TIMING_SHARE = 0.2
@@ -360,6 +361,21 @@ def finetune_student(args, student, teacher, loader, plan, student_card, input_s
     return FineTuned(history, images, subset, budget, per_train, finetune_command, card)
 
 
+def fit_threads_to_load(others_cores: float | None) -> dict[str, Any]:
+    """Fewer torch threads when other processes keep cores busy (:func:`free_cores`), unless
+    the user chose the number (``OMP_NUM_THREADS``); what was done, for the report."""
+    started = torch.get_num_threads()
+    free = free_cores(others_cores)
+    result = {"started": started, "used": started, "chosen_by_user": THREADS_ENV in os.environ}
+    if free is not None and free < started and not result["chosen_by_user"]:
+        say(f"other processes keep {others_cores:.1f} of the {os.cpu_count()} cores busy: "
+            f"running on {free} thread(s) instead of {started}, which would wait on each other "
+            f"(set {THREADS_ENV} to choose)")
+        torch.set_num_threads(free)
+        result["used"] = free
+    return result
+
+
 def busy_steps(others: dict[str, float | None]) -> list[str]:
     """The steps during which other processes kept at least ``BUSY_CORES`` busy."""
     return [step for step, cores in others.items() if cores is not None and cores >= BUSY_CORES]
@@ -383,7 +399,7 @@ def build_report(args, *, out: Path, plan, accuracy: dict[str, Any], dense_summa
                  compressed_summary, dense_bytes: int, finetuned_dir: Path, latency: dict,
                  tuned: FineTuned, compress_command: str, compressed_dir: Path,
                  plotted: bool, started_at: float,
-                 others: dict[str, float | None]) -> dict[str, Any]:
+                 others: dict[str, float | None], threads: dict[str, Any]) -> dict[str, Any]:
     """``report.json``: every figure the job measured, the commands, the machine."""
     longer_epochs = 30
     budget = tuned.budget
@@ -453,6 +469,7 @@ def build_report(args, *, out: Path, plan, accuracy: dict[str, Any], dense_summa
             "other_processes_cores": others,
             "busy_steps": busy_steps(others),
             "busy_cores": BUSY_CORES,
+            "threads": threads,
         },
         "setup_included": args.started_at is not None,
     }
@@ -478,11 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     say(f"loading the teacher {args.teacher}")
     teacher, card = resolve_model(args.teacher)
     loader = test_loader(args.data_dir)
-    dense_eval = train.evaluate(teacher, loader, device="cpu", progress=progress)
-    say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
-
     others: dict[str, float | None] = {}  # cores other processes kept busy, per step
     contention = CpuContention()
+    dense_eval = train.evaluate(teacher, loader, device="cpu", progress=progress)
+    others["dense_evaluation"] = contention.others_cores()
+    say(f"dense test accuracy {dense_eval['accuracy']:.2f}%")
+    threads = fit_threads_to_load(others["dense_evaluation"])
+
+    contention.start()
     student, plan, student_card, compress_command = compress_teacher(
         args, teacher, card, compressed_dir)
     others["planning"] = contention.others_cores()
@@ -521,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         compressed_summary=summary(finetuned, example_input(card)),
         dense_bytes=dense_weights_bytes(teacher), finetuned_dir=finetuned_dir, latency=lat,
         tuned=tuned, compress_command=compress_command, compressed_dir=compressed_dir,
-        plotted=plotted, started_at=started_at, others=others,
+        plotted=plotted, started_at=started_at, others=others, threads=threads,
     )
     atomic_write_json(out / "report.json", report, indent=2)
     write_report(out, report, plan)

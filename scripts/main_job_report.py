@@ -160,6 +160,11 @@ def _machine_note(machine: dict[str, Any]) -> list[str]:
                    "are slower and noisier than a quiet machine's.")
     else:
         verdict = "The machine was quiet."
+    threads = machine.get("threads") or {}
+    if threads.get("used", 0) < threads.get("started", 0):
+        verdict += (f" The job ran on {threads['used']} thread(s) instead of "
+                    f"{threads['started']} after the dense evaluation, to leave the busy "
+                    "cores alone.")
     return [f"Cores other processes kept busy on average — {figures}. {verdict}", ""]
 
 

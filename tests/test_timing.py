@@ -69,6 +69,15 @@ def test_contention_is_the_hosts_busy_time_less_this_processs_own(tmp_path, monk
     assert CpuContention(tmp_path / "missing").others_cores() is None
 
 
+def test_free_cores_are_those_others_leave_rounded_and_at_least_one():
+    assert timing.free_cores(0.03, cores=2) == 2
+    assert timing.free_cores(0.6, cores=2) == 1  # 1.4 left: two threads would wait on each other
+    assert timing.free_cores(0.4, cores=2) == 2
+    assert timing.free_cores(3.0, cores=2) == 1
+    assert timing.free_cores(2.5, cores=8) == 6
+    assert timing.free_cores(None, cores=2) is None
+
+
 def test_cache_ignores_unreadable_files_and_writes_atomically(tmp_path):
     path = tmp_path / "sub" / "latency.json"
     path.parent.mkdir()

@@ -36,6 +36,7 @@ __all__ = [
     "cpu_model",
     "default_cache_path",
     "environment_key",
+    "free_cores",
     "measure_latency",
     "time_interleaved",
 ]
@@ -99,6 +100,17 @@ class CpuContention:
             return 0.0
         others = (host - host0) - (self._own_cpu() - own0)
         return max(0.0, others / wall)
+
+
+def free_cores(others_cores: float | None, cores: int | None = None) -> int | None:
+    """The cores left to this process when other processes keep ``others_cores`` of the
+    ``cores`` (default: all of this machine's) busy on average, rounded, at least 1; ``None``
+    when ``others_cores`` is unknown. More intra-op threads than that wait on each other: on
+    2 cores beside another 2-thread job a training epoch went from 205 s to 1021 s."""
+    if others_cores is None:
+        return None
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cores, math.floor(cores - others_cores + 0.5)))
 
 
 def default_cache_path() -> Path:

@@ -343,10 +343,13 @@ def test_main_job_script_end_to_end(workspace, tmp_path):
     assert "planned for the least error" in text
     assert f"| weights file (bytes) | {size['dense_bytes']:,} | {size['bytes']:,} |" in text
     machine = report["machine"]
-    assert set(machine["other_processes_cores"]) == {"planning", "fine_tuning", "latency"}
+    assert set(machine["other_processes_cores"]) == {"dense_evaluation", "planning",
+                                                     "fine_tuning", "latency"}
+    # the test sets OMP_NUM_THREADS: a user's choice, never changed
+    assert machine["threads"] == {"started": 1, "used": 1, "chosen_by_user": True}
     assert machine["busy_steps"] == [step for step, cores in
                                      machine["other_processes_cores"].items()
                                      if cores is not None and cores >= machine["busy_cores"]]
-    assert "Cores other processes kept busy on average — planning " in text
+    assert "Cores other processes kept busy on average — dense evaluation " in text
     assert ("**The machine was busy**" in text) == bool(machine["busy_steps"])
     assert io.is_saved_model(out / "finetuned")

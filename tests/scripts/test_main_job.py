@@ -187,3 +187,22 @@ def test_busy_steps_are_those_where_others_kept_a_quarter_core_busy():
     assert main_job.describe_others(others, main_job.busy_steps(others)) == (
         "1.4 cores during fine-tuning, 0.9 during latency"
     )
+
+
+def test_threads_drop_to_the_free_cores_unless_the_user_chose_them(monkeypatch):
+    monkeypatch.setattr(main_job.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv(main_job.THREADS_ENV, raising=False)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main_job.fit_threads_to_load(0.05) == {
+            "started": 2, "used": 2, "chosen_by_user": False}
+        assert main_job.fit_threads_to_load(1.4) == {
+            "started": 2, "used": 1, "chosen_by_user": False}
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv(main_job.THREADS_ENV, "2")
+        assert main_job.fit_threads_to_load(1.4)["used"] == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
