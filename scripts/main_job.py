@@ -382,9 +382,8 @@ def busy_steps(others: dict[str, float | None]) -> list[str]:
 
 
 def describe_others(others: dict[str, float | None], steps: list[str]) -> str:
-    """``"1.4 cores during fine_tuning, 0.9 during latency"``."""
-    return ", ".join(f"{others[step]:.1f} {'cores ' if i == 0 else ''}during "
-                     f"{step.replace('_', '-')}" for i, step in enumerate(steps))
+    """``"1.4 during fine-tuning, 0.9 during latency"``."""
+    return ", ".join(f"{others[step]:.1f} during {step.replace('_', '-')}" for step in steps)
 
 
 def dense_weights_bytes(model) -> int:
@@ -527,8 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     others["latency"] = contention.others_cores()
     busy = busy_steps(others)
     if busy:
-        say(f"the machine was busy: other processes kept {describe_others(others, busy)} "
-            "busy; this run's times are slower than a quiet machine's")
+        say(f"the machine was busy: other processes kept cores busy "
+            f"({describe_others(others, busy)}); this run's times are slower than a quiet "
+            "machine's")
     plotted = plot_layers(plan, out / "layers.png")
     if not plotted:
         say("matplotlib is not installed (pip install -e '.[plot]'): no plot")

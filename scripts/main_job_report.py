@@ -83,7 +83,8 @@ def write_report(out: Path, report: dict[str, Any], plan: CompressionPlan) -> No
         + ".",
         f"Accuracy gap to the teacher after fine-tuning: {acc['gap']:+.2f} points.",
         "",
-        f"## CPU latency (median, {lat['threads']} threads, {report['machine']['cpu']})",
+        f"## CPU latency (median, {lat['threads']} thread{'s' if lat['threads'] > 1 else ''}, "
+        f"{report['machine']['cpu']})",
         "",
         "| batch | dense (ms) | dense layout | compressed (ms) | speed-up |",
         "|---:|---:|---|---:|---:|",
@@ -162,9 +163,8 @@ def _machine_note(machine: dict[str, Any]) -> list[str]:
         verdict = "The machine was quiet."
     threads = machine.get("threads") or {}
     if threads.get("used", 0) < threads.get("started", 0):
-        verdict += (f" The job ran on {threads['used']} thread(s) instead of "
-                    f"{threads['started']} after the dense evaluation, to leave the busy "
-                    "cores alone.")
+        verdict += (f" The job ran on {threads['used']} of {threads['started']} threads, not "
+                    "all, after the dense evaluation, to leave the busy cores alone.")
     return [f"Cores other processes kept busy on average — {figures}. {verdict}", ""]
 
 

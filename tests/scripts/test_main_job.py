@@ -185,7 +185,7 @@ def test_busy_steps_are_those_where_others_kept_a_quarter_core_busy():
     assert main_job.busy_steps({"planning": main_job.BUSY_CORES}) == ["planning"]
     others["latency"] = 0.9
     assert main_job.describe_others(others, main_job.busy_steps(others)) == (
-        "1.4 cores during fine-tuning, 0.9 during latency"
+        "1.4 during fine-tuning, 0.9 during latency"
     )
 
 
@@ -206,3 +206,18 @@ def test_threads_drop_to_the_free_cores_unless_the_user_chose_them(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_report_says_whether_the_machine_was_busy_and_what_the_job_did():
+    from main_job_report import _machine_note
+
+    quiet = {"other_processes_cores": {"planning": 0.02, "latency": None}, "busy_steps": [],
+             "busy_cores": 0.25, "threads": {"started": 2, "used": 2}}
+    assert _machine_note(quiet)[0] == (
+        "Cores other processes kept busy on average — planning 0.02. The machine was quiet.")
+    busy = {**quiet, "other_processes_cores": {"planning": 1.51}, "busy_steps": ["planning"],
+            "threads": {"started": 2, "used": 1}}
+    text = _machine_note(busy)[0]
+    assert "planning 1.51. **The machine was busy**" in text
+    assert "ran on 1 of 2 threads" in text
+    assert "unknown" in _machine_note({"other_processes_cores": {"planning": None}})[0]
