@@ -247,6 +247,16 @@ def finished_cells(cells: Path, expected: dict) -> dict[str, dict]:
     return found
 
 
+def timing_model(cell: Path) -> nn.Module:
+    """The cell's distilled model, or, where it is not on this machine (the saved models are
+    not committed), the original with its plan's layers and untrained factors: the same
+    computation, so the same latency."""
+    if (cell / "model").is_dir():
+        return gkpd.load(cell / "model", load_minilm()[1])
+    plan = gkpd.CompressionPlan.load(cell / "plan.json")
+    return gkpd.apply_(load_minilm()[1], plan, decompose=False)
+
+
 def latencies(models: dict[str, nn.Module], batch: dict, rounds: int, warmup: int) -> dict:
     """Median milliseconds of each model on ``batch``, timed round by round side by side."""
     for model in models.values():
@@ -335,7 +345,7 @@ def main(argv=None) -> None:
 
     models = {"dense": teacher}
     for name in cells:
-        models[name] = gkpd.load(args.out / "cells" / name / "model", load_minilm()[1])
+        models[name] = timing_model(args.out / "cells" / name)
     shape_batch = dict(tokenizer(held_out_texts[: LATENCY_SHAPE[0]], padding="max_length",
                                  truncation=True, max_length=LATENCY_SHAPE[1],
                                  return_tensors="pt"))
