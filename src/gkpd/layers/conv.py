@@ -420,7 +420,7 @@ class KroneckerConvNd(KroneckerLayer):
         else:
             y = self._a_first(x, plan)
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, *([1] * n))
+            y = y.add_(self.bias.view(1, -1, *([1] * n)))  # in place: no new output tensor
         return y.squeeze(0) if unbatched else y
 
     def _with_weight(self, x: Tensor) -> Tensor:

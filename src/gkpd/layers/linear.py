@@ -139,7 +139,7 @@ class KroneckerLinear(KroneckerLayer):
             y = u.reshape(-1, o1, r * i2) @ self.b.transpose(1, 2).reshape(r * i2, o2)
         y = y.reshape(*lead, o1 * o2)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)  # in place: a new output-sized tensor cost a quarter of the time
         return y
 
     def extra_repr(self) -> str:
