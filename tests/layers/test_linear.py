@@ -7,9 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from testkit import divisors
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gkpd
-from gkpd.layers import base
+from gkpd.layers import base, linear
 
 f64 = torch.float64
 
@@ -100,6 +101,35 @@ def test_linear_forced_order_refuses_a_tensor_between_stages_larger_than_memory(
     layer.path = "a_first"
     with pytest.raises(MemoryError, match="path='a_first'"):
         layer(x)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_left_matmul_is_the_matrix_product(columns):
+    w = torch.randn(6, 5, dtype=f64)
+    x = torch.randn(4, columns, 5, dtype=f64).mT  # a transposed batch, as the stages pass
+    torch.testing.assert_close(linear._left_matmul(w, x), w @ x)
+
+
+@pytest.mark.parametrize("a_shape", [(2, 12), (1, 12)])
+def test_a_one_column_stage_runs_as_one_matrix_product(a_shape):
+    # A (2, 12) ⊗ B (8, 1): each token's A stage is one column; torch's matmul ran them as a
+    # batched matrix-vector product, 10x slower than one matrix product at MiniLM's sizes
+    layer = gkpd.KroneckerLinear(12, 8 * a_shape[0], a_shape=a_shape, rank=3)
+    x = torch.randn(5, 7, 12)
+    with torch.no_grad(), _Ops() as ops:  # at inference, where torch does not fold it
+        y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.reconstruct_weight(), layer.bias))
+    assert torch.ops.aten.bmm.default not in ops.seen, ops.seen
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 def test_linear_bad_inputs():

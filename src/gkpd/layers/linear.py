@@ -24,6 +24,18 @@ from gkpd.layers.conv import check_dtype, uniform_factor_bound
 __all__ = ["KroneckerLinear"]
 
 
+def _left_matmul(w: Tensor, x: Tensor) -> Tensor:
+    """``w @ x`` for a matrix ``w (m, k)`` and a batch ``x (N, k, n)``. With ``n == 1`` as one
+    matrix product over the batch: torch's ``matmul`` ran it as N matrix-vector products
+    (``bmm`` on the expanded ``w``), 182 ms against 19 on MiniLM's A (2, 384) layer at 1024
+    tokens. With ``n > 1`` torch's batched product stays: folding the batch would copy ``x``
+    transposed, which ran 1.6-2x slower on (16, 24) and (8, 64) splits (1 thread)."""
+    n, k, columns = x.shape
+    if columns != 1:
+        return w @ x
+    return (x.reshape(n, k) @ w.t()).unsqueeze(-1)
+
+
 class KroneckerLinear(KroneckerLayer):
     """``nn.Linear`` whose weight ``(out_features, in_features)`` is ``Σ_r a[r] ⊗ b[r]``.
 
@@ -133,9 +145,10 @@ class KroneckerLinear(KroneckerLayer):
         x = x.reshape(-1, i1, i2)
         if path == "b_first":
             t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
-            y = self.a.permute(1, 2, 0).reshape(o1, i1 * r) @ t.reshape(-1, i1 * r, o2)
+            y = _left_matmul(self.a.permute(1, 2, 0).reshape(o1, i1 * r),
+                             t.reshape(-1, i1 * r, o2))
         else:
-            u = self.a.transpose(0, 1).reshape(o1 * r, i1) @ x  # (N, O1·R, I2)
+            u = _left_matmul(self.a.transpose(0, 1).reshape(o1 * r, i1), x)  # (N, O1·R, I2)
             y = u.reshape(-1, o1, r * i2) @ self.b.transpose(1, 2).reshape(r * i2, o2)
         y = y.reshape(*lead, o1 * o2)
         if self.bias is not None:
