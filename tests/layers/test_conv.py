@@ -226,6 +226,9 @@ def test_a_forced_order_refuses_a_tensor_between_stages_larger_than_memory(monke
     monkeypatch.setattr(base, "memory_bytes", lambda device: 4 * 65536)
     torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(base, "memory_bytes", lambda device: 1)
+    layer(x)  # checked once per input shape: this one fitted already
+    with pytest.raises(MemoryError, match=r"shape \(4, 16, 8, 8\)"):
+        layer(torch.randn(4, 16, 8, 8))  # a new shape is checked again
     layer.path = "auto"  # auto is never refused: its fewer MACs bound what it builds
     torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-5)
 

@@ -37,7 +37,6 @@ from gkpd.layers.base import (
     KroneckerLayer,
     dense_factors,
     fx_leaf_call,
-    refuse_oversized,
 )
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
@@ -399,13 +398,11 @@ class KroneckerConvNd(KroneckerLayer):
             )
         path = self.resolve_path(x.shape)
         if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
-            n_batch, spatial = x.shape[0], tuple(x.shape[2:])
-            between = kronecker_conv_intermediate_numel(
-                spatial, self.a_shape, self.b_shape, self.rank, stride=self.stride,
+            self._refuse_oversized(path, x, lambda: kronecker_conv_intermediate_numel(
+                tuple(x.shape[2:]), self.a_shape, self.b_shape, self.rank, stride=self.stride,
                 padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,
-                batch=n_batch, padding_mode=self.padding_mode,
-            )[path]
-            refuse_oversized(self, path, between, x)
+                batch=x.shape[0], padding_mode=self.padding_mode,
+            )[path])
         if path == WEIGHT_PATH:
             y = self._with_weight(x)
             return y.squeeze(0) if unbatched else y

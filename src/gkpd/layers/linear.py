@@ -17,7 +17,6 @@ from gkpd.layers.base import (
     check_sizes,
     dense_factors,
     fx_leaf_call,
-    refuse_oversized,
 )
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
@@ -140,8 +139,8 @@ class KroneckerLinear(KroneckerLayer):
         (o1, i1), (o2, i2) = self.a_shape, self.b_shape
         lead = x.shape[:-1]
         if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
-            rows = math.prod(lead)
-            refuse_oversized(self, path, rows * r * (i1 * o2 if path == "b_first" else o1 * i2), x)
+            self._refuse_oversized(path, x, lambda: math.prod(lead) * r * (
+                i1 * o2 if path == "b_first" else o1 * i2))
         x = x.reshape(-1, i1, i2)
         if path == "b_first":
             t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
