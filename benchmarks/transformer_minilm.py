@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 import gkpd
 from gkpd.bench.variants import base_method, compress_options, needs_calibration
@@ -123,7 +123,7 @@ class Tokenized(Dataset):
         return self.rows[i]
 
 
-def loader(tokenizer, data: Tokenized, batch_size: int, sampler=None) -> DataLoader:
+def loader(tokenizer, data: Dataset, batch_size: int, sampler=None) -> DataLoader:
     """Batches padded to their longest document: dicts of keyword inputs."""
     return DataLoader(data, batch_size=batch_size, sampler=sampler,
                       collate_fn=lambda rows: dict(tokenizer.pad(rows, return_tensors="pt")))
@@ -322,10 +322,10 @@ def main(argv=None) -> None:
     data = {
         "tokenizer": tokenizer, "train": train, "held_out": held_out,
         "example": next(iter(loader(tokenizer, train, 2))),  # keyword inputs, as BERT's
-        # the first --calibration-documents of the train split, in batches padded to their
-        # longest (the variants that whiten their factors on data use them)
-        "calibration": loader(tokenizer, Tokenized(tokenizer, train_texts[
-            : args.calibration_documents], args.max_length), 16),
+        # the first --calibration-documents of the train split (its tokenized rows), in
+        # batches padded to their longest (the variants that whiten their factors use them)
+        "calibration": loader(tokenizer, Subset(train, range(min(
+            args.calibration_documents, len(train)))), 16),
         "teacher_embeddings": embeddings(teacher, held_out),
     }
     probe = nn.Linear(teacher.config.hidden_size, teacher.config.intermediate_size)

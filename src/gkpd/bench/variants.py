@@ -24,20 +24,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``(method, pinned options)`` of a variant; a plain method name is its own variant."""
+    return VARIANTS.get(name, (name, {}))
+
+
 def base_method(name: str) -> str:
     """The method a method or variant ``name`` runs (``gkpd-whiten``: ``gkpd``)."""
-    return VARIANTS.get(name, (name, {}))[0]
+    return _variant(name)[0]
 
 
 def needs_calibration(name: str) -> bool:
     """Whether the method or variant ``name`` fits its factors to calibration inputs."""
-    return "calibration" in VARIANTS.get(name, (name, {}))[1]
+    return "calibration" in _variant(name)[1]
 
 
 def compress_options(name: str, calibration: torch.Tensor | None) -> tuple[str, dict[str, Any]]:
     """The method a method or variant ``name`` runs and its options of ``gkpd.compress``; a
     variant's ``calibration`` settings get the ``calibration`` inputs."""
-    method, options = VARIANTS.get(name, (name, {}))
+    method, options = _variant(name)
     options = dict(options)
     if "calibration" in options:
         from gkpd.calibration import Calibration
