@@ -229,3 +229,41 @@ def test_corrected_weight_is_the_least_squares_fit_of_the_original_outputs():
     assert torch.allclose(fitted, expected, atol=1e-8)
     same = corrected_weight(w, x.T @ x / 200, x.T @ x / 200)
     assert torch.allclose(same, w, atol=1e-3)
+
+
+def test_whitened_svd_truncation_has_the_least_output_error_of_its_rank():
+    from gkpd.whiten import whitened_svd
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    cov = random_spd(10, g)
+    cov = cov + 3 * torch.outer(cov[0], cov[0])  # strongly correlated inputs
+    u, s, vh = whitened_svd(w, cov, damping=0.0)
+    torch.testing.assert_close(u @ torch.diag_embed(s) @ vh, w)
+    rank = 3
+    best = u[..., :rank] @ torch.diag_embed(s[:, :rank]) @ vh[:, :rank]
+    plain_u, plain_s, plain_vh = torch.linalg.svd(w, full_matrices=False)
+    plain = plain_u[..., :rank] @ torch.diag_embed(plain_s[:, :rank]) @ plain_vh[:, :rank]
+    # the output error of the truncation is the tail of the whitened spectrum
+    s2 = s.square()
+    tail = math.sqrt(float(s2[:, rank:].sum() / s2.sum()))
+    assert output_error(w.reshape(12, 10), best.reshape(12, 10), cov) == pytest.approx(tail)
+    assert output_error(w.reshape(12, 10), plain.reshape(12, 10), cov) > tail + 1e-3
+    # no truncation of that rank does better: perturbing the optimum only adds error
+    for _ in range(5):
+        nudged = best + 1e-3 * torch.randn(best.shape, generator=g, dtype=torch.float64)
+        nu, ns, nvh = torch.linalg.svd(nudged, full_matrices=False)
+        nudged = nu[..., :rank] @ torch.diag_embed(ns[:, :rank]) @ nvh[:, :rank]
+        assert output_error(w.reshape(12, 10), nudged.reshape(12, 10), cov) >= tail - 1e-12
+
+
+def test_whitened_svd_with_identity_covariance_is_the_plain_svd():
+    from gkpd.whiten import whitened_svd
+
+    w = torch.randn(1, 5, 7, dtype=torch.float64)
+    _, s, _ = whitened_svd(w, torch.eye(7, dtype=torch.float64), damping=0.0)
+    torch.testing.assert_close(s, torch.linalg.svdvals(w))
+    with pytest.raises(ValueError, match="covariance has shape"):
+        whitened_svd(w, torch.eye(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="damping"):
+        whitened_svd(w, torch.eye(7, dtype=torch.float64), damping=-1)

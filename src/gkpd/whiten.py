@@ -36,6 +36,7 @@ __all__ = [
     "input_patches",
     "nearest_kronecker_covariance",
     "output_error",
+    "whitened_svd",
 ]
 
 DEFAULT_DAMPING = 0.01
@@ -207,6 +208,34 @@ def _damped_roots(s: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
 
 
+def _check_covariance(cov: Tensor, weight_shape: Sequence[int], damping: float) -> None:
+    width = math.prod(weight_shape[1:])
+    if tuple(cov.shape) != (width, width):
+        raise ValueError(
+            f"covariance has shape {tuple(cov.shape)}, expected {(width, width)} for a "
+            f"weight of shape {tuple(weight_shape)}"
+        )
+    if not torch.isfinite(cov).all():
+        raise ValueError("the calibration covariance has non-finite entries (NaN or inf)")
+    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+
+
+def whitened_svd(
+    matrices: Tensor, cov: Tensor, *, damping: float = DEFAULT_DAMPING
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Activation-aware SVD of a batch of weight matrices ``(g, F, D)`` whose rows read input
+    vectors with second moment ``cov`` ``(D, D)``: ``(u, s, vh)`` in float64 on the CPU,
+    with ``u s vh = matrices`` and ``vh = V_wᵀ S_λ^-½`` for the SVD ``U_w s V_wᵀ`` of the
+    whitened ``matrices·S_λ^½``. Truncated to rank r it is the rank-r matrix of least output error
+    ``tr(ΔW S_λ ΔWᵀ)`` (Eckart–Young in the whitened space; no Kronecker approximation:
+    the whole covariance is used), and ``s``'s tail gives that error for every rank."""
+    _check_covariance(cov, (matrices.shape[-2], matrices.shape[-1]), damping)
+    root, inv_root = _damped_roots(cov.to(torch.float64), damping)
+    u, s, vh = torch.linalg.svd(matrices.to("cpu", torch.float64) @ root, full_matrices=False)
+    return u, s, vh @ inv_root
+
+
 @dataclass(frozen=True)
 class WhitenedSplit:
     """The whitening of one factor split: ``L_A``, ``L_B`` and their inverses (float64)."""
@@ -224,16 +253,7 @@ class WhitenedSplit:
         b_shape: Sequence[int] | None = None, *, damping: float = DEFAULT_DAMPING,
     ) -> WhitenedSplit:
         a, b = check_factor_shapes(weight_shape, a_shape, b_shape)
-        width = math.prod(weight_shape[1:])
-        if tuple(cov.shape) != (width, width):
-            raise ValueError(
-                f"covariance has shape {tuple(cov.shape)}, expected {(width, width)} for a "
-                f"weight of shape {tuple(weight_shape)}"
-            )
-        if not torch.isfinite(cov).all():
-            raise ValueError("the calibration covariance has non-finite entries (NaN or inf)")
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping >= 0:
-            raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+        _check_covariance(cov, weight_shape, damping)
         s_a, s_b = nearest_kronecker_covariance(cov, a[1:], b[1:])
         root_a, inv_a = _damped_roots(s_a, damping)
         root_b, inv_b = _damped_roots(s_b, damping)

@@ -102,7 +102,7 @@ def test_compress_with_calibration_images(capsys, workspace, tmp_path):
     [
         (["--calibration", "-1"], "--calibration must be"),
         (["--calibration-sequential"], "need --calibration N"),
-        (["--calibration", "8", "--method", "svd"], "--method gkpd only"),
+        (["--calibration", "8", "--method", "tucker"], "--method gkpd or svd only"),
     ],
 )
 def test_compress_rejects_calibration_options(capsys, workspace, tmp_path, argv, message):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import nn
+from testkit.calibration import SmallConvNet, correlated_images
 from torch.utils.data import DataLoader, TensorDataset
 
 import gkpd
@@ -10,34 +10,15 @@ from gkpd.calibration import Calibration, collect_covariances
 from gkpd.whiten import InputCovariance, output_error
 
 
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.conv3 = nn.Conv2d(32, 32, 3, padding=1, groups=2)
-        self.fc = nn.Linear(32, 24)
-        self.head = nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = torch.relu(self.conv3(x)).mean((2, 3))
-        return self.head(torch.relu(self.fc(x)))
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return Small().eval()
+    return SmallConvNet().eval()
 
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(1)
-    # correlated channels, so that whitening has something to find
-    base = torch.randn(96, 3, 8, 8, generator=g)
-    return base + base[:, :1]
+    return correlated_images()
 
 
 def _factors(entry):
@@ -137,7 +118,7 @@ def test_plan_json_keeps_the_calibration_and_apply_needs_the_data(model, images,
     applied = gkpd.apply_(copy.deepcopy(model), again, calibration=images)
     # saving and loading builds the layers without data
     gkpd.save(tmp_path / "m", applied, again)
-    loaded = gkpd.load(tmp_path / "m", Small())
+    loaded = gkpd.load(tmp_path / "m", SmallConvNet())
     with torch.no_grad():
         assert torch.allclose(loaded(images[:4]), applied(images[:4]), atol=1e-5)
 
@@ -166,8 +147,8 @@ def test_bad_calibration_settings_and_methods(model, images):
         Calibration(images, damping=-0.1)
     with pytest.raises(ValueError, match="sequential"):
         Calibration(images, sequential="yes")
-    with pytest.raises(ValueError, match="method 'gkpd' only"):
-        gkpd.plan(model, images[:1], ratio=3.0, method="svd", calibration=images)
+    with pytest.raises(ValueError, match="methods gkpd, svd only"):
+        gkpd.plan(model, images[:1], ratio=3.0, method="cp", calibration=images)
 
 
 def test_compress_reads_the_calibration_data_once(model, images):
@@ -180,7 +161,7 @@ def test_compress_reads_the_calibration_data_once(model, images):
 
     gkpd.compress(model, images[:1], ratio=3.0, min_params=0, calibration=Counted())
     assert Counted.passes == 1  # apply_ on the copy reuses the plan's covariances
-    other = Small().eval()  # another model's values: collected again
+    other = SmallConvNet().eval()  # another model's values: collected again
     gkpd.compress(other, images[:1], ratio=3.0, min_params=0,
                   calibration=Calibration(Counted()))
     assert Counted.passes == 2

@@ -21,6 +21,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gkpd-whiten-sequential": (
         "gkpd", {"calibration": {"samples": 512, "select": False, "sequential": True}}
     ),
+    # the data-aware baseline: SVD truncated in the whitening of the same 512 images
+    # (activation-aware low rank), ranks as svd's
+    "svd-whiten": ("svd", {"calibration": {"samples": 512, "select": False}}),
 }
 
 

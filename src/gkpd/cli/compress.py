@@ -83,12 +83,14 @@ def _calibration(args: argparse.Namespace, card: dict[str, Any]):
     """``--calibration N`` training images of ``--data`` (default: the model's data set)."""
     from gkpd import data
     from gkpd.calibration import Calibration
+    from gkpd.methods import data_aware_methods
 
     name = args.data or card.get("dataset")
     if name is None:
         raise CliError("--calibration needs --data: MODEL's card names no data set")
-    if args.method != "gkpd":
-        raise CliError(f"--calibration is used by --method gkpd only, got {args.method}")
+    if args.method not in data_aware_methods():
+        raise CliError(f"--calibration is used by --method {' or '.join(data_aware_methods())} "
+                       f"only, got {args.method}")
     check_data(card, name, "calibrating")
     images = data.sample_inputs(name, args.calibration, args.data_dir)
     return Calibration(images, samples=args.calibration, select=args.calibration_select,
@@ -178,8 +180,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--calibration", type=int, default=0, metavar="N",
-        help="data-aware GKPD: whiten each layer's factors on N training images (a fixed, "
-        "not augmented draw; 0: plain GKPD)",
+        help="data-aware factors (--method gkpd or svd): whiten each layer's factors on N "
+        "training images (a fixed, not augmented draw; 0: plain factors)",
     )
     p.add_argument("--data", default=None, choices=dataset_names(),
                    help="data set of --calibration (default: the one MODEL was trained on)")

@@ -61,6 +61,11 @@ def layer_methods() -> list[LayerMethod]:
     return [m for m in _METHODS.values() if isinstance(m, LayerMethod)]
 
 
+def data_aware_methods() -> list[str]:
+    """Names of the methods that plan with calibration data (``LayerMethod.data_aware``)."""
+    return [name for name in method_names() if getattr(_METHODS[name], "data_aware", False)]
+
+
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
@@ -83,6 +88,7 @@ __all__ = [
     "TensorRing",
     "TensorTrain",
     "Tucker",
+    "data_aware_methods",
     "get_method",
     "layer_methods",
     "method_names",

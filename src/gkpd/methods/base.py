@@ -79,6 +79,12 @@ class LayerMethod(_Named):
     calls (the latency objective finds picks again by equality).
     """
 
+    # Whether the method plans with calibration data (``gkpd.plan(..., calibration=...)``):
+    # then ``ctx.input_covariance`` is set, ``describe`` marks whitened entries
+    # (``settings["init"] == "whitened"``), and ``exact_error`` and ``build`` take the layer's
+    # ``input_covariance`` keyword.
+    data_aware: ClassVar[bool] = False
+
     @abstractmethod
     def supports(self, module: nn.Module) -> str | None:
         """``None`` when ``module`` can be compressed, else the reason it cannot."""

@@ -89,6 +89,7 @@ class KroneckerConfig(NamedTuple):
 
 class GKPD(LayerMethod):
     name = "gkpd"
+    data_aware = True
 
     def supports(self, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear | nn.Embedding) or _is_conv(module):

@@ -6,6 +6,12 @@ becomes a conv ``C → g·r`` with the original kernel, stride, padding, dilatio
 mode, then a 1×1 conv ``g·r → F`` with the bias (both with ``groups=g``). A linear layer
 becomes ``Linear(in → r, no bias)`` then ``Linear(r → out)``. Each factor carries ``√σ``.
 The error of every rank comes from one SVD.
+
+With calibration data (``gkpd.plan(..., method="svd", calibration=...)``) the truncation is
+activation-aware: the SVD of the weight whitened by the damped second moment of the layer's
+input vectors (:func:`gkpd.whiten.whitened_svd`), so that each rank keeps the most of the
+layer's *output* on that data — the data-aware counterpart of GKPD's whitened factors, so that
+the two are compared on equal terms.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from gkpd.methods.lowrank import (
 )
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
+from gkpd.whiten import output_error, whitened_svd
 
 
 def _groups(module: nn.Module) -> int:
@@ -62,8 +69,16 @@ def _bias(module: nn.Module) -> int:
     return 0 if module.bias is None else module.bias.numel()
 
 
+def _relative_tail(s2: torch.Tensor) -> np.ndarray:
+    """Relative error of every rank from the squared singular values ``(g, k)``."""
+    total = float(s2.sum())
+    captured = np.cumsum(s2.sum(0).cpu().numpy())
+    return np.sqrt(np.clip(total - captured, 0.0, None) / total) if total else 0 * captured
+
+
 class SVD(LayerMethod):
     name = "svd"
+    data_aware = True
 
     def supports(self, module: nn.Module) -> str | None:
         reason = layer_reason(module, self.name)
@@ -97,22 +112,61 @@ class SVD(LayerMethod):
         keep = restrict(ctx, params, macs, ranks.tolist(), wanted, self.name)
         if not len(keep):
             return Candidates.empty()
-        s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()  # (g, k)
-        total = float(s2.sum())
-        captured = np.cumsum(s2.sum(0).cpu().numpy())
-        errors = np.sqrt(np.clip(total - captured, 0.0, None) / total) if total else 0 * captured
-        # the errors are those of the SVD that build truncates: no second SVD per layer
+        if ctx.select_by_output and ctx.input_covariance is not None:
+            _, s, _ = whitened_svd(_grouped_matrix(module), ctx.input_covariance,
+                                   damping=ctx.damping)
+        else:
+            s = torch.linalg.svdvals(_grouped_matrix(module))
+        errors = _relative_tail(s.square())
+        # the weight errors are those of the SVD that build truncates (no second SVD per
+        # layer) unless build whitens it
+        exact = ctx.input_covariance is None
         return Candidates(params[keep], macs[keep], errors[keep], [int(r) for r in ranks[keep]],
-                          exact=np.ones(len(keep), bool))
+                          exact=np.full(len(keep), exact))
 
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         entry.settings = {"rank": int(config)}
+        if ctx.input_covariance is not None:
+            entry.settings.update(init="whitened", damping=float(ctx.damping))
 
     def _rank(self, module: nn.Module, entry: LayerPlan) -> int:
         rank = setting(entry.settings, "rank", self.name, entry.name)
         return positive_int(rank, f"svd rank of layer {entry.name!r}", _full_rank(module))
 
-    def exact_error(self, module: nn.Module, entry: LayerPlan) -> float:
+    def _factors(
+        self, module: nn.Module, entry: LayerPlan, input_covariance: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first (g, r, D), second (g, F/g, r))`` in float64, each carrying ``√σ``; whitened
+        when the entry says so."""
+        rank = self._rank(module, entry)
+        if entry.settings.get("init") == "whitened":
+            if input_covariance is None:
+                raise ValueError(
+                    f"layer {entry.name!r} is planned with factors from calibration data: pass "
+                    "calibration= to apply_ (or plan without calibration)"
+                )
+            u, s, vh = whitened_svd(_grouped_matrix(module), input_covariance,
+                                    damping=entry.settings["damping"])
+        else:
+            u, s, vh = torch.linalg.svd(_grouped_matrix(module), full_matrices=False)
+        root = s[:, :rank].sqrt()
+        return root.unsqueeze(-1) * vh[:, :rank], u[:, :, :rank] * root.unsqueeze(1)
+
+    def exact_error(
+        self, module: nn.Module, entry: LayerPlan, input_covariance: torch.Tensor | None = None
+    ) -> float:
+        """Relative weight error of the factors ``build`` starts from; a data-aware entry
+        also records their relative output error on the calibration data as
+        ``settings["output_error"]``."""
+        if entry.settings.get("init") == "whitened":
+            first, second = self._factors(module, entry, input_covariance)
+            weight = module.weight.detach().to("cpu", torch.float64)
+            approx = (second @ first).reshape(weight.shape)
+            entry.settings["output_error"] = round(
+                output_error(weight, approx, input_covariance), 6
+            )
+            norm = float(weight.norm())
+            return float((weight - approx).norm()) / norm if norm else 0.0
         rank = self._rank(module, entry)
         s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()
         total = float(s2.sum())
@@ -120,7 +174,12 @@ class SVD(LayerMethod):
 
     # ------------------------------------------------------------------ applying
 
-    def build(self, module: nn.Module, entry: LayerPlan, *, decompose: bool) -> nn.Module:
+    def build(
+        self, module: nn.Module, entry: LayerPlan, *, decompose: bool,
+        input_covariance: torch.Tensor | None = None,
+    ) -> nn.Module:
+        """The two-stage layer of ``entry``; a data-aware entry (``settings["init"] ==
+        "whitened"``) truncated in the whitening of the layer's ``input_covariance``."""
         rank = self._rank(module, entry)
         has_bias = module.bias is not None
         if isinstance(module, nn.Linear):
@@ -143,13 +202,9 @@ class SVD(LayerMethod):
                 module, g * rank, module.out_channels, (1,) * n, groups=g, bias=has_bias
             )
         if decompose:
-            u, s, vh = torch.linalg.svd(_grouped_matrix(module), full_matrices=False)
-            root = s[:, :rank].sqrt()
+            a, b = self._factors(module, entry, input_covariance)
             # first: (g·r, C/g·∏K); second: per group (F/g, r), stacked to (F, r)
-            load(first, (root.unsqueeze(-1) * vh[:, :rank]).reshape(-1, vh.shape[-1]))
-            load(
-                second,
-                (u[:, :, :rank] * root.unsqueeze(1)).reshape(-1, rank),
-                None if module.bias is None else module.bias.detach(),
-            )
+            load(first, a.reshape(-1, a.shape[-1]))
+            load(second, b.reshape(-1, rank),
+                 None if module.bias is None else module.bias.detach())
         return nn.Sequential(first, second)

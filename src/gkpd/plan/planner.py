@@ -19,7 +19,14 @@ from torch import nn
 from gkpd.calibration import Calibration, collect_covariances
 from gkpd.counting import module_params
 from gkpd.layers.attention import with_unpacked_layers
-from gkpd.methods import LayerContext, LayerMethod, ModelMethod, get_method, layer_methods
+from gkpd.methods import (
+    LayerContext,
+    LayerMethod,
+    ModelMethod,
+    data_aware_methods,
+    get_method,
+    layer_methods,
+)
 from gkpd.plan import coverage
 from gkpd.plan.budget import (
     STRATEGIES,
@@ -122,9 +129,10 @@ def plan(
     ``latency_slack``, ``latency_cache`` and ``latency_channels_last`` set its fields
     (deprecated: pass the object).
 
-    ``calibration`` (GKPD only): a :class:`gkpd.Calibration`, or inputs for one (a batched
-    tensor or a DataLoader). Each layer's factors then minimise its output error on those
-    inputs (whitened by the Kronecker-factored covariance of its input patches) and, with
+    ``calibration`` (methods ``gkpd`` and ``svd``): a :class:`gkpd.Calibration`, or inputs
+    for one (a batched tensor or a DataLoader). Each layer's factors then minimise its output
+    error on those inputs (GKPD's whitened by the Kronecker-factored covariance of its input
+    patches, SVD's by the whole covariance) and, with
     ``Calibration(select=True)``, factor shapes, ranks and the global allocation are ranked
     by that output error. The plan records the settings; ``apply_`` needs the data
     again (``compress`` passes it on).
@@ -136,8 +144,9 @@ def plan(
         objective=objective, deprecated=deprecated,
     )
     calibration = Calibration.of(calibration)
-    if calibration is not None and method != "gkpd":
-        raise ValueError(f"calibration is used by method 'gkpd' only, got method={method!r}")
+    if calibration is not None and method not in data_aware_methods():
+        raise ValueError(f"calibration is used by methods {', '.join(data_aware_methods())} "
+                         f"only, got method={method!r}")
     request = replace(request, calibration=calibration,
                       max_layer_error=checked_max_error(max_layer_error))
     compressor = get_method(method)
