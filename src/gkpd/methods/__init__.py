@@ -63,7 +63,7 @@ def layer_methods() -> list[LayerMethod]:
 
 def data_aware_methods() -> list[str]:
     """Names of the methods that plan with calibration data (``LayerMethod.data_aware``)."""
-    return [name for name in method_names() if getattr(_METHODS[name], "data_aware", False)]
+    return [name for name in method_names() if _METHODS[name].data_aware]
 
 
 def get_method(name: str) -> Method:

@@ -65,6 +65,12 @@ class _Named(ABC):
 
     name: ClassVar[str]
 
+    # Whether the method plans with calibration data (``gkpd.plan(..., calibration=...)``):
+    # for a layer method, ``ctx.input_covariance`` is then set, ``describe`` marks whitened
+    # entries (``settings["init"] == "whitened"``), and ``exact_error`` and ``build`` take the
+    # layer's ``input_covariance`` keyword.
+    data_aware: ClassVar[bool] = False
+
     def check_available(self) -> None:
         """Raise ``ImportError`` (saying what to install) when the method cannot run here;
         called before any work. The default: always available."""
@@ -78,12 +84,6 @@ class LayerMethod(_Named):
     to describe one way of compressing a layer; it must compare equal to itself across
     calls (the latency objective finds picks again by equality).
     """
-
-    # Whether the method plans with calibration data (``gkpd.plan(..., calibration=...)``):
-    # then ``ctx.input_covariance`` is set, ``describe`` marks whitened entries
-    # (``settings["init"] == "whitened"``), and ``exact_error`` and ``build`` take the layer's
-    # ``input_covariance`` keyword.
-    data_aware: ClassVar[bool] = False
 
     @abstractmethod
     def supports(self, module: nn.Module) -> str | None:
