@@ -35,10 +35,16 @@ from gkpd.methods.gkpd_search import (
     tail_errors,
     whitened_tail_errors,
 )
-from gkpd.methods.lowrank import override_settings, positive_int, setting
+from gkpd.methods.lowrank import (
+    data_aware_error,
+    override_settings,
+    positive_int,
+    setting,
+    whitening_covariance,
+)
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
-from gkpd.whiten import decompose_whitened, output_error
+from gkpd.whiten import decompose_whitened
 
 _KRONECKER_CONV = {1: KroneckerConv1d, 2: KroneckerConv2d, 3: KroneckerConv3d}
 
@@ -196,23 +202,14 @@ class GKPD(LayerMethod):
         ``input_covariance`` (a data-aware entry) also records their relative output error on
         the calibration data, under the full covariance, as ``settings["output_error"]``."""
         config = KroneckerConfig.of(entry)
-        if entry.settings.get("init") == "whitened":
-            if input_covariance is None:
-                raise ValueError(
-                    f"layer {entry.name!r} is planned with whitened factors: its input "
-                    "covariance is needed"
-                )
+        cov = whitening_covariance(entry, input_covariance)
+        if cov is not None:
             weight = module.weight.detach()
             factors = decompose_whitened(
-                weight, input_covariance, config.a_shape, config.b_shape, config.rank,
+                weight, cov, config.a_shape, config.b_shape, config.rank,
                 damping=entry.settings["damping"],
             )
-            approx = factors.reconstruct()
-            entry.settings["output_error"] = round(
-                output_error(weight, approx, input_covariance), 6
-            )
-            norm = float(weight.double().norm())
-            return float((weight.double() - approx.double()).norm()) / norm if norm else 0.0
+            return data_aware_error(entry, weight, factors.reconstruct(), cov)
         # the spectrum the candidate tables use, in float32 (the sums in float64)
         m = rearrange(module.weight.detach(), config.a_shape).float()
         total = float(m.double().square().sum())
@@ -229,16 +226,9 @@ class GKPD(LayerMethod):
     ) -> nn.Module:
         """The Kronecker layer of ``entry``; a data-aware entry (``settings["init"] ==
         "whitened"``) decomposed with the layer's ``input_covariance``."""
-        whitened = entry.settings.get("init") == "whitened"
-        if decompose and whitened and input_covariance is None:
-            raise ValueError(
-                f"layer {entry.name!r} is planned with factors from calibration data: pass "
-                "calibration= to apply_ (or plan without calibration)"
-            )
-        data = (
-            {"input_covariance": input_covariance, "damping": entry.settings["damping"]}
-            if decompose and whitened else {}
-        )
+        cov = whitening_covariance(entry, input_covariance) if decompose else None
+        data = {} if cov is None else {"input_covariance": cov,
+                                       "damping": entry.settings["damping"]}
         config = KroneckerConfig.of(entry)
         layer = self._build(module, config, decompose=decompose, **data)
         if "latency_ms" in entry.settings:  # a latency plan timed this path: run it

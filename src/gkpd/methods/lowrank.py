@@ -19,6 +19,8 @@ from torch import nn
 
 from gkpd.counting import conv_output_shape, resolve_padding
 from gkpd.methods.base import LayerContext
+from gkpd.plan.schema import LayerPlan
+from gkpd.whiten import output_error
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -105,6 +107,31 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     if total == 0.0:
         return 0.0
     return float(torch.linalg.vector_norm(w - approx.double().to(w.device))) / total
+
+
+def whitening_covariance(
+    entry: LayerPlan, input_covariance: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The covariance a data-aware entry (``settings["init"] == "whitened"``) is decomposed
+    with, ``None`` for a plain entry; an error naming the layer when a data-aware entry comes
+    without one."""
+    if entry.settings.get("init") != "whitened":
+        return None
+    if input_covariance is None:
+        raise ValueError(
+            f"layer {entry.name!r} is planned with factors from calibration data: pass "
+            "calibration= to apply_ (or plan without calibration)"
+        )
+    return input_covariance
+
+
+def data_aware_error(
+    entry: LayerPlan, weight: torch.Tensor, approx: torch.Tensor, input_covariance: torch.Tensor
+) -> float:
+    """Relative weight error of ``approx``; records its relative output error on the
+    calibration data (full covariance) as ``entry.settings["output_error"]``."""
+    entry.settings["output_error"] = round(output_error(weight, approx, input_covariance), 6)
+    return relative_error(weight, approx.reshape(weight.shape))
 
 
 def conv_like(

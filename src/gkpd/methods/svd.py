@@ -27,6 +27,7 @@ from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
+    data_aware_error,
     is_conv,
     layer_reason,
     linear_like,
@@ -36,10 +37,11 @@ from gkpd.methods.lowrank import (
     positive_int,
     restrict,
     setting,
+    whitening_covariance,
 )
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
-from gkpd.whiten import output_error, whitened_svd
+from gkpd.whiten import whitened_svd
 
 
 def _groups(module: nn.Module) -> int:
@@ -71,9 +73,12 @@ def _bias(module: nn.Module) -> int:
 
 def _relative_tail(s2: torch.Tensor) -> np.ndarray:
     """Relative error of every rank from the squared singular values ``(g, k)``."""
-    total = float(s2.sum())
-    captured = np.cumsum(s2.sum(0).cpu().numpy())
-    return np.sqrt(np.clip(total - captured, 0.0, None) / total) if total else 0 * captured
+    per_rank = s2.sum(0).cpu().numpy()
+    # summed from the smallest value, so that the tail of the full rank is exactly 0 and a
+    # small tail is not the difference of two large sums
+    tails = np.append(np.cumsum(per_rank[::-1])[::-1][1:], 0.0)
+    total = float(per_rank.sum())
+    return np.sqrt(tails / total) if total else 0 * tails
 
 
 class SVD(LayerMethod):
@@ -139,13 +144,9 @@ class SVD(LayerMethod):
         """``(first (g, r, D), second (g, F/g, r))`` in float64, each carrying ``√σ``; whitened
         when the entry says so."""
         rank = self._rank(module, entry)
-        if entry.settings.get("init") == "whitened":
-            if input_covariance is None:
-                raise ValueError(
-                    f"layer {entry.name!r} is planned with factors from calibration data: pass "
-                    "calibration= to apply_ (or plan without calibration)"
-                )
-            u, s, vh = whitened_svd(_grouped_matrix(module), input_covariance,
+        cov = whitening_covariance(entry, input_covariance)
+        if cov is not None:
+            u, s, vh = whitened_svd(_grouped_matrix(module), cov,
                                     damping=entry.settings["damping"])
         else:
             u, s, vh = torch.linalg.svd(_grouped_matrix(module), full_matrices=False)
@@ -158,19 +159,14 @@ class SVD(LayerMethod):
         """Relative weight error of the factors ``build`` starts from; a data-aware entry
         also records their relative output error on the calibration data as
         ``settings["output_error"]``."""
-        if entry.settings.get("init") == "whitened":
-            first, second = self._factors(module, entry, input_covariance)
-            weight = module.weight.detach().to("cpu", torch.float64)
-            approx = (second @ first).reshape(weight.shape)
-            entry.settings["output_error"] = round(
-                output_error(weight, approx, input_covariance), 6
-            )
-            norm = float(weight.norm())
-            return float((weight - approx).norm()) / norm if norm else 0.0
+        cov = whitening_covariance(entry, input_covariance)
+        if cov is not None:
+            first, second = self._factors(module, entry, cov)
+            return data_aware_error(entry, module.weight.detach().to("cpu", torch.float64),
+                                    second @ first, cov)
         rank = self._rank(module, entry)
-        s2 = torch.linalg.svdvals(_grouped_matrix(module)).square()
-        total = float(s2.sum())
-        return math.sqrt(max(total - float(s2[:, :rank].sum()), 0.0) / total) if total else 0.0
+        return float(_relative_tail(torch.linalg.svdvals(_grouped_matrix(module)).square())
+                     [rank - 1])
 
     # ------------------------------------------------------------------ applying
 
