@@ -7,38 +7,29 @@ import math
 
 import pytest
 import torch
+from testkit.layers import (
+    CONVS,
+    EXAMPLE,
+    TinyCNN,
+    apply_and_count,
+    dense_layer,
+    layer_input,
+    make_entry,
+    rel,
+    with_weight,
+)
 from torch import nn
 
 import gkpd
 from gkpd.apply import apply_
-from gkpd.counting import count_model
 from gkpd.methods import cp as cp_module
 from gkpd.methods import get_method, method_names
 from gkpd.plan import CompressionPlan
-from gkpd.plan.schema import LayerPlan
 
 BASELINES = ["svd", "tucker", "cp"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _entry(module, method, settings):
-    return LayerPlan(
-        name="layer",
-        module_type=type(module).__name__,
-        weight_shape=tuple(module.weight.shape),
-        input_shape=(1,),
-        dense_params=0,
-        dense_macs=0,
-        method=method,
-        settings=settings,
-    )
-
-
-def _dense(kind, *args, **kwargs):
-    torch.manual_seed(len(args) + 7 * len(kwargs))
-    return kind(*args, **kwargs, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- oracles
@@ -80,64 +71,23 @@ def _compose_cp(layer, dense):
 COMPOSE = {"svd": _compose_svd, "tucker": _compose_tucker, "cp": _compose_cp}
 
 
-def _with_weight(dense, weight):
-    oracle = copy.deepcopy(dense)
-    with torch.no_grad():
-        oracle.weight.copy_(weight)
-    return oracle
-
-
-def _input(dense):
-    torch.manual_seed(1)
-    if isinstance(dense, nn.Linear):
-        return torch.randn(2, 3, dense.in_features, dtype=torch.float64)
-    n = len(dense.kernel_size)
-    return torch.randn(2, dense.in_channels, *([9, 8, 7][:n]), dtype=torch.float64)
-
-
-def _rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
 # ----------------------------------------------------------------------------- layers
 
-CONVS = {
-    "2d stride pad": lambda: _dense(nn.Conv2d, 6, 8, 3, stride=2, padding=1),
-    "2d mixed reflect": lambda: _dense(
-        nn.Conv2d,
-        6,
-        8,
-        (3, 2),
-        stride=(1, 2),
-        padding=(2, 1),
-        dilation=(2, 1),
-        padding_mode="reflect",
-        bias=False,
-    ),
-    "2d 1x3 circular": lambda: _dense(
-        nn.Conv2d, 6, 8, (1, 3), stride=2, padding=(0, 1), padding_mode="circular"
-    ),
-    "2d 1x1 strided": lambda: _dense(nn.Conv2d, 8, 6, 1, stride=2),
-    "1d same replicate": lambda: _dense(
-        nn.Conv1d, 4, 6, 4, padding="same", dilation=2, padding_mode="replicate"
-    ),
-    "3d": lambda: _dense(nn.Conv3d, 4, 6, 3, stride=(1, 2, 1), padding=1),
-}
 SETTINGS = {"svd": {"rank": 3}, "tucker": {"ranks": [3, 3]}, "cp": {"rank": 5}}
 
 
 def _check_factors(name, dense, settings):
     method = get_method(name)
     assert method.supports(dense) is None
-    entry = _entry(dense, name, settings)
+    entry = make_entry(dense, name, settings)
     layer = method.build(dense, entry, decompose=True)
     assert all(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) for m in layer)
     weight = COMPOSE[name](layer, dense)
-    x = _input(dense)
-    assert _rel(layer(x), _with_weight(dense, weight)(x)) < 1e-10
+    x = layer_input(dense)
+    assert rel(layer(x), with_weight(dense, weight)(x)) < 1e-10
     # the recorded error is the error of what was built
     error = method.exact_error(dense, entry)
-    assert error == pytest.approx(_rel(weight, dense.weight.detach()), abs=1e-9)
+    assert error == pytest.approx(rel(weight, dense.weight.detach()), abs=1e-9)
     assert 0 < error < 1
     return layer
 
@@ -149,8 +99,8 @@ def test_replacement_equals_conv_with_composed_weight(name, case):
 
 
 def test_svd_grouped_and_linear_equal_composed_weight():
-    _check_factors("svd", _dense(nn.Conv2d, 8, 12, 3, groups=4, padding=1), {"rank": 2})
-    _check_factors("svd", _dense(nn.Linear, 10, 7), {"rank": 3})
+    _check_factors("svd", dense_layer(nn.Conv2d, 8, 12, 3, groups=4, padding=1), {"rank": 2})
+    _check_factors("svd", dense_layer(nn.Linear, 10, 7), {"rank": 3})
 
 
 @pytest.mark.parametrize("case", list(CONVS))
@@ -162,34 +112,35 @@ def test_svd_and_tucker_at_full_rank_are_the_dense_layer(case):
         "svd": {"rank": min(f, c * kk)},
         "tucker": {"ranks": [min(c, f * kk), min(f, c * kk)]},
     }
-    x = _input(dense)
+    x = layer_input(dense)
     for name, settings in full.items():
-        entry = _entry(dense, name, settings)
+        entry = make_entry(dense, name, settings)
         layer = get_method(name).build(dense, entry, decompose=True)
-        assert _rel(layer(x), dense(x)) < 1e-10, name
+        assert rel(layer(x), dense(x)) < 1e-10, name
         assert get_method(name).exact_error(dense, entry) < 1e-10
 
 
 def test_svd_full_rank_grouped_and_linear_are_dense():
     for dense, rank in (
-        (_dense(nn.Conv2d, 8, 12, 3, groups=4, padding=1), 3),
-        (_dense(nn.Linear, 10, 7), 7),
+        (dense_layer(nn.Conv2d, 8, 12, 3, groups=4, padding=1), 3),
+        (dense_layer(nn.Linear, 10, 7), 7),
     ):
-        layer = get_method("svd").build(dense, _entry(dense, "svd", {"rank": rank}), decompose=True)
-        x = _input(dense)
-        assert _rel(layer(x), dense(x)) < 1e-10
+        entry = make_entry(dense, "svd", {"rank": rank})
+        layer = get_method("svd").build(dense, entry, decompose=True)
+        x = layer_input(dense)
+        assert rel(layer(x), dense(x)) < 1e-10
 
 
 def test_cp_is_deterministic_and_fits_better_with_rank():
     dense = CONVS["2d stride pad"]()
     method = get_method("cp")
-    entry = _entry(dense, "cp", {"rank": 6})
+    entry = make_entry(dense, "cp", {"rank": 6})
     first = method.build(dense, entry, decompose=True)
     cp_module._CACHE.clear()
     second = method.build(dense, entry, decompose=True)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
-    errors = [method.exact_error(dense, _entry(dense, "cp", {"rank": r})) for r in (2, 8, 30)]
+    errors = [method.exact_error(dense, make_entry(dense, "cp", {"rank": r})) for r in (2, 8, 30)]
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -198,10 +149,10 @@ def test_bad_settings_are_refused(name):
     dense = CONVS["2d stride pad"]()
     method = get_method(name)
     with pytest.raises(ValueError, match="settings"):
-        method.build(dense, _entry(dense, name, {}), decompose=True)
+        method.build(dense, make_entry(dense, name, {}), decompose=True)
     bad = {"svd": {"rank": 0}, "tucker": {"ranks": [7, 2]}, "cp": {"rank": -1}}[name]
     with pytest.raises(ValueError, match="layer"):
-        method.build(dense, _entry(dense, name, bad), decompose=True)
+        method.build(dense, make_entry(dense, name, bad), decompose=True)
 
 
 def test_unsupported_layers_say_why():
@@ -221,25 +172,6 @@ def test_unsupported_layers_say_why():
 # ----------------------------------------------------------------------------- planner
 
 
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv1 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(32)
-        self.conv2 = nn.Conv2d(32, 32, (3, 1), padding=(1, 0), padding_mode="reflect")
-        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv1(torch.relu(self.stem(x)))))
-        x = self.grouped(torch.relu(self.conv2(x)))
-        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
-
-
-EXAMPLE = torch.randn(1, 3, 12, 12)
-
 
 @pytest.mark.parametrize("strategy", ["uniform", "global"])
 @pytest.mark.parametrize("name", BASELINES)
@@ -248,16 +180,12 @@ def test_plan_reaches_ratio_and_applied_model_counts_match(name, strategy):
     model = TinyCNN().eval()
     plan = gkpd.plan(model, EXAMPLE, ratio=2.0, method=name, strategy=strategy, min_params=500)
     assert abs(plan.achieved_ratio / 2.0 - 1) <= 0.05
-    assert plan.compressed_layers
-    compressed = apply_(copy.deepcopy(model), plan)
-    counted = count_model(compressed, EXAMPLE)
-    assert counted.total_params == plan.params
-    assert counted.total_macs == plan.macs
+    compressed = apply_and_count(model, plan)
     for entry in plan.compressed_layers:
         assert entry.method == name and entry.settings
         layer = compressed.get_submodule(entry.name)
         dense = model.get_submodule(entry.name)
-        composed = _with_weight(dense, COMPOSE[name](layer, dense))
+        composed = with_weight(dense, COMPOSE[name](layer, dense))
         x = torch.randn(2, *entry.input_shape[1:])
         assert torch.allclose(layer(x), composed(x), atol=1e-4)
     # unsupported layers stay dense and say why

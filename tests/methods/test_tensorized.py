@@ -11,6 +11,7 @@ import tensorly as tl
 import torch
 from tensorly.tr_tensor import tr_to_tensor
 from tensorly.tt_tensor import tt_to_tensor
+from testkit.layers import layer_input, rel
 from torch import nn
 
 from gkpd.methods import get_method
@@ -76,18 +77,6 @@ def _weight_from_cores(name, layer, dense):
     return weight.reshape(shape)
 
 
-def _input(dense):
-    torch.manual_seed(1)
-    if isinstance(dense, nn.Linear):
-        return torch.randn(2, 3, dense.in_features, dtype=torch.float64)
-    n = len(dense.kernel_size)
-    return torch.randn(2, dense.in_channels, *([9, 8, 7][:n]), dtype=torch.float64)
-
-
-def _rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm())
-
-
 @pytest.mark.parametrize("case", list(LAYERS))
 @pytest.mark.parametrize("name", METHODS)
 def test_layer_equals_dense_layer_with_weight_from_cores(name, case):
@@ -101,11 +90,11 @@ def test_layer_equals_dense_layer_with_weight_from_cores(name, case):
     oracle = copy.deepcopy(dense)
     with torch.no_grad():
         oracle.weight.copy_(weight)
-    x = _input(dense)
-    assert _rel(layer(x), oracle(x)) < 1e-10
+    x = layer_input(dense)
+    assert rel(layer(x), oracle(x)) < 1e-10
     # the recorded error is the error of what was built, and it falls with the rank
     error = method.exact_error(dense, entry)
-    assert error == pytest.approx(_rel(weight, dense.weight), abs=1e-9)
+    assert error == pytest.approx(rel(weight, dense.weight), abs=1e-9)
     assert 0 < error < 1
     top = method.max_rank(tensor_modes(dense.weight.shape, layer.in_modes, layer.out_modes))
     assert method.exact_error(dense, _entry(dense, name, top)) <= error + 1e-12
@@ -124,8 +113,8 @@ def test_tensor_train_at_full_rank_is_the_dense_layer():
         modes = tensor_modes(dense.weight.shape, in_modes, out_modes)
         layer = method.build(dense, _entry(dense, "tensor_train", method.max_rank(modes)),
                              decompose=True)
-        x = _input(dense)
-        assert _rel(layer(x), dense(x)) < 1e-10
+        x = layer_input(dense)
+        assert rel(layer(x), dense(x)) < 1e-10
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -141,7 +130,7 @@ def test_fresh_build_has_the_same_shapes_and_loads_the_weights(name):
     scale = float(fresh.reconstruct_weight().detach().std() / dense.weight.detach().std())
     assert 0.2 < scale < 5
     fresh.load_state_dict(decomposed.state_dict())
-    x = _input(dense)
+    x = layer_input(dense)
     assert torch.equal(fresh(x), decomposed(x))
     assert decomposed.macs((1, 8, 9, 8)) == 12 * 8 * 9 * 5 * 4
 
