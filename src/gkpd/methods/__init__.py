@@ -8,6 +8,7 @@ from gkpd.methods.auto import Auto
 from gkpd.methods.base import LayerContext, LayerMethod, Method, ModelMethod
 from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD, KroneckerConfig
+from gkpd.methods.gkpd_tucker import GKPDTucker
 from gkpd.methods.pruning import Prune
 from gkpd.methods.svd import SVD
 from gkpd.methods.tensor_ring import TensorRing
@@ -45,7 +46,7 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
 
 
 _gkpd, _svd, _tucker = GKPD(), SVD(), Tucker()
-for _method in (_gkpd, _svd, _tucker, CP(), TensorTrain(), TensorRing(), Prune(),
+for _method in (_gkpd, _svd, _tucker, GKPDTucker(), CP(), TensorTrain(), TensorRing(), Prune(),
                 Auto((_gkpd, _tucker, _svd))):
     register_method(_method)
 del _method, _gkpd, _svd, _tucker
@@ -78,6 +79,7 @@ __all__ = [
     "Auto",
     "CP",
     "GKPD",
+    "GKPDTucker",
     "SVD",
     "KroneckerConfig",
     "LayerContext",

@@ -230,55 +230,59 @@ class GKPD(LayerMethod):
         data = {} if cov is None else {"input_covariance": cov,
                                        "damping": entry.settings["damping"]}
         config = KroneckerConfig.of(entry)
-        layer = self._build(module, config, decompose=decompose, **data)
+        layer = build_kronecker(module, config, decompose=decompose, **data)
         if "latency_ms" in entry.settings:  # a latency plan timed this path: run it
             layer.path = config.path
         return layer
 
-    def _build(
-        self, module: nn.Module, config: KroneckerConfig, *, decompose: bool, **data: Any
-    ) -> nn.Module:
-        a_shape, rank = config.a_shape, config.rank
-        if isinstance(module, nn.Embedding):  # never whitened: its inputs are token ids
-            if decompose:
-                return KroneckerEmbedding.from_dense(module, a_shape=a_shape, rank=rank)
-            w = module.weight
-            return KroneckerEmbedding(
-                module.num_embeddings, module.embedding_dim, module.padding_idx,
-                a_shape=a_shape, rank=rank, device=w.device, dtype=w.dtype,
-            )
-        if isinstance(module, nn.Linear):
-            if decompose:
-                return KroneckerLinear.from_dense(module, a_shape=a_shape, rank=rank, **data)
-            w = module.weight
-            return KroneckerLinear(
-                module.in_features,
-                module.out_features,
-                module.bias is not None,
-                a_shape=a_shape,
-                rank=rank,
-                device=w.device,
-                dtype=w.dtype,
-            )
-        layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
+
+def build_kronecker(
+    module: nn.Module, config: KroneckerConfig, *, decompose: bool, **data: Any
+) -> nn.Module:
+    """The Kronecker layer of ``config`` for the conv, linear or embedding ``module``: its
+    factors decomposed from ``module``'s weight (``data``: a whitening), or freshly
+    initialized when ``decompose`` is false."""
+    a_shape, rank = config.a_shape, config.rank
+    if isinstance(module, nn.Embedding):  # never whitened: its inputs are token ids
         if decompose:
-            return layer_cls.from_dense(module, a_shape=a_shape, rank=rank, **data)
+            return KroneckerEmbedding.from_dense(module, a_shape=a_shape, rank=rank)
         w = module.weight
-        return layer_cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.groups,
+        return KroneckerEmbedding(
+            module.num_embeddings, module.embedding_dim, module.padding_idx,
+            a_shape=a_shape, rank=rank, device=w.device, dtype=w.dtype,
+        )
+    if isinstance(module, nn.Linear):
+        if decompose:
+            return KroneckerLinear.from_dense(module, a_shape=a_shape, rank=rank, **data)
+        w = module.weight
+        return KroneckerLinear(
+            module.in_features,
+            module.out_features,
             module.bias is not None,
-            module.padding_mode,
             a_shape=a_shape,
             rank=rank,
             device=w.device,
             dtype=w.dtype,
         )
+    layer_cls = _KRONECKER_CONV[len(module.kernel_size)]
+    if decompose:
+        return layer_cls.from_dense(module, a_shape=a_shape, rank=rank, **data)
+    w = module.weight
+    return layer_cls(
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.bias is not None,
+        module.padding_mode,
+        a_shape=a_shape,
+        rank=rank,
+        device=w.device,
+        dtype=w.dtype,
+    )
 
 
 def order_macs(

@@ -70,6 +70,19 @@ def _check_ranks(weight_shape, r_in: int, r_out: int) -> None:
         )
 
 
+def parse_ranks(weight_shape, ranks: Any, what: str) -> tuple[int, int]:
+    """``ranks`` (a plan's or an override's ``[r_in, r_out]``) checked against
+    ``weight_shape``; errors start with ``what``."""
+    if not isinstance(ranks, list | tuple) or len(ranks) != 2:
+        raise ValueError(f"{what} must be [r_in, r_out], got {ranks!r}")
+    r_in, r_out = (positive_int(r, what) for r in ranks)
+    try:
+        _check_ranks(weight_shape, r_in, r_out)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+    return r_in, r_out
+
+
 def tucker2(
     weight: torch.Tensor, r_in: int, r_out: int, iterations: int = HOOI_ITERATIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +128,8 @@ class Tucker(LayerMethod):
         module = ctx.module
         wanted = override_settings(ctx, self.name, ("ranks",)).get("ranks")
         if wanted is not None:
-            wanted = self._override_ranks(ctx, wanted)
+            wanted = parse_ranks(ctx.module.weight.shape, wanted,
+                                 f"overrides[{ctx.name!r}]['ranks']")
         w = module.weight.detach().double()
         f, c, *k = w.shape
         kk = math.prod(k)
@@ -147,33 +161,14 @@ class Tucker(LayerMethod):
         configs = [(int(r_in[i]), int(r_out[i])) for i in keep]
         return Candidates(params[keep], macs[keep], errors, configs)
 
-    def _override_ranks(self, ctx: LayerContext, ranks: Any) -> tuple[int, int]:
-        what = f"overrides[{ctx.name!r}]['ranks']"
-        if not isinstance(ranks, list | tuple) or len(ranks) != 2:
-            raise ValueError(f"{what} must be [r_in, r_out], got {ranks!r}")
-        r_in, r_out = (positive_int(r, what) for r in ranks)
-        try:
-            _check_ranks(ctx.module.weight.shape, r_in, r_out)
-        except ValueError as error:
-            raise ValueError(f"{what}: {error}") from None
-        return r_in, r_out
-
     def describe(self, ctx: LayerContext, config: Any, entry: LayerPlan) -> None:
         r_in, r_out = config
         entry.settings = {"ranks": [int(r_in), int(r_out)], "iterations": HOOI_ITERATIONS}
 
     def _ranks(self, module: nn.Module, entry: LayerPlan) -> tuple[int, int, int]:
         ranks = setting(entry.settings, "ranks", self.name, entry.name)
-        if not isinstance(ranks, list | tuple) or len(ranks) != 2:
-            raise ValueError(
-                f"tucker ranks of layer {entry.name!r} must be [r_in, r_out], got {ranks!r}"
-            )
-        r_in = positive_int(ranks[0], f"tucker r_in of layer {entry.name!r}")
-        r_out = positive_int(ranks[1], f"tucker r_out of layer {entry.name!r}")
-        try:
-            _check_ranks(module.weight.shape, r_in, r_out)
-        except ValueError as error:
-            raise ValueError(f"layer {entry.name!r}: {error}") from None
+        r_in, r_out = parse_ranks(module.weight.shape, ranks,
+                                  f"tucker ranks of layer {entry.name!r}")
         iterations = entry.settings.get("iterations", HOOI_ITERATIONS)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(
