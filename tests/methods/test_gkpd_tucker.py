@@ -4,8 +4,10 @@ gkpd's Kronecker code); the errors the planner records are those of the built la
 ranks give the dense layer; plans reach the ratio and count what runs."""
 
 import copy
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from testkit.layers import (
@@ -23,9 +25,10 @@ from torch import nn
 import gkpd
 from gkpd.apply import apply_
 from gkpd.layers import KroneckerConvNd
-from gkpd.methods import get_method
+from gkpd.methods import LayerContext, get_method
 from gkpd.methods.gkpd_tucker import rank_grid
 from gkpd.plan import CompressionPlan
+from gkpd.plan.candidates import Candidates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,3 +175,49 @@ def test_rank_grid():
         grid = rank_grid(n)
         assert grid == sorted(set(grid)) and grid[-1] == n and max(grid) <= n
         assert set(range(1, min(n, 8) + 1)) <= set(grid)
+
+
+def _brute_force_front(dense, input_shape, max_params):
+    """Every (channel ranks, core split, rank) of the searched pairs, its error from the
+    singular values of the rearranged HOSVD core (no pruning), reduced to the Pareto front."""
+    from gkpd.decompose import divisors, rearrange
+    from gkpd.methods.gkpd_tucker import channel_pairs
+
+    w = dense.weight.detach().double()
+    f, c, *k = w.shape
+    u_out = torch.linalg.svd(w.reshape(f, -1), full_matrices=False).U
+    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(c, -1), full_matrices=False).U
+    total = float(w.square().sum())
+    params, errors, configs = [], [], []
+    for r_in, r_out in channel_pairs(c, f, math.prod(k)):
+        core = torch.einsum("fc...,fo,ci->oi...", w, u_out[:, :r_out], u_in[:, :r_in])
+        lost = total - float(core.square().sum())
+        for a in itertools.product(*(divisors(n) for n in core.shape)):
+            b = tuple(n // x for n, x in zip(core.shape, a, strict=True))
+            if math.prod(a) in (1, core.numel()):
+                continue
+            s2 = torch.linalg.svdvals(rearrange(core, a)).square()
+            for rank in range(1, len(s2) + 1):
+                p = c * r_in + f * r_out + rank * (math.prod(a) + math.prod(b)) + f
+                if p <= max_params:
+                    params.append(p)
+                    errors.append(math.sqrt(max(lost + float(s2[rank:].sum()), 0) / total))
+                    configs.append((r_in, r_out, a, rank))
+    return Candidates(np.array(params), np.zeros(len(params), dtype=np.int64),
+                      np.array(errors), configs).pareto()
+
+
+def test_pruned_search_finds_the_brute_force_front():
+    """The search skips channel ranks that cannot reach the front and makes configurations
+    only near it; the front it hands the planner is the exhaustive one."""
+    torch.manual_seed(3)
+    dense = nn.Conv2d(8, 12, 3, padding=1, dtype=torch.float64)
+    input_shape = (1, 8, 6, 6)
+    dense_params = dense.weight.numel() + dense.bias.numel()
+    for ratio in (1.5, 4.0):
+        ctx = LayerContext("layer", dense, input_shape, dense_params, 0, None, ratio)
+        found = get_method(METHOD).candidates(ctx).pareto()
+        oracle = _brute_force_front(dense, input_shape, ctx.max_params())
+        assert len(found) == len(oracle) > 5
+        assert np.array_equal(found.params, oracle.params)
+        assert np.allclose(found.error, oracle.error, atol=1e-6)

@@ -176,7 +176,11 @@ def tail_errors(
     spectrum: where a few ranks are wanted from a large matrix). ``total`` is ``‖weight‖²``."""
     if total == 0.0:
         return np.zeros(max_rank), True
-    m = rearrange(weight, a).float()
+    return matrix_tail_errors(rearrange(weight, a).float(), max_rank, total)
+
+
+def matrix_tail_errors(m: Tensor, max_rank: int, total: float) -> tuple[np.ndarray, bool]:
+    """:func:`tail_errors` of an already rearranged matrix ``m`` (``total > 0``)."""
     side = min(m.shape)
     if side <= _EXACT_SIDE or 4 * (max_rank + _OVERSAMPLE) >= side:
         energies = exact_energies(m).double().numpy()

@@ -21,6 +21,8 @@ override: ``{"ranks": [...]}``, optionally with the core's ``"a_shape"`` (and ``
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -28,11 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from gkpd.decompose import check_factor_shapes, check_rank, decompose
+from gkpd.decompose import check_factor_shapes, check_rank, decompose, divisors, full_rank
 from gkpd.layers.conv import on_channel_path
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.gkpd import KroneckerConfig, build_kronecker
-from gkpd.methods.gkpd_search import LayerShape, make_split, split_table, tail_errors
+from gkpd.methods.gkpd_search import LayerShape, matrix_tail_errors
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
@@ -48,12 +50,24 @@ from gkpd.plan.schema import LayerPlan
 
 
 def rank_grid(n: int) -> list[int]:
-    """The channel ranks searched for a mode of ``n`` channels: every rank up to 8, even
-    ranks up to 16, multiples of 4 up to 32, of 8 beyond, and ``n`` (coarse where a step
-    changes the size little, and rich in divisors, which the core's splits need)."""
-    grid = {r for r in range(1, 9)} | set(range(10, 17, 2)) | set(range(20, 33, 4))
-    grid |= set(range(40, n + 1, 8)) | {n}
-    return sorted(r for r in grid if r <= n)
+    """The channel ranks searched for a mode of ``n`` channels: every rank up to 8, then four
+    per octave (10, 12, 14, 16, 20, …, 28, 32, 40, …), and ``n`` — coarse where a step
+    changes the size little, and rich in divisors, which the core's splits need."""
+    grid, step = set(range(1, 9)), 2
+    while 8 * step < n:
+        grid |= set(range(4 * step + step, 8 * step + 1, step))
+        step *= 2
+    return sorted(r for r in grid | {n} if r <= n)
+
+
+def channel_pairs(c: int, f: int, kernel: int) -> list[tuple[int, int]]:
+    """``(r_in, r_out)`` on the grids of both modes that Tucker-2 allows
+    (``r_in ≤ r_out·∏K``, ``r_out ≤ r_in·∏K``) and that keep the two modes' shares
+    ``r_in/C`` and ``r_out/F`` within a factor 2 of each other: the search leaves out
+    projections that keep most of one mode and little of the other (never the best at any
+    size on ResNet-32's layers, and a third of the pairs)."""
+    return [(ri, ro) for ro in rank_grid(f) for ri in rank_grid(c)
+            if ri <= ro * kernel and ro <= ri * kernel and 0.5 <= (ri * f) / (ro * c) <= 2]
 
 
 def hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,6 +82,81 @@ def hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
     u_out, u_in = leading(0), leading(1)
     return u_in, torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in), u_out
+
+
+# errors within this of each other tie on the planner's Pareto front (Candidates.pareto)
+_TIE = 1e-9
+
+
+class _CoreSplit(NamedTuple):
+    """One split of a core shape: factor shapes, parameters per rank, full rank, and the key
+    of its spectrum (a split and its mirror image share one, as in GKPD's tables)."""
+
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+    per_rank: int
+    full_rank: int
+    spectrum: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _core_splits(core_shape: tuple[int, ...]) -> tuple[_CoreSplit, ...]:
+    """Every split of a core shape (both factors larger than one entry)."""
+    total = math.prod(core_shape)
+    splits = []
+    for a in itertools.product(*(divisors(n) for n in core_shape)):
+        if not 1 < math.prod(a) < total:
+            continue
+        b = tuple(n // x for n, x in zip(core_shape, a, strict=True))
+        outer = all(min(x, y) == 1 for x, y in zip(a, b, strict=True))
+        splits.append(_CoreSplit(a, b, math.prod(a) + math.prod(b), full_rank(a, b),
+                                 min(a, b) if outer else a))
+    return tuple(splits)
+
+
+@functools.lru_cache(maxsize=65536)
+def _rank_one(core: LayerShape, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, int]:
+    """``(stage order, MACs per rank)`` of a core split (GKPD's counting)."""
+    return core.rank_one(a, b)
+
+
+def _rearranged(core: torch.Tensor, a: tuple[int, ...], b: tuple[int, ...]) -> torch.Tensor:
+    """GKPD's rearrangement ``(∏a, ∏b)`` of the core (shapes already checked)."""
+    n = len(a)
+    perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
+    interleaved = [x for pair in zip(a, b, strict=True) for x in pair]
+    return core.reshape(interleaved).permute(perm).reshape(math.prod(a), math.prod(b))
+
+
+class _Front:
+    """The (params, error) Pareto front of the candidates found so far."""
+
+    def __init__(self) -> None:
+        self.params = np.zeros(0, dtype=np.int64)
+        self.error = np.zeros(0)
+
+    def add(self, params: np.ndarray, error: np.ndarray) -> None:
+        p = np.concatenate([self.params, params])
+        e = np.concatenate([self.error, error])
+        order = np.lexsort((e, p))
+        p, e = p[order], e[order]
+        keep = e < np.minimum.accumulate(np.concatenate([[np.inf], e[:-1]]))
+        self.params, self.error = p[keep], e[keep]
+
+    def best_within(self, params: np.ndarray) -> np.ndarray:
+        """The least error of a found candidate with at most ``params`` parameters."""
+        if not len(self.params):
+            return np.full(len(params), np.inf)
+        at = np.searchsorted(self.params, params, side="right")
+        return np.where(at > 0, self.error[np.maximum(at - 1, 0)], np.inf)
+
+    def beats(self, params: int, error: float) -> bool:
+        """Whether a found candidate has at most ``params`` and an error below ``error``."""
+        return bool(self.best_within(np.array([params]))[0] < error - _TIE)
+
+    def near(self, params: np.ndarray, error: np.ndarray) -> np.ndarray:
+        """Which of these candidates are on the front or tie with it."""
+        return error <= self.best_within(params) + _TIE
 
 
 class TuckerKroneckerConfig(NamedTuple):
@@ -118,65 +207,106 @@ class GKPDTucker(LayerMethod):
         given = self._wanted(ctx)
         f, c, *k = module.weight.shape
         spatial, out, _ = conv_geometry(module, ctx.input_shape)
-        u_in, rotated, u_out = hosvd(module.weight)
+        _, rotated, _ = hosvd(module.weight)
         total = float(rotated.square().sum())
+        energy = rotated.square().reshape(*rotated.shape[:2], -1).sum(-1)
+        captured = energy.cumsum(0).cumsum(1).cpu().numpy()  # ‖G‖² of every corner
         if "ranks" in given:
             pairs = [given["ranks"]]
         else:
-            kk = math.prod(k)
-            pairs = [(ri, ro) for ro in rank_grid(u_out.shape[1]) for ri in rank_grid(u_in.shape[1])
-                     if ri <= ro * kk and ro <= ri * kk]
+            pairs = channel_pairs(rotated.shape[1], rotated.shape[0], math.prod(k))
+            # the cheapest projections first, so that the front prunes the dearer ones early
+            pairs.sort(key=lambda p: (c * p[0] + f * p[1], -captured[p[1] - 1, p[0] - 1]))
         budget = ctx.max_params() - ctx.bias_params
-        parts = []
+        conv = (module.stride, module.padding, module.dilation, 1, module.padding_mode)
+        rotated32 = rotated.float()
+        front = _Front()
+        found: list[tuple] = []
         for r_in, r_out in pairs:
             projection_params = c * r_in + f * r_out
             projection_macs = c * r_in * math.prod(spatial) + f * r_out * math.prod(out)
-            core_shape = LayerShape(
-                "conv", (r_out, r_in, *k), (1, r_in, *spatial), 0,
-                (module.stride, module.padding, module.dilation, 1, module.padding_mode),
-            )
-            core_budget = budget - projection_params
+            core_shape = LayerShape("conv", (r_out, r_in, *k), (1, r_in, *spatial), 0, conv)
             core_macs = None if ctx.max_macs is None else ctx.max_macs - projection_macs
-            splits = self._core_splits(ctx, given, core_shape, core_budget, core_macs, r_in, r_out)
+            splits = self._splits(ctx, given, core_shape, budget - projection_params,
+                                  core_macs, r_in, r_out)
             if not splits:
                 continue
-            core = rotated[:r_out, :r_in]
-            lost = max(total - float(core.square().sum()), 0.0) / total if total else 0.0
-            for s in splits:
-                tails, exact = tail_errors(core, s.a, s.cap, total)
-                ranks = np.arange(1, s.cap + 1)
-                errors = np.sqrt(lost + tails**2)
+            lost = max(total - float(captured[r_out - 1, r_in - 1]), 0.0) / total if total else 0.0
+            smallest = projection_params + ctx.bias_params + min(s.per_rank for s, _ in splits)
+            if "ranks" not in given and front.beats(smallest, math.sqrt(lost)):
+                continue  # every configuration of these ranks is off the Pareto front
+            core = rotated32[:r_out, :r_in]
+            spectra: dict[tuple, tuple[np.ndarray, bool]] = {}
+            for s, cap in sorted(splits, key=lambda sc: -sc[1]):  # a spectrum's largest cap first
+                if s.spectrum not in spectra:
+                    spectra[s.spectrum] = (
+                        matrix_tail_errors(_rearranged(core, s.a, s.b), cap, total) if total
+                        else (np.zeros(cap), True)
+                    )
+                tails, exact = spectra[s.spectrum]
+                ranks = np.arange(1, cap + 1)
+                errors = np.sqrt(lost + tails[:cap] ** 2)
                 if "rank" in given:
                     ranks, errors = ranks[-1:], errors[-1:]
-                path = on_channel_path(s.order, s.a, s.b, 1)
-                parts.append(Candidates(
-                    projection_params + ranks * s.per_rank + ctx.bias_params,
-                    projection_macs + ranks * s.macs_per_rank,
-                    errors,
-                    [TuckerKroneckerConfig(r_in, r_out, KroneckerConfig(s.a, s.b, int(r), path))
-                     for r in ranks],
-                    exact=np.full(len(ranks), exact),
-                ))
+                params = projection_params + ranks * s.per_rank + ctx.bias_params
+                found.append((params, errors, ranks, r_in, r_out, s, core_shape,
+                              projection_macs, exact))
+                front.add(params, errors)
+        return self._table(found, front)
+
+    @staticmethod
+    def _table(found: list[tuple], front: _Front) -> Candidates:
+        """The candidates within a tie of the Pareto front (the planner keeps no others), with
+        their MACs and configurations made only for those."""
+        parts = []
+        for params, errors, ranks, r_in, r_out, s, core_shape, projection_macs, exact in found:
+            keep = front.near(params, errors)
+            if not keep.any():
+                continue
+            order, macs_per_rank = _rank_one(core_shape, s.a, s.b)
+            path = on_channel_path(order, s.a, s.b, 1)
+            parts.append(Candidates(
+                params[keep], projection_macs + ranks[keep] * macs_per_rank, errors[keep],
+                [TuckerKroneckerConfig(r_in, r_out, KroneckerConfig._make((s.a, s.b, r, path)))
+                 for r in ranks[keep].tolist()],
+                exact=np.full(int(keep.sum()), exact),
+            ))
         return Candidates.concatenate(parts) if parts else Candidates.empty()
 
-    def _core_splits(self, ctx, given, core_shape, budget, max_macs, r_in, r_out):
-        """The core's splits to search: the override's one, else those the budget leaves a
+    def _splits(self, ctx, given, core_shape, budget, max_macs, r_in, r_out):
+        """``(split, most ranks)`` of the core to search: the override's one (at its rank, or
+        the budget's, at least 1), else every split that the parameter and MAC budget leave a
         rank (restricted to the families a layer of the same shape kept)."""
+        shape = core_shape.weight_shape
         if "a_shape" in given:
             a = tuple(given["a_shape"])
             try:
-                _, b = check_factor_shapes(core_shape.weight_shape, a)
-                split = make_split(core_shape, a, budget, max_macs)
-                cap = check_rank(given["rank"], a, b) if "rank" in given else max(split.cap, 1)
+                _, b = check_factor_shapes(shape, a)
+                if "rank" in given:
+                    cap = check_rank(given["rank"], a, b)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"override for layer {ctx.name!r}: the core of ranks "
                                  f"({r_in}, {r_out}): {error}") from None
-            return [split._replace(cap=cap)]
+            split = next((s for s in _core_splits(shape) if s.a == a), None)
+            if split is None:
+                raise ValueError(f"override for layer {ctx.name!r}: a_shape {a} leaves one "
+                                 f"factor of the core {shape} a single entry")
+            if "rank" not in given:
+                cap = max(min(split.full_rank, max(budget, 0) // split.per_rank), 1)
+            return [(split, cap)]
         if budget <= 0:
             return []
-        splits = [s for s in split_table(core_shape, budget, max_macs) if s.cap >= 1]
-        if ctx.families is not None:
-            splits = [s for s in splits if (r_in, r_out, s.a) in ctx.families]
+        splits = []
+        for s in _core_splits(shape):
+            if ctx.families is not None and (r_in, r_out, s.a) not in ctx.families:
+                continue
+            cap = min(s.full_rank, budget // s.per_rank)
+            if max_macs is not None and cap >= 1:
+                per_rank = _rank_one(core_shape, s.a, s.b)[1]
+                if per_rank > 0:
+                    cap = min(cap, max(max_macs, 0) // per_rank)
+            if cap >= 1:
+                splits.append((s, cap))
         return splits
 
     def describe(self, ctx: LayerContext, config: TuckerKroneckerConfig, entry: LayerPlan) -> None:
