@@ -82,8 +82,11 @@ def _check_model_matches_plan(model: nn.Module, plan: CompressionPlan) -> None:
         if module is None:
             raise ValueError(f"plan layer {entry.name!r} is not a module of the model")
         # the settings a built layer keeps as attributes of the same name (GKPD's a_shape;
-        # the rank of gkpd, svd, cp, tensor_train, tensor_ring) must be the plan's
+        # the rank of gkpd, svd, cp, tensor_train, tensor_ring) must be the plan's; a
+        # Kronecker layer inside a replacement (gkpd_tucker's core) keeps them itself
         planned_a, planned_rank = entry.settings.get("a_shape"), entry.settings.get("rank")
+        if planned_a is not None:
+            module = next((m for m in module.modules() if hasattr(m, "a_shape")), module)
         a_shape = getattr(module, "a_shape", None)
         if planned_a is not None and a_shape is None:
             raise ValueError(

@@ -87,14 +87,18 @@ def test_full_ranks_are_the_dense_layer(case):
     assert get_method(METHOD).exact_error(dense, entry) < 1e-7
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "global"])
-def test_plan_reaches_ratio_records_the_built_errors_and_counts_match(strategy):
+def _planned(strategy):
     torch.manual_seed(0)
     model = TinyCNN().eval()
     plan = gkpd.plan(model, EXAMPLE, ratio=2.0, method=METHOD, strategy=strategy,
                      min_params=500)
+    return model, plan, apply_and_count(model, plan)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+def test_plan_reaches_ratio_records_the_built_errors_and_counts_match(strategy):
+    model, plan, compressed = _planned(strategy)
     assert abs(plan.achieved_ratio / 2.0 - 1) <= 0.05
-    compressed = apply_and_count(model, plan)
     for entry in plan.compressed_layers:
         layer = compressed.get_submodule(entry.name)
         dense = model.get_submodule(entry.name)
@@ -109,6 +113,16 @@ def test_plan_reaches_ratio_records_the_built_errors_and_counts_match(strategy):
     fresh = apply_(copy.deepcopy(model), again, decompose=False)
     fresh.load_state_dict(compressed.state_dict())
     assert torch.equal(fresh(EXAMPLE), compressed(EXAMPLE))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, plan, compressed = _planned("uniform")
+    gkpd.save(tmp_path / "saved", compressed, plan)
+    loaded = gkpd.load(tmp_path / "saved", copy.deepcopy(model))
+    assert torch.equal(loaded(EXAMPLE), compressed(EXAMPLE))
+    # a dense model saved with the plan is refused (it would not load)
+    with pytest.raises(ValueError, match="apply the plan"):
+        gkpd.save(tmp_path / "dense", model, plan)
 
 
 def test_more_budget_never_costs_accuracy():
