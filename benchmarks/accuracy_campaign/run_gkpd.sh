@@ -19,3 +19,5 @@ cell 0 gkpd-whiten 5,10
 for seed in 1 2; do
   cell "$seed" gkpd-plain 10
 done
+# Tucker-2 projections around a Kronecker-sum core (docs/design.md §10), its own row
+cell 0 gkpd_tucker 5,10
