@@ -7,7 +7,7 @@
 * What does — the error of every rank of each split — is :func:`tail_errors`, one spectrum
   per split and layer. Two splits whose rearranged matrices are transposes of each other (in
   every mode one factor has extent 1, e.g. ``(O, 1) ⊗ (1, I)`` and ``(1, I) ⊗ (O, 1)``, both
-  the plain low-rank split) share it (:attr:`Split.spectrum`).
+  the plain low-rank split) share it (:func:`spectrum_key`).
 """
 
 from __future__ import annotations
@@ -100,6 +100,34 @@ class Split(NamedTuple):
     spectrum: tuple[int, ...]
 
 
+def factor_shapes(
+    weight_shape: tuple[int, ...], groups: int = 1
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every split ``(a, b)`` of ``weight_shape`` into factor shapes ``a ⊙ b``, both larger
+    than one entry (for a grouped convolution, those its groups allow)."""
+    total = math.prod(weight_shape)
+    shapes = []
+    for a in itertools.product(*(divisors(s) for s in weight_shape)):
+        if not 1 < math.prod(a) < total:
+            continue
+        b = tuple(w // x for w, x in zip(weight_shape, a, strict=True))
+        if groups > 1:
+            try:
+                group_split(groups, a, b)
+            except ValueError:
+                continue
+        shapes.append((a, b))
+    return shapes
+
+
+def spectrum_key(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """A key shared by the splits with the same singular values: ``(O, 1) ⊗ (1, I)`` and
+    ``(1, I) ⊗ (O, 1)`` (in every mode one factor of extent 1) have rearranged matrices that
+    are transposes of each other."""
+    outer = all(min(x, y) == 1 for x, y in zip(a, b, strict=True))
+    return min(a, b) if outer else a
+
+
 def make_split(shape: LayerShape, a: tuple[int, ...], budget: int, max_macs: int | None) -> Split:
     b = tuple(w // x for w, x in zip(shape.weight_shape, a, strict=True))
     per_rank = math.prod(a) + math.prod(b)
@@ -107,9 +135,7 @@ def make_split(shape: LayerShape, a: tuple[int, ...], budget: int, max_macs: int
     cap = min(full_rank(a, b), max(budget, 0) // per_rank)
     if max_macs is not None and macs_per_rank > 0:
         cap = min(cap, max_macs // macs_per_rank)
-    # (O, 1) ⊗ (1, I) and (1, I) ⊗ (O, 1): their rearranged matrices are transposes
-    outer = all(min(x, y) == 1 for x, y in zip(a, b, strict=True))
-    return Split(a, b, per_rank, order, macs_per_rank, cap, min(a, b) if outer else a)
+    return Split(a, b, per_rank, order, macs_per_rank, cap, spectrum_key(a, b))
 
 
 @functools.lru_cache(maxsize=128)
@@ -119,19 +145,8 @@ def split_table(shape: LayerShape, budget: int, max_macs: int | None) -> tuple[S
     parameters and ``max_macs`` MACs (``None``: no limit) leaves at least one rank — and the
     smallest split, offered at rank 1 whatever the budget, so that the planner can say how
     far the model can shrink."""
-    weight_shape = shape.weight_shape
-    total = math.prod(weight_shape)
-    splits = []
-    for a in itertools.product(*(divisors(s) for s in weight_shape)):
-        if not 1 < math.prod(a) < total:
-            continue
-        if shape.groups > 1:
-            b = tuple(w // x for w, x in zip(weight_shape, a, strict=True))
-            try:
-                group_split(shape.groups, a, b)
-            except ValueError:
-                continue
-        splits.append(make_split(shape, a, budget, max_macs))
+    splits = [make_split(shape, a, budget, max_macs)
+              for a, _ in factor_shapes(shape.weight_shape, shape.groups)]
     if not splits:
         return ()
     smallest = min(splits, key=lambda s: s.per_rank)

@@ -22,19 +22,17 @@ override: ``{"ranks": [...]}``, optionally with the core's ``"a_shape"`` (and ``
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch import nn
 
-from gkpd.decompose import check_factor_shapes, check_rank, decompose, divisors, full_rank
+from gkpd.decompose import check_factor_shapes, check_rank, decompose, full_rank, rearrange
 from gkpd.layers.conv import on_channel_path
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.gkpd import KroneckerConfig, build_kronecker
-from gkpd.methods.gkpd_search import LayerShape, matrix_tail_errors
+from gkpd.methods.gkpd_search import LayerShape, factor_shapes, matrix_tail_errors, spectrum_key
 from gkpd.methods.lowrank import (
     conv_geometry,
     conv_like,
@@ -44,7 +42,7 @@ from gkpd.methods.lowrank import (
     relative_error,
     setting,
 )
-from gkpd.methods.tucker import parse_ranks, reconstruct
+from gkpd.methods.tucker import corner_energies, hosvd, parse_ranks, reconstruct
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.schema import LayerPlan
 
@@ -70,20 +68,6 @@ def channel_pairs(c: int, f: int, kernel: int) -> list[tuple[int, int]]:
             if ri <= ro * kernel and ro <= ri * kernel and 0.5 <= (ri * f) / (ro * c) <= 2]
 
 
-def hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(u_in (C, C'), rotated (F', C', *K), u_out (F, F'))`` in float64: the leading left
-    singular vectors of both channel unfoldings and the kernel rotated by them, whose corner
-    ``[:r_out, :r_in]`` is the HOSVD core of those ranks."""
-    w = weight.detach().double()
-
-    def leading(mode: int) -> torch.Tensor:
-        unfolded = w.movedim(mode, 0).reshape(w.shape[mode], -1)
-        return torch.linalg.svd(unfolded, full_matrices=False).U
-
-    u_out, u_in = leading(0), leading(1)
-    return u_in, torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in), u_out
-
-
 # errors within this of each other tie on the planner's Pareto front (Candidates.pareto)
 _TIE = 1e-9
 
@@ -102,30 +86,14 @@ class _CoreSplit(NamedTuple):
 @functools.lru_cache(maxsize=4096)
 def _core_splits(core_shape: tuple[int, ...]) -> tuple[_CoreSplit, ...]:
     """Every split of a core shape (both factors larger than one entry)."""
-    total = math.prod(core_shape)
-    splits = []
-    for a in itertools.product(*(divisors(n) for n in core_shape)):
-        if not 1 < math.prod(a) < total:
-            continue
-        b = tuple(n // x for n, x in zip(core_shape, a, strict=True))
-        outer = all(min(x, y) == 1 for x, y in zip(a, b, strict=True))
-        splits.append(_CoreSplit(a, b, math.prod(a) + math.prod(b), full_rank(a, b),
-                                 min(a, b) if outer else a))
-    return tuple(splits)
+    return tuple(_CoreSplit(a, b, math.prod(a) + math.prod(b), full_rank(a, b),
+                            spectrum_key(a, b)) for a, b in factor_shapes(core_shape))
 
 
 @functools.lru_cache(maxsize=65536)
 def _rank_one(core: LayerShape, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[str, int]:
     """``(stage order, MACs per rank)`` of a core split (GKPD's counting)."""
     return core.rank_one(a, b)
-
-
-def _rearranged(core: torch.Tensor, a: tuple[int, ...], b: tuple[int, ...]) -> torch.Tensor:
-    """GKPD's rearrangement ``(∏a, ∏b)`` of the core (shapes already checked)."""
-    n = len(a)
-    perm = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
-    interleaved = [x for pair in zip(a, b, strict=True) for x in pair]
-    return core.reshape(interleaved).permute(perm).reshape(math.prod(a), math.prod(b))
 
 
 class _Front:
@@ -209,8 +177,7 @@ class GKPDTucker(LayerMethod):
         spatial, out, _ = conv_geometry(module, ctx.input_shape)
         _, rotated, _ = hosvd(module.weight)
         total = float(rotated.square().sum())
-        energy = rotated.square().reshape(*rotated.shape[:2], -1).sum(-1)
-        captured = energy.cumsum(0).cumsum(1).cpu().numpy()  # ‖G‖² of every corner
+        captured = corner_energies(rotated)
         if "ranks" in given:
             pairs = [given["ranks"]]
         else:
@@ -240,7 +207,7 @@ class GKPDTucker(LayerMethod):
             for s, cap in sorted(splits, key=lambda sc: -sc[1]):  # a spectrum's largest cap first
                 if s.spectrum not in spectra:
                     spectra[s.spectrum] = (
-                        matrix_tail_errors(_rearranged(core, s.a, s.b), cap, total) if total
+                        matrix_tail_errors(rearrange(core, s.a, s.b), cap, total) if total
                         else (np.zeros(cap), True)
                     )
                 tails, exact = spectra[s.spectrum]

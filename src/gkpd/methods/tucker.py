@@ -41,13 +41,26 @@ from gkpd.plan.schema import LayerPlan
 HOOI_ITERATIONS = 10
 
 
-def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
-    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+def hosvd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(u_in (C, C'), rotated (F', C', *K), u_out (F, F'))`` in float64: the leading left
+    singular vectors of both channel unfoldings and the kernel rotated by them, whose corner
+    ``[:r_out, :r_in]`` is the HOSVD core of those ranks."""
+    w = weight.detach().double()
+
+    def leading(mode: int) -> torch.Tensor:
+        unfolded = w.movedim(mode, 0).reshape(w.shape[mode], -1)
+        return torch.linalg.svd(unfolded, full_matrices=False).U
+
+    u_out, u_in = leading(0), leading(1)
+    return u_in, torch.einsum("fc...,fo,ci->oi...", w, u_out, u_in), u_out
 
 
-def _leading(x: torch.Tensor, mode: int, rank: int | None = None) -> torch.Tensor:
-    u = torch.linalg.svd(_unfold(x, mode), full_matrices=False).U
-    return u if rank is None else u[:, :rank]
+def corner_energies(rotated: torch.Tensor) -> np.ndarray:
+    """``captured[r_out - 1, r_in - 1]``: ``‖G‖²`` of the HOSVD core of every pair of ranks,
+    the energy of the corners of :func:`hosvd`'s rotated kernel (the rest of ``‖W‖²`` is the
+    error of those projections: they are orthonormal)."""
+    energy = rotated.square().reshape(*rotated.shape[:2], -1).sum(-1)
+    return energy.cumsum(0).cumsum(1).cpu().numpy()
 
 
 def _max_ranks(weight_shape) -> tuple[int, int]:
@@ -149,9 +162,7 @@ class Tucker(LayerMethod):
         keep = restrict(ctx, params, macs, configs, wanted, self.name)
         if not len(keep):
             return Candidates.empty()
-        rotated = torch.einsum("fc...,fo,ci->oi...", w, _leading(w, 0), _leading(w, 1))
-        energy = rotated.square().reshape(rotated.shape[0], rotated.shape[1], -1).sum(-1)
-        captured = energy.cumsum(0).cumsum(1).cpu().numpy()[r_out[keep] - 1, r_in[keep] - 1]
+        captured = corner_energies(hosvd(w)[1])[r_out[keep] - 1, r_in[keep] - 1]
         total = float(w.square().sum())
         errors = (
             np.sqrt(np.clip(total - captured, 0.0, None) / total)
