@@ -52,3 +52,15 @@ def test_seeds_of_another_budget_are_refused(tmp_path):
     (tmp_path / "seed1" / "bench.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="another budget"):
         collect_rows(tmp_path)
+
+
+def test_the_table_says_what_each_variant_runs(tmp_path):
+    cell(tmp_path, 0, "gkpd-plain", 5.0, 93.0)
+    cell(tmp_path, 0, "gkpd-whiten", 5.0, 92.0)
+    cell(tmp_path, 0, "tucker", 5.0, 92.5)
+    write_campaign(tmp_path, train_size=60000, plot=False)
+    text = (tmp_path / "results.md").read_text()
+    assert "- gkpd-plain: method 'gkpd', pinning nothing: method='gkpd' with its default " \
+        "arguments." in text
+    assert "- gkpd-whiten: method 'gkpd', pinning calibration={'samples': 512, " in text
+    assert "- tucker:" not in text

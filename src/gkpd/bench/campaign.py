@@ -130,9 +130,25 @@ def format_campaign(results: dict[str, Any]) -> str:
         f"{distillation_text(budget)}; the student from random weights with lr "
         f"{budget.get('student_lr')}. Test accuracy in %.",
     ]
+    notes += variant_notes(s["method"] for s in results["summary"])
     for f in results["failed"]:
         notes.append(f"- {f['dir']} failed: {f['error']}")
     return "\n".join(lines + notes) + "\n"
+
+
+def variant_notes(methods) -> list[str]:
+    """One line per variant among ``methods`` (in the order of first appearance): the method
+    it runs and the options it pins — so that a reader sees that a variant pinning nothing is
+    what ``gkpd.compress(..., method=…)`` gives with its default arguments."""
+    lines = []
+    for name in dict.fromkeys(methods):
+        if name not in VARIANTS:
+            continue
+        base, options = VARIANTS[name]
+        pinned = (", ".join(f"{k}={v!r}" for k, v in options.items()) if options
+                  else f"nothing: method={base!r} with its default arguments")
+        lines.append(f"- {name}: method {base!r}, pinning {pinned}.")
+    return [""] + lines if lines else []
 
 
 def plot_campaign(path: Path, results: dict[str, Any]) -> Path:
