@@ -1,25 +1,9 @@
 import json
 
 import pytest
+from testkit.campaign import cell, lr_campaign
 
-from gkpd.bench.campaign import collect_rows, write_campaign
-
-BUDGET = {"alpha": 0.9, "batch_size": 128, "epochs": 3, "lr": 0.01, "student_lr": 0.1,
-          "temperature": 4.0, "train_subset": None, "weight_decay": 0.0005}
-
-
-def cell(root, seed, method, ratio, after, status="ok", **extra):
-    seed_dir = root / f"seed{seed}"
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    (seed_dir / "bench.json").write_text(json.dumps(
-        {"budget": {**BUDGET, "seed": seed}, "context": {"model": "m", "data": "d"}}))
-    (seed_dir / "dense.json").write_text(json.dumps(
-        {"method": "dense", "accuracy_after": 94.0, "params": 1000}))
-    result = {"method": method, "ratio": ratio, "achieved_ratio": ratio, "params": 1000 / ratio,
-              "macs": 10, "accuracy_before": 50.0, "accuracy_after": after, "status": status,
-              "epochs": 3, **extra}
-    (seed_dir / f"{method}-{ratio:g}x").mkdir()
-    (seed_dir / f"{method}-{ratio:g}x" / "result.json").write_text(json.dumps(result))
+from gkpd.bench.campaign import collect_campaign, collect_rows, write_campaign
 
 
 def test_rows_per_seed_and_mean_sd_per_method(tmp_path):
@@ -64,3 +48,57 @@ def test_the_table_says_what_each_variant_runs(tmp_path):
         "arguments." in text
     assert "- gkpd-whiten: method 'gkpd', pinning calibration={'samples': 512, " in text
     assert "- tucker:" not in text
+
+
+def test_several_learning_rates_give_each_method_its_best(tmp_path):
+    shared, low = lr_campaign(tmp_path)
+    results = write_campaign(tmp_path, cells=[shared, low], train_size=60000, plot=False)
+    best = {s["method"]: (s["lr"], s["accuracy_after"], len(s["seeds"]))
+            for s in results["best"]}
+    assert best == {"cp": (0.001, 93.7, 1), "gkpd": (0.01, pytest.approx(93.4), 2)}
+    assert [s["method"] for s in results["best"]] == ["cp", "gkpd"]  # best first
+    assert len(results["summary"]) == 4  # every (method, lr) measured
+    assert {r["cell"] for r in results["rows"]} == {
+        "cells/seed0/gkpd-5x", "cells/seed1/gkpd-5x", "cells/seed0/cp-5x",
+        "cells-lr0.001/seed0/gkpd-5x", "cells-lr0.001/seed0/cp-5x"}
+    assert results["budget"]["lr"] == [0.001, 0.01]
+    assert all(r["settings"]["lr"] == (0.001 if "lr0.001" in r["cell"] else 0.01)
+               for r in results["rows"])
+    text = (tmp_path / "results.md").read_text()
+    head, every = text.split("Every learning rate measured:")
+    assert "| 5x | cp | 0.001 | 1 | 5.00x | 0.20k | 50.00 | 93.70 | -0.30 |" in head
+    assert "| 5x | gkpd | 0.01 | 2 |" in head
+    assert "| 5x | cp | 0.01 |" not in head and "| 5x | cp | 0.01 | 1 |" in every
+    assert "lr 0.001 or 0.01 as the table says" in text
+
+
+def test_the_student_is_summarized_at_its_own_learning_rate(tmp_path):
+    shared, low = lr_campaign(tmp_path)
+    cell(shared, 0, "student", 5.0, 91.0)
+    cell(low, 0, "student", 5.0, 91.2, budget={"lr": 0.001, "student_lr": 0.05})
+    results = collect_campaign([shared, low])
+    assert sorted(r["settings"]["lr"] for r in results["rows"] if r["method"] == "student") == [
+        0.05, 0.1]
+
+
+def test_one_learning_rate_keeps_the_plain_table(tmp_path):
+    shared, _ = lr_campaign(tmp_path)
+    write_campaign(tmp_path, cells=[shared], train_size=60000, plot=False)
+    text = (tmp_path / "results.md").read_text()
+    assert "| 5x | gkpd | 2 | 5.00x |" in text and "best learning rate" not in text
+
+
+def test_directories_of_a_campaign_differ_only_in_learning_rate(tmp_path):
+    shared, low = lr_campaign(tmp_path)
+    other = tmp_path / "cells-6ep"
+    cell(other, 0, "gkpd", 5.0, 93.9, budget={"epochs": 6})
+    with pytest.raises(ValueError, match=r"cells-6ep has another budget \(epochs\)"):
+        collect_campaign([shared, other])
+    twin = tmp_path / "twin"
+    cell(twin, 0, "gkpd", 5.0, 93.1)
+    with pytest.raises(ValueError, match="same cell .*gkpd 5x, seed 0, lr 0.01"):
+        collect_campaign([shared, low, twin])
+    with pytest.raises(ValueError, match="holds no seed directory"):
+        collect_campaign([shared, tmp_path / "missing"])
+    with pytest.raises(ValueError, match="at least one"):
+        collect_campaign([])

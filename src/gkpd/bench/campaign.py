@@ -4,6 +4,12 @@ A campaign directory holds one accuracy-benchmark directory per seed (``seed0/``
 … each as :func:`gkpd.bench.run_accuracy` writes it, resumable per cell) and, written by
 :func:`write_campaign`, ``results.json`` (one row per method × ratio × seed), ``results.md``
 (mean ± sd over seeds) and ``accuracy.png`` (accuracy against parameters).
+
+Methods fine-tune best at different learning rates (CP's factors barely move at the lr that
+suits GKPD and Tucker-2), so a campaign may span several directories of seeds, one per
+learning rate, equal in every other setting. The summary then gives each method at the
+learning rate where its mean is highest (its own best setting), and every learning rate
+measured below that.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE
+from gkpd.bench.accuracy import BENCH_FILE, DENSE, RESULT_FILE, STUDENT
 from gkpd.bench.report import distillation_text, require_matplotlib
 from gkpd.bench.variants import VARIANTS
 from gkpd.files import atomic_write, atomic_write_text
@@ -23,6 +29,8 @@ from gkpd.files import atomic_write, atomic_write_text
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_PNG = "accuracy.png"
+# budget keys that may differ between the directories of one campaign (one lr per directory)
+_PER_DIRECTORY = ("lr", "student_lr")
 _ROW_KEYS = ("method", "ratio", "achieved_ratio", "params", "macs", "accuracy_before",
              "accuracy_after", "finetune_seconds")
 
@@ -65,6 +73,8 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
             settings = {k: budget[k] for k in ("lr", "batch_size", "weight_decay", "alpha",
                                                 "temperature", "feature_layers",
                                                 "feature_weight") if k in budget}
+            if row["method"] == STUDENT and "student_lr" in budget:
+                settings["lr"] = budget["student_lr"]  # trained from scratch at its own lr
             settings["strategy"] = cell.get("strategy", "uniform")
             if row["method"] in VARIANTS:
                 base, options = VARIANTS[row["method"]]
@@ -85,17 +95,63 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
     return {"budget": shared, "dense": dense, "rows": rows, "failed": failed}
 
 
+def collect_campaign(cells: str | Path | Sequence[str | Path], *,
+                     train_size: int | None = None) -> dict[str, Any]:
+    """:func:`collect_rows` of one directory of seeds, or of several (one per learning rate)
+    whose budgets differ in nothing but the learning rate; a (method, ratio, seed, lr) cell
+    found twice is refused."""
+    directories = [Path(cells)] if isinstance(cells, (str, Path)) else [Path(c) for c in cells]
+    if not directories:
+        raise ValueError("cells: expected at least one campaign directory, got none")
+    parts = [collect_rows(d, train_size=train_size) for d in directories]
+    for directory, part in zip(directories, parts, strict=True):
+        if not part["budget"]:
+            raise ValueError(f"cells: {directory} holds no seed directory of the accuracy "
+                             f"benchmark (seed*/{BENCH_FILE})")
+    first = parts[0]["budget"]
+    for directory, part in zip(directories[1:], parts[1:], strict=True):
+        differs = sorted(k for k in {*first, *part["budget"]} - set(_PER_DIRECTORY)
+                         if part["budget"].get(k) != first.get(k))
+        if differs:
+            raise ValueError(f"cells: {directory} has another budget ({', '.join(differs)}) "
+                             f"than {directories[0]}; directories of one campaign may differ "
+                             "only in the learning rate")
+    rows, seen = [], {}
+    for directory, part in zip(directories, parts, strict=True):
+        for row in part["rows"]:
+            if len(directories) > 1:
+                row["cell"] = f"{directory.name}/{row['cell']}"
+            key = (row["method"], row["ratio"], row["seed"], row["settings"].get("lr"))
+            if key in seen:
+                raise ValueError(f"cells: {row['cell']} and {seen[key]} are the same cell "
+                                 f"({row['method']} {row['ratio']:g}x, seed {row['seed']}, "
+                                 f"lr {key[3]})")
+            seen[key] = row["cell"]
+            rows.append(row)
+    rows.sort(key=lambda r: (r["ratio"], r["method"], r["seed"], r["settings"].get("lr") or 0))
+    budget = {k: v for k, v in first.items() if k not in _PER_DIRECTORY}
+    for key in _PER_DIRECTORY:
+        values = sorted({p["budget"][key] for p in parts if key in p["budget"]})
+        if values:
+            budget[key] = values[0] if len(values) == 1 else values
+    dense = next((p["dense"] for p in parts if p["dense"]), None)
+    return {"budget": budget, "dense": dense, "rows": rows,
+            "failed": [f for p in parts for f in p["failed"]]}
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample sd of accuracy over seeds, per (ratio, method), best first."""
-    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    """Mean and sample sd of accuracy over seeds, per (ratio, method, lr), best first."""
+    groups: dict[tuple[float, str, Any], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["ratio"], row["method"]), []).append(row)
+        lr = row.get("settings", {}).get("lr")
+        groups.setdefault((row["ratio"], row["method"], lr), []).append(row)
     summary = []
-    for (ratio, method), group in groups.items():
+    for (ratio, method, lr), group in groups.items():
         after = [r["accuracy_after"] for r in group]
         before = [r["accuracy_before"] for r in group]
         summary.append({
-            "ratio": ratio, "method": method, "seeds": sorted(r["seed"] for r in group),
+            "ratio": ratio, "method": method, "lr": lr,
+            "seeds": sorted(r["seed"] for r in group),
             "params": statistics.mean(r["params"] for r in group),
             "achieved_ratio": statistics.mean(r["achieved_ratio"] for r in group),
             "accuracy_after": statistics.mean(after),
@@ -106,31 +162,63 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def format_campaign(results: dict[str, Any]) -> str:
-    dense = results.get("dense") or {}
-    budget = results["budget"]
-    lines = ["| ratio | method | seeds | achieved | params | acc. before | acc. after "
-             "(mean ± sd) | vs dense |", "|---|---|---|---|---|---|---|---|"]
-    for s in results["summary"]:
+def best_learning_rates(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (ratio, method), the summary row of the learning rate with the highest mean (on
+    ties, the one with more seeds), best first."""
+    best: dict[tuple[float, str], dict[str, Any]] = {}
+    for s in summary:
+        key = (s["ratio"], s["method"])
+        rank = (s["accuracy_after"], len(s["seeds"]))
+        if key not in best or rank > (best[key]["accuracy_after"], len(best[key]["seeds"])):
+            best[key] = s
+    return sorted(best.values(), key=lambda s: (s["ratio"], -s["accuracy_after"]))
+
+
+def _table(summary: Sequence[dict[str, Any]], dense: dict[str, Any], with_lr: bool) -> list[str]:
+    lr_head, lr_rule = ("lr | ", "---|") if with_lr else ("", "")
+    lines = [f"| ratio | method | {lr_head}seeds | achieved | params | acc. before | acc. after "
+             "(mean ± sd) | vs dense |", f"|---|---|{lr_rule}---|---|---|---|---|---|"]
+    for s in summary:
         sd = "" if s["accuracy_after_sd"] is None else f" ± {s['accuracy_after_sd']:.2f}"
         vs = (f"{s['accuracy_after'] - dense['accuracy_after']:+.2f}"
               if "accuracy_after" in dense else "–")
+        lr = f"{s['lr']:g} | " if with_lr else ""
         lines.append(
-            f"| {s['ratio']:g}x | {s['method']} | {len(s['seeds'])} | "
+            f"| {s['ratio']:g}x | {s['method']} | {lr}{len(s['seeds'])} | "
             f"{s['achieved_ratio']:.2f}x | {s['params'] / 1e3:.2f}k | "
             f"{s['accuracy_before']:.2f} | {s['accuracy_after']:.2f}{sd} | {vs} |"
         )
+    return lines
+
+
+def format_campaign(results: dict[str, Any]) -> str:
+    dense = results.get("dense") or {}
+    budget = results["budget"]
+    summary = results["summary"]
+    several = len({s["lr"] for s in summary}) > 1
+    if several:
+        lines = ["Each method at its best learning rate (highest mean over its seeds):", "",
+                 *_table(results["best"], dense, True), "", "Every learning rate measured:",
+                 "", *_table(summary, dense, True)]
+    else:
+        lines = _table(summary, dense, False)
     samples = {r["train_samples"] for r in results["rows"]} or {budget.get("train_subset")}
+    lr = budget.get("lr")
+    lr_text = (f"lr {lr}" if not isinstance(lr, list)
+               else f"lr {' or '.join(str(v) for v in lr)} as the table says")
     notes = [
         "",
         f"Dense teacher: {dense.get('accuracy_after', float('nan')):.2f}% "
         f"({dense.get('params', 0) / 1e3:.2f}k parameters). Every cell: {budget.get('epochs')} "
         f"epochs of {', '.join(str(s) for s in sorted(samples, key=str))} training samples, "
-        f"batch {budget.get('batch_size')}, lr {budget.get('lr')}, cosine, "
+        f"batch {budget.get('batch_size')}, {lr_text}, cosine, "
         f"{distillation_text(budget)}; the student from random weights with lr "
         f"{budget.get('student_lr')}. Test accuracy in %.",
     ]
-    notes += variant_notes(s["method"] for s in results["summary"])
+    if several:
+        notes.append("The best learning rate of each method is chosen on the test accuracy "
+                     "it reports, alike for every method.")
+    notes += variant_notes(s["method"] for s in summary)
     for f in results["failed"]:
         notes.append(f"- {f['dir']} failed: {f['error']}")
     return "\n".join(lines + notes) + "\n"
@@ -159,10 +247,11 @@ def plot_campaign(path: Path, results: dict[str, Any]) -> Path:
         if dense:
             ax.axhline(dense["accuracy_after"], color="0.4", linestyle="--", linewidth=1,
                        label=f"dense ({dense['accuracy_after']:.2f}%)")
-        methods = list(dict.fromkeys(s["method"] for s in results["summary"]))
+        best = results["best"]
+        methods = list(dict.fromkeys(s["method"] for s in best))
         for i, method in enumerate(sorted(methods)):
             points = sorted((s["params"], s["accuracy_after"], s["accuracy_after_sd"] or 0.0)
-                            for s in results["summary"] if s["method"] == method)
+                            for s in best if s["method"] == method)
             ax.errorbar([p[0] for p in points], [p[1] for p in points],
                         yerr=[p[2] for p in points], marker="osD^vP*Xh<>p"[i % 12],
                         color=f"C{i}", linestyle=":", capsize=3, label=method)
@@ -177,14 +266,17 @@ def plot_campaign(path: Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def write_campaign(out: str | Path, *, cells: str | Path | None = None,
+def write_campaign(out: str | Path, *,
+                   cells: str | Path | Sequence[str | Path] | None = None,
                    train_size: int | None = None, plot: bool = True) -> dict[str, Any]:
-    """Collect every seed's finished cells under ``cells`` (default ``out``) and write the
+    """Collect every seed's finished cells under ``cells`` (default ``out``; several
+    directories, one per learning rate, as :func:`collect_campaign` takes them) and write the
     campaign's ``results.json``, ``results.md`` and (with ``plot``) ``accuracy.png`` to
     ``out``."""
     out = Path(out)
-    results = collect_rows(out if cells is None else cells, train_size=train_size)
+    results = collect_campaign(out if cells is None else cells, train_size=train_size)
     results["summary"] = summarize(results["rows"])
+    results["best"] = best_learning_rates(results["summary"])
     for row in results["rows"]:
         for key in ("accuracy_before", "accuracy_after"):
             if row[key] is not None and not math.isfinite(row[key]):
