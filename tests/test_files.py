@@ -1,6 +1,8 @@
 """gkpd.files: atomic writes leave the old file or the new one, and the checksum of the bytes."""
 
 import hashlib
+import os
+import stat
 
 import pytest
 
@@ -42,3 +44,18 @@ def test_file_sha256_is_that_of_the_bytes(tmp_path):
 def test_checkpoint_reexports_the_file_helpers():
     assert checkpoint.atomic_write is files.atomic_write
     assert checkpoint.atomic_write_text is files.atomic_write_text
+
+
+def test_a_new_file_gets_the_umask_permissions_and_an_old_one_keeps_its_own(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        new = files.atomic_write_text(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640  # 0o666 less the umask, not 0o600
+        old = tmp_path / "old.json"
+        old.write_text("old")
+        old.chmod(0o604)
+        files.atomic_write_text(old, "new")
+        assert stat.S_IMODE(old.stat().st_mode) == 0o604
+        assert old.read_text() == "new"
+    finally:
+        os.umask(previous)

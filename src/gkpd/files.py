@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +20,35 @@ __all__ = ["atomic_write", "atomic_write_json", "atomic_write_text",
            "file_sha256"]
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, and put back at once
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` gets: an existing file's own, else those of a file that
+    ``open()`` creates (0o666 less the umask). ``mkstemp`` makes its file 0o600, which would
+    leave every saved model readable by its owner only."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    Readers see the old file or the new one, never a half-written one.
+    Readers see the old file or the new one, never a half-written one. The file has the
+    permissions that a plain ``open(path, "w")`` would give it (an existing file keeps its own).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
