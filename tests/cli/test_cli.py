@@ -245,6 +245,23 @@ def test_finetune_without_distillation(capsys, workspace, compressed, tmp_path):
     assert io.read_card(tmp_path / "ft")["finetune"]["teacher"] is None
 
 
+def test_finetune_takes_the_learning_rate_of_the_plans_methods(capsys, workspace, compressed,
+                                                             tmp_path):
+    _, data, teacher = workspace
+    cp = tmp_path / "cp"
+    run_json(capsys, "compress", teacher, "--ratio", "1.5", "--method", "cp", "--out", cp)
+    common = ["--data", "fashion-mnist", "--data-dir", data, "--epochs", "1", "--batch-size",
+              "16", "--train-subset", "16", "--no-progress"]
+    for model, flags, lr in [(cp, [], 0.001), (compressed, [], 0.01), (cp, ["--lr", "0.02"], 0.02)]:
+        out = tmp_path / f"ft{len(list(tmp_path.iterdir()))}"
+        run_json(capsys, "finetune", model, *common, *flags, "--out", out)
+        assert io.read_card(out)["finetune"]["lr"] == lr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", str(cp), *map(str, common), "--lr", "-1", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--lr: expected a number > 0, got '-1'" in capsys.readouterr().err
+
+
 def test_finetune_distils_the_blocks_outputs_with_feature_layers(capsys, workspace, compressed,
                                                                  tmp_path):
     _, data, _ = workspace

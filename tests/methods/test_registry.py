@@ -15,6 +15,7 @@ from gkpd.methods import (
     LayerMethod,
     ModelMethod,
     Prune,
+    finetune_lr,
     get_method,
     method_names,
     register_method,
@@ -98,3 +99,17 @@ def test_gkpd_configurations_are_typed():
     config = KroneckerConfig((2, 2), (3, 3), 1, "a_first")
     assert config.a_shape == (2, 2) and config == ((2, 2), (3, 3), 1, "a_first")
     assert GKPD().family(config) == (2, 2)
+
+
+def test_the_finetuning_lr_of_a_plan_is_its_most_delicate_methods(registry):
+    assert finetune_lr(["gkpd", "dense", "tucker"]) == 0.01
+    assert finetune_lr(["auto", "gkpd", "cp", "dense"]) == 0.001  # cp's factors need small steps
+    assert finetune_lr(["dense", "not-registered-here"]) == 0.01  # nothing known: the default
+
+    class Gentle(HalfRank):
+        name = "gentle"
+        finetune_lr = 1e-4
+
+    register_method(Gentle())
+    assert HalfRank.finetune_lr == 0.01  # a method that says nothing gets the default
+    assert finetune_lr(["gkpd", "gentle"]) == 1e-4

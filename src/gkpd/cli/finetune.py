@@ -16,6 +16,7 @@ from gkpd.cli.common import (
     emit,
     fine_tuning_loaders,
     log,
+    positive_float,
     positive_int,
     resumable,
     training_run,
@@ -45,6 +46,7 @@ def _teacher(args: argparse.Namespace, card: dict):
 def run(args: argparse.Namespace) -> int:
 
     from gkpd.io import PLAN_FILE, is_saved_model, save
+    from gkpd.methods import finetune_lr
     from gkpd.models.cards import finetuned_card
     from gkpd.plan.schema import CompressionPlan
     from gkpd.resolve import resolve_model
@@ -61,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     check_out(out, force=args.force, inputs=[args.model], resume=args.resume)
     student, card = resolve_model(args.model)
     plan = CompressionPlan.load(source / PLAN_FILE)
+    if args.lr is None:
+        args.lr = finetune_lr([plan.method, *(entry.method for entry in plan.layers)])
+        log.info("fine-tuning at lr %g, the learning rate of the plan's methods (--lr to set "
+                 "another)", args.lr)
     teacher, teacher_spec = _teacher(args, card)
     train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
     with resumable(out, resume=args.resume):
@@ -133,7 +139,13 @@ def add_parser(sub, **kwargs) -> None:
     p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="directory for checkpoints and the result")
     distillation_args(p)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="learning rate (default: the one the plan's methods fine-tune best at: 0.01, "
+        "or 0.001 where a layer is cp, whose factors are thrown off by larger steps)",
+    )
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument(

@@ -4,8 +4,16 @@ kinds of method, :class:`LayerMethod` and :class:`ModelMethod`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from gkpd.methods.auto import Auto
-from gkpd.methods.base import LayerContext, LayerMethod, Method, ModelMethod
+from gkpd.methods.base import (
+    DEFAULT_FINETUNE_LR,
+    LayerContext,
+    LayerMethod,
+    Method,
+    ModelMethod,
+)
 from gkpd.methods.cp import CP
 from gkpd.methods.gkpd import GKPD, KroneckerConfig
 from gkpd.methods.gkpd_tucker import GKPDTucker
@@ -67,6 +75,15 @@ def data_aware_methods() -> list[str]:
     return [name for name in method_names() if _METHODS[name].data_aware]
 
 
+def finetune_lr(methods: Iterable[str]) -> float:
+    """The learning rate to fine-tune a model compressed by ``methods`` (a plan's method names;
+    "dense" and names not registered here are passed over): the smallest of their
+    ``finetune_lr``, so that the most delicate layers are not thrown off; the default 0.01
+    when none is known."""
+    known = [_METHODS[m].finetune_lr for m in methods if m in _METHODS]
+    return min(known, default=DEFAULT_FINETUNE_LR)
+
+
 def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; expected one of {', '.join(method_names())}")
@@ -91,6 +108,7 @@ __all__ = [
     "TensorTrain",
     "Tucker",
     "data_aware_methods",
+    "finetune_lr",
     "get_method",
     "layer_methods",
     "method_names",

@@ -59,6 +59,9 @@ class LayerContext:
         return math.floor(self.dense_params / self.min_ratio)
 
 
+DEFAULT_FINETUNE_LR = 0.01
+
+
 class _Named(ABC):
     """What both kinds of method have: a ``name`` (the plan's ``method``) and a check that
     its optional dependencies are installed."""
@@ -70,6 +73,11 @@ class _Named(ABC):
     # entries (``settings["init"] == "whitened"``), and ``exact_error`` and ``build`` take the
     # layer's ``input_covariance`` keyword.
     data_aware: ClassVar[bool] = False
+
+    # The learning rate at which models compressed by the method fine-tune best with
+    # distillation, as measured (benchmarks/RESULTS.md, accuracy campaign): `gkpd finetune`
+    # takes the smallest of a plan's methods when --lr is not given.
+    finetune_lr: ClassVar[float] = DEFAULT_FINETUNE_LR
 
     def check_available(self) -> None:
         """Raise ``ImportError`` (saying what to install) when the method cannot run here;
