@@ -15,6 +15,8 @@ cell 2 cp 5 cells-lr0.001 --lr 0.001
 cell 0 cp 10 cells-lr0.001 --lr 0.001
 cell 1 cp 10 cells-lr0.001 --lr 0.001
 cell 0 tucker 5 cells-lr0.03 --lr 0.03
+# is 0.001 CP's best lr? (only 0.001 and 0.01 measured before)
+cell 0 cp 5 cells-lr0.003 --lr 0.003
 cell 2 svd 5
 for seed in 1 2; do
   cell "$seed" tensor_train 10
