@@ -24,4 +24,5 @@ for seed in 1 2; do
   cell "$seed" tensor_ring 5
   cell "$seed" tensor_train 5
   cell "$seed" prune 5
+  cell "$seed" gkpd_tucker 5,10
 done
