@@ -83,9 +83,11 @@ def test_the_student_is_summarized_at_its_own_learning_rate(tmp_path):
 
 def test_one_learning_rate_keeps_the_plain_table(tmp_path):
     shared, _ = lr_campaign(tmp_path)
+    cell(shared, 0, "student", 5.0, 91.0)  # trained at its own student_lr, in the same budget
     write_campaign(tmp_path, cells=[shared], train_size=60000, plot=False)
     text = (tmp_path / "results.md").read_text()
     assert "| 5x | gkpd | 2 | 5.00x |" in text and "best learning rate" not in text
+    assert "| 5x | student | 1 | 5.00x |" in text
 
 
 def test_directories_of_a_campaign_differ_only_in_learning_rate(tmp_path):

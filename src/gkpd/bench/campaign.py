@@ -195,7 +195,9 @@ def format_campaign(results: dict[str, Any]) -> str:
     dense = results.get("dense") or {}
     budget = results["budget"]
     summary = results["summary"]
-    several = len({s["lr"] for s in summary}) > 1
+    # directories at several lrs (collect_campaign lists them); one directory's student has
+    # its own lr beside the others' and keeps the plain table
+    several = any(isinstance(budget.get(key), list) for key in _PER_DIRECTORY)
     if several:
         lines = ["Each method at its best learning rate (highest mean over its seeds):", "",
                  *_table(results["best"], dense, True), "", "Every learning rate measured:",
