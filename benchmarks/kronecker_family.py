@@ -88,10 +88,9 @@ def arrangement_error(w: torch.Tensor, shapes: list[tuple[int, ...]], budget: in
     rank = budget // sum(math.prod(s) for s in shapes)
     if rank < 1:
         return None
+    if len(shapes) == 2:  # the NKP: GKPD itself
+        return float(gkpd.decompose(w.double(), shapes[0], shapes[1], rank).relative_error)
     t = rearrange_n(w.double(), shapes)
-    if len(shapes) == 2:
-        s = torch.linalg.svdvals(t)
-        return float(s[rank:].square().sum().sqrt() / s.norm())
     fit = reconstruct(cp_als(t, rank))
     return float((fit - t).norm() / t.norm())
 
