@@ -25,7 +25,9 @@ where uniform misses it). A method is one of ``gkpd.methods`` or a variant of
 --calibration-documents train documents' activations); then ``gkpd.train.fit`` from the original as
 teacher on the train split, the same budget for every method (--steps of --batch-size, AdamW at
 --lr, cosine schedule with --warmup), dropout off, the loss the cosine distance of the last hidden
-states over the real tokens plus --feature-weight times that of each earlier encoder layer's output.
+states over the real tokens plus --feature-weight times that of each earlier encoder layer's output
+plus --pooled-weight times that of the mean-pooled last hidden states (the sentence embeddings,
+what the cosine below scores; 0 by default).
 A cell writes ``cells/<method>-<ratio>x/result.json`` when done and is skipped on a rerun; an
 interrupted cell resumes from its checkpoint (``fit/``, every --checkpoint-every steps). Every
 cell of one --out must share the budget (the options in ``BUDGET``): a run that asks for
@@ -66,13 +68,16 @@ from gkpd.methods import get_method
 from gkpd.plan.budget import UnreachableRatio
 from gkpd.timing import cpu_model, time_interleaved
 from gkpd.train import fit, hidden_state_loss
+from gkpd.train.objectives import mean_pool
 
 FORTUNES = Path("/usr/share/games/fortunes")
 NOT_TEXT = {"ascii-art"}  # pictures drawn in characters
 ENCODER = "re:encoder\\..*"
 LATENCY_SHAPE = (32, 128)  # batch x tokens
-BUDGET = ("steps", "batch_size", "lr", "weight_decay", "warmup", "feature_weight", "max_length",
-          "held_out", "max_held_out", "seed")
+BUDGET = ("steps", "batch_size", "lr", "weight_decay", "warmup", "feature_weight",
+          "pooled_weight", "max_length", "held_out", "max_held_out", "seed")
+# budget keys added after cells were recorded: what those cells ran with
+RECORDED_BEFORE = {"pooled_weight": 0.0}
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
@@ -134,12 +139,8 @@ def embeddings(model: nn.Module, batches: DataLoader) -> torch.Tensor:
     """Mean-pooled last hidden states over the real tokens (all-MiniLM-L6-v2's sentence
     embedding, before its normalisation, which cosines do not see)."""
     model.eval()
-    pooled = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
-    return torch.cat(pooled)
+    return torch.cat([mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+                      for batch in batches])
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,7 +201,7 @@ def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict
     started = time.perf_counter()
     history = fit(
         student, loader(data["tokenizer"], data["train"], args.batch_size, sampler),
-        epochs=epochs, teacher=teacher, loss_fn=hidden_state_loss("cosine"),
+        epochs=epochs, teacher=teacher, loss_fn=distillation_loss(args.pooled_weight),
         feature_pairs={f"encoder.layer.{i}": f"encoder.layer.{i}" for i in range(layers - 1)},
         feature_loss="cosine", feature_weight=args.feature_weight, optimizer="adamw",
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup * epochs,
@@ -228,6 +229,17 @@ def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict
     return result
 
 
+def distillation_loss(pooled_weight: float):
+    """The cosine distance of the last hidden states per token, plus ``pooled_weight`` times
+    that of their mean over the tokens (the sentence embeddings)."""
+    tokens = hidden_state_loss("cosine")
+    if not pooled_weight:
+        return tokens
+    pooled = hidden_state_loss("cosine", pooling="mean")
+    return lambda student, teacher, batch: (tokens(student, teacher, batch)
+                                            + pooled_weight * pooled(student, teacher, batch))
+
+
 def budget(args: argparse.Namespace) -> dict:
     """What every cell of one table must share: the distillation budget and the text."""
     return {k: getattr(args, k) for k in BUDGET}
@@ -240,6 +252,8 @@ def finished_cells(cells: Path, expected: dict) -> dict[str, dict]:
     for path in sorted(cells.glob("*/result.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
         had = result.get("budget")
+        if isinstance(had, dict):
+            had = {**RECORDED_BEFORE, **had}
         if had != expected:
             sys.exit(f"{path.parent} was distilled with {had}, this run asks for {expected}: "
                      "rerun with that budget or write this one to another --out")
@@ -278,6 +292,8 @@ def arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the steps")
     parser.add_argument("--feature-weight", type=float, default=0.2)
+    parser.add_argument("--pooled-weight", type=float, default=0.0,
+                        help="weight of the mean-pooled embeddings' cosine distance in the loss")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--held-out", type=float, default=0.1, help="share of the documents")
     parser.add_argument("--max-held-out", type=int, default=1000)
@@ -297,6 +313,8 @@ def arguments(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.steps % args.checkpoint_every:
         parser.error("--steps must be a multiple of --checkpoint-every")
+    if not args.pooled_weight >= 0:
+        parser.error("--pooled-weight must be >= 0")
     if not 0 < args.held_out < 1:
         parser.error("--held-out must be in (0, 1)")
     if any(not r > 1 for r in args.ratios):

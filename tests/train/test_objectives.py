@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from gkpd.train import hidden_state_loss
 from gkpd.train.batches import batch_size, call_model, split_batch, to_device
-from gkpd.train.objectives import attention_mask, state_distance, state_tensor
+from gkpd.train.objectives import attention_mask, mean_pool, state_distance, state_tensor
 
 
 def _record(*args, **kwargs):
@@ -123,3 +123,39 @@ def test_hidden_state_loss_ignores_padding():
     assert padding.any()
     student["last_hidden_state"][padding] = torch.randn(int(padding.sum()), 12)
     assert hidden_state_loss("mse")(student, target, batch).abs() < 1e-7
+
+
+def test_mean_pooled_loss_compares_sentence_embeddings_over_the_real_tokens():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    batch = {"input_ids": torch.zeros(3, 5, dtype=torch.long), "attention_mask": mask}
+    pooled = [(s[: int(n)].mean(0), t[: int(n)].mean(0))
+              for s, t, n in zip(student, teacher, mask.sum(1), strict=True)]
+    cosine = sum(1 - F.cosine_similarity(s, t, dim=0) for s, t in pooled) / 3
+    squared = sum(((s - t) ** 2).mean() for s, t in pooled) / 3
+    outputs = ({"last_hidden_state": student}, {"last_hidden_state": teacher})
+    torch.testing.assert_close(hidden_state_loss("cosine", pooling="mean")(*outputs, batch),
+                               cosine)
+    torch.testing.assert_close(hidden_state_loss("mse", pooling="mean")(*outputs, batch),
+                               squared)
+    # padding does not reach the embedding; without a mask every token counts
+    padded = student.clone()
+    padded[mask == 0] = 100.0
+    torch.testing.assert_close(mean_pool(padded, mask), mean_pool(student, mask))
+    torch.testing.assert_close(mean_pool(student, None), student.mean(1))
+    # errors that cancel over a sentence's tokens cost per token, not pooled
+    offsets = torch.tensor([1.0, -1.0]).view(1, 2, 1) * torch.ones(3, 2, 4)
+    shifted = ({"last_hidden_state": teacher[:, :2] + offsets},
+               {"last_hidden_state": teacher[:, :2]})
+    assert hidden_state_loss("mse", pooling="mean")(*shifted, teacher[:, :2]).abs() < 1e-6
+    assert hidden_state_loss("mse")(*shifted, teacher[:, :2]) > 0.9
+
+
+def test_mean_pooling_refuses_what_it_cannot_pool():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        hidden_state_loss("cosine", pooling="cls")
+    with pytest.raises(ValueError, match=r"\(batch, tokens, hidden\) state, got shape \(2, 3\)"):
+        mean_pool(torch.zeros(2, 3), None)
+    with pytest.raises(ValueError, match=r"attention mask shape \(2, 4\)"):
+        mean_pool(torch.zeros(2, 3, 5), torch.ones(2, 4))

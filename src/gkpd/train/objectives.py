@@ -8,9 +8,10 @@ teacher's on the same inputs (``None`` without a teacher), ``batch`` the batch o
 device. It is code, not state: a checkpoint does not hold it, and a resumed run must be given
 the same function again.
 
-:func:`hidden_state_loss` is such a function for the last hidden state; the states of chosen
-intermediate layers are the ``feature_pairs`` of :class:`gkpd.train.FitConfig` (taps on named
-modules, :mod:`gkpd.train.features`), measured by the same :func:`state_distance`.
+:func:`hidden_state_loss` is such a function for the last hidden state, per token or mean-pooled
+over the tokens (a sentence embedding, as sentence-transformers models pool it); the states of
+chosen intermediate layers are the ``feature_pairs`` of :class:`gkpd.train.FitConfig` (taps on
+named modules, :mod:`gkpd.train.features`), measured by the same :func:`state_distance`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gkpd.train.batches import split_batch
 LossFn = Callable[[Any, Any, Any], torch.Tensor]
 
 DISTANCES = ("mse", "cosine")
+POOLINGS = ("tokens", "mean")
 MASK_KEY = "attention_mask"
 
 
@@ -106,20 +108,42 @@ def state_distance(
     return (errors * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def hidden_state_loss(kind: str = "cosine") -> LossFn:
+def mean_pool(state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of a ``(batch, tokens, hidden)`` state over each sequence's real tokens
+    (``mask`` 1, of shape ``(batch, tokens)``; every token without a mask): ``(batch, hidden)``,
+    the sentence embedding of mean-pooling models (all-MiniLM-L6-v2, before normalisation)."""
+    if state.dim() != 3:
+        raise ValueError(f"mean pooling takes a (batch, tokens, hidden) state, got shape "
+                         f"{tuple(state.shape)}")
+    if mask is None:
+        return state.mean(1)
+    if tuple(mask.shape) != tuple(state.shape[:2]):
+        raise ValueError(f"attention mask shape {tuple(mask.shape)} does not match the state's "
+                         f"(batch, tokens) {tuple(state.shape[:2])}")
+    weights = mask.to(state.dtype).unsqueeze(-1)
+    return (state * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def hidden_state_loss(kind: str = "cosine", pooling: str = "tokens") -> LossFn:
     """A loss function (:data:`LossFn`) that takes the teacher's last hidden state as the
     target: :func:`state_distance` between the student's and the teacher's
-    (:func:`state_tensor` of each output), over the tokens of the batch's attention mask."""
+    (:func:`state_tensor` of each output). ``pooling="tokens"``: over each token of the
+    batch's attention mask; ``"mean"``: between the states mean-pooled over those tokens
+    (:func:`mean_pool`), the sentence embeddings of a mean-pooling model."""
     check_distance(kind, "kind")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
 
     def loss(student_output: Any, teacher_output: Any, batch: Any) -> torch.Tensor:
         if teacher_output is None:
             raise ValueError("hidden_state_loss compares with a teacher: pass teacher=")
-        return state_distance(
-            state_tensor(student_output, "student output"),
-            state_tensor(teacher_output, "teacher output"),
-            kind=kind, mask=attention_mask(batch), what="last hidden state",
-        )
+        student = state_tensor(student_output, "student output")
+        teacher = state_tensor(teacher_output, "teacher output")
+        mask = attention_mask(batch)
+        if pooling == "mean":
+            return state_distance(mean_pool(student, mask), mean_pool(teacher, mask),
+                                  kind=kind, what="mean-pooled last hidden state")
+        return state_distance(student, teacher, kind=kind, mask=mask, what="last hidden state")
 
-    loss.__qualname__ = f"hidden_state_loss({kind!r})"
+    loss.__qualname__ = f"hidden_state_loss({kind!r}, pooling={pooling!r})"
     return loss
