@@ -54,6 +54,22 @@ def test_channels_last_model_takes_and_gives_nchw():
     torch.testing.assert_close(maps, expected[0])
 
 
+def test_a_one_channel_stem_runs_in_channels_last_too():
+    """A 1-channel input and stem weight are contiguous in both layouts; unless they are
+    restrided, torch runs the stem, and so every layer after it, in NCHW."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)).eval()
+    model = run_in_layout(copy.deepcopy(reference), "channels_last")
+    seen = {}
+    model[1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    x = torch.randn(2, 1, 9, 9)
+    with torch.no_grad():
+        y = model(x)
+    assert not seen["x"].is_contiguous() and seen["x"].is_contiguous(memory_format=CL)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, reference(x))
+
+
 def test_5d_models_run_in_channels_last_3d():
     model = run_in_layout(_model(nn.Conv3d), "channels_last")
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)

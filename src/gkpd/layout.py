@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYOUTS", "layout_of", "memory_format", "run_in_layout", "to_layout"]
+__all__ = ["LAYOUTS", "in_memory_format", "layout_of", "memory_format", "run_in_layout",
+           "to_layout"]
 
 # "contiguous": NCHW (NCDHW), as tensors come; "channels_last": NHWC (NDHWC), channels innermost
 LAYOUTS = ("contiguous", "channels_last")
@@ -41,12 +42,24 @@ def to_layout(x: Any, layout: str) -> Any:
     ``layout``; other values as they are."""
     if isinstance(x, Tensor):
         fmt = memory_format(layout, x.dim()) if x.dim() in (4, 5) else None
-        return x if fmt is None else x.contiguous(memory_format=fmt)
+        return x if fmt is None else in_memory_format(x, fmt)
     if isinstance(x, tuple | list):
         return type(x)(to_layout(v, layout) for v in x)
     if isinstance(x, dict):
         return {k: to_layout(v, layout) for k, v in x.items()}
     return x
+
+
+def in_memory_format(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``x`` with exactly the strides of ``fmt`` (a copy unless it has them). Neither
+    ``.contiguous(memory_format=)`` nor ``.to(memory_format=)`` does that always: the first
+    keeps NCHW strides on a tensor contiguous in both layouts (one channel, or 1x1 spatial) —
+    a 1-channel input and stem weight then make the stem's output, and so the whole model, run
+    in NCHW — and the second keeps some permuted strides (a reconstructed weight's)."""
+    strides = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
+    if x.stride() == strides:
+        return x
+    return torch.empty_like(x, memory_format=fmt).copy_(x)
 
 
 def _first_image(values: Any) -> Tensor | None:

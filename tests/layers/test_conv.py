@@ -368,6 +368,29 @@ def test_weight_path_cache_follows_factor_updates():
     assert layer.macs(x.shape) == 2 * 8 * 8 * 9 * 36
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_derived_weights_are_cached_contiguous_in_the_input_layout(layout):
+    """A weight that is not contiguous in the input's layout is copied by the convolution on
+    every call: the cached weights of the weight path and of a channel path must be."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=layout)
+    for path in ("weight", "a_first_channels"):
+        layer = gkpd.KroneckerConv2d.from_dense(dense, a_shape=(1, 8, 3, 1))  # exact
+        layer.path = path
+        layer.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-5)
+            cached = [w for _, value in layer._weight_cache.values() for w in _tensors(value)]
+        assert cached and all(w.is_contiguous(memory_format=layout) for w in cached if w.dim() == 4)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _tensors(v)] if isinstance(value, tuple) else []
+
+
 CHANNEL_CASES = [  # (in, out, kernel, stride, padding, dilation, padding_mode, a_shape, rank)
     (16, 16, 3, 1, 1, 1, "zeros", (2, 1, 3, 1), 2),  # C1 == 1: a channel shuffle at the end
     (16, 16, 3, 1, 2, 2, "zeros", (4, 1, 3, 3), 2),
