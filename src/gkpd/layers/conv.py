@@ -31,7 +31,6 @@ from gkpd.counting import (
     stage_strides,
 )
 from gkpd.decompose import as_shape, b_shape_for, check_rank
-from gkpd.layout import in_memory_format
 from gkpd.layers.base import (
     CHANNEL_PATHS,
     WEIGHT_PATH,
@@ -39,6 +38,7 @@ from gkpd.layers.base import (
     dense_factors,
     fx_leaf_call,
 )
+from gkpd.layout import in_memory_format
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
