@@ -30,7 +30,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 import gkpd
 from gkpd.files import atomic_write_text
@@ -55,10 +54,7 @@ def plan_row(name: str, teacher, data: dict, ratio: float) -> dict:
         options = {**options, "calibration": gkpd.Calibration(data["calibration"],
                                                                **calibration)}
     started = time.perf_counter()
-    student, plan = gkpd.compress(
-        teacher, data["example"], ratio=minilm.model_ratio(teacher, ratio), method=method,
-        include=[minilm.ENCODER], tolerance=0.01, **options,
-    )
+    student, plan = minilm.compress_encoder(teacher, data["example"], ratio, method, **options)
     seconds = time.perf_counter() - started
     encoder = minilm.encoder_entries(plan)
     compressed = [e for e in encoder if e.method != "dense"]
@@ -112,17 +108,8 @@ def main(argv=None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     torch.set_num_threads(args.threads)
     tokenizer, teacher = minilm.load_minilm()
-    train_texts, held_out_texts = minilm.split(minilm.documents(minilm.FORTUNES), 0.1)
-    train = minilm.Tokenized(tokenizer, train_texts, 128)
-    held_out = minilm.loader(tokenizer, minilm.Tokenized(
-        tokenizer, held_out_texts[: args.held_out_documents], 128), 64)
-    data = {
-        "example": next(iter(minilm.loader(tokenizer, train, 2))),
-        "held_out": held_out,
-        "teacher_embeddings": minilm.embeddings(teacher, held_out),
-        "calibration": minilm.loader(tokenizer, Subset(train, range(min(
-            args.calibration_documents, len(train)))), 16),
-    }
+    data = minilm.text_data(tokenizer, teacher, minilm.FORTUNES, 0.1, 128,
+                            args.held_out_documents, args.calibration_documents)
     rows = []
     for name in variants:
         rows.append(plan_row(name, teacher, data, args.ratio))

@@ -178,15 +178,45 @@ def build_student(teacher: nn.Module, name: str, ratio: float, data: dict, cell:
         plan = gkpd.CompressionPlan.load(plan_path)
         return gkpd.apply_(copy.deepcopy(teacher), plan,
                            calibration=options.get("calibration")), plan
-    options.update(ratio=model_ratio(teacher, ratio), method=method, include=[ENCODER],
-                   tolerance=0.01)
-    example = data["example"]
-    try:
-        student, plan = gkpd.compress(teacher, example, **options)
-    except UnreachableRatio:
-        student, plan = gkpd.compress(teacher, example, strategy="global", **options)
+    student, plan = compress_encoder(teacher, data["example"], ratio, method, **options)
     plan.save(plan_path)
     return student, plan
+
+
+def compress_encoder(teacher: nn.Module, example, ratio: float, method: str, **options):
+    """``gkpd.compress`` of the encoder's linear layers ``ratio``-fold over their parameters;
+    where the uniform strategy cannot reach it and no strategy is pinned, the global one."""
+    options.update(ratio=model_ratio(teacher, ratio), method=method, include=[ENCODER],
+                   tolerance=0.01)
+    if "strategy" in options:
+        return gkpd.compress(teacher, example, **options)
+    try:
+        return gkpd.compress(teacher, example, **options)
+    except UnreachableRatio:
+        return gkpd.compress(teacher, example, strategy="global", **options)
+
+
+def text_data(tokenizer, teacher: nn.Module, fortunes: Path, held_out_share: float,
+              max_length: int, max_held_out: int, calibration_documents: int) -> dict:
+    """The benchmark's text, split by document: the tokenized train split, the held-out
+    loader (its first ``max_held_out`` documents) and the teacher's embeddings of it, a
+    two-document example in keyword inputs (as BERT is called), and the calibration loader
+    (the first ``calibration_documents`` train documents, in batches padded to their longest;
+    the variants that whiten their factors use them)."""
+    train_texts, held_out_all = split(documents(fortunes), held_out_share)
+    held_out_texts = held_out_all[:max_held_out]
+    train = Tokenized(tokenizer, train_texts, max_length)
+    held_out = loader(tokenizer, Tokenized(tokenizer, held_out_texts, max_length), 64)
+    return {
+        "tokenizer": tokenizer, "train": train, "held_out": held_out,
+        "held_out_texts": held_out_texts,
+        "documents": {"train": len(train_texts), "held_out": len(held_out_all),
+                      "held_out_scored": len(held_out_texts)},
+        "example": next(iter(loader(tokenizer, train, 2))),
+        "calibration": loader(tokenizer, Subset(train, range(min(
+            calibration_documents, len(train)))), 16),
+        "teacher_embeddings": embeddings(teacher, held_out),
+    }
 
 
 def run_cell(args, method: str, ratio: float, teacher, data, cell: Path) -> dict:
@@ -333,19 +363,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     tokenizer, teacher = load_minilm()
-    train_texts, held_out_all = split(documents(args.fortunes), args.held_out)
-    held_out_texts = held_out_all[: args.max_held_out]
-    train = Tokenized(tokenizer, train_texts, args.max_length)
-    held_out = loader(tokenizer, Tokenized(tokenizer, held_out_texts, args.max_length), 64)
-    data = {
-        "tokenizer": tokenizer, "train": train, "held_out": held_out,
-        "example": next(iter(loader(tokenizer, train, 2))),  # keyword inputs, as BERT's
-        # the first --calibration-documents of the train split (its tokenized rows), in
-        # batches padded to their longest (the variants that whiten their factors use them)
-        "calibration": loader(tokenizer, Subset(train, range(min(
-            args.calibration_documents, len(train)))), 16),
-        "teacher_embeddings": embeddings(teacher, held_out),
-    }
+    data = text_data(tokenizer, teacher, args.fortunes, args.held_out, args.max_length,
+                     args.max_held_out, args.calibration_documents)
     probe = nn.Linear(teacher.config.hidden_size, teacher.config.intermediate_size)
     skipped = {m: reason for m in args.methods
                if (reason := get_method(base_method(m)).supports(probe))}
@@ -364,7 +383,7 @@ def main(argv=None) -> None:
     models = {"dense": teacher}
     for name in cells:
         models[name] = timing_model(args.out / "cells" / name)
-    shape_batch = dict(tokenizer(held_out_texts[: LATENCY_SHAPE[0]], padding="max_length",
+    shape_batch = dict(tokenizer(data["held_out_texts"][: LATENCY_SHAPE[0]], padding="max_length",
                                  truncation=True, max_length=LATENCY_SHAPE[1],
                                  return_tensors="pt"))
     timed = latencies(models, shape_batch, args.latency_rounds, args.latency_warmup)
@@ -382,8 +401,7 @@ def main(argv=None) -> None:
                   "encoder_linear_params": encoder_linear_params(teacher),
                   "latency_ms": timed["dense"]},
         "skipped": skipped,
-        "documents": {"train": len(train_texts), "held_out": len(held_out_all),
-                      "held_out_scored": len(held_out_texts)},
+        "documents": data["documents"],
         "latency_shape": list(LATENCY_SHAPE),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "cpu": cpu_model()},
