@@ -38,6 +38,7 @@ from main_job_report import plot_layers, write_report
 
 from gkpd import data, train
 from gkpd.apply import compress
+from gkpd.cli.common import positive_int
 from gkpd.files import atomic_write_json
 from gkpd.io import save
 from gkpd.models.cards import WEIGHTS_FILE, compressed_card, example_input, finetuned_card
@@ -86,6 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="latency (default): time each layer's candidate configurations on this machine "
         "and keep the fastest of those within 10%% of the least error, in the faster memory "
         "layout; error: the least error per layer",
+    )
+    p.add_argument(
+        "--latency-batch",
+        type=positive_int,
+        default=64,
+        help="the batch the latency objective times at (default 64: a plan timed at batch 1 "
+        "runs nearly every layer as a dense convolution, as fast as dense and no faster)",
     )
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument(
@@ -138,16 +146,19 @@ def compress_teacher(args, teacher, card, out: Path):
     equivalent command)``."""
     strategy = ["--strategy", args.strategy] if args.strategy else []
     max_seconds = timing_seconds(args) if args.objective == "latency" else None
-    limit = ["--latency-max-seconds", f"{max_seconds:g}"] if max_seconds else []
+    latency = ["--latency-batch", str(args.latency_batch)] if args.objective == "latency" else []
+    if max_seconds:
+        latency += ["--latency-max-seconds", f"{max_seconds:g}"]
     compress_argv = ["compress", args.teacher, "--ratio", f"{args.ratio:g}", *strategy,
-                     "--objective", args.objective, *limit, "--out", str(out), "--force"]
+                     "--objective", args.objective, *latency, "--out", str(out), "--force"]
     compress_command = command(compress_argv)
     if args.objective == "latency":
         say("planning for latency: timing the layers' configurations on this machine"
             + (f" (at most {max_seconds / 60:.1f} min)" if max_seconds else ""))
     student, plan = compress(
         teacher, example_input(card), ratio=args.ratio, method="gkpd", strategy=args.strategy,
-        objective=LatencyObjective(max_seconds=max_seconds) if args.objective == "latency"
+        objective=LatencyObjective(batch=args.latency_batch, max_seconds=max_seconds)
+        if args.objective == "latency"
         else "error",
     )
     untimed = plan.options.get("latency_untimed")

@@ -63,7 +63,7 @@ def compress_by_hand(model, choices=CHOICES):
         if c.name in choices:
             a_shape, rank = choices[c.name]
             cls = KroneckerLinear if isinstance(module, torch.nn.Linear) else KroneckerConv2d
-            layer = cls.from_dense(module, a_shape=a_shape, rank=rank)
+            layer = cls.from_dense(module, a_shape=a_shape, rank=rank).train(module.training)
             parent, _, child = c.name.rpartition(".")
             setattr(modules[parent] if parent else model, child, layer)
             entry.method = "gkpd"

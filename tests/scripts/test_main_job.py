@@ -150,9 +150,10 @@ def test_the_job_plans_for_latency_by_default(monkeypatch, tmp_path):
     args = main_job.parse_args([])
     *_, command = main_job.compress_teacher(args, nn.Linear(2, 2), card, tmp_path)
     assert isinstance(calls["objective"], main_job.LatencyObjective)
-    assert "--objective latency --latency-max-seconds 180" in command
-    # the timing may spend a fifth of the 15-minute budget; no budget, no limit
-    assert calls["objective"].max_seconds == 180
+    assert "--objective latency --latency-batch 64 --latency-max-seconds 180" in command
+    # timed at batch 64, where the factors pay; the timing may spend a fifth of the 15-minute
+    # budget; no budget, no limit
+    assert calls["objective"].batch == 64 and calls["objective"].max_seconds == 180
     main_job.compress_teacher(main_job.parse_args(["--budget-minutes", "0"]), nn.Linear(2, 2),
                               card, tmp_path)
     assert calls["objective"].max_seconds is None
