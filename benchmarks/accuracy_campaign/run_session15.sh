@@ -11,7 +11,7 @@ cell 1 tensor_ring 5
 cell 1 tensor_train 5
 cell 1 prune 5
 cell 2 tensor_ring 5
-# not reached in the session: the remaining seeds
+# not reached in the session: the remaining seeds (run_session16.sh ran the first two)
 cell 2 tensor_train 5
 cell 2 prune 5
 for seed in 1 2; do cell "$seed" gkpd_tucker 5,10; done
