@@ -217,6 +217,21 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     assert not any("channels_last" in key for key in saved["entries"] if "Linear" in key)
 
 
+@pytest.mark.parametrize("weight_wins", [True, False])
+def test_a_plan_that_runs_at_dense_speed_says_so(monkeypatch, caplog, weight_wins):
+    def fixed_times(self, module, input_shape, options):  # no timing: the weight path wins
+        return {o: (1e-3 if (o.path == "weight") == weight_wins else 2e-3) for o in options}
+
+    monkeypatch.setattr(LayerTimer, "_time", fixed_times)
+    with caplog.at_level("WARNING", logger="gkpd.plan.objective"):
+        plan = gkpd.plan(_net().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05,
+                         objective=LatencyObjective(cache=None, layout="contiguous"))
+    paths = {e.settings["path"] for e in plan.compressed_layers}
+    assert (paths == {"weight"}) == weight_wins
+    warned = "--latency-batch" in caplog.text and "reconstructed weight" in caplog.text
+    assert warned == weight_wins
+
+
 def test_stop_leaves_the_remaining_layers_untimed():
     table = _table()
     times = {"weight": 9.0, ((2, 2), 2, "a_first"): 2.0}

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.inputs import ModelCall
+from gkpd.layers.base import WEIGHT_PATH
 from gkpd.layout import LAYOUTS
 from gkpd.plan.schema import LayerPlan
 
@@ -178,6 +179,7 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
                      "plan's configuration", objective.max_seconds, left)
     choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
     timings = per_layout[choice.layout]
+    warn_if_dense_speed(timings, batch)
     # an untimed layer (an embedding: one way to run) keeps its pick
     picks = [q if t is None else t.pick for t, q in zip(timings, full_picks, strict=True)]
     total_change = sum(
@@ -188,6 +190,20 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
     if objective.max_seconds is not None:
         options["latency_untimed"] = untimed
     return full_tables, picks, timings, total_change, options
+
+
+def warn_if_dense_speed(timings: list, batch: int) -> None:
+    """Say so when most timed layers run fastest as the dense op with the reconstructed
+    weight: the plan then does the dense model's MACs at its speed (ResNet-32 at batch 1 on
+    a 2-core CPU: every layer), and a larger batch may be where the factors pay."""
+    timed = [t for t in timings if t is not None]
+    dense = sum(t.path == WEIGHT_PATH for t in timed)
+    if timed and 2 * dense > len(timed):
+        log.warning(
+            "latency: at batch %d the dense op with the reconstructed weight is the fastest "
+            "path of %d of %d layers, so the plan runs at about the dense model's speed and "
+            "MACs; if the model serves larger batches, time at one "
+            "(LatencyObjective(batch=...), --latency-batch)", batch, dense, len(timed))
 
 
 def describe_timing(entry: LayerPlan, timed, batch: int) -> None:
