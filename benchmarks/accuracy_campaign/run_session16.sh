@@ -8,5 +8,7 @@ export GKPD_CAMPAIGN_THREADS=${GKPD_CAMPAIGN_THREADS:-2} OMP_WAIT_POLICY=PASSIVE
 cell 2 tensor_train 5
 cell 2 prune 5
 cell 0 gkpd 5 cells-lr0.003 --lr 0.003
+cell 1 gkpd_tucker 5
 # not reached in the session
-for seed in 1 2; do cell "$seed" gkpd_tucker 5,10; done
+cell 1 gkpd_tucker 10
+cell 2 gkpd_tucker 5,10
