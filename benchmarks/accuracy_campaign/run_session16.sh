@@ -9,6 +9,6 @@ cell 2 tensor_train 5
 cell 2 prune 5
 cell 0 gkpd 5 cells-lr0.003 --lr 0.003
 cell 1 gkpd_tucker 5
-# not reached in the session
 cell 1 gkpd_tucker 10
+# not reached in the session
 cell 2 gkpd_tucker 5,10
