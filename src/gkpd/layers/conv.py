@@ -38,7 +38,7 @@ from gkpd.layers.base import (
     dense_factors,
     fx_leaf_call,
 )
-from gkpd.layout import in_memory_format
+from gkpd.layout import in_memory_format, memory_format
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -75,11 +75,8 @@ def _regroup(y: Tensor, dims: Sequence[int], perm: Sequence[int], out: Sequence[
 def _is_nchw(x: Tensor) -> bool:
     """Whether ``x`` is contiguous and not also channels_last (as a tensor with one channel
     converted to channels_last is): such tensors run the ops torch picks for their strides."""
-    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    last = memory_format("channels_last", x.dim())
     return x.is_contiguous() and (last is None or not x.is_contiguous(memory_format=last))
-
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _in_format(weights: object, fmt: torch.memory_format, dim: int) -> object:
@@ -451,7 +448,7 @@ class KroneckerConvNd(KroneckerLayer):
         copies a weight that is not (a permuted reconstruction, or a contiguous weight beside a
         channels_last input) on every call: 19% of a batch-1 forward of ResNet-32's 5x latency
         plan (CPU, 2 threads)."""
-        fmt = None if _is_nchw(x) else _CHANNELS_LAST.get(x.dim())
+        fmt = None if _is_nchw(x) else memory_format("channels_last", x.dim())
         key = name if fmt is None else f"{name} channels_last"
         return self._derived(key, lambda: _in_format(build(), fmt or torch.contiguous_format,
                                                      x.dim()))
