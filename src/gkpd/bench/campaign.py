@@ -46,6 +46,12 @@ def _read(path: Path) -> Any:
         raise ValueError(f"{path} is unreadable or not JSON ({error}); delete it") from error
 
 
+def _differing_keys(budget: dict, reference: dict, ignored: Sequence[str]) -> list[str]:
+    """The budget keys, other than ``ignored``, whose values differ between the two budgets."""
+    return sorted(k for k in {*reference, *budget} - set(ignored)
+                  if budget.get(k) != reference.get(k))
+
+
 def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str, Any]:
     """Every finished cell under ``out`` as a row; ``train_size``: the training split's
     length, for cells fine-tuned on all of it (their per-epoch sample count)."""
@@ -87,7 +93,7 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
             rows.append(row)
     shared = {k: v for k, v in next(iter(budgets.values()), {}).items() if k != "seed"}
     for name, budget in budgets.items():
-        differs = sorted(k for k in shared if budget.get(k) != shared[k])
+        differs = _differing_keys(budget, shared, ignored=("seed",))
         if differs:
             raise ValueError(f"{out / name} has another budget ({', '.join(differs)}) than the "
                              "other seeds: a campaign compares one budget")
@@ -110,8 +116,7 @@ def collect_campaign(cells: str | Path | Sequence[str | Path], *,
                              f"benchmark (seed*/{BENCH_FILE})")
     first = parts[0]["budget"]
     for directory, part in zip(directories[1:], parts[1:], strict=True):
-        differs = sorted(k for k in {*first, *part["budget"]} - set(_PER_DIRECTORY)
-                         if part["budget"].get(k) != first.get(k))
+        differs = _differing_keys(part["budget"], first, ignored=_PER_DIRECTORY)
         if differs:
             raise ValueError(f"cells: {directory} has another budget ({', '.join(differs)}) "
                              f"than {directories[0]}; directories of one campaign may differ "
