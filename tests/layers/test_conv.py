@@ -368,6 +368,28 @@ def test_weight_path_cache_follows_factor_updates():
     assert layer.macs(x.shape) == 2 * 8 * 8 * 9 * 36
 
 
+def test_weight_path_reads_parametrized_factors():
+    """A parametrization moves a factor out of the parameter dict the cache reads, and
+    computes it anew on each read: the layer must run with what ``layer.a`` gives now."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, a):
+            return 2 * a
+
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 2, 3, 1), rank=2, dtype=f64,
+                                 bias=False).eval()
+    layer.path = "weight"
+    x = torch.randn(2, 8, 6, 6, dtype=f64)
+    with torch.no_grad():
+        plain = layer(x)
+        parametrize.register_parametrization(layer, "a", Doubled())
+        torch.testing.assert_close(layer(x), 2 * plain)
+        layer.parametrizations.a.original.mul_(3.0)  # in place: the parametrized a is new
+        torch.testing.assert_close(layer(x), 6 * plain)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_derived_weights_are_cached_contiguous_in_the_input_layout(layout):
     """A weight that is not contiguous in the input's layout is copied by the convolution on
