@@ -11,7 +11,7 @@ from torch import nn
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
 from gkpd.layers.attention import UNPACKED, unfuse, unpacked
 from gkpd.layout import run_in_layout
-from gkpd.methods import ModelMethod, get_method
+from gkpd.methods import ModelMethod, get_method, replace_layers
 from gkpd.plan import CompressionPlan, plan
 from gkpd.plan.select import tied_layers, tied_reason
 from gkpd.whiten import corrected_weight
@@ -126,23 +126,11 @@ def apply_(
     elif isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
         whole_model.apply_model(model, compression_plan, decompose=decompose)
     else:
-        _replace_layers(model, compression_plan, decompose)
+        replace_layers(model, compression_plan.compressed_layers, decompose)
     model = unfuse(model)
     if compression_plan.layout != "contiguous":
         model = run_in_layout(model, compression_plan.layout)
     return model
-
-
-def _replace_layers(model: nn.Module, compression_plan: CompressionPlan, decompose: bool) -> None:
-    replacements = []
-    for entry in compression_plan.compressed_layers:
-        method = get_method(entry.method)
-        module = model.get_submodule(entry.name)
-        replacement = method.build(module, entry, decompose=decompose)
-        replacement.train(module.training)
-        replacements.append((entry.name, replacement))
-    for name, replacement in replacements:
-        set_submodule(model, name, replacement)
 
 
 def _apply_calibrated(model, compression_plan, settings, calibration) -> None:

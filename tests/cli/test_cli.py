@@ -50,6 +50,9 @@ def test_compress_writes_a_loadable_model(capsys, workspace, compressed):
     assert result["dense_params"] == plan.dense_params
     assert result["kronecker_layers"] == len(plan.compressed_layers)
     assert result["layout"] == plan.layout and result["allocator"]
+    # the error plan ran its model in each layout and keeps the faster, as the loaded one
+    assert plan.layout in plan.options["model_latency"]["ms"]
+    assert layout_of(resolve_model(str(compressed))[0]) == plan.layout
     code, text, _ = run(capsys, "summary", compressed)
     assert code == 0 and "Kronecker" in text and f"{plan.params:,}" in text
     assert "\nallocator: " in text
@@ -148,8 +151,23 @@ def test_compress_rejects_latency_options(capsys, tmp_path, argv, message):
 
 def test_compress_latency_options_need_the_latency_objective(capsys, tmp_path):
     code, _, err = run(capsys, "compress", "resnet32_fashion_mnist", "--ratio", 2,
-                       "--channels-last", "--out", tmp_path / "o")
+                       "--latency-batch", 4, "--out", tmp_path / "o")
     assert code == 2 and "--objective latency" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_layout(capsys, workspace, tmp_path):
+    _, _, teacher = workspace
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--channels-last",
+                       "--out", tmp_path / "cl")
+    assert code == 0, err
+    plan = CompressionPlan.load(tmp_path / "cl" / "plan.json")
+    assert plan.objective == "error" and plan.layout == "channels_last"
+    assert "model_latency" not in plan.options  # asked for, not timed
+    assert layout_of(resolve_model(str(tmp_path / "cl"))[0]) == "channels_last"
+    code, _, err = run(capsys, "compress", teacher, "--ratio", 2, "--channels-last",
+                       "--layout", "contiguous", "--out", tmp_path / "o")
+    assert code == 2 and "--channels-last contradicts --layout contiguous" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from testkit.layers import strided_cnn
 from torch import nn
 
 import gkpd
@@ -145,18 +146,9 @@ def test_weight_path_wins_when_factors_are_slower_than_dense():
     assert (timed.pick, timed.path, timed.seconds) == (0, "weight", 1.0)
 
 
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
-
-
 @pytest.mark.parametrize("layout", ["auto", "contiguous", "channels_last"])
 def test_latency_plan_runs_what_it_timed(tmp_path, layout):
-    model = _net().eval()
+    model = strided_cnn().eval()
     x = torch.randn(2, 3, 8, 8)
     cache = tmp_path / "latency.json"
     plan = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=LatencyObjective(
@@ -182,7 +174,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         assert entry.settings["path"] in ("a_first", "b_first", "weight", "b_first_channels",
                                            "a_first_channels")
         assert entry.relative_error <= error_plan.layer(entry.name).relative_error * 1.1 + 1e-9
-    compressed = gkpd.apply_(_net().eval(), plan)
+    compressed = gkpd.apply_(strided_cnn().eval(), plan)
     assert layout_of(compressed) == plan.layout  # apply_ runs it in the plan's layout
     assert compressed[0].weight.is_contiguous(
         memory_format=torch.channels_last if plan.layout == "channels_last" else
@@ -192,7 +184,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         assert layer.path == entry.settings["path"]  # the timed path is pinned
         assert entry.macs == layer.macs((1, *entry.input_shape[1:]))  # what that path runs
     # the oracle: every layer replaced by its dense reconstruction, in NCHW
-    merged = gkpd.apply_(_net().eval(), plan)
+    merged = gkpd.apply_(strided_cnn().eval(), plan)
     run_in_layout(merged, "contiguous")
     for entry in plan.compressed_layers:
         parent, _, child = entry.name.rpartition(".")
@@ -202,7 +194,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
         torch.testing.assert_close(compressed(x), merged(x), rtol=1e-4, atol=1e-5)
     # a plan saved and loaded keeps the pinned paths and the layout
     gkpd.save(tmp_path / "saved", compressed, plan)
-    loaded = gkpd.load(tmp_path / "saved", _net().eval())
+    loaded = gkpd.load(tmp_path / "saved", strided_cnn().eval())
     assert layout_of(loaded) == plan.layout
     for entry in plan.compressed_layers:
         assert loaded.get_submodule(entry.name).path == entry.settings["path"]
@@ -224,7 +216,7 @@ def test_a_plan_that_runs_at_dense_speed_says_so(monkeypatch, caplog, weight_win
 
     monkeypatch.setattr(LayerTimer, "_time", fixed_times)
     with caplog.at_level("WARNING", logger="gkpd.plan.objective"):
-        plan = gkpd.plan(_net().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05,
+        plan = gkpd.plan(strided_cnn().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05,
                          objective=LatencyObjective(cache=None, layout="contiguous"))
     paths = {e.settings["path"] for e in plan.compressed_layers}
     assert (paths == {"weight"}) == weight_wins
@@ -248,7 +240,7 @@ def test_stop_leaves_the_remaining_layers_untimed():
 
 
 def test_max_seconds_bounds_the_timing_and_the_plan_says_what_it_left(tmp_path):
-    model, x = _net().eval(), torch.randn(2, 3, 8, 8)
+    model, x = strided_cnn().eval(), torch.randn(2, 3, 8, 8)
     error_plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
     plan = gkpd.plan(model, x, ratio=3, tolerance=0.05, objective=LatencyObjective(
         cache=None, max_seconds=1e-9))  # spent before the first layer
@@ -330,7 +322,7 @@ def _replay(monkeypatch, scale: float) -> list:
 
 def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_path,
                                                                           monkeypatch):
-    model = _net().eval()
+    model = strided_cnn().eval()
     x = torch.randn(1, 3, 8, 8)
     # one layout: the whole-model timing that picks between two may pick either
     nchw = LatencyObjective(cache=tmp_path / "latency.json", layout="contiguous")
@@ -346,7 +338,7 @@ def test_second_plan_reads_the_cache_and_only_checks_the_dense_reference(tmp_pat
 
 
 def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, caplog):
-    model = _net().eval()
+    model = strided_cnn().eval()
     x = torch.randn(1, 3, 8, 8)
     # one layout: the whole-model timing that picks between two may pick either
     nchw = LatencyObjective(cache=tmp_path / "latency.json", layout="contiguous")
@@ -377,4 +369,4 @@ def test_a_layer_whose_dense_time_moved_is_timed_again(tmp_path, monkeypatch, ca
 )
 def test_bad_latency_arguments(options, message):
     with pytest.raises(ValueError, match=message):
-        gkpd.plan(_net(), torch.randn(1, 3, 8, 8), ratio=3, **options)
+        gkpd.plan(strided_cnn(), torch.randn(1, 3, 8, 8), ratio=3, **options)

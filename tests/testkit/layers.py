@@ -102,3 +102,14 @@ def apply_and_count(model, plan, example=EXAMPLE):
     assert counted.total_params == plan.params
     assert counted.total_macs == plan.macs
     return compressed
+
+
+def strided_cnn() -> nn.Module:
+    """Three 3x3 convolutions (the last strided) and a linear head, for 3x8x8 inputs: what
+    the latency and layout tests plan, seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )

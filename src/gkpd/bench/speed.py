@@ -77,7 +77,7 @@ class SpeedConfig:
     latency_slacks: tuple[float, ...] = (0.1,)
     # "contiguous" (NCHW, as models come) and/or "channels_last": the dense model runs in
     # each (fed inputs in that layout); the latency plans are timed in each and run in the
-    # faster (CompressionPlan.layout), fed NCHW inputs; error plans and peers run in NCHW
+    # faster (CompressionPlan.layout), fed NCHW inputs, as are error plans; peers run in NCHW
     layouts: tuple[str, ...] = LAYOUTS
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -169,21 +169,27 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
     for ratio in config.ratios:
         graph = config.graph_at(ratio)
         peers = config.peers if config.peers_at(ratio) else ()
+        # each plan picks its layout among config.layouts itself
+        layout = "auto" if len(config.layouts) > 1 else config.layouts[0]
         if "error" in config.objectives or peers:
-            error_plan = make_plan(model, example[:1], ratio=ratio)
+            error_plan = make_plan(model, example[:1], ratio=ratio, layout=layout)
         if "error" in config.objectives:
-            compressed = apply_(copy.deepcopy(model), error_plan).eval()
-            variants.append(Variant(f"gkpd {ratio:g}x (error)", compressed, _params(compressed),
-                                    dense / _params(compressed), graph=graph))
-        # one plan per batch and slack; it picks its layout among config.layouts itself
-        latency_layout = "auto" if len(config.layouts) > 1 else config.layouts[0]
+            compressed = apply_(copy.deepcopy(model), error_plan).eval()  # in its layout
+            timed = error_plan.options.get("model_latency")
+            variants.append(Variant(
+                f"gkpd {ratio:g}x (error)" + _layout_tag(error_plan), compressed,
+                _params(compressed), dense / _params(compressed), graph=graph,
+                notes=f"runs in {error_plan.layout}, called with NCHW inputs" + (
+                    f" (the planner's timing at batch {timed['batch']}, ms: "
+                    f"{_ms(timed['ms'])}; dense {_ms(timed['dense_ms'])})" if timed else ""),
+            ))
         latency = [(b, s) for b in config.batches for s in config.latency_slacks
                    ] if "latency" in config.objectives else []
         for batch, slack in latency:
             started = time.perf_counter()
             latency_plan = make_plan(
                 model, example[:1], ratio=ratio, objective=LatencyObjective(
-                    batch=batch, slack=slack, cache=config.latency_cache, layout=latency_layout,
+                    batch=batch, slack=slack, cache=config.latency_cache, layout=layout,
                 ),
             )
             fast = apply_(copy.deepcopy(model), latency_plan).eval()  # in the plan's layout
@@ -192,8 +198,7 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
             name = f"gkpd {ratio:g}x (latency@b{batch}"
             if len(config.latency_slacks) > 1:
                 name += f", slack {slack:g}"
-            name += ")" + (f" [{latency_plan.layout}]" if latency_plan.layout != "contiguous"
-                           else "")
+            name += ")" + _layout_tag(latency_plan)
             timed = latency_plan.options["model_latency"]
             variants.append(Variant(
                 name, fast, _params(fast), dense / _params(fast), batch=batch, graph=graph,
@@ -214,6 +219,10 @@ def build_variants(model: nn.Module, example: torch.Tensor, config: SpeedConfig)
 
 def _channels_last(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
+def _layout_tag(plan) -> str:
+    return f" [{plan.layout}]" if plan.layout != "contiguous" else ""
 
 
 def _ms(by_layout: dict[str, float]) -> str:

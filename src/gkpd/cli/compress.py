@@ -19,6 +19,7 @@ from gkpd.cli.common import (
     positive_int,
     slack,
 )
+from gkpd.layout import LAYOUTS
 from gkpd.plan.budget import STRATEGIES
 
 
@@ -61,21 +62,24 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["allow_more_macs"] = True
     if args.max_layer_error is not None:
         options["max_layer_error"] = args.max_layer_error
+    if args.channels_last:
+        if args.layout not in ("auto", "channels_last"):
+            raise CliError(f"--channels-last contradicts --layout {args.layout}")
+        args.layout = "channels_last"
+    options["layout"] = args.layout
     if args.objective == "latency":
         from gkpd.plan.objective import LatencyObjective
 
         objective = {"batch": args.latency_batch}
         if args.latency_slack is not None:
             objective["slack"] = args.latency_slack
-        if args.channels_last:
-            objective["layout"] = "channels_last"
         if args.latency_max_seconds is not None:
             objective["max_seconds"] = args.latency_max_seconds
         options["objective"] = LatencyObjective(**objective)
     elif (args.latency_batch is not None or args.latency_slack is not None
-          or args.channels_last or args.latency_max_seconds is not None):
-        raise CliError("--latency-batch, --latency-slack, --latency-max-seconds and "
-                       "--channels-last need --objective latency")
+          or args.latency_max_seconds is not None):
+        raise CliError("--latency-batch, --latency-slack and --latency-max-seconds need "
+                       "--objective latency")
     return options
 
 
@@ -210,9 +214,12 @@ def _latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-max-seconds", type=positive_float, default=None,
                    help="stop timing after this many seconds: layers not timed by then keep "
                    "the most accurate configuration (default: no limit)")
+    p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
+                   help="the memory layout the compressed model runs in (it converts its "
+                   "inputs): auto times NCHW (contiguous) and channels_last on this machine "
+                   "and keeps the faster")
     p.add_argument("--channels-last", action="store_true",
-                   help="time and run in channels_last only (default: time NCHW and "
-                   "channels_last, run the model in the faster; it converts its inputs)")
+                   help="the same as --layout channels_last (kept for old scripts)")
 
 
 def add_parser(sub, **kwargs) -> None:

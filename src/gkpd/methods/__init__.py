@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from torch import nn
+
 from gkpd.methods.auto import Auto
 from gkpd.methods.base import (
     DEFAULT_FINETUNE_LR,
@@ -92,6 +94,21 @@ def get_method(name: str) -> Method:
     return method
 
 
+def replace_layers(model: nn.Module, entries: Iterable, decompose: bool) -> None:
+    """Replace, in place and unchecked, the layer at each plan entry's name by what the
+    entry's method builds from it (``decompose``: from its weights, else fresh). The
+    attention and recurrent layers the entries reach into must be unpacked already, as
+    ``gkpd.apply_`` and the planner leave them."""
+    replacements = []
+    for entry in entries:
+        module = model.get_submodule(entry.name)
+        replacement = get_method(entry.method).build(module, entry, decompose=decompose)
+        replacement.train(module.training)
+        replacements.append((entry.name, replacement))
+    for name, replacement in replacements:
+        model.set_submodule(name, replacement)
+
+
 __all__ = [
     "Auto",
     "CP",
@@ -113,4 +130,5 @@ __all__ = [
     "layer_methods",
     "method_names",
     "register_method",
+    "replace_layers",
 ]

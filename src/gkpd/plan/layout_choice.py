@@ -1,5 +1,6 @@
-"""The memory layout a latency plan runs in: per model, the layout in which the compressed
-model, with every layer on its fastest path for that layout, runs fastest end to end.
+"""The memory layout a plan runs in: per model, the layout in which the compressed model runs
+fastest end to end — for a latency plan with every layer on its fastest path for that layout,
+for an error plan with every layer on ``path="auto"``.
 
 Per model rather than per layer: a change of layout between layers is a copy of the
 activations, and on CPU the factored layers' grouped and depthwise convolutions are fast in
@@ -23,16 +24,20 @@ import torch
 from torch import nn
 
 from gkpd.inputs import ModelCall
+from gkpd.layers.attention import unfuse
 from gkpd.layers.base import WEIGHT_PATH
 from gkpd.layout import LAYOUTS, run_in_layout
+from gkpd.methods import replace_layers
 from gkpd.plan.latency_objective import Option, Timed, runnable
 from gkpd.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayoutChoice", "choose_layout", "layouts_to_time"]
+__all__ = ["LayoutChoice", "choose_layout", "choose_plan_layout", "layouts_to_time",
+           "timed_models"]
 
 _MIN_SECONDS = 0.3  # per model, spread over its rounds
+_ERROR_PLAN_SECONDS = 0.1
 
 
 def layouts_to_time(requested: str, contexts: Sequence) -> tuple[str, ...]:
@@ -62,34 +67,57 @@ class LayoutChoice:
             "batch": self.batch, "ms": ms(self.seconds), "dense_ms": ms(self.dense_seconds)}}
 
 
-def choose_layout(model: nn.Module, example_input: Any, batch: int, contexts: Sequence,
-                  tables: Sequence, per_layout: Mapping[str, Sequence[Timed | None]]
-                  ) -> LayoutChoice:
-    """Time ``model`` (in eval mode, a copy per layout) and, per layout of ``per_layout``,
-    the model with each layer of ``contexts`` on its timed option (``Timed.pick`` indexes
-    ``tables``), on ``example_input`` repeated to ``batch`` samples and passed in NCHW as
-    callers do; keep the fastest layout."""
-    x = _at_batch(example_input, batch)
-    dense_layouts = layouts_to_time("auto", contexts)
-    calls = {}
-    for layout in dense_layouts:
-        dense = run_in_layout(copy.deepcopy(model).eval(), layout)
-        calls["dense", layout] = functools.partial(x.run, dense)
+def timed_models(model: nn.Module, contexts: Sequence, tables: Sequence,
+                 per_layout: Mapping[str, Sequence[Timed | None]]) -> dict[str, nn.Module]:
+    """Per layout of ``per_layout``, a copy of ``model`` with each layer of ``contexts`` on
+    its timed option (``Timed.pick`` indexes ``tables``; fresh factors)."""
+    models = {}
     for layout, timings in per_layout.items():
-        compressed = copy.deepcopy(model).eval()
+        compressed = copy.deepcopy(model)
         for ctx, table, timed in zip(contexts, tables, timings, strict=True):
             if timed is not None and timed.path != WEIGHT_PATH:  # the weight path: dense
                 option = Option(table.configs[timed.pick], timed.path)
                 compressed.set_submodule(ctx.name, runnable(ctx.module, option))
-        calls["compressed", layout] = functools.partial(x.run, run_in_layout(compressed, layout))
+        models[layout] = compressed
+    return models
+
+
+def choose_layout(model: nn.Module, example_input: Any, batch: int,
+                  compressed: Mapping[str, nn.Module], dense_layouts: Sequence[str], *,
+                  min_seconds: float = _MIN_SECONDS) -> LayoutChoice:
+    """Time ``model`` (in eval mode, a copy per layout of ``dense_layouts``) and each
+    ``compressed[layout]`` run in its layout, on ``example_input`` repeated to ``batch``
+    samples and passed in NCHW as callers do; keep the fastest layout."""
+    x = _at_batch(example_input, batch)
+    calls = {}
+    for layout in dense_layouts:
+        dense = run_in_layout(copy.deepcopy(model).eval(), layout)
+        calls["dense", layout] = functools.partial(x.run, dense)
+    for layout, candidate in compressed.items():
+        calls["compressed", layout] = functools.partial(
+            x.run, run_in_layout(candidate.eval(), layout))
     with _flush_denormals():  # fresh factors: their values must not set the speed
-        seconds = time_interleaved(calls, min_seconds=_MIN_SECONDS)
-    timed = {layout: seconds["compressed", layout] for layout in per_layout}
+        seconds = time_interleaved(calls, min_seconds=min_seconds)
+    timed = {layout: seconds["compressed", layout] for layout in compressed}
     choice = LayoutChoice(min(timed, key=timed.get), batch, timed,
                           {layout: seconds["dense", layout] for layout in dense_layouts})
-    log.info("latency: the plan runs in %s (ms per call at batch %d: %s; dense: %s)",
+    log.info("layout: the plan runs in %s (ms per call at batch %d: %s; dense: %s)",
              choice.layout, batch, _ms(choice.seconds), _ms(choice.dense_seconds))
     return choice
+
+
+def choose_plan_layout(model: nn.Module, unpacked: nn.Module, plan: Any, example_input: Any,
+                       layouts: Sequence[str]) -> LayoutChoice:
+    """:func:`choose_layout` for an error plan of ``model`` (``unpacked``: the planner's copy
+    of it, attention and recurrent layers unpacked): its compressed model (fresh factors,
+    every layer on ``path="auto"``) in each of ``layouts``, at the example input's batch. A
+    short timing (about 0.1 s a model): the layout is the one choice left to measure."""
+    compressed = copy.deepcopy(unpacked)
+    replace_layers(compressed, plan.compressed_layers, decompose=False)
+    compressed = unfuse(compressed)
+    models = {layout: copy.deepcopy(compressed) for layout in layouts}
+    return choose_layout(model, example_input, ModelCall.of(example_input).batch, models,
+                         layouts, min_seconds=_ERROR_PLAN_SECONDS)
 
 
 def _ms(seconds: Mapping[str, float]) -> str:

@@ -135,7 +135,7 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
     ``plan/layout_choice.py``); the picks then index the full candidate tables. Returns
     ``(tables, picks, timings, change in parameters, the plan options of the layout)``."""
     from gkpd.plan.latency_objective import LayerTimer, fastest_within_budget
-    from gkpd.plan.layout_choice import choose_layout, layouts_to_time
+    from gkpd.plan.layout_choice import choose_layout, layouts_to_time, timed_models
     from gkpd.timing import LatencyCache, default_cache_path
 
     # picks index the Pareto tables; find the same configurations in the full tables
@@ -177,7 +177,9 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
         if left:
             log.info("latency: max_seconds %g spent; %d layer(s) not timed keep the error "
                      "plan's configuration", objective.max_seconds, left)
-    choice = choose_layout(model, example_input, batch, contexts, full_tables, per_layout)
+    choice = choose_layout(model, example_input, batch,
+                           timed_models(model, contexts, full_tables, per_layout),
+                           layouts_to_time("auto", contexts))
     timings = per_layout[choice.layout]
     warn_if_dense_speed(timings, batch)
     # an untimed layer (an embedding: one way to run) keeps its pick

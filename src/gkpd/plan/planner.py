@@ -36,6 +36,7 @@ from gkpd.plan.budget import (
     check_tolerance,
 )
 from gkpd.plan.candidates import Candidates
+from gkpd.plan.layout_choice import choose_plan_layout, layouts_to_time
 from gkpd.plan.objective import (
     OBJECTIVES,
     LatencyObjective,
@@ -84,6 +85,7 @@ def plan(
     objective: str | LatencyObjective = "error",
     calibration: Any = None,
     max_layer_error: float | None = None,
+    layout: str = "auto",
     **deprecated: Any,
 ) -> CompressionPlan:
     """Choose, for every conv/linear layer ``model`` calls on ``example_input``, whether and how
@@ -129,6 +131,14 @@ def plan(
     ``latency_slack``, ``latency_cache`` and ``latency_channels_last`` set its fields
     (deprecated: pass the object).
 
+    ``layout``: the memory layout the compressed model runs in (:func:`gkpd.apply_` makes it
+    convert its inputs; callers pass and get NCHW tensors as before): ``"auto"`` times the
+    compressed model in NCHW and in channels_last where some planned layer has a 4-d or 5-d
+    input, at the example input's batch, and keeps the faster (``options["layout"]``, with
+    the milliseconds per call beside the dense model's in ``options["model_latency"]``; a
+    latency plan times its layers in each layout first); or one of
+    :data:`gkpd.layout.LAYOUTS`, untimed. Layer methods only: ``prune`` keeps the caller's.
+
     ``calibration`` (methods ``gkpd`` and ``svd``): a :class:`gkpd.Calibration`, or inputs
     for one (a batched tensor or a DataLoader). Each layer's factors then minimise its output
     error on those inputs (GKPD's whitened by the Kronecker-factored covariance of its input
@@ -141,7 +151,7 @@ def plan(
         ratio=ratio, method=method, strategy=strategy, include=include, exclude=exclude,
         overrides=overrides, min_params=min_params, allow_more_macs=allow_more_macs,
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
-        objective=objective, deprecated=deprecated,
+        objective=objective, deprecated=deprecated, layout=layout,
     )
     calibration = Calibration.of(calibration)
     if calibration is not None and method not in data_aware_methods():
@@ -151,9 +161,11 @@ def plan(
                       max_layer_error=checked_max_error(max_layer_error))
     compressor = get_method(method)
     if isinstance(compressor, ModelMethod):  # whole-model methods (prune) plan on their own
-        if max_layer_error is not None:
-            raise ValueError(f"max_layer_error is for layer methods; method {method!r} plans "
-                             "the whole model")
+        for name, value, default in (("max_layer_error", max_layer_error, None),
+                                     ("layout", layout, "auto")):
+            if value != default:
+                raise ValueError(f"{name} is for layer methods; method {method!r} plans the "
+                                 "whole model")
         return compressor.plan_model(
             model, example_input, ratio=ratio, strategy=request.strategy, include=include,
             exclude=exclude, overrides=overrides, min_params=min_params, tolerance=tolerance,
@@ -161,10 +173,33 @@ def plan(
     if not isinstance(compressor, LayerMethod):
         raise TypeError(f"method {method!r} is neither a LayerMethod nor a ModelMethod")
 
-    model = with_unpacked_layers(model)  # a copy with attention/recurrent layers as linears
-    traced = trace(model, example_input)
+    unpacked = with_unpacked_layers(model)  # a copy with attention/recurrent layers as linears
+    traced = trace(unpacked, example_input)
     if not traced.layers:
         raise ValueError("the model calls no conv, linear or embedding layer on example_input")
+    result = _plan_with_fallback(compressor, unpacked, traced, request, example_input)
+    if request.objective is None:
+        _set_layout(result, model, unpacked, example_input, request.layout, traced)
+    return result
+
+
+def _set_layout(result: CompressionPlan, model: nn.Module, unpacked: nn.Module,
+                example_input: Any, layout: str, traced: Trace) -> None:
+    """Record the layout of an error plan: ``layout``, or for ``"auto"`` the faster one
+    where there is a choice (:func:`gkpd.plan.layout_choice.choose_plan_layout`)."""
+    if layout != "auto":
+        result.options["layout"] = layout
+        return
+    layouts = layouts_to_time("auto", [traced.layers[e.name] for e in result.compressed_layers])
+    if len(layouts) > 1:
+        result.options.update(choose_plan_layout(model, unpacked, result, example_input,
+                                                 layouts).options())
+
+
+def _plan_with_fallback(compressor: LayerMethod, model: nn.Module, traced: Trace,
+                        request: Request, example_input: Any) -> CompressionPlan:
+    """:func:`_plan_layers` with the request's strategy or, where none was asked for and
+    uniform misses the ratio, the fallback strategies."""
     searches: dict[float, _Search] = {}  # a strategy that misses leaves its search as it was
     try:
         return _plan_layers(compressor, model, traced, request, example_input, searches)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gkpd.calibration import Calibration
+from gkpd.layout import LAYOUTS
 from gkpd.plan.budget import STRATEGIES
 from gkpd.plan.objective import LatencyObjective, resolve_objective
 
@@ -37,11 +38,12 @@ class Request:
     objective: LatencyObjective | None
     calibration: Calibration | None = None
     max_layer_error: float | None = None
+    layout: str = "auto"  # of an error plan; a latency plan's is its objective's
 
 
 def resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
              allow_more_macs, min_layer_ratio, tolerance, exhaustive, objective,
-             deprecated) -> Request:
+             deprecated, layout="auto") -> Request:
     """Check the options and bundle them (the method-independent checks, in the order
     ``plan`` always made them)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
@@ -59,12 +61,20 @@ def resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
             raise ValueError(
                 f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
             )
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    resolved = resolve_objective(objective, deprecated)
+    if resolved is not None and layout != "auto":
+        if resolved.layout not in ("auto", layout):
+            raise ValueError(f"layout={layout!r} contradicts the objective's "
+                             f"layout={resolved.layout!r}")
+        resolved = replace(resolved, layout=layout)
     return Request(
         ratio=ratio, strategy=strategy or "uniform", fall_back=strategy is None,
         include=include, exclude=exclude, overrides=overrides,
         min_params=min_params, allow_more_macs=allow_more_macs,
         min_layer_ratio=min_layer_ratio, tolerance=tolerance, exhaustive=exhaustive,
-        objective=resolve_objective(objective, deprecated),
+        objective=resolved, layout="auto" if resolved is not None else layout,
     )
 
 
