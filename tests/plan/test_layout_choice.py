@@ -43,11 +43,23 @@ def test_an_error_plan_runs_in_the_layout_its_model_ran_fastest_in(faster, monke
     assert y.is_contiguous()
 
 
+@pytest.mark.parametrize("slower, chosen", [(1.03, "channels_last"), (1.08, "contiguous")])
+def test_a_tie_goes_to_channels_last(slower, chosen, monkeypatch):
+    """The example's batch need not be the one the model serves: channels_last, faster at
+    larger batches, is kept unless NCHW is faster by more than 5%."""
+    def fake(calls, **kwargs):
+        return {key: slower if key == ("compressed", "channels_last") else 1.0 for key in calls}
+
+    monkeypatch.setattr(layout_choice, "time_interleaved", fake)
+    plan = gkpd.plan(strided_cnn().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05)
+    assert plan.layout == chosen
+
+
 def test_an_error_plan_is_timed_for_real():
     model, x = strided_cnn().eval(), torch.randn(1, 3, 8, 8)
     plan = gkpd.plan(model, x, ratio=3, tolerance=0.05)
     timed = plan.options["model_latency"]
-    assert timed["ms"][plan.layout] == min(timed["ms"].values()) > 0
+    assert 0 < timed["ms"][plan.layout] <= min(timed["ms"].values()) * 1.05
     assert plan.latency_speedup() == min(timed["dense_ms"].values()) / timed["ms"][plan.layout]
 
 
