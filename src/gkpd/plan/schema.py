@@ -193,15 +193,17 @@ class CompressionPlan:
     @property
     def layout(self) -> str:
         """The memory layout the compressed model runs in (:func:`gkpd.layout.run_in_layout`):
-        what a latency plan timed fastest; ``"contiguous"`` for other plans. A plan made
-        before layouts were chosen says ``latency_channels_last`` instead."""
+        what planning timed fastest or was asked for (``gkpd.plan(..., layout=...)``);
+        ``"contiguous"`` where there was no choice (no 4-d or 5-d layer input, ``prune``). A
+        latency plan made before layouts were chosen says ``latency_channels_last`` instead."""
         if "layout" in self.options:
             return self.options["layout"]
         return "channels_last" if self.options.get("latency_channels_last") else "contiguous"
 
     def latency_speedup(self) -> float | None:
-        """The compressed model's speed over the dense one's in its fastest layout, as a
-        latency plan measured them (``options["model_latency"]``); ``None`` for others."""
+        """The compressed model's speed over the dense one's in its fastest layout, as
+        planning measured them when it chose the layout (``options["model_latency"]``);
+        ``None`` where it chose none."""
         timed = self.options.get("model_latency")
         if not timed:
             return None
