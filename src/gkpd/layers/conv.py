@@ -250,7 +250,7 @@ class KroneckerConvNd(KroneckerLayer):
         self._path = "auto"
         self._path_cache: dict[tuple[int, ...], str] = {}
         self._plans = {order: self._make_plan(order) for order in ORDERS}
-        self._plans[WEIGHT_PATH] = self._weight_plan()
+        self._weight_padding = self._padding_of_weight_path()
         factory = {"device": device, "dtype": dtype}
         self.a = nn.Parameter(torch.empty(self.rank, *self.a_shape, **factory))
         self.b = nn.Parameter(torch.empty(self.rank, *self.b_shape, **factory))
@@ -392,15 +392,13 @@ class KroneckerConvNd(KroneckerLayer):
             _is_pointwise(second, s2, pad2),
         )
 
-    def _weight_plan(self) -> _StagePlan:
-        """The weight path's padding (the other fields unused): torch's conv pads both sides
-        alike and with zeros only, so other padding runs before it."""
+    def _padding_of_weight_path(self) -> tuple[list[int] | None, tuple[int, ...]]:
+        """``(F.pad argument or None, the conv's padding)`` of the weight path: torch's conv
+        pads both sides alike and with zeros only, so other padding runs before it."""
         n = len(self.kernel_size)
         if self.padding_mode != "zeros" or any(left != right for left, right in self._pads):
-            pad_input = [p for pair in reversed(self._pads) for p in pair]
-            return _StagePlan(pad_input, (0,) * n, (), (), (), (), (), False, False)
-        pads = tuple(left for left, _ in self._pads)
-        return _StagePlan(None, pads, (), (), (), (), (), False, False)
+            return [p for pair in reversed(self._pads) for p in pair], (0,) * n
+        return None, tuple(left for left, _ in self._pads)
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
@@ -444,13 +442,13 @@ class KroneckerConvNd(KroneckerLayer):
 
     def _with_weight(self, x: Tensor) -> Tensor:
         """The dense convolution with the reconstructed weight (the ``"weight"`` path)."""
-        plan = self._plans[WEIGHT_PATH]
-        if plan.pad_input is not None:
+        pad_input, padding = self._weight_padding
+        if pad_input is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, plan.pad_input, mode=mode)
+            x = F.pad(x, pad_input, mode=mode)
         return _CONV[len(self.kernel_size)](
             x, self._derived_for(x, "weight", self.reconstruct_weight), self.bias, self.stride,
-            plan.pad1, self.dilation, self.groups,
+            padding, self.dilation, self.groups,
         )
 
     def _derived_for(self, x: Tensor, name: str, build: Callable[[], object]) -> object:
