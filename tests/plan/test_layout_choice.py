@@ -63,6 +63,36 @@ def test_an_error_plan_is_timed_for_real():
     assert plan.latency_speedup() == min(timed["dense_ms"].values()) / timed["ms"][plan.layout]
 
 
+class _ViewsItsActivation(nn.Module):
+    """``x.view(N, -1)`` of a conv's output: fine in NCHW, an error in channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_layout_the_model_fails_in_is_left_out(tmp_path, caplog):
+    model, x = _ViewsItsActivation().eval(), torch.randn(2, 3, 8, 8)
+    with caplog.at_level("INFO", logger="gkpd.plan.layout_choice"):
+        plan = gkpd.plan(model, x, ratio=2, min_params=0)
+    assert plan.layout == "contiguous"
+    timed = plan.options["model_latency"]
+    assert list(timed["ms"]) == list(timed["dense_ms"]) == ["contiguous"]
+    assert "fails in channels_last, which is left out: RuntimeError: view size" in caplog.text
+    assert gkpd.apply_(_ViewsItsActivation().eval(), plan)(x).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"fails in every layout it could run in "
+                                         r"\(channels_last; see the log\)"):
+        gkpd.plan(model, x, ratio=2, min_params=0, objective=LatencyObjective(
+            layout="channels_last", cache=tmp_path / "t.json"))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_layout_asked_for_is_kept_untimed(layout, monkeypatch):
     monkeypatch.setattr(layout_choice, "time_interleaved", pytest.fail)

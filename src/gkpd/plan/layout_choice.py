@@ -90,7 +90,8 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int,
     """Time ``model`` (in eval mode, a copy per layout of ``dense_layouts``) and each
     ``compressed[layout]`` run in its layout, on ``example_input`` repeated to ``batch``
     samples and passed in NCHW as callers do; keep the fastest layout, or ``prefer`` where
-    no other is faster by more than ``_TIE``."""
+    no other is faster by more than ``_TIE``. A layout the model's forward fails in (a
+    ``.view`` of a channels_last activation, say) is left out, and said so at INFO."""
     x = _at_batch(example_input, batch)
     calls = {}
     for layout in dense_layouts:
@@ -100,16 +101,35 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int,
         calls["compressed", layout] = functools.partial(
             x.run, run_in_layout(candidate.eval(), layout))
     with _flush_denormals():  # fresh factors: their values must not set the speed
+        calls = _runnable(calls)
         seconds = time_interleaved(calls, min_seconds=min_seconds)
-    timed = {layout: seconds["compressed", layout] for layout in compressed}
+    timed = {layout: seconds[kind, layout] for kind, layout in seconds if kind == "compressed"}
+    if not timed:
+        raise ValueError(f"the model's forward fails in every layout it could run in "
+                         f"({', '.join(compressed)}; see the log): give another layout")
     fastest = min(timed, key=timed.get)
     if prefer in timed and timed[prefer] <= timed[fastest] * (1 + _TIE):
         fastest = prefer
-    choice = LayoutChoice(fastest, batch, timed,
-                          {layout: seconds["dense", layout] for layout in dense_layouts})
+    choice = LayoutChoice(fastest, batch, timed, {
+        layout: seconds[kind, layout] for kind, layout in seconds if kind == "dense"})
     log.info("layout: the plan runs in %s (ms per call at batch %d: %s; dense: %s)",
              choice.layout, batch, _ms(choice.seconds), _ms(choice.dense_seconds))
     return choice
+
+
+def _runnable(calls: dict) -> dict:
+    """The calls that run: a model whose forward fails in a layout cannot run in it."""
+    kept = {}
+    with torch.no_grad():
+        for (kind, layout), call in calls.items():
+            try:
+                call()
+            except Exception as error:  # whatever the model's own code raises
+                log.info("layout: the %s model fails in %s, which is left out: %s: %s", kind,
+                         layout, type(error).__name__, error)
+                continue
+            kept[kind, layout] = call
+    return kept
 
 
 def choose_plan_layout(model: nn.Module, unpacked: nn.Module, plan: Any, example_input: Any,
