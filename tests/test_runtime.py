@@ -54,6 +54,14 @@ def test_describe_allocator(monkeypatch):
     assert "set in this process" in runtime.describe_allocator(_GLIBC_ONLY, {}, "glibc")
 
 
+def test_describe_openmp():
+    assert runtime.describe_openmp({}) == "default wait policy"
+    for passive in ("PASSIVE", "passive "):
+        line = runtime.describe_openmp({"OMP_WAIT_POLICY": passive})
+        assert line.startswith("OMP_WAIT_POLICY=PASSIVE") and "3x slower" in line
+    assert runtime.describe_openmp({"OMP_WAIT_POLICY": "ACTIVE"}) == "OMP_WAIT_POLICY=ACTIVE"
+
+
 def test_keep_freed_memory_leaves_a_preloaded_allocator_alone(monkeypatch):
     monkeypatch.setattr(runtime, "_kept_in_process", False)
     monkeypatch.setattr(runtime, "preloaded_allocator", lambda: "jemalloc")

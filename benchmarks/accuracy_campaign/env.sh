@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export OMP_NUM_THREADS="${GKPD_CAMPAIGN_THREADS:-1}" MKL_NUM_THREADS="${GKPD_CAMPAIGN_THREADS:-1}"
 cell() {
   local seed=$1 methods=$2 ratios=$3 dir=${4:-cells}
-  gkpd -v bench accuracy resnet32_fashion_mnist --data fashion-mnist --ratios "$ratios" \
+  OMP_WAIT_POLICY=PASSIVE gkpd -v bench accuracy resnet32_fashion_mnist --data fashion-mnist --ratios "$ratios" \
     --epochs 3 --methods "$methods" --seed "$seed" --no-plot --no-progress "${@:5}" \
     --out "benchmarks/accuracy_campaign/$dir/seed$seed"
 }

@@ -15,6 +15,13 @@ intermediate tensors, lost more (benchmarks/RESULTS.md, "Page faults"). Two reme
   process cannot switch. :func:`preloaded_allocator` says whether one is in use.
 
 :func:`describe_allocator` is the line ``gkpd summary`` and the speed bench's header print.
+
+OpenMP's wait policy matters as much: with ``OMP_WAIT_POLICY=PASSIVE`` (which lets two jobs
+share cores without spinning) the threads sleep after every parallel region, and each small
+operation pays their wake-up. The speed bench on this project's machine, ResNet-32 at batch 1,
+2 threads: dense 2.7-3.5 ms with the default policy, 9.7-13.2 ms with PASSIVE, and the
+factored models, with more operations, lost more (benchmarks/RESULTS.md, "OpenMP's wait
+policy"). :func:`describe_openmp` says which is in force.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["KEEP_FREED_ENV", "describe_allocator", "keep_freed_memory", "preloaded_allocator"]
+__all__ = ["KEEP_FREED_ENV", "describe_allocator", "describe_openmp", "keep_freed_memory",
+           "preloaded_allocator"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 _TRIM_AT = 1 << 30
@@ -104,3 +112,15 @@ def describe_allocator(maps: str | None = None, environ: Mapping[str, str] | Non
     return ("glibc malloc, default settings: freed activations go back to the kernel (for "
             "speed: gkpd.runtime.keep_freed_memory(), or "
             + " ".join(f"{k}={v}" for k, v in KEEP_FREED_ENV.items()) + ")")
+
+
+def describe_openmp(environ: Mapping[str, str] | None = None) -> str:
+    """One line: OpenMP's wait policy as the environment sets it, with the cost of PASSIVE."""
+    environ = os.environ if environ is None else environ
+    policy = environ.get("OMP_WAIT_POLICY")
+    if policy is None:
+        return "default wait policy"
+    if policy.strip().upper() == "PASSIVE":
+        return ("OMP_WAIT_POLICY=PASSIVE: threads sleep between operations, small ones run "
+                "up to 3x slower (unset it to time)")
+    return f"OMP_WAIT_POLICY={policy}"

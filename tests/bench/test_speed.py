@@ -121,6 +121,7 @@ def test_files_and_table(eager):
     assert "median of 3 interleaved rounds" in table
     assert result["malloc"].startswith("glibc malloc, freed memory kept")
     assert f"malloc: {result['malloc']}" in table
+    assert f"OpenMP: {result['openmp']}" in table and result["openmp"]
     assert "- gkpd 2x (latency@b1): planned in" in table
 
 

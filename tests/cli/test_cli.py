@@ -55,7 +55,7 @@ def test_compress_writes_a_loadable_model(capsys, workspace, compressed):
     assert layout_of(resolve_model(str(compressed))[0]) == plan.layout
     code, text, _ = run(capsys, "summary", compressed)
     assert code == 0 and "Kronecker" in text and f"{plan.params:,}" in text
-    assert "\nallocator: " in text
+    assert "\nallocator: " in text and "\nOpenMP: " in text and result["openmp"]
     # eval reads a compressed directory too
     result = run_json(
         capsys, "eval", compressed, "--data", "fashion-mnist", "--data-dir", data, "--no-progress"

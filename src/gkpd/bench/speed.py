@@ -33,7 +33,7 @@ from torch import nn
 from gkpd.bench.memory import peak_memory_mb
 from gkpd.bench.peers import PEERS, build_peer, tltorch_peer
 from gkpd.layout import LAYOUTS
-from gkpd.runtime import describe_allocator, keep_freed_memory
+from gkpd.runtime import describe_allocator, describe_openmp, keep_freed_memory
 
 __all__ = [
     "BACKENDS", "LAYOUTS", "OBJECTIVES", "PEERS", "RESULTS_JSON", "RESULTS_MD", "SpeedConfig",
@@ -332,6 +332,7 @@ def run_speed(model: nn.Module, example_input: torch.Tensor, *, config: SpeedCon
         "input_shape": list(shape),
         "memory_batch": memory_batch,
         "malloc": describe_allocator(),
+        "openmp": describe_openmp(),
         "variants": rows,
     }
     result = json.loads(json.dumps(result))  # as speed.json has it (lists, not tuples)
@@ -396,7 +397,8 @@ def format_table(result: dict[str, Any]) -> str:
     failures = [f"- {name} {k}: {t}" for name, row in variants.items()
                 for k, t in row["times_ms"].items() if isinstance(t, str)]
     head = (f"Input {tuple(result['input_shape'])}, {result['device']}, torch "
-            f"{result['torch']}; malloc: {result.get('malloc', 'not recorded')}; median of "
+            f"{result['torch']}; malloc: {result.get('malloc', 'not recorded')}; OpenMP: "
+            f"{result.get('openmp', 'not recorded')}; median of "
             f"{result['config']['rounds']} interleaved rounds; "
             "×dense: the dense model's time on the same backend and batch divided by the "
             "variant's (above 1: faster).")

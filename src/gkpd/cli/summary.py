@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.plan.schema import CompressionPlan
     from gkpd.report import summary
     from gkpd.resolve import resolve_model
-    from gkpd.runtime import describe_allocator
+    from gkpd.runtime import describe_allocator, describe_openmp
 
     model, card = resolve_model(args.model)
     report = summary(model, example_input(card, args.batch_size))
@@ -33,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     if card.get("test_accuracy") is not None:
         result["test_accuracy"] = card["test_accuracy"]
         text += f"\ntest accuracy on {card.get('dataset', '?')}: {card['test_accuracy']:.2f}%"
-    # the allocator sets how fast the model runs on CPU (gkpd.runtime)
+    # the allocator and OpenMP's wait policy set how fast the model runs on CPU (gkpd.runtime)
     result["allocator"] = describe_allocator()
-    text += f"\nallocator: {result['allocator']}"
+    result["openmp"] = describe_openmp()
+    text += f"\nallocator: {result['allocator']}\nOpenMP: {result['openmp']}"
     emit(args, result, text)
     return 0
 
