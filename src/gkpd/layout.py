@@ -23,9 +23,12 @@ __all__ = ["LAYOUTS", "in_memory_format", "layout_of", "memory_format", "run_in_
 LAYOUTS = ("contiguous", "channels_last")
 
 
-def check_layout(layout: Any, name: str = "layout") -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
+def check_layout(layout: Any, name: str = "layout", *, auto: bool = False) -> str:
+    """``layout`` if it is one of ``LAYOUTS`` (or, with ``auto``, ``"auto"``: the faster,
+    timed), else a ValueError naming ``name``."""
+    if layout not in LAYOUTS and not (auto and layout == "auto"):
+        expected = f"'auto' or one of {LAYOUTS}" if auto else f"one of {LAYOUTS}"
+        raise ValueError(f"{name} must be {expected}, got {layout!r}")
     return layout
 
 

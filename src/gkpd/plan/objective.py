@@ -18,7 +18,7 @@ from torch import nn
 
 from gkpd.inputs import ModelCall
 from gkpd.layers.base import WEIGHT_PATH
-from gkpd.layout import LAYOUTS
+from gkpd.layout import check_layout
 from gkpd.plan.schema import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,7 @@ class LatencyObjective:
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(
                 seconds, numbers.Real) or not seconds > 0):
             raise ValueError(f"max_seconds must be a number > 0 or None, got {seconds!r}")
-        if self.layout not in ("auto", *LAYOUTS):
-            raise ValueError(f"latency layout must be 'auto' or one of {LAYOUTS}, got "
-                             f"{self.layout!r}")
+        check_layout(self.layout, "latency layout", auto=True)
         if self.channels_last:
             if self.layout not in ("auto", "channels_last"):
                 raise ValueError(f"channels_last=True contradicts layout={self.layout!r}")

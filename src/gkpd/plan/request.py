@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gkpd.calibration import Calibration
-from gkpd.layout import LAYOUTS
+from gkpd.layout import check_layout
 from gkpd.plan.budget import STRATEGIES
 from gkpd.plan.objective import LatencyObjective, resolve_objective
 
@@ -61,8 +61,7 @@ def resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
             raise ValueError(
                 f"objective='latency' is supported for method 'gkpd' only, got method={method!r}"
             )
-    if layout not in ("auto", *LAYOUTS):
-        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout, auto=True)
     resolved = resolve_objective(objective, deprecated)
     if resolved is not None and layout != "auto":
         if resolved.layout not in ("auto", layout):
