@@ -456,11 +456,10 @@ class KroneckerConvNd(KroneckerLayer):
         copies a weight that is not (a permuted reconstruction, or a contiguous weight beside a
         channels_last input) on every call: 19% of a batch-1 forward of ResNet-32's 5x latency
         plan (CPU, 2 threads)."""
-        if _is_nchw(x):
-            return self._derived(name, lambda: _in_format(build(), torch.contiguous_format,
-                                                          x.dim()))
-        return self._derived(f"{name} channels_last", lambda: _in_format(
-            build(), memory_format("channels_last", x.dim()), x.dim()))
+        layout = "contiguous" if _is_nchw(x) else "channels_last"
+        key = name if layout == "contiguous" else f"{name} {layout}"
+        return self._derived(key, lambda: _in_format(build(), memory_format(layout, x.dim()),
+                                                     x.dim()))
 
     def _b_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
