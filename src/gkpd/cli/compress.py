@@ -62,11 +62,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["allow_more_macs"] = True
     if args.max_layer_error is not None:
         options["max_layer_error"] = args.max_layer_error
-    if args.channels_last:
-        if args.layout not in ("auto", "channels_last"):
-            raise CliError(f"--channels-last contradicts --layout {args.layout}")
-        args.layout = "channels_last"
-    options["layout"] = args.layout
+    if args.channels_last and args.layout not in ("auto", "channels_last"):
+        raise CliError(f"--channels-last contradicts --layout {args.layout}")
+    options["layout"] = "channels_last" if args.channels_last else args.layout
     if args.objective == "latency":
         from gkpd.plan.objective import LatencyObjective
 
