@@ -1,6 +1,7 @@
 """Compressing attention models: every method's layers run inside torch's transformer modules
 in train and eval mode, the attention projections are planned and compressed, and at full
-rank the compressed model computes what the dense one does (the oracle)."""
+rank the compressed model computes what the dense one does (the oracle). Parents that read a
+replaced layer's ``weight`` (T5): they run, or compress says which layer fails."""
 
 import copy
 import math
@@ -188,3 +189,53 @@ def test_a_bad_plan_changes_nothing():
         gkpd.apply_(model, plan)
     assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)
     assert math.isclose(sum(p.numel() for p in model.parameters()), plan.dense_params)
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent that reads its child's ``weight`` before calling it, as Hugging Face's T5
+    feed-forward block reads ``wo.weight.dtype``; with a batch norm to see statistics kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.norm, self.wo = nn.Linear(32, 64), nn.BatchNorm1d(64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.wo(self.norm(torch.relu(self.wi(x))).to(self.wo.weight.dtype))
+
+
+def test_a_parent_that_reads_a_replaced_layers_weight_runs_compressed():
+    torch.manual_seed(0)
+    model, x = ReadsChildWeight().train(), torch.randn(8, 32)
+    small, plan = gkpd.compress(model, x, ratio=2)
+    assert isinstance(small.wo, gkpd.KroneckerLinear) and small.training
+    # compress ran the compressed model once, in eval mode: statistics as the dense model's
+    torch.testing.assert_close(small.norm.running_mean, model.norm.running_mean)
+    small(x).sum().backward()
+    assert small.wo.a.grad is not None
+    with torch.no_grad():
+        assert small.eval()(x).shape == (8, 32)
+
+
+def test_a_compressed_model_that_fails_where_the_dense_one_ran_is_a_clear_error():
+    model, x = ReadsChildWeight().eval(), torch.randn(8, 32)
+    with pytest.raises(ValueError, match=r"the compressed model fails on example_input .*"
+                       r"A module reads 'weight' of 'wo', a layer that 'svd' replaced"):
+        gkpd.compress(model, x, ratio=2, method="svd")
+
+
+def test_hugging_face_t5_runs_compressed_in_eval_and_train_mode():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1,
+                                   num_heads=2, d_kv=16)
+    model = transformers.T5Model(config).eval()
+    ids = torch.randint(0, 64, (2, 10))
+    x = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    small, plan = gkpd.compress(model, x, ratio=2)
+    wo = [e.name for e in plan.compressed_layers if e.name.endswith("DenseReluDense.wo")]
+    assert wo and all(isinstance(small.get_submodule(n), gkpd.KroneckerLinear) for n in wo)
+    with torch.no_grad():
+        want, got = model(**x), small(**x)
+    assert type(got) is type(want) and got.last_hidden_state.shape == want.last_hidden_state.shape
+    small.train()(**x).last_hidden_state.sum().backward()
+    assert small.get_submodule(wo[0]).a.grad is not None

@@ -3,7 +3,9 @@ nn.TransformerEncoder; written in ``testkit.architectures`` with torchvision's s
 compressed 2× with default arguments by GKPD and by SVD: the ratio is met, the compressed
 model answers in the dense model's shape with finite values in train and eval mode, gradients
 reach every trainable parameter, what runs is what the plan counted, and a save +
-``gkpd.load`` round trip gives the same outputs."""
+``gkpd.load`` round trip gives the same outputs. Small randomly initialised Hugging Face models
+(BERT, DistilBERT, GPT-2, Llama, T5, ViT, ConvNeXt; skipped without ``transformers``) compress
+2× with defaults, answer with the same output type and shapes, and round trip."""
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from testkit.architectures import ARCHITECTURES
 
 import gkpd
 from gkpd.counting import count_model
+from gkpd.inputs import output_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,3 +89,51 @@ def test_compressed_transformer_encoder_fast_path_agrees_with_the_slow_path():
     slow = compressed.encoder(compressed.embed(x), src_key_padding_mask=padding)
     keep = ~padding
     torch.testing.assert_close(fast[keep], slow.detach()[keep], rtol=1e-4, atol=1e-5)
+
+
+def _hugging_face(name):
+    """A small randomly initialised Hugging Face model and its keyword inputs."""
+    t = pytest.importorskip("transformers")
+    text = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 64}
+    configs = {
+        "bert": lambda: t.BertModel(t.BertConfig(**text)),
+        "distilbert": lambda: t.DistilBertModel(t.DistilBertConfig(
+            vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**text, num_key_value_heads=1)),
+        "t5": lambda: t.T5Model(t.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=2,
+                                           num_heads=2, d_kv=16)),
+        "vit": lambda: t.ViTModel(t.ViTConfig(**text | {"vocab_size": None}, image_size=16,
+                                              patch_size=4)),
+        "convnext": lambda: t.ConvNextModel(t.ConvNextConfig(
+            hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32)),
+    }
+    torch.manual_seed(0)
+    model = configs[name]().eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if name == "t5":
+        inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    elif name in ("vit", "convnext"):
+        inputs = {"pixel_values": torch.randn(2, 3, 32 if name == "convnext" else 16,
+                                              32 if name == "convnext" else 16)}
+    return model, inputs
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama", "t5", "vit",
+                                  "convnext"])
+def test_hugging_face_model_compresses_2x_answers_alike_and_round_trips(name, tmp_path):
+    model, x = _hugging_face(name)
+    small, plan = gkpd.compress(model, x, ratio=2)
+    assert plan.achieved_ratio == pytest.approx(2, rel=0.03)
+    with torch.no_grad():
+        want, got = model(**x), small(**x)
+    assert type(got) is type(want)
+    assert [t.shape for t in output_tensors(got)] == [t.shape for t in output_tensors(want)]
+    gkpd.save(tmp_path / "small", small, plan)
+    loaded = gkpd.load(tmp_path / "small", _hugging_face(name)[0])
+    with torch.no_grad():
+        for a, b in zip(output_tensors(loaded(**x)), output_tensors(got), strict=True):
+            torch.testing.assert_close(a, b)

@@ -18,7 +18,7 @@ from torch import nn
 
 import gkpd
 from gkpd.decompose import full_rank
-from gkpd.inputs import ModelCall, output_tensors
+from gkpd.inputs import ModelCall, map_tensors, output_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,6 +94,43 @@ def test_tensors_are_found_moved_and_sliced_wherever_they_are_nested():
     assert torch.equal(doubled.kwargs["input_ids"], ids * 2) and call.kwargs["input_ids"] is ids
     assert call.to(None) is call
     assert call.to("cpu").kwargs["input_ids"].device.type == "cpu"
+
+
+@dataclass
+class _DictOutput(OrderedDict):
+    """What Hugging Face's ``ModelOutput`` is: a dataclass and an ordered dict of its set
+    fields."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+    def __post_init__(self):
+        for key in ("logits", "hidden"):
+            if getattr(self, key) is not None:
+                self[key] = getattr(self, key)
+
+
+def test_mapping_tensors_keeps_each_containers_type():
+    a, b = torch.zeros(2), torch.ones(3)
+    double = lambda value: map_tensors(lambda t: t * 2, value)  # noqa: E731
+    out = double(_DictOutput(logits=a, hidden=b))
+    assert type(out) is _DictOutput and list(out) == ["logits", "hidden"]
+    assert torch.equal(out.logits, a * 2) and torch.equal(out["hidden"], b * 2)
+    plain = double(_Output(a, (b,)))  # a dataclass that is no mapping
+    assert type(plain) is _Output and torch.equal(plain.logits, a * 2)
+    assert torch.equal(plain.extra[0], b * 2) and plain.unset is None
+    assert type(double(OrderedDict(x=a))) is OrderedDict
+    assert type(double(Encoding(x=a))) is dict  # cannot be rebuilt from a dict: a dict
+
+
+def test_output_tensors_reads_a_hugging_face_key_value_cache_in_layer_order():
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    cache = cache_utils.DynamicCache()
+    keys, values = [torch.full((1, 2, 3, 4), float(i)) for i in range(2)]
+    cache.update(keys, values, layer_idx=0)
+    cache.update(keys + 10, values + 10, layer_idx=1)
+    found = output_tensors({"logits": torch.zeros(1), "past_key_values": cache})
+    assert [float(t.flatten()[0]) for t in found] == [0.0, 0.0, 1.0, 10.0, 11.0]
 
 
 def test_batch_and_shape_are_the_first_batched_tensors():

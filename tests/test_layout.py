@@ -128,3 +128,31 @@ def test_to_layout_converts_4d_and_5d_tensors_in_containers_only():
     assert converted["a"][0].is_contiguous(memory_format=CL)
     assert converted["a"][1][0].is_contiguous(memory_format=torch.channels_last_3d)
     assert converted["b"] is vector and converted["c"] == "text"
+
+
+def test_a_model_output_comes_back_of_its_own_type():
+    """A dataclass-and-dict output (Hugging Face's ``ModelOutput``, of a convolutional model
+    run in channels_last) keeps its type and attributes on the way back to NCHW."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output(dict):
+        feature_map: torch.Tensor
+
+        def __post_init__(self):
+            self["feature_map"] = self.feature_map
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return Output(self.conv(x))
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(2, 3, 6, 6)
+    want = model(x).feature_map
+    out = run_in_layout(model, "channels_last")(x)
+    assert type(out) is Output and out.feature_map.is_contiguous()
+    torch.testing.assert_close(out.feature_map, want)

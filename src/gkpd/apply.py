@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances, collect_cross_moments
-from gkpd.layers.attention import UNPACKED, unfuse, unpacked
+from gkpd.inputs import ModelCall, eval_mode
+from gkpd.layers.attention import unfuse, unpackable, unpacked
 from gkpd.layout import run_in_layout
 from gkpd.methods import ModelMethod, get_method, replace_layers
 from gkpd.plan import CompressionPlan, plan
@@ -31,12 +32,14 @@ def _require_plan(compression_plan: Any) -> None:
 
 def _planned_unpacked(model: nn.Module, compression_plan: CompressionPlan) -> list[str]:
     """Names of the modules of ``model`` that the planner unpacked (attention, recurrent
-    layers: ``gkpd.layers.attention.UNPACKED``) and plan entries reach into."""
+    layers, transformers' ``Conv1D``: ``gkpd.layers.attention.unpackable``) and plan entries
+    name or reach into."""
     _require_plan(compression_plan)
     return [
         name for name, module in model.named_modules()
-        if isinstance(module, tuple(UNPACKED))
-        and any(e.name.startswith(f"{name}.") for e in compression_plan.layers)
+        if unpackable(module) and any(
+            e.name == name or e.name.startswith(f"{name}.") for e in compression_plan.layers
+        )
     ]
 
 
@@ -53,7 +56,8 @@ def check_plan_fits(
         unpacked_attention = unpacked(model, _planned_unpacked(model, compression_plan))
     modules = dict(model.named_modules())
     for name, module in unpacked_attention.items():
-        modules.update((f"{name}.{child}", m) for child, m in module.named_modules() if child)
+        modules.update((f"{name}.{child}" if child else name, m)
+                       for child, m in module.named_modules())
     tied = tied_layers(model)
     problems = []
     for entry in compression_plan.layers:
@@ -181,4 +185,40 @@ def compress(model: nn.Module, example_input: Any, **options: Any):
     compressed = apply_(
         copy.deepcopy(model), compression_plan, calibration=options.get("calibration")
     )
+    _check_runs(compressed, example_input, compression_plan)
     return compressed, compression_plan
+
+
+def _check_runs(compressed: nn.Module, example_input: Any, compression_plan: CompressionPlan):
+    """Raise a clear error now, not at the user's first call, where the compressed model fails
+    on the input the dense model was planned on (in eval mode: statistics untouched)."""
+    call = ModelCall.of(example_input)
+    try:
+        with eval_mode(compressed), torch.no_grad():
+            call.run(compressed)
+    except Exception as error:
+        methods = ", ".join(sorted({repr(e.method) for e in compression_plan.compressed_layers}))
+        culprit = _missing_attribute_owner(error, compressed)
+        where = (f"A module reads {culprit[1]!r} of {culprit[0]!r}, a layer that {methods} "
+                 "replaced" if culprit else f"A module may read an attribute of a layer that "
+                 f"{methods} replaced")
+        raise ValueError(
+            f"the compressed model fails on example_input ({call.describe()}), which the dense "
+            f"model ran on: {type(error).__name__}: {error}. {where} (the Kronecker, "
+            "tensor_train and tensor_ring layers have a `weight`; the nn.Sequential stages of "
+            "svd, tucker and cp do not): keep such layers dense with exclude=[...], or use "
+            "method='gkpd'"
+        ) from error
+
+
+def _missing_attribute_owner(error: Exception, model: nn.Module) -> tuple[str, str] | None:
+    """(name in ``model``, attribute) of the module whose missing attribute ``error`` is, read
+    off the frame that raised it (``nn.Module.__getattr__``); ``None`` if it was not one."""
+    if not isinstance(error, AttributeError) or error.__traceback__ is None:
+        return None
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    owner, attribute = frame.tb_frame.f_locals.get("self"), frame.tb_frame.f_locals.get("name")
+    name = next((n for n, m in model.named_modules() if m is owner), None)
+    return (name, attribute) if name and isinstance(attribute, str) else None

@@ -2,7 +2,8 @@
 
 Closed forms for a given input size, for either stage order of a Kronecker layer
 (docs/design.md §6), and :func:`count_model`, which runs a model once with forward hooks and
-counts every ``nn.Conv*d``, ``nn.Linear`` and recurrent layer or cell (``nn.LSTM``,
+counts every ``nn.Conv*d``, ``nn.Linear`` (and transformers' ``Conv1D``, a linear layer) and
+recurrent layer or cell (``nn.LSTM``,
 ``nn.GRU``, ``nn.RNN``, ``nn.LSTMCell``, ...: their matrix products, not the elementwise gate
 math) it calls, and every module that counts itself: one with a ``macs(input_shape)``
 method (the Kronecker layers, the tensor-train/ring layers of ``gkpd.methods``). Such a
@@ -42,7 +43,8 @@ from gkpd.geometry import (
     resolve_padding,
     stage_strides,
 )
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, eval_mode
+from gkpd.transposed_linear import is_transposed_linear
 
 __all__ = [
     "ORDERS",
@@ -299,6 +301,8 @@ def module_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
         return recurrent_macs(module, shape)
     if isinstance(module, nn.Linear):
         return linear_macs(module.in_features, module.out_features, math.prod(shape[:-1]))
+    if is_transposed_linear(module):  # transformers' Conv1D: weight (in, out)
+        return linear_macs(*module.weight.shape, math.prod(shape[:-1]))
     if isinstance(module, nn.modules.conv._ConvNd):
         n = len(module.kernel_size)
         batched = len(shape) == n + 2
@@ -405,17 +409,14 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
         own = counts_itself(module)
         if own:
             handles.append(module.register_forward_pre_hook(enter))
-        if own or isinstance(module, nn.modules.conv._ConvNd | nn.Linear | nn.RNNBase
-                             | nn.RNNCellBase):
+        if own or is_transposed_linear(module) or isinstance(
+            module, nn.modules.conv._ConvNd | nn.Linear | nn.RNNBase | nn.RNNCellBase
+        ):
             handles.append(module.register_forward_hook(hook_for(name, own)))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad(), AttentionCounter(model, record):
+        with eval_mode(model), torch.no_grad(), AttentionCounter(model, record):
             call.run(model)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     return result

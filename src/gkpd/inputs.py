@@ -18,21 +18,38 @@ into its tensors for comparisons. A leaf module: it imports nothing of gkpd.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelCall", "map_tensors", "output_tensors"]
+__all__ = ["ModelCall", "eval_mode", "map_tensors", "output_tensors"]
 
 _EXPECTED = ("a tensor, a tuple of positional inputs or a dict of keyword inputs, holding at "
              "least one tensor")
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block (batch-norm statistics and dropout untouched by
+    the runs in it); afterwards every module is back in its own mode, mixed ones included."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model.eval()
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it (nested in tuples, lists, dicts)."""
+    """``value`` with ``fn`` applied to every tensor in it (nested in tuples, lists, dicts and
+    dataclasses), each container rebuilt as its own type: a Hugging Face ``ModelOutput`` (a
+    dataclass and a dict) stays one, with its attributes. A mapping whose type cannot be
+    rebuilt from a dict becomes a dict."""
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
@@ -40,8 +57,19 @@ def map_tensors(fn: Callable[[Tensor], Any], value: Any) -> Any:
     if isinstance(value, tuple | list):
         return type(value)(map_tensors(fn, v) for v in value)
     if isinstance(value, Mapping):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
+        mapped = {k: map_tensors(fn, v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value):  # ModelOutput: its set fields are its keys
+            return type(value)(**mapped)
+        return type(value)(mapped) if type(value) in _MAPPINGS_FROM_DICT else mapped
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{
+            f.name: map_tensors(fn, getattr(value, f.name))
+            for f in dataclasses.fields(value) if f.init
+        })
     return value
+
+
+_MAPPINGS_FROM_DICT = (dict, OrderedDict)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -139,7 +167,8 @@ class ModelCall:
 def output_tensors(output: Any) -> list[Tensor]:
     """The tensors of a model's output, in order: a tensor; a tuple or list, a mapping (values
     in order; Hugging Face's ``ModelOutput`` included) or a dataclass (fields in order) of
-    outputs. ``None`` holds none (an output left unset); anything else is a ``TypeError``."""
+    outputs, and a Hugging Face key/value cache (its layers' tensors in order). ``None``
+    holds none (an output left unset); anything else is a ``TypeError``."""
     if output is None:
         return []
     if isinstance(output, Tensor):
@@ -151,5 +180,13 @@ def output_tensors(output: Any) -> list[Tensor]:
     if dataclasses.is_dataclass(output) and not isinstance(output, type):
         return [t for f in dataclasses.fields(output)
                 for t in output_tensors(getattr(output, f.name))]
+    if _is_key_value_cache(output):  # iterates its layers' (keys, values, ...) tuples
+        return [t for layer in output for t in output_tensors(layer)]
     raise TypeError("a model output must be tensors, or tuples, lists, dicts or dataclasses "
                     f"of them; got {type(output).__name__}")
+
+
+def _is_key_value_cache(value: Any) -> bool:
+    """A Hugging Face ``Cache`` (``past_key_values`` of a decoder's output)."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers.")
+               for c in type(value).__mro__)

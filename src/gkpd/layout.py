@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gkpd.inputs import map_tensors
+
 __all__ = ["LAYOUTS", "in_memory_format", "layout_of", "memory_format", "run_in_layout",
            "to_layout"]
 
@@ -41,16 +43,15 @@ def memory_format(layout: str, dim: int) -> torch.memory_format | None:
 
 
 def to_layout(x: Any, layout: str) -> Any:
-    """``x`` (a tensor, or tuples, lists and dicts of them) with its 4-d and 5-d tensors in
-    ``layout``; other values as they are."""
-    if isinstance(x, Tensor):
-        fmt = memory_format(layout, x.dim()) if x.dim() in (4, 5) else None
-        return x if fmt is None else in_memory_format(x, fmt)
-    if isinstance(x, tuple | list):
-        return type(x)(to_layout(v, layout) for v in x)
-    if isinstance(x, dict):
-        return {k: to_layout(v, layout) for k, v in x.items()}
-    return x
+    """``x`` (a tensor, or tuples, lists, dicts and dataclasses of them, each kept of its
+    type: :func:`gkpd.inputs.map_tensors`) with its 4-d and 5-d tensors in ``layout``; other
+    values as they are."""
+
+    def convert(t: Tensor) -> Tensor:
+        fmt = memory_format(layout, t.dim()) if t.dim() in (4, 5) else None
+        return t if fmt is None else in_memory_format(t, fmt)
+
+    return map_tensors(convert, x)
 
 
 def in_memory_format(x: Tensor, fmt: torch.memory_format) -> Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,10 @@ from gkpd.attention_counting import attention_products_macs
 from gkpd.layers.base import fx_leaf_call, refuse_script
 from gkpd.layers.recurrent import UNPACKED_RECURRENT
 from gkpd.layers.recurrent_cells import UNPACKED_CELLS
+from gkpd.transposed_linear import as_linear, is_transposed_linear
 
 __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention",
-           "unfuse", "unpacked", "with_unpacked_attention", "with_unpacked_layers"]
+           "unfuse", "unpackable", "unpacked", "with_unpacked_attention", "with_unpacked_layers"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -253,22 +254,35 @@ def _unfuse(modules: list[nn.Module]) -> None:
             module.use_nested_tensor = False
 
 
-def _unpacked_type(module: nn.Module) -> type[nn.Module] | None:
-    return next((new for old, new in UNPACKED.items() if isinstance(module, old)), None)
+def _unpacker(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+    """What builds ``module``'s unpacked equivalent; ``None`` for a module that is not
+    unpacked."""
+    if is_transposed_linear(module):
+        return as_linear
+    kind = next((new for old, new in UNPACKED.items() if isinstance(module, old)), None)
+    return None if kind is None else kind.from_torch
+
+
+def unpackable(module: nn.Module) -> bool:
+    """Whether planning and :func:`gkpd.apply_` put an unpacked equivalent in ``module``'s
+    place: a module of :data:`UNPACKED`, or transformers' ``Conv1D`` (an ``nn.Linear``,
+    :mod:`gkpd.transposed_linear`)."""
+    return _unpacker(module) is not None
 
 
 def unpacked(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Per name of a module of ``model`` that :data:`UNPACKED` lists (an
-    ``nn.MultiheadAttention``, ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``), its unpacked
-    equivalent (new modules; ``model`` is not changed)."""
+    """Per name of a module of ``model`` that is :func:`unpackable` (an
+    ``nn.MultiheadAttention``, ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` or one of their cells, or
+    transformers' ``Conv1D``), its unpacked equivalent (new modules; ``model`` is not
+    changed)."""
     result = {}
     for name in names:
         module = model.get_submodule(name)
-        kind = _unpacked_type(module)
-        if kind is None:
+        unpack = _unpacker(module)
+        if unpack is None:
             raise TypeError(f"{name!r} is a {type(module).__name__}, not one of "
-                            f"{', '.join(t.__name__ for t in UNPACKED)}")
-        result[name] = kind.from_torch(module)
+                            f"{', '.join(t.__name__ for t in UNPACKED)} or transformers' Conv1D")
+        result[name] = unpack(module)
     return result
 
 
@@ -285,7 +299,7 @@ def with_unpacked_layers(model: nn.Module) -> nn.Module:
     (attention, recurrent layers) and its transformer layers unfused, as a copy that shares
     every other module and parameter (for reading: planning traces it); ``model`` itself
     when it has none."""
-    names = [n for n, m in model.named_modules() if _unpacked_type(m) is not None]
+    names = [n for n, m in model.named_modules() if unpackable(m)]
     if not names:
         return model
     root = _shallow_copy(model)

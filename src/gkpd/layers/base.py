@@ -114,7 +114,25 @@ def dense_factors(
     )
 
 
-class KroneckerLayer(nn.Module):
+class ReconstructedWeight:
+    """``weight``: what a factored layer reads like to a parent module that reads its child's
+    ``weight`` (Hugging Face's T5 checks ``wo.weight.dtype`` before it calls ``wo``): the dense
+    weight the layer stands for, ``reconstruct_weight()``. Built on each read and not kept, so
+    the model's memory stays that of its factors; read-only (assign the factors instead)."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.reconstruct_weight()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(
+            f"{type(self).__name__}.weight is the product of the factors a and b and cannot be "
+            "assigned: change the factors, or assign the weight of to_dense()'s layer"
+        )
+
+
+class KroneckerLayer(ReconstructedWeight, nn.Module):
     """Base of the Kronecker layers: parameters ``a`` ``(R, *a_shape)`` and ``b``
     ``(R, *b_shape)``; subclasses give ``order_macs`` and ``resolve_path``."""
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkpd.decompose import as_shape, b_shape_for, check_rank, decompose, kron_sum
-from gkpd.layers.base import check_sizes, fx_leaf_call, refuse_script
+from gkpd.layers.base import ReconstructedWeight, check_sizes, fx_leaf_call, refuse_script
 from gkpd.layers.conv import check_dtype
 
 __all__ = ["KroneckerEmbedding", "unsupported_embedding_settings"]
@@ -43,7 +43,7 @@ def unsupported_embedding_settings(
     return None
 
 
-class KroneckerEmbedding(nn.Module):
+class KroneckerEmbedding(ReconstructedWeight, nn.Module):
     """``nn.Embedding`` whose weight ``(num_embeddings, embedding_dim)`` is ``Σ_r a[r] ⊗ b[r]``.
 
     ``a_shape = (N1, D1)``; ``b_shape = (num_embeddings/N1, embedding_dim/D1)``; ``rank``:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkpd.counting import conv_macs, linear_macs, resolve_padding
-from gkpd.layers.base import refuse_script
+from gkpd.layers.base import ReconstructedWeight, refuse_script
 from gkpd.methods._tensorly import require_tensorly
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
@@ -113,7 +113,7 @@ def contract(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- layer
 
 
-class TensorizedLayer(nn.Module):
+class TensorizedLayer(ReconstructedWeight, nn.Module):
     """A conv/linear layer whose weight is a train or ring of cores (``self.cores``)."""
 
     def __init__(

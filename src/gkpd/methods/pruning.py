@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from gkpd.counting import module_macs, module_params
-from gkpd.inputs import ModelCall, output_tensors
+from gkpd.inputs import ModelCall, eval_mode, output_tensors
 from gkpd.methods.base import ModelMethod
 from gkpd.plan.budget import check_tolerance, unreachable
 from gkpd.plan.schema import CompressionPlan, LayerPlan
@@ -92,13 +92,11 @@ class _Graph:
 
     def __init__(self, tp, model: nn.Module, call: ModelCall) -> None:
         self.tp, self.model = tp, model
-        modes = {m: m.training for m in model.modules()}
         frozen = [p for p in model.parameters() if not p.requires_grad]
         try:
-            model.eval()
             for p in frozen:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with eval_mode(model), torch.enable_grad():
                 self.graph = tp.DependencyGraph().build_dependency(
                     model,
                     example_inputs=call, forward_fn=lambda m, c: c.run(m),
@@ -107,8 +105,6 @@ class _Graph:
         finally:
             for p in frozen:
                 p.requires_grad_(False)
-            for m, training in modes.items():
-                m.training = training
         self.names = {m: n for n, m in model.named_modules()}
 
     def group(self, module: nn.Module, idxs: list[int]):
@@ -161,14 +157,8 @@ class _Graph:
 def _eval_forward(model: nn.Module, call: ModelCall):
     """``model`` run on ``call`` in eval mode without gradients; every module's mode is
     restored."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return call.run(model)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        return call.run(model)
 
 
 def _schedule(sizes: list[int]) -> list[tuple[int, ...]]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from gkpd.attention_counting import AttentionCounter
 from gkpd.counting import module_macs, module_params
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, eval_mode
 from gkpd.plan.schema import LayerPlan
 from gkpd.plan.select import as_pattern_list
 
@@ -68,10 +68,8 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
     for name, module in model.named_modules():
         if isinstance(module, LAYER_TYPES):
             handles.append(module.register_forward_hook(hook_for(name)))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad(), AttentionCounter(model, count_attention):
+        with eval_mode(model), torch.no_grad(), AttentionCounter(model, count_attention):
             call.run(model)
     except Exception as error:
         raise ValueError(
@@ -80,8 +78,6 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
     return Trace(seen, attention[0] // max(call.batch, 1))
 
 
