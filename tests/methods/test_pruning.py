@@ -216,6 +216,21 @@ def test_depthwise_and_grouped_sequential():
     assert compressed(x).shape == (2, 10)
 
 
+def test_a_graph_torch_pruning_cannot_build_is_a_clear_error(monkeypatch):
+    """Torch-Pruning 1.6 fails inside its graph code on some models (Hugging Face's GPT-2:
+    a TypeError in its concat index mapping); the error names the method and the cause."""
+    import torch_pruning
+
+    def fail(*args, **kwargs):
+        return None + 1  # the TypeError torch-pruning raises on GPT-2
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", fail)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(ValueError, match=r"method 'prune' cannot prune this Sequential: "
+                       r"Torch-Pruning .* failed to build its dependency graph \(TypeError"):
+        gkpd.plan(model, torch.randn(1, 3, 8, 8), ratio=2, method="prune")
+
+
 def test_nothing_prunable():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     with pytest.raises(ValueError, match="no layer's output channels can be pruned"):

@@ -102,6 +102,13 @@ class _Graph:
                     example_inputs=call, forward_fn=lambda m, c: c.run(m),
                     output_transform=output_tensors, verbose=False,
                 )
+        except Exception as error:  # raised deep inside torch-pruning's graph code
+            raise ValueError(
+                f"method 'prune' cannot prune this {type(model).__name__}: Torch-Pruning "
+                f"{getattr(tp, '__version__', '')} failed to build its dependency graph "
+                f"({type(error).__name__}: {error}). The layer methods (gkpd, svd, "
+                "tensor_train, ...) need no such graph"
+            ) from error
         finally:
             for p in frozen:
                 p.requires_grad_(False)
