@@ -203,23 +203,29 @@ class ReadsChildWeight(nn.Module):
         return self.wo(self.norm(torch.relu(self.wi(x))).to(self.wo.weight.dtype))
 
 
-def test_a_parent_that_reads_a_replaced_layers_weight_runs_compressed():
+@pytest.mark.parametrize("method", ["gkpd", "svd", "tensor_train"])
+def test_a_parent_that_reads_a_replaced_layers_weight_runs_compressed(method):
     torch.manual_seed(0)
     model, x = ReadsChildWeight().train(), torch.randn(8, 32)
-    small, plan = gkpd.compress(model, x, ratio=2)
-    assert isinstance(small.wo, gkpd.KroneckerLinear) and small.training
+    small, plan = gkpd.compress(model, x, ratio=2, method=method)
+    assert plan.layer("wo").compressed and small.training
     # compress ran the compressed model once, in eval mode: statistics as the dense model's
     torch.testing.assert_close(small.norm.running_mean, model.norm.running_mean)
     small(x).sum().backward()
-    assert small.wo.a.grad is not None
+    assert all(p.grad is not None for p in small.wo.parameters())
     with torch.no_grad():
         assert small.eval()(x).shape == (8, 32)
 
 
+class ReadsChildFeatures(ReadsChildWeight):
+    def forward(self, x):
+        return super().forward(x)[:, : self.wo.out_features]
+
+
 def test_a_compressed_model_that_fails_where_the_dense_one_ran_is_a_clear_error():
-    model, x = ReadsChildWeight().eval(), torch.randn(8, 32)
+    model, x = ReadsChildFeatures().eval(), torch.randn(8, 32)
     with pytest.raises(ValueError, match=r"the compressed model fails on example_input .*"
-                       r"A module reads 'weight' of 'wo', a layer that 'svd' replaced"):
+                       r"A module reads 'out_features' of 'wo', a layer that 'svd' replaced"):
         gkpd.compress(model, x, ratio=2, method="svd")
 
 

@@ -204,10 +204,9 @@ def _check_runs(compressed: nn.Module, example_input: Any, compression_plan: Com
                  f"{methods} replaced")
         raise ValueError(
             f"the compressed model fails on example_input ({call.describe()}), which the dense "
-            f"model ran on: {type(error).__name__}: {error}. {where} (the Kronecker, "
-            "tensor_train and tensor_ring layers have a `weight`; the nn.Sequential stages of "
-            "svd, tucker and cp do not): keep such layers dense with exclude=[...], or use "
-            "method='gkpd'"
+            f"model ran on: {type(error).__name__}: {error}. {where} (the replacements have "
+            "the dense layer's `weight`, rebuilt, but not every attribute of it): keep such "
+            "layers dense with exclude=[...]"
         ) from error
 
 

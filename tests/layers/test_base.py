@@ -72,6 +72,6 @@ def test_weight_is_built_on_each_read_and_follows_the_factors():
 
 def test_weight_cannot_be_assigned():
     layer = LAYERS["linear"]()[0]
-    with pytest.raises(AttributeError, match=r"KroneckerLinear\.weight is the product of the "
-                                             r"factors a and b"):
+    with pytest.raises(AttributeError, match=r"KroneckerLinear\.weight is built from the "
+                                             r"layer's factors and cannot be assigned"):
         layer.weight = torch.zeros(8, 12)

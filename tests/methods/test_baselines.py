@@ -1,5 +1,6 @@
 """Baseline methods (svd, tucker, cp): each replacement equals the conv/linear with the weight
-composed from its factors (composed here, independently of the methods); svd and tucker at
+composed from its factors (composed here, independently of the methods), and its ``weight`` is
+that composed weight; svd and tucker at
 full rank are the dense layer; the planner reaches the ratio with them and counts what runs."""
 
 import copy
@@ -85,6 +86,7 @@ def _check_factors(name, dense, settings):
     weight = COMPOSE[name](layer, dense)
     x = layer_input(dense)
     assert rel(layer(x), with_weight(dense, weight)(x)) < 1e-10
+    torch.testing.assert_close(layer.weight, weight)  # what a parent reading .weight gets
     # the recorded error is the error of what was built
     error = method.exact_error(dense, entry)
     assert error == pytest.approx(rel(weight, dense.weight.detach()), abs=1e-9)

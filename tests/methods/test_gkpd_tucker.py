@@ -64,6 +64,7 @@ def test_replacement_equals_conv_with_composed_weight(case):
     weight = _compose(layer)
     x = layer_input(dense)
     assert rel(layer(x), with_weight(dense, weight)(x)) < 1e-10
+    torch.testing.assert_close(layer.weight, weight)  # what a parent reading .weight gets
     error = method.exact_error(dense, entry)
     assert error == pytest.approx(rel(weight, dense.weight.detach()), abs=1e-9)
     assert 0 < error < 1

@@ -118,7 +118,8 @@ class ReconstructedWeight:
     """``weight``: what a factored layer reads like to a parent module that reads its child's
     ``weight`` (Hugging Face's T5 checks ``wo.weight.dtype`` before it calls ``wo``): the dense
     weight the layer stands for, ``reconstruct_weight()``. Built on each read and not kept, so
-    the model's memory stays that of its factors; read-only (assign the factors instead)."""
+    the model's memory stays that of its factors; read-only (change the factors instead). The
+    Kronecker and tensor-train/ring layers and the baselines' ``Stages`` have it."""
 
     @property
     def weight(self) -> Tensor:
@@ -127,8 +128,8 @@ class ReconstructedWeight:
     @weight.setter
     def weight(self, value: Tensor) -> None:
         raise AttributeError(
-            f"{type(self).__name__}.weight is the product of the factors a and b and cannot be "
-            "assigned: change the factors, or assign the weight of to_dense()'s layer"
+            f"{type(self).__name__}.weight is built from the layer's factors and cannot be "
+            "assigned: change the factors, or use a dense layer"
         )
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from gkpd.methods._tensorly import pytorch_backend, require_tensorly
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
+    Stages,
     conv_geometry,
     conv_like,
     layer_reason,
@@ -244,4 +245,4 @@ class CP(LayerMethod):
             for stage, u in zip(stages[1:-1], u_k, strict=True):
                 load(stage, u.T)
             load(stages[-1], u_f, None if module.bias is None else module.bias.detach())
-        return nn.Sequential(*stages)
+        return Stages(*stages, groups=module.groups)

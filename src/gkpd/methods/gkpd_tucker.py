@@ -34,6 +34,7 @@ from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.gkpd import KroneckerConfig, build_kronecker
 from gkpd.methods.gkpd_search import LayerShape, factor_shapes, matrix_tail_errors, spectrum_key
 from gkpd.methods.lowrank import (
+    Stages,
     conv_geometry,
     conv_like,
     layer_reason,
@@ -323,4 +324,4 @@ class GKPDTucker(LayerMethod):
             load(first, u_in.T)
             load(dense_core, core_weight)
             load(last, u_out, None if module.bias is None else module.bias.detach())
-        return nn.Sequential(first, build_kronecker(dense_core, core, decompose=decompose), last)
+        return Stages(first, build_kronecker(dense_core, core, decompose=decompose), last)

@@ -3,9 +3,9 @@ take, their per-layer overrides, the geometry of a convolution at the planner's 
 the budget filter, and building plain ``nn.Conv*d``/``nn.Linear`` stages on the dense layer's
 device and dtype.
 
-svd, tucker and cp replace a layer by an ``nn.Sequential`` of standard layers, so counting,
-ONNX export and ``torch.compile`` see nothing new; tensor_train and tensor_ring keep their
-cores in a layer of their own (see ``_tensorized.py``).
+svd, tucker and cp replace a layer by :class:`Stages`, an ``nn.Sequential`` of standard layers,
+so counting, ONNX export and ``torch.compile`` see nothing new; tensor_train and tensor_ring
+keep their cores in a layer of their own (see ``_tensorized.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gkpd.counting import conv_output_shape, resolve_padding
+from gkpd.layers.base import ReconstructedWeight
 from gkpd.methods.base import LayerContext
 from gkpd.plan.schema import LayerPlan
 from gkpd.whiten import output_error
@@ -191,3 +192,55 @@ def positive_int(value: object, what: str, upper: int | None = None) -> int:
     if upper is not None and value > upper:
         raise ValueError(f"{what} {value} exceeds its largest meaningful value {upper}")
     return int(value)
+
+
+class Stages(ReconstructedWeight, nn.Sequential):
+    """The layers that replace one dense layer, run in order, with the ``weight`` of the dense
+    layer they stand for (``groups`` of it), read-only and built on each read, for parents
+    that read their child's weight (T5's ``wo.weight.dtype``). Biases are not in it."""
+
+    def __init__(self, *stages: nn.Module, groups: int = 1) -> None:
+        super().__init__(*stages)
+        self.dense_groups = groups
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        """The stages' weights composed: ``(out, in/groups, *kernel)``, as the dense layer's."""
+        composed = None
+        for stage in self:
+            weight = _block_diagonal(stage.weight, getattr(stage, "groups", 1))
+            composed = weight if composed is None else _compose(composed, weight)
+        return _diagonal_blocks(composed, self.dense_groups)
+
+
+def _block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped weight ``(n, m/g, *K)`` as the ungrouped ``(n, m, *K)`` that computes the same:
+    each group's block on the diagonal, zeros elsewhere."""
+    if groups == 1:
+        return weight
+    n, per_group, *kernel = weight.shape
+    full = weight.new_zeros(groups, n // groups, groups, per_group, *kernel)
+    index = torch.arange(groups, device=weight.device)
+    full[index, :, index] = weight.reshape(groups, n // groups, per_group, *kernel)
+    return full.reshape(n, groups * per_group, *kernel)
+
+
+def _diagonal_blocks(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`_block_diagonal`: the ``groups`` diagonal blocks, stacked."""
+    if groups == 1:
+        return weight
+    n, m, *kernel = weight.shape
+    blocks = weight.reshape(groups, n // groups, groups, m // groups, *kernel)
+    index = torch.arange(groups, device=weight.device)
+    return blocks[index, :, index].reshape(n, m // groups, *kernel)
+
+
+def _compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The weight of ``first``'s layer followed by ``then``'s: ``(n, m, *K) ∘ (m, c, *K)``. The
+    two kernels may not both span one axis (a stage's kernel is 1 along the other's axes, as
+    pointwise stages and CP's per-axis stages are), so composing them is a product."""
+    if any(a > 1 and b > 1 for a, b in zip(first.shape[2:], then.shape[2:], strict=True)):
+        raise ValueError(f"cannot compose kernels {tuple(then.shape[2:])} and "
+                         f"{tuple(first.shape[2:])}: both span one axis")
+    kernel = [max(a, b) for a, b in zip(first.shape[2:], then.shape[2:], strict=True)]
+    return torch.einsum("nm...,mc...->nc...", then.expand(*then.shape[:2], *kernel),
+                        first.expand(*first.shape[:2], *kernel))

@@ -25,6 +25,7 @@ from torch import nn
 
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
+    Stages,
     conv_geometry,
     conv_like,
     data_aware_error,
@@ -203,4 +204,4 @@ class SVD(LayerMethod):
             load(first, a.reshape(-1, a.shape[-1]))
             load(second, b.reshape(-1, rank),
                  None if module.bias is None else module.bias.detach())
-        return nn.Sequential(first, second)
+        return Stages(first, second, groups=getattr(module, "groups", 1))

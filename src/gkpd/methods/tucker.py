@@ -25,6 +25,7 @@ from torch import nn
 from gkpd.methods._tensorly import pytorch_backend, require_tensorly
 from gkpd.methods.base import LayerContext, LayerMethod
 from gkpd.methods.lowrank import (
+    Stages,
     conv_geometry,
     conv_like,
     layer_reason,
@@ -214,4 +215,4 @@ class Tucker(LayerMethod):
             load(first, u_in.T)
             load(core, g)
             load(last, u_out, None if module.bias is None else module.bias.detach())
-        return nn.Sequential(first, core, last)
+        return Stages(first, core, last)
