@@ -91,6 +91,11 @@ def test_a_layout_the_model_fails_in_is_left_out(tmp_path, caplog):
                                          r"\(channels_last; see the log\)"):
         gkpd.plan(model, x, ratio=2, min_params=0, objective=LatencyObjective(
             layout="channels_last", cache=tmp_path / "t.json"))
+    # asked for by name, the layout is checked at planning, not at the model's first call
+    with pytest.raises(ValueError, match=r"layout='channels_last': the model fails on "
+                                         r"example_input in that layout \(RuntimeError: view"):
+        gkpd.plan(model, x, ratio=2, min_params=0, layout="channels_last")
+    assert model(x).shape == (2, 10) and layout_of(model) == "contiguous"  # left as it was
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

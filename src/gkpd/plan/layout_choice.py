@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, eval_mode
 from gkpd.layers.attention import unfuse
 from gkpd.layers.base import WEIGHT_PATH
 from gkpd.layout import LAYOUTS, run_in_layout
@@ -33,8 +33,8 @@ from gkpd.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayoutChoice", "choose_layout", "choose_plan_layout", "layouts_to_time",
-           "timed_models"]
+__all__ = ["LayoutChoice", "check_runs_in", "choose_layout", "choose_plan_layout",
+           "layouts_to_time", "timed_models"]
 
 _MIN_SECONDS = 0.3  # per model, spread over its rounds
 _ERROR_PLAN_SECONDS = 0.1
@@ -130,6 +130,22 @@ def _runnable(calls: dict) -> dict:
                 continue
             kept[kind, layout] = call
     return kept
+
+
+def check_runs_in(model: nn.Module, example_input: Any, layout: str) -> None:
+    """Raise ``ValueError`` unless ``model`` runs on ``example_input`` in ``layout`` (a layout
+    asked for by name: its forward may not, e.g. ``x.view(N, -1)`` of a channels_last
+    activation)."""
+    call = ModelCall.of(example_input)
+    try:
+        with eval_mode(model), torch.no_grad():
+            call.run(run_in_layout(copy.deepcopy(model), layout))
+    except Exception as error:  # whatever the model's own code raises
+        raise ValueError(
+            f"layout={layout!r}: the model fails on example_input in that layout "
+            f"({type(error).__name__}: {error}); use layout='auto', which leaves out the "
+            "layouts a model cannot run in, or 'contiguous'"
+        ) from error
 
 
 def choose_plan_layout(model: nn.Module, unpacked: nn.Module, plan: Any, example_input: Any,

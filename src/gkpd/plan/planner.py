@@ -36,7 +36,7 @@ from gkpd.plan.budget import (
     check_tolerance,
 )
 from gkpd.plan.candidates import Candidates
-from gkpd.plan.layout_choice import choose_plan_layout, layouts_to_time
+from gkpd.plan.layout_choice import check_runs_in, choose_plan_layout, layouts_to_time
 from gkpd.plan.objective import (
     OBJECTIVES,
     LatencyObjective,
@@ -185,9 +185,12 @@ def plan(
 
 def _set_layout(result: CompressionPlan, model: nn.Module, unpacked: nn.Module,
                 example_input: Any, layout: str, traced: Trace) -> None:
-    """Record the layout of an error plan: ``layout``, or for ``"auto"`` the faster one
-    where there is a choice (:func:`gkpd.plan.layout_choice.choose_plan_layout`)."""
+    """Record the layout of an error plan: ``layout`` (channels_last once the model is seen
+    to run in it), or for ``"auto"`` the faster one where there is a choice
+    (:func:`gkpd.plan.layout_choice.choose_plan_layout`)."""
     if layout != "auto":
+        if layout != "contiguous":
+            check_runs_in(model, example_input, layout)
         result.options["layout"] = layout
         return
     layouts = layouts_to_time("auto", [traced.layers[e.name] for e in result.compressed_layers])
