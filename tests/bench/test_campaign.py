@@ -40,14 +40,19 @@ def test_seeds_of_another_budget_are_refused(tmp_path):
 
 def test_the_table_says_what_each_variant_runs(tmp_path):
     cell(tmp_path, 0, "gkpd-plain", 5.0, 93.0)
+    cell(tmp_path, 1, "gkpd", 5.0, 94.0)
     cell(tmp_path, 0, "gkpd-whiten", 5.0, 92.0)
     cell(tmp_path, 0, "tucker", 5.0, 92.5)
-    write_campaign(tmp_path, train_size=60000, plot=False)
+    results = write_campaign(tmp_path, train_size=60000, plot=False)
     text = (tmp_path / "results.md").read_text()
-    assert "- gkpd-plain: method 'gkpd', pinning nothing: method='gkpd' with its default " \
-        "arguments." in text
+    # a variant pinning nothing made gkpd's own call: its cell is a gkpd row
+    assert "| 5x | gkpd | 2 | 5.00x | 0.20k | 50.00 | 93.50 ± 0.71 |" in text
+    plain = next(r for r in results["rows"] if r["cell"] == "seed0/gkpd-plain-5x")
+    assert plain["method"] == "gkpd" and plain["settings"]["run_as"] == "gkpd-plain"
+    assert "- gkpd: includes the cells run as gkpd-plain, a variant that pins nothing (the " \
+        "same call, method='gkpd' with its default arguments)." in text
     assert "- gkpd-whiten: method 'gkpd', pinning calibration={'samples': 512, " in text
-    assert "- tucker:" not in text
+    assert "| gkpd-plain |" not in text and "- tucker:" not in text
 
 
 def test_several_learning_rates_give_each_method_its_best(tmp_path):

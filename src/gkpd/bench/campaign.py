@@ -84,8 +84,12 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
             settings["strategy"] = cell.get("strategy", "uniform")
             if row["method"] in VARIANTS:
                 base, options = VARIANTS[row["method"]]
-                settings["variant_of"] = base
-                settings["options"] = {k: str(v) for k, v in options.items()}
+                if options:
+                    settings["variant_of"] = base
+                    settings["options"] = {k: str(v) for k, v in options.items()}
+                else:  # a variant pinning nothing made the method's own call: its row
+                    settings["run_as"] = row["method"]
+                    row["method"] = base
             if cell.get("plan_options"):
                 settings["plan_options"] = cell["plan_options"]
             row["settings"] = settings
@@ -226,6 +230,11 @@ def format_campaign(results: dict[str, Any]) -> str:
         notes.append("The best learning rate of each method is chosen on the test accuracy "
                      "it reports, alike for every method.")
     notes += variant_notes(s["method"] for s in summary)
+    aliases = sorted({(r["settings"]["run_as"], r["method"]) for r in results["rows"]
+                      if "run_as" in r.get("settings", {})})
+    notes += [f"- {method}: includes the cells run as {alias}, a variant that pins nothing "
+              f"(the same call, method={method!r} with its default arguments)."
+              for alias, method in aliases]
     for f in results["failed"]:
         notes.append(f"- {f['dir']} failed: {f['error']}")
     return "\n".join(lines + notes) + "\n"
