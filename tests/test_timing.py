@@ -44,6 +44,14 @@ def test_each_round_starts_one_call_later():
     assert timing.time_interleaved({}, rounds=3) == {}
 
 
+def test_where_cuda_is_in_use_each_call_is_timed_to_its_kernels_end(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    timing.time_interleaved({"a": lambda: events.append("a")}, rounds=2, warmup=1)
+    assert events == ["a", "sync", "a", "sync", "sync", "a", "sync"]
+
+
 def test_contention_is_the_hosts_busy_time_less_this_processs_own(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     clock = {"wall": 0.0, "own": 0.0}

@@ -183,7 +183,8 @@ def time_interleaved(
     *, min_seconds: float = 0.0, max_rounds: int = _MAX_ROUNDS,
 ) -> dict[Hashable, float]:
     """Median seconds of each call, timed round by round so that load changes hit all, each
-    round starting one call later than the one before.
+    round starting one call later than the one before; where CUDA is in use, to the end of
+    the kernels each call queued.
 
     With ``min_seconds``, rounds are added (up to ``max_rounds``) until the fastest call has
     run that long in total: a burst of load on a shared machine lasts milliseconds, which is
@@ -191,14 +192,19 @@ def time_interleaved(
     samples: dict[Hashable, list[float]] = {k: [] for k in calls}
     keys = list(calls)
 
+    # a CUDA call returns before its kernels have run: wait for them at both ends of a call
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+
     def run(n: int) -> None:
         for _ in range(n):
             # the order rotates by one each round: in a fixed order the first call of a
             # round ran up to 1.5x faster than the same computation later in it (this host)
             first = len(samples[keys[0]]) % len(keys) if keys else 0
             for key in keys[first:] + keys[:first]:
+                sync()
                 start = time.perf_counter()
                 calls[key]()
+                sync()
                 samples[key].append(time.perf_counter() - start)
 
     # no_grad rather than inference_mode: compiled callables guard on the grad mode they
