@@ -103,7 +103,7 @@ def test_compressed_encoder_at_full_rank_is_the_dense_one(method, batch_first):
         dense = copy.deepcopy(compressed)
         for name, module in list(dense.named_modules()):
             if hasattr(module, "cores"):
-                gkpd.apply.set_submodule(dense, name, _linear_of(module))
+                dense.set_submodule(name, _linear_of(module))
     padding = _padding() if batch_first else None
     for training in (True, False):
         dense.train(training), compressed.train(training)
@@ -245,3 +245,11 @@ def test_hugging_face_t5_runs_compressed_in_eval_and_train_mode():
     assert type(got) is type(want) and got.last_hidden_state.shape == want.last_hidden_state.shape
     small.train()(**x).last_hidden_state.sum().backward()
     assert small.get_submodule(wo[0]).a.grad is not None
+
+
+def test_set_submodule_is_a_deprecated_alias_of_torchs():
+    model = nn.Sequential(nn.Linear(2, 2))
+    replacement = nn.Linear(2, 3)
+    with pytest.warns(DeprecationWarning, match="use model.set_submodule"):
+        gkpd.apply.set_submodule(model, "0", replacement)
+    assert model[0] is replacement

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -19,10 +20,10 @@ from gkpd.whiten import corrected_weight
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` of ``model`` (replacing what is there)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    """Deprecated: ``model.set_submodule(name, module)``, torch's own."""
+    warnings.warn("gkpd.apply.set_submodule is deprecated: use model.set_submodule(name, "
+                  "module)", DeprecationWarning, stacklevel=2)
+    model.set_submodule(name, module)
 
 
 def _require_plan(compression_plan: Any) -> None:
@@ -124,7 +125,7 @@ def apply_(
     for entry in compression_plan.compressed_layers:
         get_method(entry.method)  # an unknown or unavailable method fails before any change
     for name, module in replacements.items():
-        set_submodule(model, name, module)
+        model.set_submodule(name, module)
     if calibrated:
         _apply_calibrated(model, compression_plan, settings, calibration)
     elif isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan
@@ -152,7 +153,7 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
         dense = model.get_submodule(entry.name)
         replacement = get_method(entry.method).build(dense, entry, decompose=True)
         replacement.train(dense.training)
-        set_submodule(model, entry.name, replacement)
+        model.set_submodule(entry.name, replacement)
     for entry in entries:  # in the order the forward pass calls them
         module = modules[entry.name]
         if sequential:  # fit the original outputs from the inputs the compressed layers give
@@ -168,7 +169,7 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
             module, entry, decompose=True, input_covariance=cov
         )
         replacement.train(module.training)
-        set_submodule(model, entry.name, replacement)
+        model.set_submodule(entry.name, replacement)
 
 
 def compress(model: nn.Module, example_input: Any, **options: Any):

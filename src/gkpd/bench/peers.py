@@ -37,7 +37,6 @@ def build_peer(model: nn.Module, plan, factorization: str,
         raise ImportError(
             "the speed benchmark's peers need TensorLy-Torch: pip install tensorly-torch"
         ) from error
-    from gkpd.apply import set_submodule
 
     peer = copy.deepcopy(model)
     skipped = 0
@@ -56,7 +55,7 @@ def build_peer(model: nn.Module, plan, factorization: str,
             )
         if not decompose:
             _match_scale(layer, conv)
-        set_submodule(peer, entry.name, layer)
+        peer.set_submodule(entry.name, layer)
     return peer.eval(), skipped
 
 
