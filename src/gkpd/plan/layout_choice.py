@@ -157,7 +157,8 @@ def choose_plan_layout(model: nn.Module, unpacked: nn.Module, plan: Any, example
     compressed = copy.deepcopy(unpacked)
     replace_layers(compressed, plan.compressed_layers, decompose=False)
     compressed = unfuse(compressed)
-    models = {layout: copy.deepcopy(compressed) for layout in layouts}
+    models = {layout: copy.deepcopy(compressed) if i else compressed
+              for i, layout in enumerate(layouts)}
     # The example's batch (often 1) need not be the one the model serves; where the layouts
     # tie there, channels_last, which was the faster at larger batches in every measurement
     # here (ResNet-32 5x at b64: 1.31x dense, NCHW 0.77-0.91x; ResNet-50 2x at b8: 514 ms
