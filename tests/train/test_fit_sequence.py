@@ -188,10 +188,8 @@ def test_a_compressed_tiny_bert_distils_from_its_teacher():
     torch.manual_seed(0)
     teacher = transformers.BertModel(config).eval()
     example = TokenBatches(4)[:]  # one dict of (4, 6) tensors
-    # TODO(inputs): pass the dict itself once gkpd.compress takes keyword inputs
     student, plan = gkpd.compress(
-        teacher, (example["input_ids"], example["attention_mask"]), ratio=1.5, method="svd",
-        include=["re:encoder\\..*"], min_params=0,
+        teacher, example, ratio=1.5, method="svd", include=["re:encoder\\..*"], min_params=0,
     )
     assert plan.compressed_layers
     held_out = DataLoader(TokenBatches(32, seed=1), batch_size=16)
