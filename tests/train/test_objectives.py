@@ -1,5 +1,6 @@
-"""Batches of any form, hidden-state distances and ``hidden_state_loss``, against plain
-computations."""
+"""Batches of any form, hidden-state distances, ``hidden_state_loss`` and
+``token_logits_loss``, against plain computations; a compressed GPT-2 distilled on its
+teacher's token predictions."""
 
 import copy
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from testkit.sequence import TinyEncoder, TokenBatches, perturbed_copy
 from torch.utils.data import DataLoader
 
-from gkpd.train import hidden_state_loss
+import gkpd
+from gkpd.train import evaluate, fit, hidden_state_loss, token_logits_loss
 from gkpd.train.batches import batch_size, call_model, split_batch, to_device
 from gkpd.train.objectives import attention_mask, mean_pool, state_distance, state_tensor
 
@@ -159,3 +161,55 @@ def test_mean_pooling_refuses_what_it_cannot_pool():
         mean_pool(torch.zeros(2, 3), None)
     with pytest.raises(ValueError, match=r"attention mask shape \(2, 4\)"):
         mean_pool(torch.zeros(2, 3, 5), torch.ones(2, 4))
+
+
+def test_token_logits_loss_is_the_masked_mean_of_per_token_kl_divergences():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    t = 2.0
+    loss = token_logits_loss(t)({"logits": student}, {"logits": teacher}, batch)
+    # a loop over the real tokens: KL(teacher || student) of the softened distributions
+    terms = []
+    for i, j in mask.nonzero().tolist():
+        p = F.softmax(teacher[i, j] / t, -1)
+        q = F.softmax(student[i, j] / t, -1)
+        terms.append((p * (p.log() - q.log())).sum())
+    torch.testing.assert_close(loss, torch.stack(terms).mean() * t**2)
+    assert token_logits_loss()(teacher, teacher, batch) < 1e-6  # zero at the teacher
+    # without a mask every token counts; a tuple's first element is the logits
+    every = token_logits_loss(t)((student,), (teacher,), (torch.zeros(2, 4),))
+    assert every > 0 and not torch.isclose(every, loss)
+
+
+def test_token_logits_loss_refuses_what_it_cannot_compare():
+    logits = torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        token_logits_loss(0)
+    with pytest.raises(ValueError, match="compares with a teacher"):
+        token_logits_loss()(logits, None, logits)
+    with pytest.raises(ValueError, match=r"mapping without 'logits' \(keys \['hidden'\]\)"):
+        token_logits_loss()({"hidden": logits}, logits, logits)
+    with pytest.raises(ValueError, match=r"\(batch, tokens, vocabulary\), got \(2, 3, 5\) "
+                                         r"and \(2, 3, 4\)"):
+        token_logits_loss()(logits, torch.zeros(2, 3, 4), logits)
+
+
+def test_a_compressed_tiny_gpt2_distils_its_teachers_token_predictions():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     initializer_range=0.2)  # predictions that differ
+    torch.manual_seed(0)
+    teacher = transformers.GPT2LMHeadModel(config).eval()
+    student, plan = gkpd.compress(teacher, TokenBatches(4)[:], ratio=1.3, min_params=0)
+    assert any(e.name.endswith("mlp.c_fc") for e in plan.compressed_layers)  # HF Conv1D
+    loss, held_out = token_logits_loss(), DataLoader(TokenBatches(32, seed=1), batch_size=16)
+    before = evaluate(student, held_out, teacher=teacher, loss_fn=loss)["loss"]
+    fit(student, DataLoader(TokenBatches(64), batch_size=16, shuffle=True), epochs=3,
+        teacher=teacher, loss_fn=loss, optimizer="adamw", lr=3e-3, weight_decay=0.0,
+        progress=False, device="cpu")
+    after = evaluate(student, held_out, teacher=teacher, loss_fn=loss)["loss"]
+    assert after < 0.5 * before

@@ -9,13 +9,16 @@ device. It is code, not state: a checkpoint does not hold it, and a resumed run 
 the same function again.
 
 :func:`hidden_state_loss` is such a function for the last hidden state, per token or mean-pooled
-over the tokens (a sentence embedding, as sentence-transformers models pool it); the states of
+over the tokens (a sentence embedding, as sentence-transformers models pool it);
+:func:`token_logits_loss` distils a language model's next-token (or masked-token)
+distributions, as KnGPT2 distils GPT-2's; the states of
 chosen intermediate layers are the ``feature_pairs`` of :class:`gkpd.train.FitConfig` (taps on
 named modules, :mod:`gkpd.train.features`), measured by the same :func:`state_distance`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -146,4 +149,48 @@ def hidden_state_loss(kind: str = "cosine", pooling: str = "tokens") -> LossFn:
         return state_distance(student, teacher, kind=kind, mask=mask, what="last hidden state")
 
     loss.__qualname__ = f"hidden_state_loss({kind!r}, pooling={pooling!r})"
+    return loss
+
+
+def logits_tensor(output: Any, what: str) -> torch.Tensor:
+    """The logits a model's output carries: the tensor itself; a mapping's (a Hugging Face
+    ``ModelOutput``'s) ``logits``; a tuple's first element."""
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        raise ValueError(f"{what}: the output is a mapping without 'logits' (keys "
+                         f"{list(output)}); pass a loss_fn that picks the tensor to compare")
+    return state_tensor(output, what)
+
+
+def token_logits_loss(temperature: float = 2.0) -> LossFn:
+    """A loss function (:data:`LossFn`) that distils a language model's token predictions:
+    the KL divergence of the student's softened distribution over the vocabulary from the
+    teacher's, at each token of the batch's attention mask (every token without one), times
+    ``temperature²`` so that its gradients keep their scale (Hinton et al., 2015). The logits
+    are ``(batch, tokens, vocabulary)`` (``logits`` of a causal or masked LM's output)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not (
+        temperature > 0 and math.isfinite(temperature)
+    ):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+    def loss(student_output: Any, teacher_output: Any, batch: Any) -> torch.Tensor:
+        if teacher_output is None:
+            raise ValueError("token_logits_loss compares with a teacher: pass teacher=")
+        student = logits_tensor(student_output, "student output")
+        teacher = logits_tensor(teacher_output, "teacher output").to(student.dtype)
+        if student.shape != teacher.shape or student.dim() != 3:
+            raise ValueError(f"token logits: expected student and teacher logits of one shape "
+                             f"(batch, tokens, vocabulary), got {tuple(student.shape)} and "
+                             f"{tuple(teacher.shape)}")
+        per_token = F.kl_div(F.log_softmax(student / temperature, -1),
+                             F.log_softmax(teacher / temperature, -1),
+                             reduction="none", log_target=True).sum(-1)
+        mask = attention_mask(batch)
+        if mask is None or tuple(mask.shape) != tuple(per_token.shape):
+            return per_token.mean() * temperature**2
+        weights = mask.to(per_token.dtype)
+        return (per_token * weights).sum() / weights.sum().clamp_min(1.0) * temperature**2
+
+    loss.__qualname__ = f"token_logits_loss(temperature={temperature!r})"
     return loss
