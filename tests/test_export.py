@@ -236,6 +236,23 @@ def test_to_onnx_keyword_input_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_compressed_gpt2_exports_without_its_cache_and_says_so_with_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=2,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(1, 40, (2, 8), generator=torch.Generator().manual_seed(1))
+    x = {"input_ids": ids, "use_cache": False}
+    small, _ = gkpd.compress(transformers.GPT2LMHeadModel(config).eval(), x, ratio=1.5,
+                             min_params=0)
+    path = to_onnx(small, x, tmp_path / "gpt2.onnx")  # checked in onnxruntime
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_ids"]
+    with pytest.raises(ValueError, match=r"returns a Hugging Face key/value cache "
+                                         r"\(past_key_values\).*add use_cache=False"):
+        to_onnx(small, {"input_ids": ids}, tmp_path / "cached.onnx")
+    assert not (tmp_path / "cached.onnx").exists()
+
+
 def test_to_onnx_without_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'gkpd\[export\]'"):

@@ -421,13 +421,21 @@ def to_onnx(
     traced, dynamic_shapes = _trace_inputs(model, call, dynamic_batch)
 
     def write(tmp: str) -> None:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                model, traced.args, kwargs=traced.kwargs, dynamo=True, opset_version=opset,
-                input_names=names,
-                dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
-                optimize=False,
-            )
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    model, traced.args, kwargs=traced.kwargs, dynamo=True, opset_version=opset,
+                    input_names=names,
+                    dynamic_shapes=dynamic_shapes, external_data=False, verbose=False,
+                    optimize=False,
+                )
+        except Exception as error:
+            if "transformers.cache_utils" in str(error):  # "Found <class '...DynamicCache'>"
+                raise ValueError(
+                    "the model returns a Hugging Face key/value cache (past_key_values), which "
+                    "torch.export cannot export: add use_cache=False to example_input"
+                ) from error
+            raise
         _optimize(program)
         proto = program.model_proto
         if not keep_debug_info:
