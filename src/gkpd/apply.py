@@ -178,7 +178,9 @@ def compress(model: nn.Module, example_input: Any, **options: Any):
     ``example_input`` is a tensor, a tuple of positional or a dict of keyword inputs (as
     :func:`gkpd.plan`); the compressed model is called, and answers, as ``model`` is.
     ``options`` are those of :func:`gkpd.plan` (``ratio``, ``method``, ``strategy``,
-    ``calibration``, ...).
+    ``calibration``, ...). The compressed model is run once on ``example_input`` (in eval
+    mode): where it fails and the dense one ran (a parent reading an attribute its replaced
+    child lacks), ``ValueError`` names the layer.
     """
     if options.get("calibration") is not None:  # one object: apply_ reuses plan's statistics
         options["calibration"] = Calibration.of(options["calibration"])
