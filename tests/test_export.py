@@ -253,6 +253,15 @@ def test_a_compressed_gpt2_exports_without_its_cache_and_says_so_with_it(tmp_pat
     assert not (tmp_path / "cached.onnx").exists()
 
 
+def test_gkpd_export_comes_with_import_gkpd_and_onnx_does_not():
+    import subprocess
+    import sys
+
+    code = ("import sys, gkpd; assert callable(gkpd.export.merge); "
+            "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_to_onnx_without_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'gkpd\[export\]'"):
