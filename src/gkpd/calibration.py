@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, eval_mode
 from gkpd.whiten import DEFAULT_DAMPING, InputCovariance, input_patches, input_width
 
 __all__ = ["Calibration", "collect_covariances", "collect_cross_moments"]
@@ -125,32 +126,27 @@ def _batch_size(call: ModelCall) -> int:
 def _run(models: Sequence[nn.Module], calls: Iterable[ModelCall]) -> None:
     """Run every model of ``models`` on each of ``calls`` (calibration batches), in eval mode
     and without gradients."""
-    modes = {m: m.training for model in models for m in model.modules()}
     device = next((p.device for p in models[0].parameters()), torch.device("cpu"))
     seen = 0
-    try:
+    with ExitStack() as modes, torch.no_grad():
         for model in models:
-            model.eval()
-        with torch.no_grad():
-            for call in calls:
-                call = call.to(device)
-                for value in call.tensors():
-                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                        raise ValueError("calibration data holds NaN or inf values")
-                for model in models:
-                    try:
-                        call.run(model)
-                    except (RuntimeError, TypeError, ValueError, IndexError) as error:
-                        if "calibration" in str(error):
-                            raise
-                        raise ValueError(
-                            f"the model failed on a calibration batch ({call.describe()}): "
-                            f"{error}"
-                        ) from error
-                seen += 1
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+            modes.enter_context(eval_mode(model))
+        for call in calls:
+            call = call.to(device)
+            for value in call.tensors():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise ValueError("calibration data holds NaN or inf values")
+            for model in models:
+                try:
+                    call.run(model)
+                except (RuntimeError, TypeError, ValueError, IndexError) as error:
+                    if "calibration" in str(error):
+                        raise
+                    raise ValueError(
+                        f"the model failed on a calibration batch ({call.describe()}): "
+                        f"{error}"
+                    ) from error
+            seen += 1
     if seen == 0:
         raise ValueError("calibration data is empty: it yielded no batch")
 
