@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -36,11 +37,25 @@ def test_fast_calls_get_rounds_until_they_have_run_min_seconds():
     assert counts["fast"] == 3  # no min_seconds: the rounds asked for
 
 
-def test_each_round_starts_one_call_later():
+def test_each_call_follows_every_other_about_as_often():
+    """A call's time depends on the call before it (its caches): no call may always follow
+    the same one, as in a rotated order."""
     order = []
-    calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    timing.time_interleaved(calls, rounds=4, warmup=1)
-    assert order == list("abc" "abc" "bca" "cab" "abc")  # warm-up, then 4 rotated rounds
+    calls = {name: (lambda n=name: order.append(n)) for name in "abcd"}
+    timing.time_interleaved(calls, rounds=600, warmup=1)
+    timed = order[4:]
+    assert order[:4] == list("abcd")  # the warm-up, in the given order
+    assert all(timed.count(k) == 600 for k in "abcd")
+    assert all(sorted(timed[i:i + 4]) == list("abcd") for i in range(0, len(timed), 4))
+    pairs = Counter(zip(timed, timed[1:], strict=False))
+    follows = [pairs[(p, k)] for p in "abcd" for k in "abcd" if p != k]
+    # 1800 pairs within rounds, 150 of each of the 12 in expectation, and about 37 more of
+    # each across rounds (599 pairs, a quarter of them of the same call)
+    assert min(follows) > 130 and max(follows) < 250, pairs
+    again = []
+    timing.time_interleaved({k: (lambda n=k: again.append(n)) for k in "abcd"}, rounds=600,
+                            warmup=1)
+    assert again == order  # seeded: a rerun times in the same orders
     assert timing.time_interleaved({}, rounds=3) == {}
 
 

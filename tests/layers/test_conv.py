@@ -368,6 +368,106 @@ def test_weight_path_cache_follows_factor_updates():
     assert layer.macs(x.shape) == 2 * 8 * 8 * 9 * 36
 
 
+def _spy_on_recording(layer):
+    """Count the layer's recorded (not replayed) forwards."""
+    calls = []
+    run = layer._run
+    layer._run = lambda x, step: calls.append(1) or run(x, step)
+    return calls
+
+
+@settings(deadline=None, max_examples=150)
+@given(conv_configs(), st.integers(0, 2**31), st.data())
+def test_a_replayed_forward_equals_the_recorded_one_on_every_path(cfg, seed, data):
+    """At inference the second call of an input signature replays the first's steps; every
+    path, padding, groups, layout and unbatched input must give what the dense op of the
+    reconstructed weight gives (the oracle) on both calls, and in the input's layout."""
+    dense = make_dense(cfg, seed)
+    a = cfg["a_shape"]
+    b = tuple(w // x for w, x in zip(dense.weight.shape, a, strict=True))
+    rank = data.draw(st.integers(1, min(math.prod(a), math.prod(b))))
+    layer = KRON[cfg["nd"]].from_dense(dense, a_shape=a, rank=rank).eval()
+    x = torch.randn(cfg["input_shape"], dtype=f64)
+    if cfg["nd"] > 1 and data.draw(st.booleans()):
+        x = x.to(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[cfg["nd"]])
+    unbatched = x.shape[0] == 1 and data.draw(st.booleans())
+    if unbatched:
+        x = x[0]
+    recorded = _spy_on_recording(layer)
+    expected = layer.to_dense()(x)
+    for path in ("auto", "b_first", "a_first", "weight", *layer.channel_paths()):
+        layer.path = path
+        with torch.no_grad():
+            first, second = layer(x), layer(x)
+        assert len(recorded) == 1, path  # the second call replayed
+        recorded.clear()
+        assert rel(first, expected) < 1e-10 and second.equal(first), path
+        assert second.stride() == first.stride()
+
+
+def test_a_replay_is_not_used_once_what_it_recorded_changed():
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 1, 3, 1), rank=2,
+                                 dtype=f64).eval()
+    recorded = _spy_on_recording(layer)
+    x = torch.randn(2, 8, 6, 6, dtype=f64)
+
+    def check(reason, records=1):
+        with torch.no_grad():
+            out = layer(x)
+        assert len(recorded) == records, reason
+        recorded.clear()
+        torch.testing.assert_close(out, layer.to_dense()(x), msg=reason)
+
+    check("first call")
+    check("same input", records=0)
+    with torch.no_grad():
+        layer.a.mul_(2.0)  # an optimizer step or load_state_dict: in place
+    check("factor changed in place")
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    check("state dict loaded")
+    layer.bias = nn.Parameter(torch.randn(8, dtype=f64))
+    check("bias replaced")
+    layer.path = "b_first"
+    check("path changed")
+    layer.path = "auto"
+    check("back to auto", records=0)
+    x = torch.randn(3, 8, 6, 6, dtype=f64)
+    check("new batch size")
+    x = x.to(memory_format=torch.channels_last)
+    check("new layout")
+    layer.double()  # no change: the same tensors
+    check("same dtype", records=0)
+    layer.float()
+    x = x.float()
+    check("new dtype")
+    layer.train()
+    layer(x)
+    assert not layer._replays  # training keeps none, and drops what inference kept
+    layer.eval()
+    with torch.no_grad():
+        for size in range(4, 30):  # a model fed ever new sizes keeps a bounded number
+            layer(torch.randn(1, 8, size, size))
+    assert 0 < len(layer._replays) <= base._MAX_REPLAYS
+
+
+def test_replays_are_not_pickled_or_shared_by_copies():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(4, 4, 3, padding=1, a_shape=(2, 1, 3, 1), rank=1).eval()
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        layer(x)
+        assert layer._replays
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert clone._replays == {}
+            clone.a.mul_(3.0)
+            torch.testing.assert_close(clone(x), clone.to_dense()(x))
+            torch.testing.assert_close(layer(x), layer.to_dense()(x))
+
+
 def test_weight_path_reads_parametrized_factors():
     """A parametrization moves a factor out of the parameter dict the cache reads, and
     computes it anew on each read: the layer must run with what ``layer.a`` gives now."""

@@ -62,6 +62,37 @@ def test_linear_exact_and_truncated(cfg, seed, data):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
+@settings(deadline=None, max_examples=100)
+@given(linear_configs(), st.integers(0, 2**31), st.data())
+def test_linear_replayed_forward_equals_the_recorded_one(cfg, seed, data):
+    """At inference the second call of an input signature replays the first's steps (the
+    factors' reshapes done once): both must give the dense op of the reconstructed weight."""
+    in_f, out_f, a_shape, lead, bias = cfg
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias, dtype=f64)
+    b_shape = (out_f // a_shape[0], in_f // a_shape[1])
+    rank = data.draw(st.integers(1, min(math.prod(a_shape), math.prod(b_shape))))
+    layer = gkpd.KroneckerLinear.from_dense(dense, a_shape=a_shape, rank=rank).eval()
+    x = torch.randn(*lead, in_f, dtype=f64)
+    recorded = []
+    run = layer._run
+    layer._run = lambda x, step: recorded.append(1) or run(x, step)
+    expected = layer.to_dense()(x)
+    for path in ("auto", "b_first", "a_first", "weight"):
+        layer.path = path
+        with torch.no_grad():
+            first, second = layer(x), layer(x)
+            layer.a.mul_(2.0)  # a change of the factors is not replayed over
+            doubled = layer(x)
+            layer.a.mul_(0.5)
+        assert recorded == [1, 1], path
+        recorded.clear()
+        torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
+        assert second.equal(first)
+        plain = expected - layer.bias if bias else expected
+        torch.testing.assert_close(doubled, expected + plain, rtol=1e-10, atol=1e-12)
+
+
 def test_linear_init_variance_state_dict_trace_repr():
     torch.manual_seed(0)
     layer = gkpd.KroneckerLinear(256, 128, a_shape=(16, 16), rank=4)

@@ -35,8 +35,8 @@ from gkpd.layers.base import (
     CHANNEL_PATHS,
     WEIGHT_PATH,
     KroneckerLayer,
+    Steps,
     dense_factors,
-    fx_leaf_call,
 )
 from gkpd.layout import in_memory_format, memory_format
 
@@ -400,22 +400,21 @@ class KroneckerConvNd(KroneckerLayer):
             return [p for pair in reversed(self._pads) for p in pair], (0,) * n
         return None, tuple(left for left, _ in self._pads)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return fx_leaf_call(self, x)
+    def _run(self, x: Tensor, step: Steps) -> Tensor:
+        """The forward, each tensor operation taken through ``step``."""
         n = len(self.kernel_size)
-        unbatched = x.dim() == n + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != n + 2:
+        if x.dim() not in (n + 1, n + 2):
             raise ValueError(
                 f"input must have {n + 1} or {n + 2} dims (C, *spatial) or (N, C, *spatial), "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.shape[1] != self.in_channels:
+        if x.shape[-n - 1] != self.in_channels:
             raise ValueError(
-                f"input has {x.shape[1]} channels, expected in_channels={self.in_channels}"
+                f"input has {x.shape[-n - 1]} channels, expected in_channels={self.in_channels}"
             )
+        unbatched = x.dim() == n + 1
+        if unbatched:
+            x = step(x, lambda t: t.unsqueeze(0))
         path = self.resolve_path(x.shape)
         if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
             self._refuse_oversized(path, x, lambda: kronecker_conv_intermediate_numel(
@@ -424,32 +423,35 @@ class KroneckerConvNd(KroneckerLayer):
                 batch=x.shape[0], padding_mode=self.padding_mode,
             )[path])
         if path == WEIGHT_PATH:
-            y = self._with_weight(x)
-            return y.squeeze(0) if unbatched else y
-        plan = self._plans[CHANNEL_PATHS.get(path, path)]
-        if plan.pad_input is not None:
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, plan.pad_input, mode=mode)
-        if path in CHANNEL_PATHS:
-            y = self._over_channels(x, plan, path)
-        elif path == "b_first":
-            y = self._b_first(x, plan)
+            y = self._with_weight(x, step)
         else:
-            y = self._a_first(x, plan)
-        if self.bias is not None:
-            y = y.add_(self.bias.view(1, -1, *([1] * n)))  # in place: no new output tensor
-        return y.squeeze(0) if unbatched else y
+            plan = self._plans[CHANNEL_PATHS.get(path, path)]
+            if plan.pad_input is not None:
+                x = self._pad(x, plan.pad_input, step)
+            if path in CHANNEL_PATHS:
+                y = self._over_channels(x, plan, path, step)
+            elif path == "b_first":
+                y = self._b_first(x, plan, step)
+            else:
+                y = self._a_first(x, plan, step)
+            if self.bias is not None:
+                bias = self.bias.view(1, -1, *([1] * n))
+                y = step(y, lambda t: t.add_(bias))  # in place: no new output tensor
+        return step(y, lambda t: t.squeeze(0)) if unbatched else y
 
-    def _with_weight(self, x: Tensor) -> Tensor:
+    def _pad(self, x: Tensor, pads: list[int], step: Steps) -> Tensor:
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return step(x, lambda t: F.pad(t, pads, mode=mode))
+
+    def _with_weight(self, x: Tensor, step: Steps) -> Tensor:
         """The dense convolution with the reconstructed weight (the ``"weight"`` path)."""
         pad_input, padding = self._weight_padding
         if pad_input is not None:
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, pad_input, mode=mode)
-        return _CONV[len(self.kernel_size)](
-            x, self._derived_for(x, "weight", self.reconstruct_weight), self.bias, self.stride,
-            padding, self.dilation, self.groups,
-        )
+            x = self._pad(x, pad_input, step)
+        conv = _CONV[len(self.kernel_size)]
+        weight = self._derived_for(x, "weight", self.reconstruct_weight)
+        bias, stride, dilation, groups = self.bias, self.stride, self.dilation, self.groups
+        return step(x, lambda t: conv(t, weight, bias, stride, padding, dilation, groups))
 
     def _derived_for(self, x: Tensor, name: str, build: Callable[[], object]) -> object:
         """``self._derived(name, build)`` with the weights contiguous in ``x``'s layout: torch
@@ -461,76 +463,81 @@ class KroneckerConvNd(KroneckerLayer):
         return self._derived(key, lambda: _in_format(build(), memory_format(layout, x.dim()),
                                                      x.dim()))
 
-    def _b_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
+    def _b_first(self, x: Tensor, plan: _StagePlan, step: Steps) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
         n, sp = x.shape[0], x.shape[2:]
         if g2 > 1 and c1 > 1:  # channels (g1, g2, C1, C2) -> (g1, C1, g2, C2)
-            x = x.reshape(n, g1, g2, c1, c2, *sp).transpose(2, 3)
-        x = x.reshape(n * g1 * c1, g2 * c2, *sp)
+            x = step(x, lambda t: t.reshape(n, g1, g2, c1, c2, *sp).transpose(2, 3))
+        x = step(x, lambda t: t.reshape(n * g1 * c1, g2 * c2, *sp))
         wb = self.b.reshape(r * f2, c2, *k2)
         if g2 > 1:  # output channels (g2, R, F2/g2)
             wb = wb.reshape(r, g2, -1).transpose(0, 1).reshape(-1, c2, *k2)
-        y = _stage(x, wb, plan.s1, plan.pad1, plan.dil1, g2, plan.pointwise1)
+        y = step(x, lambda t: _stage(t, wb, plan.s1, plan.pad1, plan.dil1, g2, plan.pointwise1))
         sp1 = tuple(y.shape[2:])
-        perm = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
-        y = _regroup(y, (n, g1, c1, g2, r, f2 // g2, *sp1), perm, (n * f2, g1 * r * c1, *sp1))
+        perm1 = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = step(y, lambda t: _regroup(t, (n, g1, c1, g2, r, f2 // g2, *sp1), perm1,
+                                       (n * f2, g1 * r * c1, *sp1)))
         wa = self.a.transpose(0, 1).reshape(f1, r * c1, *k1)
-        z = _stage(y, wa, plan.s2, plan.pad2, plan.dil2, g1, plan.pointwise2)  # (N·F2, F1)
+        z = step(y, lambda t: _stage(t, wa, plan.s2, plan.pad2, plan.dil2, g1,
+                                     plan.pointwise2))  # (N·F2, F1)
         sp2 = tuple(z.shape[2:])
-        perm = (0, 2, 1, *range(3, 3 + len(sp2)))
-        return _regroup(z, (n, f2, f1, *sp2), perm, (n, f1 * f2, *sp2))
+        perm2 = (0, 2, 1, *range(3, 3 + len(sp2)))
+        return step(z, lambda t: _regroup(t, (n, f2, f1, *sp2), perm2, (n, f1 * f2, *sp2)))
 
-    def _a_first(self, x: Tensor, plan: _StagePlan) -> Tensor:
+    def _a_first(self, x: Tensor, plan: _StagePlan, step: Steps) -> Tensor:
         r, g1, g2 = self.rank, self._g1, self._g2
         f1, c1, *k1 = self.a_shape
         f2, c2, *k2 = self.b_shape
         n, sp = x.shape[0], x.shape[2:]
         if g2 * c2 > 1:  # channels (g1, g2, C1, C2) -> batch (N, g2, C2), channels (g1, C1)
-            x = x.reshape(n, g1, g2, c1, c2, *sp).permute(0, 2, 4, 1, 3, *range(5, 5 + len(sp)))
-            x = x.reshape(n * g2 * c2, g1 * c1, *sp)
+            perm0 = (0, 2, 4, 1, 3, *range(5, 5 + len(sp)))
+            x = step(x, lambda t: t.reshape(n, g1, g2, c1, c2, *sp).permute(perm0)
+                     .reshape(n * g2 * c2, g1 * c1, *sp))
         wa = self.a.reshape(r * f1, c1, *k1)
         if g1 > 1:  # output channels (g1, R, F1/g1)
             wa = wa.reshape(r, g1, -1).transpose(0, 1).reshape(-1, c1, *k1)
-        y = _stage(x, wa, plan.s1, plan.pad1, plan.dil1, g1, plan.pointwise1)
+        y = step(x, lambda t: _stage(t, wa, plan.s1, plan.pad1, plan.dil1, g1, plan.pointwise1))
         sp1 = tuple(y.shape[2:])
-        perm = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
-        y = _regroup(y, (n, g2, c2, g1, r, f1 // g1, *sp1), perm, (n * f1, g2 * r * c2, *sp1))
+        perm1 = (0, 3, 5, 1, 4, 2, *range(6, 6 + len(sp1)))
+        y = step(y, lambda t: _regroup(t, (n, g2, c2, g1, r, f1 // g1, *sp1), perm1,
+                                       (n * f1, g2 * r * c2, *sp1)))
         wb = self.b.transpose(0, 1).reshape(f2, r * c2, *k2)
-        z = _stage(y, wb, plan.s2, plan.pad2, plan.dil2, g2, plan.pointwise2)  # (N·F1, F2)
-        return z.reshape(n, f1 * f2, *z.shape[2:])
+        z = step(y, lambda t: _stage(t, wb, plan.s2, plan.pad2, plan.dil2, g2,
+                                     plan.pointwise2))  # (N·F1, F2)
+        return step(z, lambda t: t.reshape(n, f1 * f2, *t.shape[2:]))
 
-    def _over_channels(self, x: Tensor, plan: _StagePlan, order: str) -> Tensor:
+    def _over_channels(self, x: Tensor, plan: _StagePlan, order: str, step: Steps) -> Tensor:
         """A channel path: two convolutions over channels, with weights taken from the
         factors, the batch left as it is. One stage is grouped, every group with the same
         weight (:meth:`_channel_stages`)."""
         (w1, groups1), (w2, groups2) = self._derived_for(x, order,
                                                          lambda: self._channel_stages(order))
         y = self._shared_groups(x, w1, groups1, plan.s1, plan.pad1, plan.dil1,
-                                plan.pointwise1, order)
+                                plan.pointwise1, order, step)
         f1, c1 = self.a_shape[:2]
         f2 = self.b_shape[0]
         if order == "a_first_channels" or c1 != 1 or f1 == 1 or f2 == 1:
             return self._shared_groups(y, w2, groups2, plan.s2, plan.pad2, plan.dil2,
-                                       plan.pointwise2, order)
+                                       plan.pointwise2, order, step)
         # C1 == 1: per channel of y (F2·R of them), A's F1 outputs: they come as (F2, F1),
         # and the Kronecker product orders them (F1, F2)
         if self.rank == 1:  # a depthwise conv on F1 copies of y gives that order at once
-            return self._depthwise(y, w2, groups2, plan.s2, plan.pad2, plan.dil2, order,
+            return self._depthwise(y, w2, groups2, plan.s2, plan.pad2, plan.dil2, order, step,
                                    kronecker_order=True)
         z = self._shared_groups(y, w2, groups2, plan.s2, plan.pad2, plan.dil2,
-                                plan.pointwise2, order)
+                                plan.pointwise2, order, step)
         # move the channels along the dim innermost in z's layout (the other is 4x slower)
         if _is_nchw(z):
-            return z.unflatten(1, (f2, f1)).transpose(1, 2).flatten(1, 2)
-        last = z.movedim(1, -1)  # a view, contiguous when z is channels_last
-        last = last.unflatten(-1, (f2, f1)).transpose(-1, -2).flatten(-2)
-        return last.movedim(-1, 1)
+            return step(z, lambda t: t.unflatten(1, (f2, f1)).transpose(1, 2).flatten(1, 2))
+        # movedim(1, -1) is a view, contiguous when z is channels_last
+        return step(z, lambda t: t.movedim(1, -1).unflatten(-1, (f2, f1)).transpose(-1, -2)
+                    .flatten(-2).movedim(-1, 1))
 
     def _shared_groups(self, x: Tensor, block: Tensor, groups: int, stride: tuple[int, ...],
                        padding: tuple[int, ...], dilation: tuple[int, ...], pointwise: bool,
-                       order: str) -> Tensor:
+                       order: str, step: Steps) -> Tensor:
         """The convolution of ``groups`` channel groups of ``x``, each with ``block``: a
         matmul where it is pointwise on an NCHW tensor (as in the stage orders); depthwise
         where each group has one input channel; else grouped, with ``block`` repeated
@@ -538,21 +545,22 @@ class KroneckerConvNd(KroneckerLayer):
         if pointwise and _is_nchw(x):  # the groups broadcast: no repeated weight
             n, c = x.shape[:2]
             f = block.shape[0]
-            y = torch.matmul(block.reshape(f, c // groups), x.reshape(n, groups, c // groups, -1))
-            return y.reshape(n, groups * f, *x.shape[2:])
+            matrix = block.reshape(f, c // groups)
+            return step(x, lambda t: torch.matmul(matrix, t.reshape(n, groups, c // groups, -1))
+                        .reshape(n, groups * f, *t.shape[2:]))
         conv = _CONV[len(self.kernel_size)]
         if groups == 1:
-            return conv(x, block, None, stride, padding, dilation)
+            return step(x, lambda t: conv(t, block, None, stride, padding, dilation))
         if block.shape[1] == 1 and block.shape[0] > 1:
-            return self._depthwise(x, block, groups, stride, padding, dilation, order,
+            return self._depthwise(x, block, groups, stride, padding, dilation, order, step,
                                    kronecker_order=False)
         weight = self._derived_for(x, f"{order} grouped",
-                               lambda: block.repeat(groups, *([1] * (block.dim() - 1))))
-        return conv(x, weight, None, stride, padding, dilation, groups)
+                                   lambda: block.repeat(groups, *([1] * (block.dim() - 1))))
+        return step(x, lambda t: conv(t, weight, None, stride, padding, dilation, groups))
 
     def _depthwise(self, x: Tensor, block: Tensor, groups: int, stride: tuple[int, ...],
-                   padding: tuple[int, ...], dilation: tuple[int, ...], order: str, *,
-                   kronecker_order: bool) -> Tensor:
+                   padding: tuple[int, ...], dilation: tuple[int, ...], order: str,
+                   step: Steps, *, kronecker_order: bool) -> Tensor:
         """``groups`` convolutions of one channel of ``x`` to ``m = len(block)`` channels, as
         one depthwise convolution (multiplier 1) of ``m`` copies of each channel: oneDNN has
         fast kernels for depthwise convolutions only (with ``m = 2``, 64 channels at 8x8,
@@ -560,14 +568,15 @@ class KroneckerConvNd(KroneckerLayer):
         ``(groups, m)``, or with ``kronecker_order`` as ``(m, groups)``."""
         m = block.shape[0]
         if kronecker_order:  # copy j of every channel, j = 0..m-1
-            copies = torch.cat([x] * m, 1)  # keeps x's layout
+            copies = step(x, lambda t: torch.cat([t] * m, 1))  # keeps x's layout
             build = lambda: block.repeat_interleave(groups, 0)  # noqa: E731
         else:  # every channel m times in a row
-            copies = _repeat_each_channel(x, m)
+            copies = step(x, lambda t: _repeat_each_channel(t, m))
             build = lambda: block.repeat(groups, *([1] * (block.dim() - 1)))  # noqa: E731
         weight = self._derived_for(copies, f"{order} depthwise", build)
-        return _CONV[len(self.kernel_size)](copies, weight, None, stride, padding, dilation,
-                                            groups * m)
+        conv = _CONV[len(self.kernel_size)]
+        return step(copies, lambda t: conv(t, weight, None, stride, padding, dilation,
+                                           groups * m))
 
     def _channel_stages(self, order: str) -> tuple[tuple[Tensor, int], tuple[Tensor, int]]:
         """``(weight, groups)`` of each convolution of a channel path; with ``groups > 1``

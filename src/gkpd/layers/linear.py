@@ -14,9 +14,9 @@ from gkpd.decompose import as_shape, b_shape_for, check_rank
 from gkpd.layers.base import (
     WEIGHT_PATH,
     KroneckerLayer,
+    Steps,
     check_sizes,
     dense_factors,
-    fx_leaf_call,
 )
 from gkpd.layers.conv import check_dtype, uniform_factor_bound
 
@@ -124,34 +124,39 @@ class KroneckerLinear(KroneckerLayer):
             return self._path
         return best_order(self.order_macs((1, self.in_features)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return fx_leaf_call(self, x)
+    def _run(self, x: Tensor, step: Steps) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input has shape {tuple(x.shape)}, expected last dim in_features="
                 f"{self.in_features}"
             )
         path = self.resolve_path()
+        bias = self.bias
         if path == WEIGHT_PATH:
-            return F.linear(x, self._path_weight(), self.bias)
+            weight = self._path_weight()
+            return step(x, lambda t: F.linear(t, weight, bias))
         r = self.rank
         (o1, i1), (o2, i2) = self.a_shape, self.b_shape
         lead = x.shape[:-1]
         if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
             self._refuse_oversized(path, x, lambda: math.prod(lead) * r * (
                 i1 * o2 if path == "b_first" else o1 * i2))
-        x = x.reshape(-1, i1, i2)
         if path == "b_first":
-            t = x @ self.b.reshape(r * o2, i2).t()  # (N, I1, R·O2) = (N, I1·R, O2)
-            y = _left_matmul(self.a.permute(1, 2, 0).reshape(o1, i1 * r),
-                             t.reshape(-1, i1 * r, o2))
+            wb = self.b.reshape(r * o2, i2).t()
+            wa = self.a.permute(1, 2, 0).reshape(o1, i1 * r)
+            # (N, I1, R·O2) = (N, I1·R, O2), then A
+            y = step(x, lambda t: _left_matmul(wa, (t.reshape(-1, i1, i2) @ wb)
+                                               .reshape(-1, i1 * r, o2)))
         else:
-            u = _left_matmul(self.a.transpose(0, 1).reshape(o1 * r, i1), x)  # (N, O1·R, I2)
-            y = u.reshape(-1, o1, r * i2) @ self.b.transpose(1, 2).reshape(r * i2, o2)
-        y = y.reshape(*lead, o1 * o2)
-        if self.bias is not None:
-            y = y.add_(self.bias)  # in place: a new output-sized tensor cost a quarter of the time
+            wa = self.a.transpose(0, 1).reshape(o1 * r, i1)
+            wb = self.b.transpose(1, 2).reshape(r * i2, o2)
+            # (N, O1·R, I2), then B
+            y = step(x, lambda t: _left_matmul(wa, t.reshape(-1, i1, i2))
+                     .reshape(-1, o1, r * i2) @ wb)
+        y = step(y, lambda t: t.reshape(*lead, o1 * o2))
+        if bias is not None:
+            # in place: a new output-sized tensor cost a quarter of the time
+            y = step(y, lambda t: t.add_(bias))
         return y
 
     def extra_repr(self) -> str:
