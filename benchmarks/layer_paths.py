@@ -79,11 +79,12 @@ def time_case(net, channels, px, a_shape, rank, batch, repeats) -> dict:
         # a path 5x slower than the fastest on its first warm call cannot be the fastest: not
         # timed further (the b_first stage order of a (1, C, 1, 1) split folds every channel
         # into the batch and took 1.4 s at batch 64 against 17 ms)
+        # (one call is noisy: the path auto runs is always timed, auto is compared with it)
+        runs = layer.resolve_path(x.shape)
         cutoff = 5 * min(first.values())
-        slow = sorted(p for p, t in first.items() if t > cutoff and p != "auto")
+        slow = sorted(p for p, t in first.items() if t > cutoff and p not in ("auto", runs))
         timed = {p: (lambda m=m: m(x)) for p, m in variants.items() if p not in slow}
         seconds = time_interleaved(timed, rounds=repeats, warmup=1)
-    runs = layer.resolve_path(x.shape)
     paths = {p: s for p, s in seconds.items() if p != "auto"}
     fastest = min(paths, key=paths.get)
     return {

@@ -15,7 +15,7 @@ from torch import nn
 import gkpd
 from gkpd import LatencyObjective, timing
 from gkpd.layout import layout_of, run_in_layout
-from gkpd.plan import latency_objective
+from gkpd.plan import latency_objective, layout_choice
 from gkpd.plan.candidates import Candidates
 from gkpd.plan.latency_objective import LayerTimer, Option, fastest_within_budget
 from gkpd.timing import LatencyCache
@@ -209,12 +209,29 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     assert not any("channels_last" in key for key in saved["entries"] if "Linear" in key)
 
 
+def _whole_models_timed(monkeypatch, factored_faster):
+    """Whole-model timings: the compressed model with its weight-path layers factored runs
+    faster or slower than with the per-layer picks; each model still runs once."""
+    asked = []
+
+    def fake(calls, **kwargs):
+        asked.append(sorted(calls))
+        for call in calls.values():
+            call()
+        return {key: (1.0 if (key[0] == "factored") == factored_faster else 2.0)
+                for key in calls}
+
+    monkeypatch.setattr(layout_choice, "time_interleaved", fake)
+    return asked
+
+
 @pytest.mark.parametrize("weight_wins", [True, False])
 def test_a_plan_that_runs_at_dense_speed_says_so(monkeypatch, caplog, weight_wins):
     def fixed_times(self, module, input_shape, options):  # no timing: the weight path wins
         return {o: (1e-3 if (o.path == "weight") == weight_wins else 2e-3) for o in options}
 
     monkeypatch.setattr(LayerTimer, "_time", fixed_times)
+    _whole_models_timed(monkeypatch, factored_faster=False)
     with caplog.at_level("WARNING", logger="gkpd.plan.objective"):
         plan = gkpd.plan(strided_cnn().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05,
                          objective=LatencyObjective(cache=None, layout="contiguous"))
@@ -222,6 +239,31 @@ def test_a_plan_that_runs_at_dense_speed_says_so(monkeypatch, caplog, weight_win
     assert (paths == {"weight"}) == weight_wins
     warned = "--latency-batch" in caplog.text and "reconstructed weight" in caplog.text
     assert warned == weight_wins
+
+
+@pytest.mark.parametrize("factored_faster", [True, False])
+def test_weight_path_layers_run_factored_where_the_whole_model_is_faster(monkeypatch,
+                                                                        factored_faster):
+    """A layer timed alone may beat its factors on the weight path and lose in the model:
+    the plan with every such layer on its configuration's fastest factored path is timed
+    whole beside the per-layer picks, and the faster kept, at the same size."""
+    def fixed_times(self, module, input_shape, options):
+        return {o: (1e-3 if o.path == "weight" else 2e-3 if o.path == "a_first" else 3e-3)
+                for o in options}
+
+    monkeypatch.setattr(LayerTimer, "_time", fixed_times)
+    asked = _whole_models_timed(monkeypatch, factored_faster)
+    plan = gkpd.plan(strided_cnn().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05,
+                     objective=LatencyObjective(cache=None, layout="contiguous"))
+    assert asked[0] == [("factored", "contiguous"), ("per-layer", "contiguous")]
+    paths = {e.settings["path"] for e in plan.compressed_layers}
+    if factored_faster:  # each on its configuration's fastest path offered (a_first where
+        # its MACs stay under the dense layer's, else the error plan's own order)
+        assert paths and "weight" not in paths and paths <= {"a_first", "b_first"}
+    else:
+        assert paths == {"weight"}
+    plain = gkpd.plan(strided_cnn().eval(), torch.randn(1, 3, 8, 8), ratio=3, tolerance=0.05)
+    assert plan.params == plain.params  # the weight path's configuration: the error pick's
 
 
 def test_stop_leaves_the_remaining_layers_untimed():

@@ -133,7 +133,12 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
     ``plan/layout_choice.py``); the picks then index the full candidate tables. Returns
     ``(tables, picks, timings, change in parameters, the plan options of the layout)``."""
     from gkpd.plan.latency_objective import LayerTimer, fastest_within_budget
-    from gkpd.plan.layout_choice import choose_layout, layouts_to_time, timed_models
+    from gkpd.plan.layout_choice import (
+        choose_layout,
+        factored_if_faster,
+        layouts_to_time,
+        timed_models,
+    )
     from gkpd.timing import LatencyCache, default_cache_path
 
     # picks index the Pareto tables; find the same configurations in the full tables
@@ -170,7 +175,8 @@ def fastest(objective: LatencyObjective, model, contexts, tables, full_tables, p
                    for t, p, c in zip(timings, full_picks, contexts, strict=True))
         if left and per_layout:  # a layout timed in part is not compared with a whole one
             continue
-        per_layout[layout] = timings
+        per_layout[layout] = factored_if_faster(model, example_input, batch, contexts,
+                                                full_tables, timings, layout)
         untimed = left
         if left:
             log.info("latency: max_seconds %g spent; %d layer(s) not timed keep the error "
