@@ -145,9 +145,11 @@ def test_to_onnx_dynamic_batch_through_onnxruntime(tmp_path):
 
 def test_to_onnx_static_batch_opset_and_training_mode_restored(tmp_path):
     model = small_compressed().train()
+    model[0].eval()  # mixed modes (a frozen part): each module comes back in its own
     path = to_onnx(model, torch.randn(2, 4, 6, 6), tmp_path / "s.onnx", opset=18,
                    dynamic_batch=False)
-    assert model.training  # exported in eval mode, then restored
+    assert model.training and model[3].training  # exported in eval mode, then restored
+    assert not model[0].training
     proto = onnx.load(str(path))
     assert proto.opset_import[0].version == 18
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2

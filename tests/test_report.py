@@ -78,6 +78,10 @@ def test_measure_latency():
     model = tiny_model(False).train()
     result = measure_latency(model, torch.randn(3, 1, 8, 8), warmup=1, repeats=3, threads=1)
     assert model.training
+    children = list(model.children())
+    children[0].eval()  # mixed modes (a frozen part): each module comes back in its own
+    measure_latency(model, torch.randn(1, 1, 8, 8), warmup=0, repeats=1)
+    assert model.training and not children[0].training and children[1].training
     assert result["repeats"] == 3 and result["batch"] == 3 and result["threads"] == 1
     assert 0 < result["min_ms"] <= result["median_ms"] <= result["max_ms"]
     with pytest.raises(ValueError, match="repeats"):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.files import atomic_write
-from gkpd.inputs import ModelCall, output_tensors
+from gkpd.inputs import ModelCall, eval_mode, output_tensors
 
 __all__ = ["OnnxVerificationError", "default_opset", "export_program", "merge", "to_onnx"]
 
@@ -386,7 +386,7 @@ def to_onnx(
     list) of tensors, or a dict of keyword inputs (tensors, or constants such as flags), batch
     first; with ``dynamic_batch`` dim 0 of every input and output is the symbolic ``batch``.
     Positional inputs are named ``input`` (``input_0``, ... for several) in the file, keyword
-    inputs by their names. The model is exported in eval mode (its mode is restored after).
+    inputs by their names. The model is exported in eval mode (every module's mode is restored after).
     Kronecker layers are exported as their two small stages, so the file stores the factors,
     not the dense weights. Debug-only metadata (stack traces with local paths, FX node text)
     is dropped unless ``keep_debug_info``.
@@ -414,11 +414,7 @@ def to_onnx(
     names = None if call.kwargs else (
         ["input"] if len(call.args) == 1 else [f"input_{i}" for i in range(len(call.args))]
     )
-    was_training = model.training
-    model.eval()
     worst: list[float] = []
-
-    traced, dynamic_shapes = _trace_inputs(model, call, dynamic_batch)
 
     def write(tmp: str) -> None:
         try:
@@ -444,10 +440,9 @@ def to_onnx(
         if verify:
             worst.append(_verify(tmp, model, call, dynamic_batch, float(atol), float(rtol)))
 
-    try:
+    with eval_mode(model):  # every module back in its own mode afterwards
+        traced, dynamic_shapes = _trace_inputs(model, call, dynamic_batch)
         atomic_write(path, write)
-    finally:
-        model.train(was_training)
     if worst:
         log.info("wrote %s (opset %d); onnxruntime vs torch max |diff| %.3g", path, opset,
                  worst[0])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from gkpd.files import atomic_write_text
-from gkpd.inputs import ModelCall
+from gkpd.inputs import ModelCall, eval_mode
 
 __all__ = [
     "CACHE_ENV",
@@ -258,7 +258,7 @@ def measure_latency(
     ``warmup`` untimed calls, then ``repeats`` timed ones; ``threads`` sets torch's intra-op
     thread count for the measurement (restored afterwards). Returns ``median_ms``, ``min_ms``,
     ``mean_ms``, ``max_ms``, ``repeats``, ``warmup``, ``threads`` (as used) and ``batch``
-    (:attr:`gkpd.inputs.ModelCall.batch`). The model's train/eval mode is restored.
+    (:attr:`gkpd.inputs.ModelCall.batch`). Every module's train/eval mode is restored.
     """
     for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -269,22 +269,17 @@ def measure_latency(
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     call = ModelCall.of(example_input)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     times: list[float] = []
-    try:
-        with _threads(threads), torch.no_grad():
-            used_threads = torch.get_num_threads()
-            for _ in range(warmup):
-                call.run(model)
+    with eval_mode(model), _threads(threads), torch.no_grad():
+        used_threads = torch.get_num_threads()
+        for _ in range(warmup):
+            call.run(model)
+        _sync(device)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call.run(model)
             _sync(device)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call.run(model)
-                _sync(device)
-                times.append((time.perf_counter() - start) * 1000.0)
-    finally:
-        model.train(was_training)
+            times.append((time.perf_counter() - start) * 1000.0)
     return {
         "median_ms": statistics.median(times),
         "min_ms": min(times),
