@@ -386,7 +386,8 @@ def to_onnx(
     list) of tensors, or a dict of keyword inputs (tensors, or constants such as flags), batch
     first; with ``dynamic_batch`` dim 0 of every input and output is the symbolic ``batch``.
     Positional inputs are named ``input`` (``input_0``, ... for several) in the file, keyword
-    inputs by their names. The model is exported in eval mode (every module's mode is restored after).
+    inputs by their names. The model is exported in eval mode (every module's mode is restored
+    after).
     Kronecker layers are exported as their two small stages, so the file stores the factors,
     not the dense weights. Debug-only metadata (stack traces with local paths, FX node text)
     is dropped unless ``keep_debug_info``.

@@ -451,6 +451,32 @@ def test_a_replay_is_not_used_once_what_it_recorded_changed():
     assert 0 < len(layer._replays) <= base._MAX_REPLAYS
 
 
+@pytest.mark.parametrize("path", ["weight", "b_first", "b_first_channels"])
+def test_an_ensemble_vmapped_over_stacked_factors_at_inference(path):
+    """torch.func's model ensembling swaps in batched factors (no storage): nothing derived
+    from them may be kept or looked up by their data pointers."""
+    import copy
+
+    torch.manual_seed(0)
+    models = [gkpd.KroneckerConv2d(4, 4, 3, padding=1, a_shape=(2, 1, 3, 1), rank=2).eval()
+              for _ in range(3)]
+    for m in models:
+        m.path = path
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    x = torch.randn(2, 4, 5, 5)
+
+    def run(p, b, x):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in models])
+        for _ in range(2):  # and again, where a kept forward would be replayed
+            got = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+            torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(base(x), expected[0])  # its own factors again
+
+
 def test_replays_are_not_pickled_or_shared_by_copies():
     import copy
     import pickle

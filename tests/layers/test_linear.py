@@ -93,6 +93,29 @@ def test_linear_replayed_forward_equals_the_recorded_one(cfg, seed, data):
         torch.testing.assert_close(doubled, expected + plain, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["weight", "a_first", "b_first"])
+def test_linear_ensemble_vmapped_over_stacked_factors_at_inference(path):
+    import copy
+
+    torch.manual_seed(0)
+    models = [gkpd.KroneckerLinear(8, 6, a_shape=(2, 4), rank=2).eval() for _ in range(3)]
+    for m in models:
+        m.path = path
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0])
+    x = torch.randn(5, 8)
+
+    def run(p, b, x):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in models])
+        for _ in range(2):
+            got = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+            torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(base(x), expected[0])
+
+
 def test_linear_init_variance_state_dict_trace_repr():
     torch.manual_seed(0)
     layer = gkpd.KroneckerLinear(256, 128, a_shape=(16, 16), rank=4)

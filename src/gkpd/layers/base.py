@@ -59,6 +59,12 @@ class Steps:
         return x
 
 
+def in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running: its tensors
+    are wrappers without storage or strides of their own."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def fx_leaf_call(module: nn.Module, *args):
     """The call of ``module`` as one ``call_module`` node of the torch.fx graph being traced
     (the first argument is a ``torch.fx.Proxy``), as fx records torch's own layers. A gkpd
@@ -236,12 +242,19 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
         """The forward, each tensor operation taken through ``step``."""
         raise NotImplementedError
 
+    def _keeps_nothing(self) -> bool:
+        """Whether no tensor derived from the factors and no recorded forward may be kept:
+        in training, with gradients, while traced or compiled (a kept tensor would be traced
+        as a constant), and inside a ``torch.func`` transform (the factors are then batched
+        or functional tensors: an ensemble's ``vmap`` over stacked parameters)."""
+        return (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or in_func_transform())
+
     def _replay_key(self, x: Tensor) -> tuple | None:
-        """What a recorded forward is valid for, or ``None`` where none is kept: in training,
-        with gradients, while being traced or compiled (the weights would be constants), and
-        for factors that are not plain parameters (a parametrization computes them anew)."""
-        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):
+        """What a recorded forward is valid for, or ``None`` where none is kept
+        (:meth:`_keeps_nothing`, and factors that are not plain parameters: a parametrization
+        computes them anew)."""
+        if self._keeps_nothing():
             return None
         params = self._parameters
         a, b = params.get("a"), params.get("b")
@@ -325,8 +338,7 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
         not being traced) it is rebuilt only when ``a`` or ``b`` changed; otherwise, and for
         factors that are not plain parameters (a parametrization computes them anew on each
         read, so their versions say nothing), it is built on every call."""
-        if (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):  # a cached tensor would be traced as a constant
+        if self._keeps_nothing():
             self._weight_cache = None
             return build()
         # read from the dict: nn.Module.__getattr__ costs about 0.6 µs a read, a tenth of what
