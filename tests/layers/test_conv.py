@@ -477,6 +477,24 @@ def test_an_ensemble_vmapped_over_stacked_factors_at_inference(path):
         torch.testing.assert_close(base(x), expected[0])  # its own factors again
 
 
+@pytest.mark.parametrize("path", ["weight", "b_first", "b_first_channels"])
+def test_a_call_under_autocast_leaves_nothing_in_its_precision(path):
+    """A weight reconstructed under autocast is bfloat16: kept, it made the next call outside
+    autocast fail on the dtype."""
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerConv2d(4, 4, 3, padding=1, a_shape=(2, 1, 3, 1), rank=2).eval()
+    layer.path = path
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = layer.to_dense()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)  # the first call: nothing kept from before
+        again = layer(x)
+    assert low.dtype == torch.bfloat16 and again.dtype == torch.float32
+    torch.testing.assert_close(again, expected)
+    torch.testing.assert_close(low.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_replays_are_not_pickled_or_shared_by_copies():
     import copy
     import pickle

@@ -245,10 +245,13 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
     def _keeps_nothing(self) -> bool:
         """Whether no tensor derived from the factors and no recorded forward may be kept:
         in training, with gradients, while traced or compiled (a kept tensor would be traced
-        as a constant), and inside a ``torch.func`` transform (the factors are then batched
-        or functional tensors: an ensemble's ``vmap`` over stacked parameters)."""
+        as a constant), inside a ``torch.func`` transform (the factors are then batched or
+        functional tensors: an ensemble's ``vmap`` over stacked parameters), and under
+        autocast (a weight built there is in its lower precision, and the next call outside
+        it failed on the dtype)."""
         return (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or in_func_transform())
+                or torch.jit.is_tracing() or in_func_transform()
+                or torch._C._is_any_autocast_enabled())
 
     def _replay_key(self, x: Tensor) -> tuple | None:
         """What a recorded forward is valid for, or ``None`` where none is kept
