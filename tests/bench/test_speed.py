@@ -9,6 +9,8 @@ import importlib.util
 import json
 import logging
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,12 +284,17 @@ def test_latency_plans_per_slack_run_in_the_layout_they_chose(tmp_path):
         assert v.model(x).shape == dense.shape
 
 
-def test_cli_latency_slacks_and_layouts(saved_resnet, tmp_path, capsys):
+def test_cli_latency_slacks_and_layouts(saved_resnet, tmp_path, capsys, monkeypatch):
     argv = ["bench", "speed", str(saved_resnet), "--out", str(tmp_path), "--ratios", "2",
             "--batches", "2", "--backends", "eager", "--peers", "none", "--rounds", "3",
             "--objectives", "latency", "--latency-slacks", "0.2", "--layouts", "channels_last",
             "--latency-cache", "none", "--no-memory", "--json"]
+    monkeypatch.setattr(sys, "argv", ["gkpd", *argv])
     assert main(argv) == 0
+    # the files say what produced them
+    command = "gkpd " + " ".join(shlex.quote(a) for a in argv)
+    assert (tmp_path / "speed.md").read_text().startswith(f"Command: `{command}`\n\nInput ")
+    assert json.loads((tmp_path / "speed.json").read_text())["config"]["command"] == command
     variants = json.loads((tmp_path / "speed.json").read_text())["variants"]
     assert list(variants) == ["dense", "dense [channels_last]",
                               "gkpd 2x (latency@b2) [channels_last]"]

@@ -405,6 +405,9 @@ def format_table(result: dict[str, Any]) -> str:
     if memory:
         head += (" Peak MB: growth of a fresh process's peak resident set from loading the "
                  "model to the end of one eager forward pass (weights, activations, workspaces).")
+    command = result["config"].get("command")
+    if command:  # what produced the file, for the record
+        head = f"Command: `{command}`\n\n{head}"
     return "\n".join([head, "", *lines, "", *notes, *failures]).rstrip("\n") + "\n"
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from gkpd.cli.bench import types
-from gkpd.cli.common import CliError, emit, log, positive_int
+from gkpd.cli.common import CliError, command_line, emit, log, positive_int
 
 
 def _model(args: argparse.Namespace):
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         latency_slacks=tuple(args.latency_slacks),
         layouts=tuple(args.layouts),
         extra={"model": str(Path(args.model).resolve()) if Path(args.model).exists()
-               else args.model},
+               else args.model, "command": command_line()},
     )
     try:
         config.validate()
