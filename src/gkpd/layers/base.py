@@ -230,12 +230,18 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             return fx_leaf_call(self, x)
-        replay = self._replay_for(x)
+        key = self._replay_key(x)
+        replay = None if key is None else self._replays.get(key)
         if replay is not None:
             return replay(x)
         steps = Steps()
         y = self._run(x, steps)
-        self._keep_replay(x, steps)
+        if key is None:
+            self._replays.clear()  # nothing stale survives training
+        else:
+            if len(self._replays) >= _MAX_REPLAYS:  # inputs of ever new sizes: bound memory
+                self._replays.clear()
+            self._replays[key] = steps.replay
         return y
 
     def _run(self, x: Tensor, step: Steps) -> Tensor:
@@ -265,19 +271,6 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
             return None
         return (x.shape, x.stride(), x.dtype, self._path, a._version, b._version,
                 a.data_ptr(), b.data_ptr(), params.get("bias"))
-
-    def _replay_for(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
-        key = self._replay_key(x)
-        return None if key is None else self._replays.get(key)
-
-    def _keep_replay(self, x: Tensor, steps: Steps) -> None:
-        key = self._replay_key(x)
-        if key is None:
-            self._replays.clear()  # nothing stale survives training
-            return
-        if len(self._replays) >= _MAX_REPLAYS:  # inputs of ever new sizes: bound the memory
-            self._replays.clear()
-        self._replays[key] = steps.replay
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
