@@ -96,12 +96,8 @@ def factored_if_faster(model: nn.Module, example_input: Any, batch: int, context
     if factored == list(timings):
         return list(timings)
     models = timed_models(model, contexts, tables, {"per-layer": timings, "factored": factored})
-    x = _at_batch(example_input, batch)
-    calls = {(kind, layout): functools.partial(x.run, run_in_layout(m.eval(), layout))
-             for kind, m in models.items()}
-    with _flush_denormals():  # fresh factors: their values must not set the speed
-        calls = _runnable(calls)
-        seconds = time_interleaved(calls, min_seconds=min_seconds)
+    seconds = _time_models(example_input, batch, {(kind, layout): m for kind, m in models.items()},
+                           min_seconds)
     if len(seconds) < 2:
         return list(timings)
     faster = seconds["factored", layout] < seconds["per-layer", layout]
@@ -122,17 +118,9 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int,
     samples and passed in NCHW as callers do; keep the fastest layout, or ``prefer`` where
     no other is faster by more than ``_TIE``. A layout the model's forward fails in (a
     ``.view`` of a channels_last activation, say) is left out, and said so at INFO."""
-    x = _at_batch(example_input, batch)
-    calls = {}
-    for layout in dense_layouts:
-        dense = run_in_layout(copy.deepcopy(model).eval(), layout)
-        calls["dense", layout] = functools.partial(x.run, dense)
-    for layout, candidate in compressed.items():
-        calls["compressed", layout] = functools.partial(
-            x.run, run_in_layout(candidate.eval(), layout))
-    with _flush_denormals():  # fresh factors: their values must not set the speed
-        calls = _runnable(calls)
-        seconds = time_interleaved(calls, min_seconds=min_seconds)
+    models = {("dense", layout): copy.deepcopy(model) for layout in dense_layouts}
+    models |= {("compressed", layout): candidate for layout, candidate in compressed.items()}
+    seconds = _time_models(example_input, batch, models, min_seconds)
     timed = {layout: seconds[kind, layout] for kind, layout in seconds if kind == "compressed"}
     if not timed:
         raise ValueError(f"the model's forward fails in every layout it could run in "
@@ -145,6 +133,18 @@ def choose_layout(model: nn.Module, example_input: Any, batch: int,
     log.info("layout: the plan runs in %s (ms per call at batch %d: %s; dense: %s)",
              choice.layout, batch, _ms(choice.seconds), _ms(choice.dense_seconds))
     return choice
+
+
+def _time_models(example_input: Any, batch: int, models: Mapping[tuple[str, str], nn.Module],
+                 min_seconds: float) -> dict[tuple[str, str], float]:
+    """Seconds per call of each ``models[kind, layout]``, in eval mode and run in ``layout``,
+    on ``example_input`` repeated to ``batch`` samples and passed in NCHW as callers do; the
+    models whose forward fails are left out (:func:`_runnable`)."""
+    x = _at_batch(example_input, batch)
+    calls = {(kind, layout): functools.partial(x.run, run_in_layout(m.eval(), layout))
+             for (kind, layout), m in models.items()}
+    with _flush_denormals():  # fresh factors: their values must not set the speed
+        return time_interleaved(_runnable(calls), min_seconds=min_seconds)
 
 
 def _runnable(calls: dict) -> dict:
