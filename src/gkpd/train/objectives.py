@@ -107,6 +107,11 @@ def state_distance(
         return errors.mean()
     if errors.dim() > mask.dim():  # one figure per position: the mean over its other dims
         errors = errors.flatten(mask.dim()).mean(-1)
+    return masked_mean(errors, mask)
+
+
+def masked_mean(errors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``errors`` (one per position) over the positions ``mask`` marks (its shape)."""
     weights = mask.to(errors.dtype)
     return (errors * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -189,8 +194,7 @@ def token_logits_loss(temperature: float = 2.0) -> LossFn:
         mask = attention_mask(batch)
         if mask is None or tuple(mask.shape) != tuple(per_token.shape):
             return per_token.mean() * temperature**2
-        weights = mask.to(per_token.dtype)
-        return (per_token * weights).sum() / weights.sum().clamp_min(1.0) * temperature**2
+        return masked_mean(per_token, mask) * temperature**2
 
     loss.__qualname__ = f"token_logits_loss(temperature={temperature!r})"
     return loss
