@@ -11,6 +11,7 @@ from gkpd.layers import (
     KroneckerConv3d,
     KroneckerEmbedding,
     KroneckerLinear,
+    clear_caches,
 )
 from gkpd.methods import KroneckerConfig, LayerMethod, ModelMethod, register_method
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelMethod",
     "Report",
     "apply_",
+    "clear_caches",
     "compress",
     "plan",
     "KroneckerConv1d",

@@ -428,6 +428,15 @@ def test_a_replay_is_not_used_once_what_it_recorded_changed():
     check("state dict loaded")
     layer.bias = nn.Parameter(torch.randn(8, dtype=f64))
     check("bias replaced")
+    layer.bias.data = torch.randn(8, dtype=f64)  # the same Parameter, new storage
+    check("bias data assigned")
+    with torch.no_grad():  # an EMA through state_dict (timm, AveragedModel): detached views
+        for value in layer.state_dict().values():
+            value.mul_(0.5)
+    check("changed through detached views")
+    layer.a.data.mul_(2.0)  # .data bypasses the version counter: unseen until cleared
+    gkpd.clear_caches(nn.Sequential(layer))
+    check("cleared after a change through .data")
     layer.path = "b_first"
     check("path changed")
     layer.path = "auto"

@@ -94,6 +94,21 @@ def test_linear_replayed_forward_equals_the_recorded_one(cfg, seed, data):
 
 
 @pytest.mark.parametrize("path", ["weight", "a_first", "b_first"])
+def test_linear_replay_sees_a_new_bias_storage_and_a_cleared_cache(path):
+    torch.manual_seed(0)
+    layer = gkpd.KroneckerLinear(8, 6, a_shape=(2, 4), rank=2, dtype=f64).eval()
+    layer.path = path
+    x = torch.randn(5, 8, dtype=f64)
+    with torch.no_grad():
+        layer(x)
+        layer.bias.data = torch.randn(6, dtype=f64)  # the same Parameter, new storage
+        torch.testing.assert_close(layer(x), layer.to_dense()(x))
+        layer.a.data.mul_(3.0)  # unseen by the version counter ...
+        layer.clear_cache()  # ... until the caches are dropped
+        torch.testing.assert_close(layer(x), layer.to_dense()(x))
+
+
+@pytest.mark.parametrize("path", ["weight", "a_first", "b_first"])
 def test_linear_ensemble_vmapped_over_stacked_factors_at_inference(path):
     import copy
 

@@ -3,7 +3,7 @@
 
 from gkpd.counting import group_split
 from gkpd.decompose import b_shape_for, check_factor_shapes, check_rank, full_rank
-from gkpd.layers.base import KroneckerLayer
+from gkpd.layers.base import KroneckerLayer, clear_caches
 from gkpd.layers.conv import KroneckerConv1d, KroneckerConv2d, KroneckerConv3d, KroneckerConvNd
 from gkpd.layers.embedding import KroneckerEmbedding
 from gkpd.layers.linear import KroneckerLinear
@@ -19,6 +19,7 @@ __all__ = [
     "b_shape_for",
     "check_factor_shapes",
     "check_rank",
+    "clear_caches",
     "full_rank",
     "group_split",
 ]

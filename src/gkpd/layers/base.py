@@ -266,11 +266,22 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
         if self._keeps_nothing():
             return None
         params = self._parameters
-        a, b = params.get("a"), params.get("b")
+        a, b, bias = params.get("a"), params.get("b"), params.get("bias")
         if a is None or b is None:
             return None
+        # the bias's storage and version too: ``bias.data = t`` keeps the Parameter object
+        bias_state = None if bias is None else (bias, bias._version, bias.data_ptr())
         return (x.shape, x.stride(), x.dtype, self._path, a._version, b._version,
-                a.data_ptr(), b.data_ptr(), params.get("bias"))
+                a.data_ptr(), b.data_ptr(), bias_state)
+
+    def clear_cache(self) -> None:
+        """Drop the weights derived from the factors and the recorded forwards kept for
+        inference. Needed only after the factors or the bias were changed through ``.data``
+        (``p.data.mul_(...)``), which torch's version counters do not see; changes made to the
+        parameters themselves (an optimizer step, ``p.copy_(...)`` under ``torch.no_grad()``,
+        ``load_state_dict``, a new tensor assigned to ``p.data``) are noticed."""
+        self._replays.clear()
+        self._weight_cache = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -366,3 +377,14 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+
+def clear_caches(model: nn.Module) -> None:
+    """:meth:`KroneckerLayer.clear_cache` on every Kronecker layer in ``model``: call it after
+    changing parameters through ``.data`` (an exponential moving average written as
+    ``p.data.mul_(d).add_(q.data, alpha=1 - d)``), which the layers cannot notice."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, KroneckerLayer):
+            module.clear_cache()
