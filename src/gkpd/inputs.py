@@ -120,6 +120,9 @@ class ModelCall:
             raise TypeError(
                 f"{argument} must be {_EXPECTED}; got {_describe(example_input):.200}"
             )
+        if call.batch == 0:
+            raise ValueError(f"{argument} has an empty batch ({call.describe()}): give at "
+                             "least one sample")
         return call
 
     def run(self, model: nn.Module | Callable[..., Any]) -> Any:

@@ -405,6 +405,21 @@ def test_a_replayed_forward_equals_the_recorded_one_on_every_path(cfg, seed, dat
         assert second.stride() == first.stride()
 
 
+@pytest.mark.parametrize("nd, a_shape", [(1, (4, 4, 1)), (2, (16, 1, 3, 3)), (2, (2, 1, 3, 1))])
+def test_an_empty_batch_gives_an_empty_output_on_every_path(nd, a_shape):
+    """As the dense conv does; the stages' reshapes could not infer sizes from 0 elements."""
+    torch.manual_seed(0)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[nd]
+    dense = conv(8 if nd == 1 else 32, 16 if nd == 1 else 32, 3, padding=1)
+    layer = KRON[nd].from_dense(dense, a_shape=a_shape, rank=2)
+    x = torch.randn(0, dense.in_channels, *([6] * nd))
+    for path in ("auto", "b_first", "a_first", "weight", *layer.channel_paths()):
+        layer.path = path
+        for training in (True, False):
+            layer.train(training)
+            assert layer(x).shape == dense(x).shape, path
+
+
 def test_a_replay_is_not_used_once_what_it_recorded_changed():
     torch.manual_seed(0)
     layer = gkpd.KroneckerConv2d(8, 8, 3, padding=1, a_shape=(2, 1, 3, 1), rank=2,

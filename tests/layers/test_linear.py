@@ -93,6 +93,13 @@ def test_linear_replayed_forward_equals_the_recorded_one(cfg, seed, data):
         torch.testing.assert_close(doubled, expected + plain, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["auto", "weight", "a_first", "b_first"])
+def test_linear_on_an_empty_batch(path):
+    layer = gkpd.KroneckerLinear(8, 6, a_shape=(2, 4), rank=2)
+    layer.path = path
+    assert layer(torch.randn(0, 3, 8)).shape == (0, 3, 6)
+
+
 @pytest.mark.parametrize("path", ["weight", "a_first", "b_first"])
 def test_linear_replay_sees_a_new_bias_storage_and_a_cleared_cache(path):
     torch.manual_seed(0)

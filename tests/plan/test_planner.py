@@ -148,8 +148,10 @@ def test_grouped_depthwise_3d_1d_and_linear_layers_plan_and_apply():
 @pytest.mark.parametrize(
     "options, error, match",
     [
-        ({"ratio": 1.0}, ValueError, "ratio must be a number > 1"),
+        ({"ratio": 1.0}, ValueError, "ratio must be a finite number > 1"),
         ({"ratio": "5"}, ValueError, "ratio"),
+        ({"ratio": float("inf")}, ValueError, "ratio must be a finite number > 1, got inf"),
+        ({"include": 3}, TypeError, "include must be a module type, a name"),
         ({"ratio": 500.0}, UnreachableRatio, "largest reachable whole-model ratio is"),
         ({"exclude": "re:nothing\\..*"}, ValueError, "matches no conv, linear or embedding layer"),
         ({"include": "re:("}, ValueError, "not a valid regex"),
@@ -163,6 +165,13 @@ def test_grouped_depthwise_3d_1d_and_linear_layers_plan_and_apply():
 def test_bad_options_get_clear_errors(resnet32, options, error, match):
     with pytest.raises(error, match=match):
         gkpd.plan(resnet32, EXAMPLE, **{"ratio": 5.0, **options})
+
+
+def test_a_model_that_is_not_a_module_or_an_empty_example_is_refused(resnet32):
+    with pytest.raises(TypeError, match="model must be an nn.Module, got function"):
+        gkpd.plan(lambda x: x, EXAMPLE, ratio=5.0)
+    with pytest.raises(ValueError, match=r"example_input has an empty batch \(float32\[0, 1"):
+        gkpd.plan(resnet32, EXAMPLE[:0], ratio=5.0)
 
 
 def test_plan_for_another_architecture_is_refused(resnet32):

@@ -416,8 +416,9 @@ class KroneckerConvNd(KroneckerLayer):
         unbatched = x.dim() == n + 1
         if unbatched:
             x = step(x, lambda t: t.unsqueeze(0))
-        path = self.resolve_path(x.shape)
-        if self._path in ORDERS:  # forced; auto's fewer MACs bound the tensor between stages
+        # no elements: the stages' reshapes cannot infer a size from none; the dense op can
+        path = WEIGHT_PATH if x.numel() == 0 else self.resolve_path(x.shape)
+        if self._path in ORDERS and path != WEIGHT_PATH:  # forced; auto's fewer MACs bound the tensor between stages
             self._refuse_oversized(path, x, lambda: kronecker_conv_intermediate_numel(
                 tuple(x.shape[2:]), self.a_shape, self.b_shape, self.rank, stride=self.stride,
                 padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,

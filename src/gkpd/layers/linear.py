@@ -130,7 +130,8 @@ class KroneckerLinear(KroneckerLayer):
                 f"input has shape {tuple(x.shape)}, expected last dim in_features="
                 f"{self.in_features}"
             )
-        path = self.resolve_path()
+        # no elements: the reshapes cannot infer a size from none; the dense op can
+        path = WEIGHT_PATH if x.numel() == 0 else self.resolve_path()
         bias = self.bias
         if path == WEIGHT_PATH:
             weight = self._path_weight()

@@ -147,6 +147,8 @@ def plan(
     by that output error. The plan records the settings; ``apply_`` needs the data
     again (``compress`` passes it on).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     request = resolve(
         ratio=ratio, method=method, strategy=strategy, include=include, exclude=exclude,
         overrides=overrides, min_params=min_params, allow_more_macs=allow_more_macs,

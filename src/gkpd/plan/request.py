@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -46,8 +47,9 @@ def resolve(*, ratio, method, strategy, include, exclude, overrides, min_params,
              deprecated, layout="auto") -> Request:
     """Check the options and bundle them (the method-independent checks, in the order
     ``plan`` always made them)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1:
-        raise ValueError(f"ratio must be a number > 1, got {ratio!r}")
+    if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1
+            or not math.isfinite(ratio)):
+        raise ValueError(f"ratio must be a finite number > 1, got {ratio!r}")
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(
             f"strategy must be one of {sorted(STRATEGIES)} or None, got {strategy!r}"

@@ -21,6 +21,9 @@ def as_pattern_list(patterns: Pattern | Iterable[Pattern] | None, argument: str)
         return []
     if isinstance(patterns, str | type):
         return [patterns]
+    if not isinstance(patterns, Iterable):
+        raise TypeError(f"{argument} must be a module type, a name, a 're:' regex or a list "
+                        f"of them, got {patterns!r}")
     result = list(patterns)
     for p in result:
         if not isinstance(p, str | type):
