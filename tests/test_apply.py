@@ -253,3 +253,28 @@ def test_set_submodule_is_a_deprecated_alias_of_torchs():
     with pytest.warns(DeprecationWarning, match="use model.set_submodule"):
         gkpd.apply.set_submodule(model, "0", replacement)
     assert model[0] is replacement
+
+
+@pytest.mark.parametrize("method", ["gkpd", "svd", "tucker", "tensor_train", "gkpd-whitened"])
+def test_frozen_layers_stay_frozen(method):
+    """A layer the user froze (fine-tuning only a head, say) keeps its parameters frozen when
+    compressed; the bias and the weight each as the dense layer had them."""
+    if method == "tucker":
+        pytest.importorskip("tensorly")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1))
+    model[2].requires_grad_(False)
+    model[4].bias.requires_grad_(False)
+    x = torch.randn(4, 8, 6, 6)
+    options = {"method": method}
+    if method == "gkpd-whitened":
+        options = {"method": "gkpd", "calibration": torch.randn(16, 8, 6, 6)}
+    small, plan = gkpd.compress(model, x, ratio=1.6, min_params=0, tolerance=0.2, **options)
+    assert {e.name for e in plan.compressed_layers} >= {"2", "4"}
+    frozen = list(small[2].parameters())
+    assert frozen and not any(p.requires_grad for p in frozen)
+    trainable = {n: p.requires_grad for n, p in small[4].named_parameters()}
+    assert trainable and all(t == (not n.endswith("bias")) for n, t in trainable.items())
+    assert all(p.requires_grad for p in small[0].parameters())

@@ -13,7 +13,7 @@ from gkpd.calibration import Calibration, collect_covariances, collect_cross_mom
 from gkpd.inputs import ModelCall, eval_mode
 from gkpd.layers.attention import unfuse, unpackable, unpacked
 from gkpd.layout import run_in_layout
-from gkpd.methods import ModelMethod, get_method, replace_layers
+from gkpd.methods import ModelMethod, build_replacement, get_method, replace_layers
 from gkpd.plan import CompressionPlan, plan
 from gkpd.plan.select import tied_layers, tied_reason
 from gkpd.whiten import corrected_weight
@@ -151,9 +151,7 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
     reference = copy.deepcopy(model) if sequential else None
     for entry in plain:
         dense = model.get_submodule(entry.name)
-        replacement = get_method(entry.method).build(dense, entry, decompose=True)
-        replacement.train(dense.training)
-        model.set_submodule(entry.name, replacement)
+        model.set_submodule(entry.name, build_replacement(dense, entry, decompose=True))
     for entry in entries:  # in the order the forward pass calls them
         module = modules[entry.name]
         if sequential:  # fit the original outputs from the inputs the compressed layers give
@@ -165,11 +163,9 @@ def _apply_calibrated(model, compression_plan, settings, calibration) -> None:
                 module.weight.copy_(corrected_weight(module.weight, own, cross))
         else:
             cov = covariances[entry.name]
-        replacement = get_method(entry.method).build(
+        model.set_submodule(entry.name, build_replacement(
             module, entry, decompose=True, input_covariance=cov
-        )
-        replacement.train(module.training)
-        model.set_submodule(entry.name, replacement)
+        ))
 
 
 def compress(model: nn.Module, example_input: Any, **options: Any):

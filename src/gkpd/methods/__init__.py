@@ -94,17 +94,32 @@ def get_method(name: str) -> Method:
     return method
 
 
+def build_replacement(module: nn.Module, entry, *, decompose: bool, **options) -> nn.Module:
+    """What the entry's method builds from ``module`` (``options``: its ``build``'s), in
+    ``module``'s training mode, frozen where ``module`` is: parameters named ``bias`` as its
+    bias, the others (the factors) as its weight."""
+    replacement = get_method(entry.method).build(module, entry, decompose=decompose, **options)
+    replacement.train(module.training)
+    frozen = {kind for kind in ("weight", "bias")
+              if getattr(module, kind, None) is not None
+              and not getattr(module, kind).requires_grad}
+    if frozen:
+        for name, parameter in replacement.named_parameters():
+            kind = "bias" if name.rsplit(".", 1)[-1] == "bias" else "weight"
+            if kind in frozen:
+                parameter.requires_grad_(False)
+    return replacement
+
+
 def replace_layers(model: nn.Module, entries: Iterable, decompose: bool) -> None:
     """Replace, in place and unchecked, the layer at each plan entry's name by what the
-    entry's method builds from it (``decompose``: from its weights, else fresh). The
-    attention and recurrent layers the entries reach into must be unpacked already, as
-    ``gkpd.apply_`` and the planner leave them."""
+    entry's method builds from it (``decompose``: from its weights, else fresh;
+    :func:`build_replacement`). The attention and recurrent layers the entries reach into
+    must be unpacked already, as ``gkpd.apply_`` and the planner leave them."""
     replacements = []
     for entry in entries:
         module = model.get_submodule(entry.name)
-        replacement = get_method(entry.method).build(module, entry, decompose=decompose)
-        replacement.train(module.training)
-        replacements.append((entry.name, replacement))
+        replacements.append((entry.name, build_replacement(module, entry, decompose=decompose)))
     for name, replacement in replacements:
         model.set_submodule(name, replacement)
 
@@ -124,6 +139,7 @@ __all__ = [
     "TensorRing",
     "TensorTrain",
     "Tucker",
+    "build_replacement",
     "data_aware_methods",
     "finetune_lr",
     "get_method",
