@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.inputs import map_tensors
+from gkpd.layers.base import refuse_script
 
 __all__ = ["LAYOUTS", "in_memory_format", "layout_of", "memory_format", "run_in_layout",
            "to_layout"]
@@ -127,11 +128,31 @@ def run_in_layout(model: nn.Module, layout: str) -> nn.Module:
             if getattr(hook, "__self__", None) is hooks:
                 _remove_hook(model, post_key, pre=False)
     model._apply(lambda t: to_layout(t, layout))
+    if isinstance(model.__dict__.get("__prepare_scriptable__"), _RefuseScript):
+        del model.__dict__["__prepare_scriptable__"]
     if layout != "contiguous":
         hooks = _LayoutHooks(layout)
         model.register_forward_pre_hook(hooks.enter, with_kwargs=True)
         model.register_forward_hook(hooks.leave, with_kwargs=True, always_call=True)
+        # what torch.jit.script calls first: TorchScript cannot compile the hooks, and its
+        # own error points into this module's annotations
+        model.__prepare_scriptable__ = _RefuseScript(model, layout)
     return model
+
+
+class _RefuseScript:
+    """``model.__prepare_scriptable__`` while the model runs in a layout (picklable, unlike
+    a closure)."""
+
+    def __init__(self, model: nn.Module, layout: str) -> None:
+        self.model_type, self.layout = type(model).__name__, layout
+
+    def __call__(self) -> None:
+        refuse_script(
+            self.model_type, f"it runs in {self.layout} through forward hooks that convert "
+            "its inputs (gkpd.layout.run_in_layout), which TorchScript cannot compile; "
+            "gkpd.layout.run_in_layout(model, 'contiguous') removes them"
+        )
 
 
 def _remove_hook(model: nn.Module, key: int, *, pre: bool) -> None:

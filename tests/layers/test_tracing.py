@@ -1,6 +1,8 @@
 """Compressed models under torch's tracers: torch.fx records each gkpd layer as one call (as
 it records torch's own layers), torch.jit.trace works, torch.jit.script says what to use."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -57,8 +59,31 @@ def test_jit_trace_works_and_jit_script_says_what_to_use(compressed_resnet):
     with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
         traced = torch.jit.trace(model, x)
         torch.testing.assert_close(traced(x), model(x))
+    contiguous = gkpd.layout.run_in_layout(copy.deepcopy(model), "contiguous")
     with pytest.raises(TypeError, match="torch.jit.script cannot compile KroneckerConv2d.*"
                        "torch.jit.trace"):
-        torch.jit.script(model)
+        torch.jit.script(contiguous)
     with pytest.raises(TypeError, match="UnpackedMultiheadAttention"):
         torch.jit.script(UnpackedMultiheadAttention(8, 2))
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker"])
+def test_jit_script_compiles_a_model_of_plain_stages(method):
+    """A low-rank or Tucker-2 layer is plain convolutions in a row: it scripts (its read-only
+    ``weight`` property is left out of the compiled module); the layout hooks refuse."""
+    if method == "tucker":
+        pytest.importorskip("tensorly")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    small, _ = gkpd.compress(model, x, ratio=2.0, method=method, tolerance=0.2,
+                             layout="channels_last")
+    with pytest.raises(TypeError, match="cannot compile Sequential: it runs in channels_last"
+                       ".*run_in_layout\\(model, 'contiguous'\\)"):
+        torch.jit.script(small)
+    gkpd.layout.run_in_layout(small, "contiguous")
+    scripted = torch.jit.script(small)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), small(x))
+        torch.testing.assert_close(scripted(x), model(x), rtol=0.5, atol=0.5)  # compressed

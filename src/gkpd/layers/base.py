@@ -80,11 +80,13 @@ def fx_leaf_call(module: nn.Module, *args):
     return tracer.create_proxy("call_module", path, args, {})
 
 
-def refuse_script(module: nn.Module, why: str) -> None:
+def refuse_script(module: nn.Module | str, why: str) -> None:
     """What ``__prepare_scriptable__`` (called by ``torch.jit.script`` before it compiles)
-    raises for a gkpd layer: a clear error naming the ways that work, not a deep one."""
+    raises for a gkpd layer (or the model type named): a clear error naming the ways that
+    work, not a deep one."""
+    name = module if isinstance(module, str) else type(module).__name__
     raise TypeError(
-        f"torch.jit.script cannot compile {type(module).__name__}: {why}. Use "
+        f"torch.jit.script cannot compile {name}: {why}. Use "
         "torch.jit.trace(model, example_input), torch.export.export or torch.fx.symbolic_trace, "
         "or gkpd.export.merge(model) for dense layers"
     )
@@ -154,6 +156,10 @@ class ReconstructedWeight:
     weight the layer stands for, ``reconstruct_weight()``. Built on each read and not kept, so
     the model's memory stays that of its factors; read-only (change the factors instead). The
     Kronecker and tensor-train/ring layers and the baselines' ``Stages`` have it."""
+
+    # torch.jit.script compiles a module's properties: a parent's forward that needs the
+    # weight cannot be scripted anyway, and without it a Stages (plain layers) scripts
+    __jit_unused_properties__ = ["weight"]
 
     @property
     def weight(self) -> Tensor:
