@@ -234,3 +234,33 @@ def test_default_strategy_tops_uniform_up_where_its_steps_miss(caplog, monkeypat
     assert [e.settings for e in explicit.layers] == [e.settings for e in plan.layers]
     # where uniform reaches the ratio, the default is uniform
     assert gkpd.plan(model, x, ratio=8.0, method="svd").strategy == "uniform"
+
+
+class CalledAtTwoSizes(nn.Module):
+    """A conv and a linear each called twice, on inputs of two sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.linear = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 16)
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)
+        return (self.conv(x).mean() + self.conv(x[..., ::2, ::2]).mean()
+                + self.linear(tokens).mean() + self.linear(x[:, :, 0, 0]).mean())
+
+
+@pytest.mark.parametrize("method", ["gkpd", "svd"])
+def test_a_layer_called_at_several_sizes_is_counted_at_each(method):
+    """The oracle: count_model, which counts every call as it runs."""
+    torch.manual_seed(0)
+    model, x = CalledAtTwoSizes().eval(), torch.randn(1, 16, 8, 8)
+    conv_macs = 16 * 16 * 9 * (8 * 8 + 4 * 4)
+    plan = gkpd.plan(model, x, ratio=2, min_params=0, method=method, layout="contiguous",
+                     tolerance=0.3)
+    assert plan.layer("conv").dense_macs == conv_macs
+    assert plan.dense_macs == conv_macs + 16 * 16 * (64 + 1)
+    counted = {}
+    for layer in count_model(apply_(copy.deepcopy(model), plan), x).layers:
+        name = layer.name.split(".")[0]
+        counted[name] = counted.get(name, 0) + layer.macs
+    assert {e.name: e.macs for e in plan.layers} == counted

@@ -418,7 +418,8 @@ class KroneckerConvNd(KroneckerLayer):
             x = step(x, lambda t: t.unsqueeze(0))
         # no elements: the stages' reshapes cannot infer a size from none; the dense op can
         path = WEIGHT_PATH if x.numel() == 0 else self.resolve_path(x.shape)
-        if self._path in ORDERS and path != WEIGHT_PATH:  # forced; auto's fewer MACs bound the tensor between stages
+        # forced (auto's fewer MACs bound the tensor between the stages)
+        if self._path in ORDERS and path != WEIGHT_PATH:
             self._refuse_oversized(path, x, lambda: kronecker_conv_intermediate_numel(
                 tuple(x.shape[2:]), self.a_shape, self.b_shape, self.rank, stride=self.stride,
                 padding=self._pads_as_arg(), dilation=self.dilation, groups=self.groups,

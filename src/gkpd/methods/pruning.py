@@ -42,13 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkpd.counting import module_macs, module_params
+from gkpd.counting import module_params
 from gkpd.inputs import ModelCall, eval_mode, output_tensors
 from gkpd.methods.base import ModelMethod
 from gkpd.plan.budget import check_tolerance, unreachable
 from gkpd.plan.schema import CompressionPlan, LayerPlan
 from gkpd.plan.select import select_layers
-from gkpd.plan.trace import dense_entry, pattern_names, per_sample, trace_layers
+from gkpd.plan.trace import dense_entry, pattern_names, trace_layers
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ class Prune(ModelMethod):
                 after = pruned_calls[name]
                 entry.method = self.name
                 entry.params = module_params(after.module)
-                entry.macs = module_macs(after.module, per_sample(after.input_shape)) * after.calls
+                entry.macs = after.dense_macs()
                 entry.relative_error = _relative_error(module, change)
                 is_root = name in roots and name in change["roots"]
                 coupled = sorted({r for r in change["roots"] if r != name})

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances
-from gkpd.counting import module_params
+from gkpd.counting import counts_itself, module_macs, module_params
 from gkpd.layers.attention import with_unpacked_layers
 from gkpd.methods import (
     LayerContext,
@@ -283,7 +283,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Requ
     for name, call in calls.items():
         module = call.module
         entry = dense_entry(name, call)
-        per_sample, dense_macs = entry.input_shape, entry.dense_macs
+        per_sample = entry.input_shape
+        per_call = module_macs(module, per_sample)  # at the first call's size
         search.entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
         if not reason and tied_reason(name, tied):
@@ -301,8 +302,7 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Requ
         override = selection.overrides.get(name, {})
         ctx = LayerContext(
             name=name, module=module, input_shape=per_sample, dense_params=entry.dense_params,
-            dense_macs=dense_macs // call.calls,
-            max_macs=None if request.allow_more_macs else dense_macs // call.calls,
+            dense_macs=per_call, max_macs=None if request.allow_more_macs else per_call,
             min_ratio=request.min_layer_ratio, override=override,
             families=(
                 None if request.exhaustive or override or latency
@@ -383,12 +383,16 @@ def _describe(compressor: LayerMethod, search: _Search, picks, calls, request: R
         entry.method = compressor.name  # a mixing method (auto) names its component
         compressor.describe(ctx, table.configs[pick], entry)
         entry.params = int(table.params[pick])
-        entry.macs = int(table.macs[pick]) * calls[ctx.name].calls
+        call = calls[ctx.name]
+        entry.macs = call.over_calls(int(table.macs[pick]))
         if timed is not None:
             describe_timing(entry, timed, request.objective.batch_for(example_input))
-            # the timed path may run the other stage order than the one the MACs were for
+        # the timed path may run the other stage order than the one the MACs were for, and
+        # auto may run another at each size: a layer that counts itself is counted exactly
+        if timed is not None or not call.one_size:
             layer = compressor.build(ctx.module, entry, decompose=False)
-            entry.macs = layer.macs((1, *ctx.input_shape[1:])) * calls[ctx.name].calls
+            if counts_itself(layer):
+                entry.macs = call.macs_of(layer)
         if table.is_exact(pick):  # the table's error is the built layer's: no second SVD
             entry.relative_error = float(table.error[pick])
         else:

@@ -4,7 +4,7 @@ products it computes; and the dense plan entry of a layer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,12 +21,38 @@ LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)  # an embedding
 
 @dataclass
 class LayerCall:
-    """A traced layer: the module, the input shape of its first call, and how often the
-    forward pass called it."""
+    """A traced layer: the module, the input shape of its first call, and those of the calls
+    after it (a layer may be called again, on inputs of other sizes)."""
 
     module: nn.Module
     input_shape: tuple[int, ...]
-    calls: int = 1
+    later_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return 1 + len(self.later_shapes)
+
+    @property
+    def one_size(self) -> bool:
+        return all(shape == self.input_shape for shape in self.later_shapes)
+
+    def macs_of(self, module: nn.Module) -> int:
+        """MACs per sample of ``module`` called as this layer was, every call (each call's
+        batch set to 1)."""
+        return sum(module_macs(module, per_sample(shape))
+                   for shape in (self.input_shape, *self.later_shapes))
+
+    def dense_macs(self) -> int:
+        return self.macs_of(self.module)
+
+    def over_calls(self, macs: int) -> int:
+        """``macs`` of a replacement's call at the first call's size, over every call: the
+        same count per call when all calls have that size, else scaled as the dense
+        layer's MACs are at each call's size."""
+        if self.one_size:
+            return macs * self.calls
+        first = module_macs(self.module, per_sample(self.input_shape))
+        return round(macs * self.dense_macs() / first) if first else macs * self.calls
 
 
 @dataclass
@@ -59,7 +85,9 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
     def hook_for(name: str):
         def hook(module, args, _output):
             if name in seen:
-                seen[name].calls += 1
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                seen[name].later_shapes.append(
+                    seen[name].input_shape if first is None else tuple(first.shape))
             elif args and isinstance(args[0], torch.Tensor):
                 seen[name] = LayerCall(module, tuple(args[0].shape))
 
@@ -89,7 +117,7 @@ def per_sample(shape: tuple[int, ...]) -> tuple[int, ...]:
 def dense_entry(name: str, call: LayerCall, **fields: Any) -> LayerPlan:
     """The plan entry of a layer left as it is: its dense size and MACs per sample."""
     module, input_shape = call.module, per_sample(call.input_shape)
-    dense_macs = module_macs(module, input_shape) * call.calls
+    dense_macs = call.dense_macs()
     params = module_params(module)
     return LayerPlan(
         name=name, module_type=type(module).__name__, weight_shape=tuple(module.weight.shape),
