@@ -259,3 +259,22 @@ def test_a_model_that_fails_on_the_keywords_is_a_clear_error():
         gkpd.plan(nn.Sequential(nn.Linear(32, 64)), {"x": torch.zeros(2, 32)}, ratio=2)
     with pytest.raises(TypeError, match="example_input must be a tensor, a tuple"):
         gkpd.compress(model, None, ratio=2)
+
+
+@pytest.mark.parametrize("entry", ["summary", "measure_latency", "to_onnx"])
+def test_an_input_the_model_cannot_take_is_named_not_a_torch_traceback(entry, tmp_path):
+    from gkpd.timing import measure_latency
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    wrong = torch.randn(1, 4, 8, 8)  # 4 channels for a 3-channel model
+    run = {
+        "summary": lambda: gkpd.summary(model, wrong),
+        "measure_latency": lambda: measure_latency(model, wrong, warmup=0, repeats=1),
+        "to_onnx": lambda: gkpd.export.to_onnx(model, wrong, tmp_path / "m.onnx"),
+    }[entry]
+    if entry == "to_onnx":
+        pytest.importorskip("onnx")
+    with pytest.raises(ValueError, match=r"model failed on example_input \(float32\[1, 4, 8, 8\]"
+                       r"\): .*3 channels"):
+        run()
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -415,7 +415,7 @@ def count_model(model: nn.Module, example_input: object) -> ModelCount:
             handles.append(module.register_forward_hook(hook_for(name, own)))
     try:
         with eval_mode(model), torch.no_grad(), AttentionCounter(model, record):
-            call.run(model)
+            call.run_or_explain(model)
     finally:
         for handle in handles:
             handle.remove()

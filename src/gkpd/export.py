@@ -442,6 +442,8 @@ def to_onnx(
             worst.append(_verify(tmp, model, call, dynamic_batch, float(atol), float(rtol)))
 
     with eval_mode(model):  # every module back in its own mode afterwards
+        with torch.no_grad():  # an input the model cannot take: torch.export's error is long
+            call.run_or_explain(model)
         traced, dynamic_shapes = _trace_inputs(model, call, dynamic_batch)
         atomic_write(path, write)
     if worst:

@@ -129,6 +129,16 @@ class ModelCall:
         """``model(*args, **kwargs)``."""
         return model(*self.args, **self.kwargs)
 
+    def run_or_explain(self, model: nn.Module, argument: str = "example_input") -> Any:
+        """:meth:`run`, its failure a ``ValueError`` that names ``argument`` and its shapes
+        (a model called with an input it cannot take fails deep inside torch)."""
+        try:
+            return self.run(model)
+        except Exception as error:
+            raise ValueError(
+                f"the model failed on {argument} ({self.describe()}): {error}"
+            ) from error
+
     def map(self, fn: Callable[[Tensor], Any]) -> ModelCall:
         """The call with ``fn`` applied to each of its tensors."""
         return ModelCall(map_tensors(fn, self.args), map_tensors(fn, self.kwargs))

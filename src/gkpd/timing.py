@@ -273,11 +273,11 @@ def measure_latency(
     with eval_mode(model), _threads(threads), torch.no_grad():
         used_threads = torch.get_num_threads()
         for _ in range(warmup):
-            call.run(model)
+            call.run_or_explain(model)
         _sync(device)
         for _ in range(repeats):
             start = time.perf_counter()
-            call.run(model)
+            call.run_or_explain(model)  # as fast as run when nothing fails (zero-cost try)
             _sync(device)
             times.append((time.perf_counter() - start) * 1000.0)
     return {

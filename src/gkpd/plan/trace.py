@@ -98,11 +98,7 @@ def trace(model: nn.Module, example_input: Any) -> Trace:
             handles.append(module.register_forward_hook(hook_for(name)))
     try:
         with eval_mode(model), torch.no_grad(), AttentionCounter(model, count_attention):
-            call.run(model)
-    except Exception as error:
-        raise ValueError(
-            f"the model failed on example_input ({call.describe()}): {error}"
-        ) from error
+            call.run_or_explain(model)
     finally:
         for handle in handles:
             handle.remove()
