@@ -54,6 +54,32 @@ def test_channels_last_model_takes_and_gives_nchw():
     torch.testing.assert_close(maps, expected[0])
 
 
+class _Flattens(nn.Module):
+    """Outputs views of a feature map: flattened (channels innermost in channels_last), and
+    transposed to tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.flatten(2), y.flatten(2).transpose(1, 2)
+
+
+def test_views_of_channels_last_maps_come_back_as_the_contiguous_model_gives_them():
+    torch.manual_seed(0)
+    reference = _Flattens().eval()
+    model = run_in_layout(copy.deepcopy(reference), "channels_last")
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected, got = reference(x), model(x)
+    torch.testing.assert_close(got, expected)
+    assert expected[0].is_contiguous() and got[0].is_contiguous()
+    got[0].view(2, 8, 5, 5)  # as the caller could before
+    assert got[1].is_contiguous()  # the tokens: contiguous in channels_last, left so
+
+
 def test_a_one_channel_stem_runs_in_channels_last_too():
     """A 1-channel input and stem weight are contiguous in both layouts; unless they are
     restrided, torch runs the stem, and so every layer after it, in NCHW."""

@@ -99,7 +99,18 @@ class _LayoutHooks:
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         caller_in_layout = self._callers.pop() if self._callers else False
-        return output if caller_in_layout else to_layout(output, "contiguous")
+        return output if caller_in_layout else map_tensors(_as_from_contiguous, output)
+
+
+def _as_from_contiguous(t: Tensor) -> Tensor:
+    """An output as the model run contiguous gives it: 4-d and 5-d ones in NCHW (NCDHW), and
+    views with channels innermost (``f.flatten(2)`` of a channels_last activation) copied
+    contiguous, so that a caller's ``.view`` works as it did."""
+    if t.dim() in (4, 5):
+        return in_memory_format(t, torch.contiguous_format)
+    if t.dim() >= 2 and t.stride(1) == 1 and t.shape[1] > 1 and not t.is_contiguous():
+        return t.contiguous()
+    return t
 
 
 def _hooks_of(model: nn.Module) -> list[tuple[int, _LayoutHooks]]:
