@@ -68,8 +68,27 @@ def test_gpt2_compresses_its_conv1d_layers_saves_loads_and_merges(tmp_path):
     gkpd.save(tmp_path / "small", small, plan)
     loaded = gkpd.load(tmp_path / "small", _gpt2())
     merged = merge(small)
-    assert all(type(merged.get_submodule(n)) is nn.Linear for n in names)
+    assert all(type(merged.get_submodule(n)) is transformers.pytorch_utils.Conv1D
+               for n in names)
+    original = _gpt2()  # the architecture from_pretrained would build: same keys and shapes
+    original.load_state_dict(merged.state_dict())
     with torch.no_grad():
-        for other in (loaded(**x), merged(**x)):
+        for other in (loaded(**x), merged(**x), original(**x)):
             for a, b in zip(output_tensors(other), output_tensors(got), strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_conv1d_left_dense_or_pruned_merges_back_to_a_conv1d():
+    model, x = _gpt2(), _tokens()
+    small, plan = gkpd.compress(model, x, ratio=1.2, method="svd",
+                                exclude=["re:.*mlp.*"], tolerance=0.1)
+    merged = merge(small)
+    conv1d = transformers.pytorch_utils.Conv1D
+    assert type(merged.get_submodule("transformer.h.0.mlp.c_fc")) is conv1d  # left dense
+    assert type(merged.get_submodule("transformer.h.0.attn.c_proj")) is not conv1d  # svd stages
+    linear = as_linear(model.get_submodule("transformer.h.0.mlp.c_fc"))
+    back = merge(linear)
+    assert type(back) is conv1d
+    with torch.no_grad():
+        h = torch.randn(2, 3, 32)
+        torch.testing.assert_close(back(h), model.get_submodule("transformer.h.0.mlp.c_fc")(h))

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from gkpd.files import atomic_write
 from gkpd.inputs import ModelCall, eval_mode, output_tensors
+from gkpd.transposed_linear import as_transposed, stored_transposed
 
 __all__ = ["OnnxVerificationError", "default_opset", "export_program", "merge", "to_onnx"]
 
@@ -52,10 +53,14 @@ class OnnxVerificationError(RuntimeError):
 
 
 def _mergeable(module: nn.Module) -> bool:
-    return callable(getattr(module, "to_dense", None))
+    return callable(getattr(module, "to_dense", None)) or (
+        isinstance(module, nn.Linear) and stored_transposed(module)
+    )
 
 
 def _dense_of(module: nn.Module) -> nn.Module:
+    if not callable(getattr(module, "to_dense", None)):  # a Conv1D's linear, left dense
+        return as_transposed(module)
     dense = module.to_dense()
     if not isinstance(dense, nn.Module):
         raise TypeError(
@@ -66,7 +71,10 @@ def _dense_of(module: nn.Module) -> nn.Module:
     if reference is not None:
         # a generic to_dense() may build on the default device or dtype
         dense = dense.to(device=reference.device, dtype=reference.dtype)
-    return dense.train(module.training)
+    dense.train(module.training)
+    if stored_transposed(module) and isinstance(dense, nn.Linear):
+        return as_transposed(dense)
+    return dense
 
 
 def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -78,8 +86,10 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     shared. Baselines built from plain ``nn`` layers (svd, tucker, cp) are left as they are.
     An unpacked LSTM, GRU or RNN or one of their cells (:mod:`gkpd.layers.recurrent`,
     :mod:`gkpd.layers.recurrent_cells`) becomes torch's module where
-    its gate layers are dense once merged (not where one is the svd baseline's). The merged
-    model computes the same function with the dense architecture's parameter count.
+    its gate layers are dense once merged (not where one is the svd baseline's), and a
+    transformers ``Conv1D`` that was planned as a linear becomes a ``Conv1D`` again
+    (:mod:`gkpd.transposed_linear`). The merged model computes the same function with the
+    dense architecture's parameter count.
     ``inplace=False`` (default) works on a deep copy; forward hooks registered on
     the replaced layers do not carry over.
     """

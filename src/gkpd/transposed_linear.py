@@ -4,19 +4,27 @@ transposed, ``(in_features, out_features)``, computing ``x @ weight + bias``.
 It is planned and compressed as the ``nn.Linear`` it equals (:func:`as_linear`, exact): the
 planner and :func:`gkpd.apply_` put that linear in its place, as they unpack attention and
 recurrent layers (:data:`gkpd.layers.attention.UNPACKED`), so its plan entries read
-``Linear`` and :func:`gkpd.export.merge` gives back an ``nn.Linear`` (the same function).
+``Linear``. The linear, and what replaces it, are marked (:func:`stored_transposed`), and
+:func:`gkpd.export.merge` gives back a ``Conv1D`` (:func:`as_transposed`): the merged model's
+state dict is the original architecture's, loadable by ``from_pretrained`` (an ``nn.Linear``
+there held the square ``c_proj`` weights transposed under the same keys).
 
 transformers is never imported here: a model holding a ``Conv1D`` has imported it already.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 from torch import nn
 
-__all__ = ["as_linear", "is_transposed_linear"]
+__all__ = ["as_linear", "as_transposed", "is_transposed_linear", "mark_like",
+           "stored_transposed"]
+
+# the attribute that marks a linear made from a Conv1D, and what replaces it
+_MARK = "stored_transposed"
 
 
 def _conv1d_type() -> type[nn.Module] | None:
@@ -45,4 +53,35 @@ def as_linear(module: nn.Module) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
             linear.bias.requires_grad_(bias.requires_grad)
+    setattr(linear, _MARK, True)
     return linear.train(module.training)
+
+
+def stored_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` stands for a ``Conv1D`` (:func:`as_linear`'s linear, or the layer
+    that replaced it: :func:`mark_like`)."""
+    return bool(getattr(module, _MARK, False))
+
+
+def mark_like(replacement: nn.Module, module: nn.Module) -> None:
+    """Mark ``replacement`` as standing for a ``Conv1D`` where ``module`` does."""
+    if stored_transposed(module):
+        setattr(replacement, _MARK, True)
+
+
+def as_transposed(linear: nn.Linear) -> nn.Module:
+    """The ``Conv1D`` that computes what ``linear`` does (the inverse of :func:`as_linear`)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    kind = _conv1d_type() or importlib.import_module("transformers.pytorch_utils").Conv1D
+    weight, bias = linear.weight, linear.bias
+    conv = kind(linear.out_features, linear.in_features).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight.t())
+        conv.weight.requires_grad_(weight.requires_grad)
+        if bias is None:  # Conv1D always has a bias
+            conv.bias.zero_().requires_grad_(False)
+        else:
+            conv.bias.copy_(bias)
+            conv.bias.requires_grad_(bias.requires_grad)
+    return conv.train(linear.training)

@@ -24,6 +24,7 @@ from gkpd.methods.svd import SVD
 from gkpd.methods.tensor_ring import TensorRing
 from gkpd.methods.tensor_train import TensorTrain
 from gkpd.methods.tucker import Tucker
+from gkpd.transposed_linear import mark_like
 
 _METHODS: dict[str, Method] = {}
 
@@ -96,10 +97,12 @@ def get_method(name: str) -> Method:
 
 def build_replacement(module: nn.Module, entry, *, decompose: bool, **options) -> nn.Module:
     """What the entry's method builds from ``module`` (``options``: its ``build``'s), in
-    ``module``'s training mode, frozen where ``module`` is: parameters named ``bias`` as its
-    bias, the others (the factors) as its weight."""
+    ``module``'s training mode, frozen where ``module`` is (parameters named ``bias`` as its
+    bias, the others, the factors, as its weight), marked where ``module`` stands for a
+    transposed linear (:mod:`gkpd.transposed_linear`)."""
     replacement = get_method(entry.method).build(module, entry, decompose=decompose, **options)
     replacement.train(module.training)
+    mark_like(replacement, module)  # a Conv1D's linear: merged back to a Conv1D
     frozen = {kind for kind in ("weight", "bias")
               if getattr(module, kind, None) is not None
               and not getattr(module, kind).requires_grad}
