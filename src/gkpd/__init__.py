@@ -1,6 +1,6 @@
 """gkpd: compress PyTorch models with the Generalized Kronecker Product Decomposition."""
 
-from gkpd import data, export, models, train  # export imports onnx only when it writes
+from gkpd import data, export, models, runtime, train  # export imports onnx only when it writes
 from gkpd.apply import apply_, compress
 from gkpd.calibration import Calibration
 from gkpd.decompose import KroneckerFactors, decompose, kron, kron_sum, rearrange
@@ -50,6 +50,7 @@ __all__ = [
     "models",
     "rearrange",
     "register_method",
+    "runtime",
     "save",
     "summary",
     "train",
