@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gkpd.train import ResumeMismatch, distillation_loss, evaluate, fit
 from gkpd.train.checkpoint import check_state_dict_matches, load_state, save_state
+from gkpd.train.distributed import DistributedDraw
 from gkpd.train.finetune import EpochDraw
 from gkpd.train.loop import fit_with
 from gkpd.train.options import FitConfig, FitRun
@@ -115,6 +117,12 @@ def test_feature_distillation_checks_module_names():
         ({"epochs": 1, "schedule": "linear"}, "schedule"),
         ({"epochs": 1, "alpha": 2.0}, "alpha"),
         ({"epochs": 1, "momentun": 0.9}, "momentun"),
+        ({"epochs": 1, "lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+        ({"epochs": 1, "lr": "0.1"}, "lr must be a finite number > 0, got '0.1'"),
+        ({"epochs": 1, "weight_decay": float("nan")}, "weight_decay must be a finite number"),
+        ({"epochs": 1, "temperature": float("inf")}, "temperature must be a finite number"),
+        ({"epochs": 1, "warmup_epochs": -1}, "warmup_epochs must be a finite number >= 0"),
+        ({"epochs": 1, "gamma": -1.0}, "gamma must be a finite number > 0"),
     ],
 )
 def test_fit_rejects_bad_options(options, match):
@@ -295,3 +303,53 @@ def test_after_epoch_may_resize_the_next_draw_and_the_schedule_follows():
         assert record["lr"] == pytest.approx(
             0.1 * 0.5 * (1 + math.cos(math.pi * (record["epoch"] - 1 / per_epoch) / 3))
         )
+
+
+def test_weights_that_diverge_in_an_epochs_last_step_end_the_run_with_the_last_checkpoint(
+    tmp_path,
+):
+    """The loss is checked before each step; a last step that makes the weights infinite is
+    caught before they are evaluated or checkpointed (one step of 1e30 x gradients of 1e10
+    overflows float32)."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(1e10 * torch.randn(8, 4), torch.randint(0, 2, (8,))),
+                        batch_size=8)  # one step an epoch: the last is the first
+    with pytest.raises(FloatingPointError, match="became NaN or infinite during epoch 1"):
+        fit(nn.Linear(4, 2), loader, epochs=2, checkpoint_dir=tmp_path / "big",
+            progress=False, device="cpu", lr=1e30, schedule="constant")
+    assert not (tmp_path / "big" / "checkpoint.pt").exists()
+    assert not (tmp_path / "big" / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_another_teacher(tmp_path):
+    torch.manual_seed(0)
+    teacher, other = nn.Linear(4, 2), nn.Linear(4, 2)
+    fit(nn.Linear(4, 2), _blobs_loader(), epochs=1, teacher=teacher, checkpoint_dir=tmp_path,
+        progress=False, device="cpu")
+    with pytest.raises(ResumeMismatch) as info:
+        fit(nn.Linear(4, 2), _blobs_loader(), epochs=1, teacher=other, checkpoint_dir=tmp_path,
+            resume=True, progress=False, device="cpu")
+    assert set(info.value.changes) == {"teacher"}
+    fit(nn.Linear(4, 2), _blobs_loader(), epochs=1, teacher=copy.deepcopy(teacher),
+        checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")  # the same one
+
+
+@pytest.mark.parametrize("samples, world", [(10, 2), (64, 3), (100, 2)])
+def test_each_rank_reads_its_share_of_one_draw_per_epoch(samples, world):
+    """torchrun: every rank draws the same items (as many as the loader's own sampler, e.g.
+    --train-subset) and reads every world-th; the draw changes with the epoch."""
+    data = TensorDataset(torch.arange(40))
+    draw = EpochDraw(data, samples)
+    shares = [DistributedDraw(data, draw, seed=3, rank=r, world=world) for r in range(world)]
+    epochs = []
+    for epoch in range(2):
+        for share in shares:
+            share.set_epoch(epoch)
+        read = [list(share) for share in shares]
+        assert all(len(r) == len(shares[0]) == -(-samples // world) for r in read)
+        together = [i for position in zip(*read, strict=True) for i in position][:samples]
+        assert len(together) == samples and all(0 <= i < 40 for i in together)
+        if samples <= 40:
+            assert len(set(together)) == samples  # a draw without repeats
+        epochs.append(together)
+    assert epochs[0] != epochs[1]

@@ -7,6 +7,7 @@ batches of :mod:`gkpd.train.batches`. ``evaluate`` lives in :mod:`gkpd.train.eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -239,13 +240,26 @@ def _run_settings(
     config: FitConfig, loader: DataLoader, teacher: nn.Module | None
 ) -> dict[str, Any]:
     """The settings that make a run what it is: the :class:`FitConfig`, the batch size and
-    training samples per epoch, and whether a teacher distils (JSON-like values)."""
+    training samples per epoch, whether a teacher distils and which (JSON-like values)."""
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     settings["batch_size"] = loader.batch_size
     sampler = loader.sampler
     settings["samples_per_epoch"] = len(sampler) if hasattr(sampler, "__len__") else None
     settings["distillation"] = teacher is not None
+    if teacher is not None:
+        settings["teacher"] = weights_fingerprint(teacher)
     return settings
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest of ``model``'s parameters and buffers (names, dtypes, shapes, values): two
+    teachers with other weights differ (a resumed run must distil from the same one)."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _resume(
@@ -323,13 +337,13 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
         inputs, targets = split_batch(batch)
         output = call_model(s.net, inputs)
         loss = _loss(s, batch, inputs, output, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # before the step: the weights stay as they were
             raise FloatingPointError(
                 f"loss became {loss.item()} at epoch {epoch + 1}, step {i}; lower lr"
             )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         count = batch_size(inputs)
         loss_sum += loss.item() * count
         if classifier:
@@ -350,7 +364,15 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
 
 
 def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
-    """Evaluate, record the epoch, and (rank 0) write the checkpoint and the metrics file."""
+    """Evaluate, record the epoch, and (rank 0) write the checkpoint and the metrics file;
+    weights that are no longer finite (the epoch's last steps diverged) end the run with the
+    last checkpoint kept."""
+    broken = [n for n, p in s.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise FloatingPointError(
+            f"the weights became NaN or infinite during epoch {epoch + 1} ({broken[0]}"
+            f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); lower lr"
+        )
     if s.run.eval_loader is not None:
         result = evaluate(
             s.model, s.run.eval_loader, device=s.device, teacher=s.run.teacher,

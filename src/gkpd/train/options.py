@@ -51,28 +51,34 @@ class FitConfig:
     feature_loss: str = "mse"
 
     def validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(
                 f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
             )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not (isinstance(self.feature_weight, int | float) and 0 <= self.feature_weight
-                < math.inf):
-            raise ValueError(f"feature_weight must be a finite number >= 0, got "
-                             f"{self.feature_weight!r}")
+        # (name, lowest, highest, whether the lowest itself is allowed)
+        for name, low, high, low_ok in (
+            ("lr", 0.0, math.inf, False), ("momentum", 0.0, 1.0, True),
+            ("weight_decay", 0.0, math.inf, True), ("gamma", 0.0, math.inf, False),
+            ("warmup_epochs", 0.0, math.inf, True), ("label_smoothing", 0.0, 1.0, True),
+            ("alpha", 0.0, 1.0, True), ("temperature", 0.0, math.inf, False),
+            ("feature_weight", 0.0, math.inf, True),
+        ):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and low <= value <= high
+                    and (low_ok or value > low)):
+                bound = f"{'>=' if low_ok else '>'} {low:g}"
+                rule = f"in [{low:g}, {high:g}]" if math.isfinite(high) else bound
+                raise ValueError(f"{name} must be a finite number {rule}, got {value!r}")
+        if self.label_smoothing == 1.0:
+            raise ValueError("label_smoothing must be below 1, got 1.0")
+        if not all(0.0 <= m <= 1.0 for m in self.milestones):
+            raise ValueError(f"milestones must be fractions of training in [0, 1], got "
+                             f"{self.milestones!r}")
         check_distance(self.feature_loss, "feature_loss")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
