@@ -4,6 +4,7 @@ given data with another number of channels."""
 
 import sys
 
+import pytest
 import torch
 from testkit.cli import run, run_json
 
@@ -122,3 +123,62 @@ def test_data_with_other_channels_than_the_model_is_refused(capsys, workspace, c
     assert code == 2
     assert "takes 3-channel inputs, but --data fashion-mnist has 1-channel images; it was " \
            "trained on cifar10" in _one_error_line(err)
+
+
+def test_resume_needs_a_run_and_force_starts_over_cleanly(capsys, monkeypatch, workspace,
+                                                           compressed, tmp_path):
+    _, data, teacher = workspace
+    out = tmp_path / "ft"
+    args = _finetune_args(compressed, data, out, "--epochs", "1")
+    code, _, err = run(capsys, *args, "--resume")  # a mistyped --out: nothing to continue
+    assert code == 2 and "holds no training run to continue" in _one_error_line(err)
+    assert not out.exists()
+    code, _, err = run(capsys, *args, "--resume", "--force")
+    assert code == 2 and "pass one" in _one_error_line(err)
+    run_json(capsys, *args)
+    # --force, interrupted before its first epoch ended: the old model is gone with the old
+    # run, not left beside the new run's files
+    monkeypatch.setattr(sys, "argv", ["gkpd", *map(str, args), "--force"])
+    _interrupt_at(monkeypatch, 0)
+    code, _, err = run(capsys, *args, "--force")
+    assert code == 130 and "nothing to resume" in _one_error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == []
+    monkeypatch.undo()
+    other = _finetune_args(compressed, data, out, "--epochs", "2")
+    run_json(capsys, *other)
+    code, _, err = run(capsys, *other, "--resume", "--teacher", compressed)
+    assert code == 2 and "--teacher (teacher):" in _one_error_line(err)
+
+
+def test_gkpd_train_refuses_an_out_holding_a_model(capsys, workspace, compressed):
+    _, data, _ = workspace
+    before = sorted(p.name for p in compressed.iterdir())
+    code, _, err = run(capsys, "train", "resnet20", "--data", "fashion-mnist", "--data-dir",
+                       data, "--epochs", "1", "--out", compressed, "--no-progress")
+    assert code == 2 and "already holds a model; pass --force" in _one_error_line(err)
+    assert sorted(p.name for p in compressed.iterdir()) == before
+
+
+def test_bad_numbers_devices_and_paths_are_one_line_errors(capsys, workspace, compressed,
+                                                           tmp_path):
+    _, data, _ = workspace
+    file = tmp_path / "file"
+    file.write_text("x")
+    for extra, match in [
+        (["--weight-decay", "nan"], "argument --weight-decay: expected a finite number >= 0"),
+        (["--temperature", "inf"], "argument --temperature: expected a number > 0"),
+        (["--alpha", "2"], "argument --alpha: expected a number in [0, 1]"),
+        (["--workers", "-1"], "argument --workers: expected an integer >= 0"),
+        (["--device", "nosuch"], "argument --device: expected a device such as cpu"),
+    ]:
+        args = _finetune_args(compressed, data, tmp_path / "ft", "--epochs", "1", *extra)
+        if extra[0] == "--device":
+            args = args[: args.index("--device")] + args[args.index("--device") + 2:]
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage line, then the error
+            run(capsys, *args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, extra
+        assert match in err.strip().splitlines()[-1], extra
+    code, _, err = run(capsys, *_finetune_args(compressed, data, file / "out", "--epochs", "1"))
+    assert code == 2 and "is inside a file" in _one_error_line(err)
+    assert not (tmp_path / "ft").exists()

@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except CliError as error:
         return _fail(args, error, error.status)
-    # ImportError: an optional dependency is missing; the library's message names the extra
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    # ImportError: an optional dependency is missing; the library's message names the extra.
+    # OSError: a path that cannot be read or written (its message names it). FloatingPointError:
+    # training diverged (the message says where; the last checkpoint is kept).
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as error:
         return _fail(args, error, 2)
     except KeyboardInterrupt:
         return _fail(args, "interrupted", 130)

@@ -37,18 +37,28 @@ class Interrupted(CliError):
 
 # the command-line flag of a setting that gkpd.train.ResumeMismatch names, where it is not
 # the setting's name with dashes
-_SETTING_FLAGS = {"samples_per_epoch": "--train-subset", "distillation": "--no-distill"}
+_SETTING_FLAGS = {"samples_per_epoch": "--train-subset", "distillation": "--no-distill",
+                  "teacher": "--teacher", "feature_pairs": "--feature-layers"}
 
 
 @contextmanager
-def resumable(out: Path, *, resume: bool) -> Iterator[None]:
+def resumable(out: Path, *, resume: bool, force: bool = False) -> Iterator[None]:
     """Around a run that checkpoints in ``out``: Ctrl-C becomes :class:`Interrupted`, saying
     which checkpoint is kept and the command that continues from it; ``--resume`` with other
-    settings than the checkpoint's becomes a :class:`CliError` naming their flags."""
+    settings than the checkpoint's becomes a :class:`CliError` naming their flags. With
+    ``force`` (start over) the run and model in ``out`` are removed first: an interrupted new
+    run must not leave the old model beside its checkpoint."""
+    from gkpd.io import MANIFEST_FILE, PLAN_FILE
+    from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE
+    from gkpd.train import distributed
     from gkpd.train.checkpoint import ResumeMismatch, load_state
-    from gkpd.train.loop import CHECKPOINT_NAME
+    from gkpd.train.loop import CHECKPOINT_NAME, METRICS_NAME
 
     path = out / CHECKPOINT_NAME
+    if force and distributed.is_main_process():
+        for name in (MANIFEST_FILE, PLAN_FILE, WEIGHTS_FILE, CARD_FILE, CHECKPOINT_NAME,
+                     METRICS_NAME):
+            (out / name).unlink(missing_ok=True)
     before = path.stat().st_mtime_ns if path.is_file() else None
     try:
         yield
@@ -69,7 +79,10 @@ def resumable(out: Path, *, resume: bool) -> Iterator[None]:
                 f"interrupted before the first epoch ended; nothing to resume in {out}"
             ) from None
         epoch = load_state(path)["epoch"]
-        again = command_line() + ("" if "--resume" in sys.argv[1:] else " --resume")
+        # the run is the one to continue now: --resume, not --force
+        kept = [a for a in sys.argv[1:] if a != "--force"]
+        again = "gkpd " + " ".join(shlex.quote(a) for a in kept) + (
+            "" if "--resume" in kept else " --resume")
         raise Interrupted(
             f"interrupted; the checkpoint of epoch {epoch} is kept in {path}; continue with: "
             f"{again}"
@@ -103,6 +116,33 @@ def positive_float(text: str) -> float:
         value = math.nan
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
@@ -151,9 +191,9 @@ def subparser_options() -> dict[str, Any]:
 
 def distillation_args(parser: argparse.ArgumentParser) -> None:
     """The distillation flags of ``gkpd finetune`` and ``gkpd bench accuracy``."""
-    parser.add_argument("--alpha", type=float, default=0.9,
+    parser.add_argument("--alpha", type=fraction, default=0.9,
                         help="weight of the distillation term")
-    parser.add_argument("--temperature", type=float, default=4.0,
+    parser.add_argument("--temperature", type=positive_float, default=4.0,
                         help="distillation temperature")
     parser.add_argument(
         "--feature-layers", action="append", default=None, metavar="PATTERN",
@@ -161,7 +201,7 @@ def distillation_args(parser: argparse.ArgumentParser) -> None:
         "a regex re:layer\\d\\.\\d+; repeatable) from the teacher's modules of the same "
         "name, by mean squared error",
     )
-    parser.add_argument("--feature-weight", type=float, default=1.0,
+    parser.add_argument("--feature-weight", type=non_negative_float, default=1.0,
                         help="weight of the --feature-layers term")
 
 
@@ -177,9 +217,30 @@ def data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def device(text: str) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a device such as cpu, cuda or cuda:1, got {text!r}"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
 def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
+        "--device", type=device, default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -192,18 +253,30 @@ def model_dir(spec: str) -> Path | None:
 
 
 def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool = False) -> None:
-    """Refuse an --out that is an input, is a file, or already holds a model or a run."""
+    """Refuse an --out that is an input, is a file, or already holds a model or a run
+    (unless ``force``); with ``resume``, one that holds no run to continue."""
     from gkpd.io import is_saved_model
     from gkpd.models.cards import WEIGHTS_FILE
     from gkpd.train.loop import CHECKPOINT_NAME
 
+    if resume and force:
+        raise CliError("--resume continues the run in --out and --force starts over: pass one")
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a directory")
+    if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
+        raise CliError(f"--out {out} is inside a file, not a directory")
     for spec in inputs:
         source = model_dir(spec)
         if source is not None and source in (out.resolve(), out.resolve() / WEIGHTS_FILE):
             raise CliError(f"--out {out} is an input of this command; pick another directory")
-    if resume or force:
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise CliError(
+                f"--resume: --out {out} holds no training run to continue (no "
+                f"{CHECKPOINT_NAME}); drop --resume to start one"
+            )
+        return
+    if force:
         return
     if (out / CHECKPOINT_NAME).exists():
         raise CliError(

@@ -16,6 +16,8 @@ from gkpd.cli.common import (
     emit,
     fine_tuning_loaders,
     log,
+    non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     resumable,
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from gkpd.models.cards import finetuned_card
     from gkpd.plan.schema import CompressionPlan
     from gkpd.resolve import resolve_model
+    from gkpd.train import distributed
     from gkpd.train.finetune import finetune
 
     source = Path(args.model)
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                  "another)", args.lr)
     teacher, teacher_spec = _teacher(args, card)
     train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
-    with resumable(out, resume=args.resume):
+    with resumable(out, resume=args.resume, force=args.force):
         history = finetune(
             student,
             teacher,
@@ -101,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         },
         command=command_line(),
     )
+    if not distributed.is_main_process():  # under torchrun, one process writes and reports
+        return 0
     save(out, student.cpu(), plan, card=new_card)
     result = {
         "out": str(out),
@@ -146,7 +151,7 @@ def add_parser(sub, **kwargs) -> None:
         help="learning rate (default: the one the plan's methods fine-tune best at: 0.01, "
         "or 0.001 where a layer is cp, whose factors are thrown off by larger steps)",
     )
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument(
         "--no-distill", action="store_true", help="plain cross-entropy fine-tuning, no teacher"
@@ -159,8 +164,9 @@ def add_parser(sub, **kwargs) -> None:
         help="train on N randomly drawn training samples per epoch, a fresh draw each "
         "epoch (default: all of them)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data loader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
         "--force",

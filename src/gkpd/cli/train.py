@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from gkpd.cli.common import (
-    CliError,
+    check_out,
     command_line,
     common_args,
     data_args,
     emit,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
     positive_int,
     resumable,
     training_run,
@@ -23,18 +26,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gkpd import data, models, train
-    from gkpd.files import atomic_write_text
-    from gkpd.models.cards import CARD_FILE, now
+    from gkpd.models.cards import now
     from gkpd.models.pretrained import save_trained
     from gkpd.train import distributed
-    from gkpd.train.loop import CHECKPOINT_NAME
 
     info = data.get_info(args.data)
     out = Path(args.out)
-    if (out / CHECKPOINT_NAME).exists() and not args.resume:
-        raise CliError(
-            f"--out {out} already holds a run; pass --resume to continue it or pick another"
-        )
+    check_out(out, force=args.force, inputs=[], resume=args.resume)
     architecture = models.canonical_name(args.model)  # the card records the zoo's name
     model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
     model = models.create(architecture, **model_kwargs)
@@ -66,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command_line(),
         "torch_version": torch.__version__,
     }
-    if distributed.is_main_process():
-        atomic_write_text(out / CARD_FILE, json.dumps(card, indent=2, sort_keys=True) + "\n")
-    with resumable(out, resume=args.resume):
+    with resumable(out, resume=args.resume, force=args.force):
         history = train.fit(
             model,
             train_loader,
@@ -79,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     final = history[-1]
     card["test_accuracy"] = final["eval_accuracy"]
     card["created"] = now()
-    if distributed.is_main_process():
-        save_trained(out, model, card)
+    if not distributed.is_main_process():  # under torchrun, one process writes and reports
+        return 0
+    save_trained(out, model, card)
     result = {"out": str(out), "epochs": len(history), "test_accuracy": final["eval_accuracy"]}
     emit(
         args,
@@ -103,12 +100,16 @@ def add_parser(sub, **kwargs) -> None:
     p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="directory for checkpoints, metrics and weights")
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     p.add_argument("--schedule", choices=["cosine", "step", "constant"], default="cosine")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--label-smoothing", type=fraction, default=0.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data loader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--force", action="store_true", help="start over in an --out that holds a run or a model"
+    )
     common_args(p)
     p.set_defaults(handler=run)

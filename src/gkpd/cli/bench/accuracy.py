@@ -16,6 +16,9 @@ from gkpd.cli.common import (
     distillation_args,
     emit,
     fine_tuning_loaders,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
     positive_int,
 )
 
@@ -147,16 +150,16 @@ def add_parser(bench, **kwargs) -> None:
         "(default: all of them)",
     )
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="fine-tuning learning rate")
     p.add_argument(
         "--student-lr",
-        type=float,
+        type=positive_float,
         default=0.1,
         help="learning rate of the 'student', which starts from random weights",
     )
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
     distillation_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--seeds",
         type=types.seeds,
@@ -179,7 +182,8 @@ def add_parser(bench, **kwargs) -> None:
         default=1,
         help="torch threads while timing batch-1 latency (default 1)",
     )
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data loader worker processes")
     p.add_argument("--out", required=True, help="directory for the cells, table and plot")
     p.add_argument(
         "--reference",
