@@ -44,6 +44,13 @@ def resolve_model(spec: str) -> tuple[nn.Module, dict[str, Any]]:
                 f"MODEL directory {path} holds neither {WEIGHTS_FILE} + {CARD_FILE} "
                 "(gkpd train's result) nor checkpoint.pt"
             )
+    if path.is_file() and is_saved_model(path.parent):  # a file of a save: its directory
+        return resolve_model(str(path.parent))
+    if path.is_file() and path.suffix != ".pt":
+        raise ValueError(
+            f"MODEL {path} is not a file a model loads from: give the directory written by "
+            "gkpd train or gkpd compress, or a checkpoint.pt of gkpd train"
+        )
     if path.is_file():
         card_path = path.parent / CARD_FILE
         if not card_path.is_file():

@@ -182,3 +182,31 @@ def test_bad_numbers_devices_and_paths_are_one_line_errors(capsys, workspace, co
     code, _, err = run(capsys, *_finetune_args(compressed, data, file / "out", "--epochs", "1"))
     assert code == 2 and "is inside a file" in _one_error_line(err)
     assert not (tmp_path / "ft").exists()
+
+
+def test_out_errors_name_the_flag_and_only_the_options_the_command_has(capsys, workspace,
+                                                                       compressed, tmp_path):
+    _, data, teacher = workspace
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "checkpoint.pt").write_bytes(b"")
+    code, _, err = run(capsys, "compress", teacher, "--ratio", "2", "--out", held)
+    line = _one_error_line(err)
+    assert code == 2 and "--out" in line and "--force" in line and "--resume" not in line
+    code, _, err = run(capsys, "export", compressed, "--merge-out", held)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"gkpd export: error: --merge-out {held} already")
+    args = _finetune_args(compressed, data, tmp_path / "ft", "--epochs", "1")
+    args[args.index("--train-subset") + 1] = "100000"
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "train_subset 100000 is more than the" in _one_error_line(err)
+
+
+def test_eval_of_a_file_inside_a_save_reads_the_save(capsys, workspace, compressed):
+    _, data, _ = workspace
+    whole = run_json(capsys, "eval", compressed, "--data", "fashion-mnist", "--data-dir", data,
+                     "--no-progress")
+    for name in ("plan.json", "model.safetensors"):
+        result = run_json(capsys, "eval", compressed / name, "--data", "fashion-mnist",
+                          "--data-dir", data, "--no-progress")
+        assert result["accuracy"] == whole["accuracy"]

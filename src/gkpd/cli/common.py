@@ -252,40 +252,44 @@ def model_dir(spec: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool = False) -> None:
-    """Refuse an --out that is an input, is a file, or already holds a model or a run
-    (unless ``force``); with ``resume``, one that holds no run to continue."""
+def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool | None = None,
+              flag: str = "--out") -> None:
+    """Refuse an output directory (the option ``flag``) that is an input, is a file, or
+    already holds a model or a run (unless ``force``); with ``resume``, one that holds no run
+    to continue. ``resume=None``: the command has no --resume."""
     from gkpd.io import is_saved_model
     from gkpd.models.cards import WEIGHTS_FILE
     from gkpd.train.loop import CHECKPOINT_NAME
 
     if resume and force:
-        raise CliError("--resume continues the run in --out and --force starts over: pass one")
+        raise CliError(f"--resume continues the run in {flag} and --force starts over: "
+                       "pass one")
     if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a directory")
+        raise CliError(f"{flag} {out} exists and is not a directory")
     if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
-        raise CliError(f"--out {out} is inside a file, not a directory")
+        raise CliError(f"{flag} {out} is inside a file, not a directory")
     for spec in inputs:
         source = model_dir(spec)
         if source is not None and source in (out.resolve(), out.resolve() / WEIGHTS_FILE):
-            raise CliError(f"--out {out} is an input of this command; pick another directory")
+            raise CliError(f"{flag} {out} is an input of this command; pick another directory")
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
             raise CliError(
-                f"--resume: --out {out} holds no training run to continue (no "
+                f"--resume: {flag} {out} holds no training run to continue (no "
                 f"{CHECKPOINT_NAME}); drop --resume to start one"
             )
         return
     if force:
         return
     if (out / CHECKPOINT_NAME).exists():
+        continue_it = "pass --resume to continue it, " if resume is not None else ""
         raise CliError(
-            f"--out {out} already holds a training run; pass --resume to continue it, "
-            "--force to start over, or pick another directory"
+            f"{flag} {out} already holds a training run; {continue_it}pass --force to start "
+            "over, or pick another directory"
         )
     if is_saved_model(out) or (out / WEIGHTS_FILE).exists():
         raise CliError(
-            f"--out {out} already holds a model; pass --force to replace it or pick another "
+            f"{flag} {out} already holds a model; pass --force to replace it or pick another "
             "directory"
         )
 

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx is None and args.merge_out is None:
         raise CliError("nothing to do: pass --onnx OUT.onnx and/or --merge-out DIR")
     if args.merge_out is not None:
-        check_out(Path(args.merge_out), force=args.force, inputs=[args.model])
+        check_out(Path(args.merge_out), force=args.force, inputs=[args.model],
+                  flag="--merge-out")
     if args.onnx is not None:
         onnx_path = Path(args.onnx)
         if onnx_path.is_dir():

@@ -43,7 +43,10 @@ def finetune_loader(
     ):
         raise ValueError(f"train_subset must be a positive int or None, got {train_subset!r}")
     train = data.build_dataset(dataset, "train", data_dir, augment=True)
-    samples = len(train) if train_subset is None else min(train_subset, len(train))
+    if train_subset is not None and train_subset > len(train):
+        raise ValueError(f"train_subset {train_subset} is more than the {len(train):,} training "
+                         f"samples of {dataset}")
+    samples = len(train) if train_subset is None else train_subset
     if samples < batch_size:
         raise ValueError(
             f"batch_size {batch_size} is larger than the {samples} training samples per epoch; "
