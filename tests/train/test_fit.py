@@ -353,3 +353,14 @@ def test_each_rank_reads_its_share_of_one_draw_per_epoch(samples, world):
             assert len(set(together)) == samples  # a draw without repeats
         epochs.append(together)
     assert epochs[0] != epochs[1]
+
+
+def test_a_frozen_model_or_a_teacher_of_another_dtype_is_refused():
+    loader = _blobs_loader()
+    frozen = nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        fit(frozen, loader, epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="the model is torch.float64 and the teacher "
+                       "torch.float32"):
+        fit(nn.Linear(4, 2).double(), loader, epochs=1, teacher=nn.Linear(4, 2),
+            progress=False, device="cpu")

@@ -201,6 +201,10 @@ def _set_up(
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     metrics_path = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir else None
 
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter: every one has "
+                         "requires_grad=False")
+    _check_dtypes(model, run.teacher)
     _seed_everything(config.seed)
     model.to(device)
     teacher = run.teacher
@@ -234,6 +238,15 @@ def _set_up(
         session.features = FeaturePairs(model, teacher, config.feature_pairs,
                                         config.feature_loss)
     return session
+
+
+def _check_dtypes(model: nn.Module, teacher: nn.Module | None) -> None:
+    """A student and teacher of other floating dtypes fail in the first loss, deep in torch."""
+    dtypes = [next((p.dtype for p in m.parameters() if p.is_floating_point()), None)
+              for m in (model, teacher) if m is not None]
+    if len(dtypes) == 2 and None not in dtypes and dtypes[0] != dtypes[1]:
+        raise ValueError(f"the model is {dtypes[0]} and the teacher {dtypes[1]}: convert one "
+                         f"(teacher.to({dtypes[0]}))")
 
 
 def _run_settings(
