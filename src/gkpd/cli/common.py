@@ -81,8 +81,7 @@ def resumable(out: Path, *, resume: bool, force: bool = False) -> Iterator[None]
         epoch = load_state(path)["epoch"]
         # the run is the one to continue now: --resume, not --force
         kept = [a for a in sys.argv[1:] if a != "--force"]
-        again = "gkpd " + " ".join(shlex.quote(a) for a in kept) + (
-            "" if "--resume" in kept else " --resume")
+        again = command_line(kept) + ("" if "--resume" in kept else " --resume")
         raise Interrupted(
             f"interrupted; the checkpoint of epoch {epoch} is kept in {path}; continue with: "
             f"{again}"
@@ -97,9 +96,11 @@ def emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
         print(text)
 
 
-def command_line() -> str:
-    """This process's command line, as the ``command`` of a model card."""
-    return "gkpd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(arguments: list[str] | None = None) -> str:
+    """This process's command line (or the command with ``arguments``), as the ``command`` of
+    a model card."""
+    return "gkpd " + " ".join(shlex.quote(a) for a in
+                              (sys.argv[1:] if arguments is None else arguments))
 
 
 def positive_int(text: str) -> int:
@@ -109,11 +110,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def _number(text: str) -> float:
+    """``float(text)``, NaN (refused by every check below) where it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
@@ -130,10 +136,7 @@ def non_negative_int(text: str) -> int:
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
@@ -147,10 +150,7 @@ def fraction(text: str) -> float:
 
 
 def slack(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
