@@ -2,6 +2,7 @@
 optional dependency, Ctrl-C during fine-tuning, --resume with other settings, and a model
 given data with another number of channels."""
 
+import json
 import sys
 
 import pytest
@@ -210,3 +211,34 @@ def test_eval_of_a_file_inside_a_save_reads_the_save(capsys, workspace, compress
         result = run_json(capsys, "eval", compressed / name, "--data", "fashion-mnist",
                           "--data-dir", data, "--no-progress")
         assert result["accuracy"] == whole["accuracy"]
+
+
+def test_data_with_more_classes_than_the_model_has_outputs_is_refused():
+    from gkpd.cli.common import CliError, check_classes
+
+    card = {"model_kwargs": {"num_classes": 10}, "dataset": "cifar10"}
+    with pytest.raises(CliError, match="--data cifar100 has 100 classes, but the model has 10 "
+                       "outputs; it was trained on cifar10"):
+        check_classes(card, object(), "cifar100")
+    check_classes(card, object(), "cifar10")
+
+    class Folder:
+        classes = ["a", "b", "c"]
+
+    check_classes(card, Folder(), "imagefolder")  # 3 labels fit 10 outputs
+
+
+def test_gkpd_train_on_an_image_folder_has_its_classes(capsys, tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    for split in ("train", "val"):
+        for i, name in enumerate(("cat", "dog", "eel")):
+            for j in range(2):
+                path = tmp_path / "data" / split / name / f"{j}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.new("RGB", (24, 24), (80 * i, 40 * j, 0)).save(path)
+    out = tmp_path / "model"
+    run_json(capsys, "train", "resnet20", "--data", "imagefolder", "--data-dir",
+             tmp_path / "data", "--epochs", "1", "--batch-size", "2", "--out", out,
+             "--no-progress", "--device", "cpu")
+    card = json.loads((out / "model.json").read_text())
+    assert card["model_kwargs"]["num_classes"] == 3

@@ -82,6 +82,18 @@ def test_truncated_gzip(tmp_path):
         fashion_mnist.load_arrays("train", tmp_path)
 
 
+def test_corrupt_gzip_data(tmp_path):
+    """Flipped bytes inside the compressed stream: zlib's own error, named with the file."""
+    fake_dir(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    for i in range(20, len(data) - 20):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="cannot read .*train-images-idx3-ubyte.gz"):
+        fashion_mnist.load_arrays("train", tmp_path)
+
+
 def test_wrong_image_shape(tmp_path):
     fake_dir(tmp_path, size=32)
     with pytest.raises(ValueError, match=r"expected \(28, 28\)"):

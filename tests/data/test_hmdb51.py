@@ -8,7 +8,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from gkpd.data import build_dataset, get_info  # noqa: E402
-from gkpd.data.hmdb51 import HMDB51Dataset, sample_indices  # noqa: E402
+from gkpd.data.hmdb51 import HMDB51Dataset, read_split_file, sample_indices  # noqa: E402
 from gkpd.data.transforms import Compose, Normalize, RandomHorizontalFlip  # noqa: E402
 
 CLASSES = ("brush_hair", "jump")
@@ -127,3 +127,10 @@ def test_frames_sorted_naturally(tmp_path):
     frames = HMDB51Dataset(tmp_path, "test").clips[0][0]
     assert [p.stem for p in frames] == [str(i) for i in range(1, 13)]
     assert np.all(np.diff([int(p.stem) for p in frames]) == 1)
+
+
+def test_a_split_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "brush_hair_test_split1.txt"
+    path.write_bytes(b"\xff\xfe\x00clip.avi 1\n")
+    with pytest.raises(ValueError, match="brush_hair_test_split1.txt is not a text split file"):
+        read_split_file(path)

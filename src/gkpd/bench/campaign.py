@@ -31,6 +31,7 @@ RESULTS_MD = "results.md"
 PLOT_PNG = "accuracy.png"
 # budget keys that may differ between the directories of one campaign (one lr per directory)
 _PER_DIRECTORY = ("lr", "student_lr")
+_BUDGET_KEYS = ("seed", "epochs", "train_subset")
 _ROW_KEYS = ("method", "ratio", "achieved_ratio", "params", "macs", "accuracy_before",
              "accuracy_after", "finetune_seconds")
 
@@ -39,11 +40,24 @@ def seed_dir(out: str | Path, seed: int) -> Path:
     return Path(out) / f"seed{seed}"
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, needs: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON object in ``path``, holding a value (not null) for each of ``needs``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is unreadable or not JSON ({error}); delete it") from error
+    return _require(value, path, needs)
+
+
+def _require(value: Any, path: Path, needs: Sequence[str]) -> dict[str, Any]:
+    """``value`` (read from ``path``) if it is a JSON object with a value for each of
+    ``needs``."""
+    missing = [k for k in needs if not isinstance(value, dict) or value.get(k) is None]
+    if not isinstance(value, dict) or missing:
+        what = "not a JSON object" if not isinstance(value, dict) else (
+            f"missing {', '.join(missing)}")
+        raise ValueError(f"{path} is not a gkpd bench file ({what}); delete it")
+    return value
 
 
 def _differing_keys(budget: dict, reference: dict, ignored: Sequence[str]) -> list[str]:
@@ -60,12 +74,17 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
     for directory in sorted(out.glob("seed*")):
         if not (directory / BENCH_FILE).is_file():
             continue
-        budget = _read(directory / BENCH_FILE)["budget"]
+        budget = _read(directory / BENCH_FILE, ("budget",))["budget"]
+        if not isinstance(budget, dict) or any(k not in budget for k in _BUDGET_KEYS):
+            raise ValueError(f"{directory / BENCH_FILE} is not a gkpd bench file (its budget "
+                             f"lacks {', '.join(_BUDGET_KEYS)}); delete it")
         budgets[directory.name] = budget
         if (directory / f"{DENSE}.json").is_file():
             dense = _read(directory / f"{DENSE}.json")
         for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
-            cell = _read(path)
+            cell = _read(path, ("status",))
+            if cell["status"] == "ok":
+                _require(cell, path, ("method", "ratio", "accuracy_after"))
             if cell.get("status") != "ok":
                 failed.append({"dir": f"{directory.name}/{path.parent.name}",
                                "error": cell.get("error")})

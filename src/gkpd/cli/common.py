@@ -10,6 +10,7 @@ import logging
 import math
 import shlex
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -252,6 +253,19 @@ def model_dir(spec: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+def writable_dir(out: Path, flag: str = "--out") -> Path:
+    """``out``, created if need be, once a file could be written in it."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{flag} {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise CliError(f"{flag} {out} cannot be written: {error}") from None
+    return out
+
+
 def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool | None = None,
               flag: str = "--out") -> None:
     """Refuse an output directory (the option ``flag``) that is an input, is a file, or
@@ -329,7 +343,27 @@ def fine_tuning_loaders(args: argparse.Namespace, card: dict[str, Any], doing: s
         workers=args.workers,
     )
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
+    check_classes(card, test, args.data)
     return train_loader, DataLoader(test, batch_size=512, num_workers=args.workers)
+
+
+def classes_of(dataset, data: str) -> int:
+    """The number of classes of ``dataset`` (of the data set named ``data``): an image
+    folder's own (its class folders), else the registry's."""
+    from gkpd.data import get_info
+
+    return len(getattr(dataset, "classes", ()) or ()) or get_info(data).num_classes
+
+
+def check_classes(card: dict[str, Any], dataset, data: str) -> None:
+    """Refuse a data set whose labels go past the outputs of the model of ``card``: they
+    failed deep in the loss (``Target 21 is out of bounds``)."""
+    outputs = (card.get("model_kwargs") or {}).get("num_classes")
+    classes = classes_of(dataset, data)
+    if outputs is not None and classes > outputs:
+        trained_on = f"; it was trained on {card['dataset']}" if card.get("dataset") else ""
+        raise CliError(f"--data {data} has {classes} classes, but the model has {outputs} "
+                       f"outputs{trained_on}")
 
 
 def check_data(card: dict[str, Any], data: str, doing: str) -> None:

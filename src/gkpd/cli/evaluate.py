@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from gkpd.cli.common import check_data, common_args, data_args, emit, positive_int
+from gkpd.cli.common import (
+    check_classes,
+    check_data,
+    common_args,
+    data_args,
+    emit,
+    positive_int,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     model, card = resolve_model(args.model)
     check_data(card, args.data, "evaluating")
     test = data.build_dataset(args.data, "test", args.data_dir, augment=False)
+    check_classes(card, test, args.data)
     loader = DataLoader(test, batch_size=args.batch_size)
     result = train.evaluate(model, loader, device=args.device, progress=not args.no_progress)
     result = {"model": args.model, "dataset": args.data, **result}

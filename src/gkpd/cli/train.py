@@ -8,6 +8,7 @@ from typing import Any
 
 from gkpd.cli.common import (
     check_out,
+    classes_of,
     command_line,
     common_args,
     data_args,
@@ -34,11 +35,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out, force=args.force, inputs=[], resume=args.resume)
     architecture = models.canonical_name(args.model)  # the card records the zoo's name
-    model_kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels}
-    model = models.create(architecture, **model_kwargs)
     train_loader, test_loader = data.build_loaders(
         args.data, args.data_dir, batch_size=args.batch_size, num_workers=args.workers
     )
+    # an image folder has its own classes (the registry's 1000 are ImageNet's)
+    classes = classes_of(train_loader.dataset, args.data)
+    model_kwargs = {"num_classes": classes, "in_channels": info.in_channels}
+    model = models.create(architecture, **model_kwargs)
     card: dict[str, Any] = {
         "architecture": architecture,
         "model_kwargs": model_kwargs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def _open_idx(directory: Path, stem: str) -> bytes:
             try:
                 with opener(candidate, "rb") as handle:
                     return handle.read()
-            except (OSError, EOFError) as error:
+            except (OSError, EOFError, zlib.error) as error:  # zlib: corrupt gzip data
                 raise ValueError(f"cannot read {candidate}: {error}; {HOW_TO_GET}") from error
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}[.gz] not found in {directory}; {HOW_TO_GET}"

@@ -59,7 +59,11 @@ def _natural_key(path: Path) -> list:
 def read_split_file(path: Path) -> list[tuple[str, int]]:
     """``(video, id)`` pairs of one official split file; ``video`` without ".avi"."""
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a text split file ({error}); {LAYOUT}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue

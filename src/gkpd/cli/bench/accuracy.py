@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
                 context={
                     "model": str(source.resolve()) if source.exists() else args.model,
                     "data": args.data,
+                    # another copy of the data (another test set) is another benchmark; the
+                    # default directory is left unrecorded, as runs before this recorded it
+                    **({} if args.data_dir is None
+                       else {"data_dir": str(Path(args.data_dir).resolve())}),
                 },
                 reference=args.reference,
                 reference_source=args.reference_source,

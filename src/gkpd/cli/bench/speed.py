@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from gkpd.cli.bench import types
-from gkpd.cli.common import CliError, command_line, emit, log, positive_int
+from gkpd.cli.common import CliError, command_line, emit, log, positive_int, writable_dir
 
 
 def _model(args: argparse.Namespace):
@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     for module, option, install in needs:
         if importlib.util.find_spec(module) is None:
             raise CliError(f"{option} needs {module}: pip install {install}, or leave it out")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a directory")
+    out = writable_dir(Path(args.out))  # before the minutes of timing, not after
     model, card = _model(args)
     config = SpeedConfig(
         ratios=tuple(args.ratios),
