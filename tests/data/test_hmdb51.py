@@ -134,3 +134,16 @@ def test_a_split_file_that_is_not_text_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe\x00clip.avi 1\n")
     with pytest.raises(ValueError, match="brush_hair_test_split1.txt is not a text split file"):
         read_split_file(path)
+
+
+def test_clips_are_four_dimensional_items_and_a_2d_model_is_refused(tmp_path, capsys):
+    from testkit.cli import run
+
+    assert get_info("hmdb51").input_size == [3, 16, 224, 224]
+    assert get_info("cifar10").input_size == [3, 32, 32]
+    make_hmdb(tmp_path / "data", frames=4)
+    code, _, err = run(capsys, "train", "resnet20", "--data", "hmdb51", "--data-dir",
+                       tmp_path / "data", "--epochs", "1", "--out", tmp_path / "out",
+                       "--no-progress")
+    assert code == 2 and "resnet20 takes 2-d inputs, but --data hmdb51 has 3-d items (clips" in err
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gkpd.cli.common import (
+    CliError,
     check_out,
     classes_of,
     command_line,
@@ -42,12 +43,21 @@ def run(args: argparse.Namespace) -> int:
     classes = classes_of(train_loader.dataset, args.data)
     model_kwargs = {"num_classes": classes, "in_channels": info.in_channels}
     model = models.create(architecture, **model_kwargs)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
+                None)
+    item_dims = len(info.input_size) - 1
+    if conv is not None and len(conv.kernel_size) != item_dims:
+        raise CliError(
+            f"{architecture} takes {len(conv.kernel_size)}-d inputs, but --data {args.data} "
+            f"has {item_dims}-d items ({'clips' if info.frames else 'images'} of "
+            f"{info.input_size}): pick a model of the data's kind"
+        )
     card: dict[str, Any] = {
         "architecture": architecture,
         "model_kwargs": model_kwargs,
         "dataset": args.data,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
-        "input_size": [info.in_channels, info.image_size, info.image_size],
+        "input_size": info.input_size,
         "epochs": args.epochs,
         "seed": args.seed,
         "hyperparameters": {

@@ -103,6 +103,7 @@ register_dataset(
     DatasetInfo(
         name="hmdb51",
         num_classes=51,
+        frames=16,
         in_channels=3,
         image_size=224,
         mean=IMAGENET_MEAN,

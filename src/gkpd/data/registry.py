@@ -25,6 +25,13 @@ class DatasetInfo:
     # (split, data_dir, transform, augment) -> Dataset; augment also governs random crops or
     # clip sampling that a loader does while decoding
     build: Callable[[str, str | Path | None, Callable | None, bool], Dataset]
+    frames: int | None = None  # a video data set's frames per clip: items (C, T, H, W)
+
+    @property
+    def input_size(self) -> list[int]:
+        """One item's shape: ``[C, H, W]``, or ``[C, T, H, W]`` for clips."""
+        spatial = [self.image_size, self.image_size]
+        return [self.in_channels, *([self.frames] if self.frames else []), *spatial]
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
