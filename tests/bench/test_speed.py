@@ -431,7 +431,7 @@ def test_cli_bad_values_are_refused_before_any_work(saved_resnet, tmp_path, caps
     argv = ["bench", "speed", model or str(saved_resnet), "--out", str(tmp_path / "o"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gkpd bench: error: ") and message in err
+    assert err.startswith("gkpd bench speed: error: ") and message in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(args: argparse.Namespace, error: Exception | str, status: int) -> int:
-    print(f"gkpd {args.command}: error: {error}", file=sys.stderr)
+    command = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))
+    print(f"gkpd {command}: error: {error}", file=sys.stderr)
     return status
 
 

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     for module, option, install in needs:
         if importlib.util.find_spec(module) is None:
             raise CliError(f"{option} needs {module}: pip install {install}, or leave it out")
-    out = writable_dir(Path(args.out))  # before the minutes of timing, not after
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a directory")
     model, card = _model(args)
     config = SpeedConfig(
         ratios=tuple(args.ratios),
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             f"MODEL {args.model} does not run on an input of shape {tuple(example.shape[1:])} "
             f"(--input-size, or the model card's input_size): {str(error).splitlines()[0]}"
         ) from None
+    writable_dir(out)  # before the minutes of timing, not after them
     result = run_speed(model, example, config=config, out=out)
     text = (out / RESULTS_MD).read_text(encoding="utf-8") + f"\nwritten to {out}"
     emit(args, result, text)
