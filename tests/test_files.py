@@ -59,3 +59,14 @@ def test_a_new_file_gets_the_umask_permissions_and_an_old_one_keeps_its_own(tmp_
         assert old.read_text() == "new"
     finally:
         os.umask(previous)
+
+
+def test_existing_dir_says_whether_a_path_is_missing_or_a_file(tmp_path):
+    from gkpd.files import existing_dir
+
+    assert existing_dir(tmp_path, "data_dir", "hint") == tmp_path
+    with pytest.raises(FileNotFoundError, match="data_dir .*nope does not exist; hint"):
+        existing_dir(tmp_path / "nope", "data_dir", "hint")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="data_dir .*file is a file, not a directory"):
+        existing_dir(tmp_path / "file", "data_dir", "hint")

@@ -87,3 +87,13 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def existing_dir(path: Path, what: str, hint: str) -> Path:
+    """``path`` if it is a directory, else an error saying whether it is missing or a file
+    (``what``: how to name it; ``hint``: what to do)."""
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{what} {path} is a file, not a directory; {hint}")
+    raise FileNotFoundError(f"{what} {path} does not exist; {hint}")

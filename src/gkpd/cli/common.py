@@ -387,4 +387,5 @@ def check_data(card: dict[str, Any], data: str, doing: str) -> None:
         log.warning("model was trained on %s, %s on %s", card["dataset"], doing, data)
     norm = card.get("normalization")
     if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (info.mean, info.std):
-        log.warning("model was trained with normalization %s; %s uses %s", norm, data, info)
+        log.warning("model was trained with normalization %s; %s uses mean %s, std %s", norm,
+                    data, list(info.mean), list(info.std))

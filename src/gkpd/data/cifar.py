@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gkpd.files import existing_dir
+
 URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _PIXELS = 3 * 32 * 32
 
@@ -146,11 +148,7 @@ def _find_folder(variant: _Variant, data_dir: str | Path | None) -> tuple[Path, 
             f"{variant.title} has no default location; pass data_dir (--data-dir): "
             + _how_to_get(variant)
         )
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"{variant.title} data_dir {root} does not exist; " + _how_to_get(variant)
-        )
+    root = existing_dir(Path(data_dir), f"{variant.title} data_dir", _how_to_get(variant))
     formats = (
         ("python", variant.python_folder, variant.python_files),
         ("binary", variant.binary_folder, variant.binary_files),

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gkpd.files import existing_dir
+
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 HOW_TO_GET = (
     "install it with `apt-get install dataset-fashion-mnist` (files under "
@@ -54,9 +56,8 @@ def load_arrays(
     """uint8 images (N, 1, 28, 28) and int64 labels of the ``train`` or ``test`` split."""
     if split not in _PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    directory = Path(data_dir) if data_dir is not None else DEFAULT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(f"Fashion-MNIST directory {directory} does not exist; {HOW_TO_GET}")
+    directory = existing_dir(Path(data_dir) if data_dir is not None else DEFAULT_DIR,
+                             "Fashion-MNIST directory", HOW_TO_GET)
     prefix = _PREFIX[split]
     images_stem, labels_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
     images = parse_idx(_open_idx(directory, images_stem), str(directory / images_stem))

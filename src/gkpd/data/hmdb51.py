@@ -40,6 +40,7 @@ from gkpd.data.image_folder import (
     random_resized_box,
     require_pillow,
 )
+from gkpd.files import existing_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ class HMDB51Dataset(Dataset):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if root is None:
             raise ValueError(f"hmdb51 has no default location; pass data_dir; {LAYOUT}")
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"hmdb51 data_dir {root} does not exist; {LAYOUT}")
+        root = existing_dir(Path(root), "hmdb51 data_dir", LAYOUT)
         require_pillow()
         frames_dir, splits_dir = root / "frames", root / "splits"
         for folder in (frames_dir, splits_dir):
