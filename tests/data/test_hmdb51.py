@@ -147,3 +147,11 @@ def test_clips_are_four_dimensional_items_and_a_2d_model_is_refused(tmp_path, ca
                        "--no-progress")
     assert code == 2 and "resnet20 takes 2-d inputs, but --data hmdb51 has 3-d items (clips" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_without_its_split_file_is_refused_not_relabelled(tmp_path):
+    make_hmdb(tmp_path, frames=4)
+    (tmp_path / "splits" / "brush_hair_test_split1.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 class folder\(s\) .* \(e.g. brush_hair\)"):
+        HMDB51Dataset(tmp_path, "test", num_frames=2, image_size=8)
+    HMDB51Dataset(tmp_path, "test", fold=2, num_frames=2, image_size=8)  # fold 2 has both

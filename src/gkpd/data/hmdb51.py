@@ -119,6 +119,15 @@ class HMDB51Dataset(Dataset):
         if not split_files:
             raise FileNotFoundError(f"no *{suffix} files in {splits_dir}; {LAYOUT}")
         self.classes = [p.name[: -len(suffix)] for p in split_files]
+        # labels are the split files' order: a class without one shifts every later label
+        unsplit = sorted({p.name for p in frames_dir.iterdir()
+                          if p.is_dir() and not p.name.startswith(".")} - set(self.classes))
+        if unsplit:
+            raise FileNotFoundError(
+                f"{len(unsplit)} class folder(s) under {frames_dir} have no *{suffix} file in "
+                f"{splits_dir} (e.g. {', '.join(unsplit[:3])}): the labels of the classes "
+                f"after them would shift; {LAYOUT}"
+            )
 
         wanted = _SPLIT_IDS[split]
         clips: list[tuple[list[Path], int]] = []
