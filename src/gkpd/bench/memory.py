@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import signal
+import threading
 
 import torch
 from torch import nn
@@ -77,9 +79,16 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor, timeout: float = 300) -> f
     # follows the live memory instead of what malloc keeps (runs agree to a few percent)
     previous = os.environ.get(_MALLOC_KNOB)
     os.environ[_MALLOC_KNOB] = "65536"
+    # Ctrl-C reaches the whole process group: the child, started with SIGINT ignored, keeps
+    # it ignored (Python installs its handler only where the signal is not ignored), so the
+    # parent alone reports the interruption instead of both printing a traceback
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
         child.start()
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, handler)
         if previous is None:
             del os.environ[_MALLOC_KNOB]
         else:
