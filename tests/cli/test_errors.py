@@ -148,7 +148,10 @@ def test_resume_needs_a_run_and_force_starts_over_cleanly(capsys, monkeypatch, w
     other = _finetune_args(compressed, data, out, "--epochs", "2")
     run_json(capsys, *other)
     code, _, err = run(capsys, *other, "--resume", "--teacher", compressed)
-    assert code == 2 and "--teacher (teacher):" in _one_error_line(err)
+    assert code == 2 and "--teacher: the run distils from another teacher" in _one_error_line(err)
+    code, _, err = run(capsys, *other, "--resume", "--no-distill")
+    assert code == 2 and "--no-distill: the run was started with distillation" in (
+        _one_error_line(err))
 
 
 def test_gkpd_train_refuses_an_out_holding_a_model(capsys, workspace, compressed):
@@ -242,3 +245,25 @@ def test_gkpd_train_on_an_image_folder_has_its_classes(capsys, tmp_path):
              "--no-progress", "--device", "cpu")
     card = json.loads((out / "model.json").read_text())
     assert card["model_kwargs"]["num_classes"] == 3
+
+
+def test_a_data_loader_workers_error_is_its_last_line(capsys, monkeypatch):
+    """With --workers, torch wraps a worker's error in a message holding the worker's whole
+    traceback (torch.utils.data._utils.ExceptionWrapper): the CLI prints its last line."""
+    import argparse
+
+    from gkpd import cli
+
+    def fails(args):
+        raise ValueError(
+            "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most "
+            "recent call last):\n  File \"x.py\", line 1, in f\n    decode()\nValueError: "
+            "image /data/val/cat/3.png is corrupt or truncated"
+        )
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=fails, command="eval", verbose=False)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == ("gkpd eval: error: ValueError: image /data/val/cat/3.png "
+                                       "is corrupt or truncated\n")

@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(args: argparse.Namespace, error: Exception | str, status: int) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "benchmark", None))))
-    print(f"gkpd {command}: error: {error}", file=sys.stderr)
+    text = str(error).strip()
+    if "Original Traceback" in text:  # a DataLoader worker's: torch puts its traceback in
+        text = text.splitlines()[-1]  # the message; its last line is the error
+    print(f"gkpd {command}: error: {text}", file=sys.stderr)
     return status
 
 

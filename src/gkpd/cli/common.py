@@ -42,6 +42,17 @@ _SETTING_FLAGS = {"samples_per_epoch": "--train-subset", "distillation": "--no-d
                   "teacher": "--teacher", "feature_pairs": "--feature-layers"}
 
 
+def _described_change(name: str, recorded: Any, given: Any) -> str:
+    """One changed setting of a refused --resume, by the flag that sets it."""
+    if name == "distillation":  # a flag that is present or not: say which run was which
+        started = "with" if recorded else "without"
+        return f"--no-distill: the run was started {started} distillation"
+    if name == "teacher":  # digests of the weights: saying that they differ is enough
+        return "--teacher: the run distils from another teacher"
+    flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} ({name}): {recorded!r} recorded, {given!r} given"
+
+
 @contextmanager
 def resumable(out: Path, *, resume: bool, force: bool = False) -> Iterator[None]:
     """Around a run that checkpoints in ``out``: Ctrl-C becomes :class:`Interrupted`, saying
@@ -64,11 +75,8 @@ def resumable(out: Path, *, resume: bool, force: bool = False) -> Iterator[None]
     try:
         yield
     except ResumeMismatch as error:
-        changes = "; ".join(
-            f"{_SETTING_FLAGS.get(name, '--' + name.replace('_', '-'))} ({name}): "
-            f"{recorded!r} recorded, {given!r} given"
-            for name, (recorded, given) in error.changes.items()
-        )
+        changes = "; ".join(_described_change(name, recorded, given)
+                            for name, (recorded, given) in error.changes.items())
         raise CliError(
             f"--resume: the run in {out} was started with other settings ({changes}); "
             "rerun with the recorded values, or start over in another --out"
