@@ -59,9 +59,8 @@ def _mergeable(module: nn.Module) -> bool:
 
 
 def _dense_of(module: nn.Module) -> nn.Module:
-    if not callable(getattr(module, "to_dense", None)):  # a Conv1D's linear, left dense
-        return as_transposed(module)
-    dense = module.to_dense()
+    # a Conv1D's linear left dense is its own dense layer (made a Conv1D again below)
+    dense = module.to_dense() if callable(getattr(module, "to_dense", None)) else module
     if not isinstance(dense, nn.Module):
         raise TypeError(
             f"{type(module).__name__}.to_dense() returned a {type(dense).__name__}, "

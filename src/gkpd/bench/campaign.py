@@ -83,12 +83,11 @@ def collect_rows(out: str | Path, *, train_size: int | None = None) -> dict[str,
             dense = _read(directory / f"{DENSE}.json")
         for path in sorted(directory.glob(f"*/{RESULT_FILE}")):
             cell = _read(path, ("status",))
-            if cell["status"] == "ok":
-                _require(cell, path, ("method", "ratio", "accuracy_after"))
-            if cell.get("status") != "ok":
+            if cell["status"] != "ok":
                 failed.append({"dir": f"{directory.name}/{path.parent.name}",
                                "error": cell.get("error")})
                 continue
+            _require(cell, path, ("method", "ratio", "accuracy_after"))
             row = {key: cell.get(key) for key in _ROW_KEYS}
             row["seed"] = budget["seed"]
             row["epochs"] = cell.get("epochs", budget["epochs"])

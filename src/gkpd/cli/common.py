@@ -369,9 +369,13 @@ def check_classes(card: dict[str, Any], dataset, data: str) -> None:
     outputs = (card.get("model_kwargs") or {}).get("num_classes")
     classes = classes_of(dataset, data)
     if outputs is not None and classes > outputs:
-        trained_on = f"; it was trained on {card['dataset']}" if card.get("dataset") else ""
         raise CliError(f"--data {data} has {classes} classes, but the model has {outputs} "
-                       f"outputs{trained_on}")
+                       f"outputs{_trained_on(card)}")
+
+
+def _trained_on(card: dict[str, Any]) -> str:
+    """``"; it was trained on DATA"`` for an error's end, where the card says."""
+    return f"; it was trained on {card['dataset']}" if card.get("dataset") else ""
 
 
 def check_data(card: dict[str, Any], data: str, doing: str) -> None:
@@ -386,10 +390,9 @@ def check_data(card: dict[str, Any], data: str, doing: str) -> None:
         card.get("model_kwargs") or {}
     ).get("in_channels")
     if channels is not None and channels != info.in_channels:
-        trained_on = f"; it was trained on {card['dataset']}" if card.get("dataset") else ""
         raise CliError(
             f"the model takes {channels}-channel inputs, but --data {data} has "
-            f"{info.in_channels}-channel images{trained_on}"
+            f"{info.in_channels}-channel images{_trained_on(card)}"
         )
     if card.get("dataset") not in (None, data):
         log.warning("model was trained on %s, %s on %s", card["dataset"], doing, data)

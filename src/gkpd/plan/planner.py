@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from gkpd.calibration import Calibration, collect_covariances
-from gkpd.counting import counts_itself, module_macs, module_params
+from gkpd.counting import counts_itself, module_params
 from gkpd.layers.attention import with_unpacked_layers
 from gkpd.methods import (
     LayerContext,
@@ -283,8 +283,7 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Requ
     for name, call in calls.items():
         module = call.module
         entry = dense_entry(name, call)
-        per_sample = entry.input_shape
-        per_call = module_macs(module, per_sample)  # at the first call's size
+        per_sample, per_call = entry.input_shape, call.first_call_macs()
         search.entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
         if not reason and tied_reason(name, tied):

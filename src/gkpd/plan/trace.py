@@ -45,13 +45,17 @@ class LayerCall:
     def dense_macs(self) -> int:
         return self.macs_of(self.module)
 
+    def first_call_macs(self) -> int:
+        """MACs per sample of the module's first call."""
+        return module_macs(self.module, per_sample(self.input_shape))
+
     def over_calls(self, macs: int) -> int:
         """``macs`` of a replacement's call at the first call's size, over every call: the
         same count per call when all calls have that size, else scaled as the dense
         layer's MACs are at each call's size."""
         if self.one_size:
             return macs * self.calls
-        first = module_macs(self.module, per_sample(self.input_shape))
+        first = self.first_call_macs()
         return round(macs * self.dense_macs() / first) if first else macs * self.calls
 
 
