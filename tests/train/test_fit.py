@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -280,6 +281,19 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path):
     history = fit(model, _blobs_loader(), epochs=2, checkpoint_dir=tmp_path, resume=True,
                   progress=False, device="cpu", lr=0.05)
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_trains_from_the_start_and_says_so(tmp_path, caplog):
+    torch.manual_seed(0)
+    resumed = nn.Linear(4, 2)
+    fresh = copy.deepcopy(resumed)
+    with caplog.at_level(logging.INFO, logger="gkpd.train.loop"):
+        history = fit(resumed, _blobs_loader(), epochs=1, checkpoint_dir=tmp_path / "run",
+                      resume=True, progress=False, device="cpu", lr=0.05)
+    assert [h["epoch"] for h in history] == [1]
+    assert "no checkpoint at" in caplog.text and "training from the start" in caplog.text
+    fit(fresh, _blobs_loader(), epochs=1, progress=False, device="cpu", lr=0.05)
+    assert torch.equal(resumed.weight, fresh.weight)
 
 
 def test_after_epoch_may_resize_the_next_draw_and_the_schedule_follows():

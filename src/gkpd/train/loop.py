@@ -111,10 +111,11 @@ def fit(
     name -> teacher name) is added. ``eval_loader`` is scored by :func:`evaluate` with the same
     teacher, ``loss_fn`` and ``metrics``. With ``checkpoint_dir``, the state is written
     atomically after every epoch and ``resume=True`` continues from it, ending with the same
-    weights as an unbroken run; ``loss_fn`` and ``metrics`` are code, not saved state: pass the
-    same ones again. Under ``torchrun`` the model is wrapped in DistributedDataParallel, each
-    rank reads its own shard, and rank 0 writes the files. :func:`fit_with` is the same with
-    the settings grouped.
+    weights as an unbroken run (with no checkpoint there yet, it trains from the start, as a
+    run stopped before its first epoch ended must); ``loss_fn`` and ``metrics`` are code, not
+    saved state: pass the same ones again. Under ``torchrun`` the model is wrapped in
+    DistributedDataParallel, each rank reads its own shard, and rank 0 writes the files.
+    :func:`fit_with` is the same with the settings grouped.
     """
     unknown = set(options) - {f for f in FitConfig.__dataclass_fields__ if f != "epochs"}
     if unknown:
@@ -215,8 +216,12 @@ def _set_up(
     settings = _run_settings(config, train_loader, teacher)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if run.resume and checkpoint_path is not None and checkpoint_path.exists():
-        history, start_epoch = _resume(model, optimizer, checkpoint_path, settings)
+    if run.resume and checkpoint_path is not None:
+        if checkpoint_path.exists():
+            history, start_epoch = _resume(model, optimizer, checkpoint_path, settings)
+        else:  # a run restarted after it was stopped before its first epoch ended
+            log.info("no checkpoint at %s to resume from: training from the start",
+                     checkpoint_path)
 
     loader = (
         distributed.distributed_loader(train_loader, config.seed)
