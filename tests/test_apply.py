@@ -113,6 +113,23 @@ def test_compressed_encoder_at_full_rank_is_the_dense_one(method, batch_first):
         torch.testing.assert_close(got[keep], expected[keep], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_an_encoder_compresses_with_calibration(sequential):
+    # the calibration runs the model with its attention unpacked: the transformer layers
+    # must run through it then, not only once every layer is replaced
+    torch.manual_seed(0)
+    dense = Encoder().eval()
+    x, data = torch.randn(2, 6, E), torch.randn(16, 6, E)
+    compressed, plan = gkpd.compress(
+        dense, x, ratio=1.3, calibration=gkpd.Calibration(data, sequential=sequential)
+    )
+    assert any(".self_attn.q_proj" in e.name for e in plan.compressed_layers)
+    assert isinstance(compressed.encoder.layers[0].self_attn, UnpackedMultiheadAttention)
+    with torch.no_grad():
+        out = compressed(x)
+    assert out.shape == (2, 6, 4) and torch.isfinite(out).all()
+
+
 def test_compressed_transformer_trains_and_evaluates_at_2x():
     torch.manual_seed(0)
     dense = nn.Transformer(E, 2, 1, 1, 64, dropout=0.1, batch_first=True)

@@ -126,6 +126,9 @@ def apply_(
         get_method(entry.method)  # an unknown or unavailable method fails before any change
     for name, module in replacements.items():
         model.set_submodule(name, module)
+    # the calibration runs the model: a transformer layer holding an unpacked attention must
+    # already run through it
+    unfuse(model)
     if calibrated:
         _apply_calibrated(model, compression_plan, settings, calibration)
     elif isinstance(whole_model, ModelMethod):  # whole-model methods (prune) replay the plan

@@ -237,7 +237,12 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Make, in place, every ``nn.TransformerEncoderLayer`` whose attention or feed-forward
     layers were replaced run through them (:class:`UnfusedTransformerEncoderLayer`), and turn
     off the nested-tensor path of the ``nn.TransformerEncoder`` holding it (that path needs
-    the fused layers). Returns ``model``."""
+    the fused layers). Returns ``model``.
+
+    The outputs at the positions ``src_key_padding_mask`` masks are then those of torch's
+    unfused path (computed from the padding tokens, as in training mode), where the nested
+    path of a dense encoder in eval mode returns zeros: pool with the mask, not by trusting
+    padded positions to be zero."""
     _unfuse(list(model.modules()))
     return model
 
