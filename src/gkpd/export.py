@@ -25,6 +25,8 @@ import inspect
 import logging
 import math
 import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,8 +134,8 @@ def _check_input(where: str, value: Any, constants: tuple[type, ...]) -> None:
 
 
 def _as_call(example_input: Any, model: nn.Module) -> ModelCall:
-    """The example input as a call of batched tensors, all of one batch size, that fits
-    ``model.forward``; a list counts as a tuple of positional inputs."""
+    """The example input as a call that fits ``model.forward``; a list counts as a tuple of
+    positional inputs."""
     if isinstance(example_input, list):
         example_input = tuple(example_input)
     call = ModelCall.of(example_input)
@@ -141,11 +143,6 @@ def _as_call(example_input: Any, model: nn.Module) -> ModelCall:
         _check_input(f"example_input[{i}]", value, ())
     for key, value in call.kwargs.items():
         _check_input(f"example_input[{key!r}]", value, _CONSTANTS)
-    batches = {int(t.shape[0]) for t in call.tensors()}
-    if len(batches) != 1:
-        raise ValueError(
-            f"example_input tensors must share the batch size (dim 0), got {sorted(batches)}"
-        )
     if call.kwargs:
         try:
             inspect.signature(model.forward).bind(*call.args, **call.kwargs)
@@ -155,12 +152,21 @@ def _as_call(example_input: Any, model: nn.Module) -> ModelCall:
     return call
 
 
+def _batch_of(call: ModelCall) -> int:
+    """The batch size: dim 0 of the first input. An input whose dim 0 differs (an (L, L)
+    attention mask) is not batched: it keeps its shape in the file."""
+    return int(call.tensors()[0].shape[0])
+
+
 def _resized(call: ModelCall, batch: int, seed: int = 0) -> ModelCall:
     """Inputs like ``call``'s with another batch size (random for floats, repeated
-    otherwise)."""
+    otherwise); inputs that are not batched stay as they are."""
     gen = torch.Generator().manual_seed(seed)
+    old = _batch_of(call)
 
     def resize(arg: Tensor) -> Tensor:
+        if arg.shape[0] != old:
+            return arg
         if arg.is_floating_point():
             shape = (batch, *arg.shape[1:])
             return torch.randn(shape, generator=gen, dtype=arg.dtype).to(arg.device)
@@ -172,18 +178,27 @@ def _resized(call: ModelCall, batch: int, seed: int = 0) -> ModelCall:
 def _trace_inputs(model: nn.Module, call: ModelCall,
                   dynamic_batch: bool) -> tuple[ModelCall, tuple | dict | None]:
     """The inputs to trace with, and ``dynamic_shapes`` for ``torch.export``: one per
-    positional input, or (with keyword inputs) by the names of ``model.forward``'s arguments.
+    positional input, or (with keyword inputs) by the names of ``model.forward``'s arguments;
+    dim 0 of every batched input (:func:`_batch_of`) is the symbolic ``batch``.
 
     torch.export specializes dims of size 1, so an example batch of 1 would fix the batch
     size: it is traced as a batch of 2 (the example twice) instead."""
     if not dynamic_batch:
         return call, None
-    if call.tensors()[0].shape[0] == 1:
-        call = call.map(lambda t: torch.cat([t, t]))
-    batch = torch.export.Dim("batch")
+    batch = _batch_of(call)
+    unbatched = {int(t.shape[0]) for t in call.tensors() if t.shape[0] != batch}
+    if unbatched:  # a mask of shape (L, L), or a mistake: say which
+        warnings.warn(
+            f"example_input ({call.describe()}): inputs whose dim 0 is not the first input's "
+            f"batch size {batch} are exported with their fixed shapes", stacklevel=3,
+        )
+    if batch == 1:
+        batch = next(b for b in range(2, 3 + len(unbatched)) if b not in unbatched)
+        call = call.map(lambda t: torch.cat([t] * batch) if t.shape[0] == 1 else t)
+    symbol = torch.export.Dim("batch")
 
     def spec(value: Any) -> dict | None:
-        return {0: batch} if isinstance(value, Tensor) else None
+        return {0: symbol} if isinstance(value, Tensor) and value.shape[0] == batch else None
 
     if not call.kwargs:
         return call, tuple(spec(a) for a in call.args)
@@ -201,7 +216,25 @@ def export_program(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     call, dynamic_shapes = _trace_inputs(model, _as_call(example_input, model), dynamic_batch)
-    return torch.export.export(model, call.args, call.kwargs, dynamic_shapes=dynamic_shapes)
+    try:
+        return torch.export.export(model, call.args, call.kwargs, dynamic_shapes=dynamic_shapes)
+    except Exception as error:
+        raise _not_exported(model, error, "torch.export.export") from error
+
+
+def _not_exported(model: nn.Module, error: Exception, exporter: str) -> ValueError:
+    """A short error for an exporter's failure (torch's messages run to pages: the graph
+    printed whole), its first lines kept."""
+    while error.__cause__ is not None:  # torch.onnx wraps the cause in "next steps"
+        error = error.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()][:2]
+    return ValueError(
+        f"{exporter} failed on {type(model).__name__} ({type(error).__name__}: "
+        f"{' '.join(lines)[:400]}). Models that torch.export cannot trace (e.g. "
+        "nn.TransformerEncoder given a mask tensor, which it compares with a causal mask) fail "
+        "alike uncompressed"
+    )
 
 
 # ----------------------------------------------------------------------------- onnx
@@ -367,7 +400,7 @@ def _verify(tmp: str, model: nn.Module, call: ModelCall, dynamic_batch: bool,
             atol: float, rtol: float) -> float:
     _, ort = _require_onnx()
     session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-    batch = int(call.tensors()[0].shape[0])
+    batch = _batch_of(call)
     worst = _compare(session, model, call, atol, rtol, f"example input, batch {batch}")
     if dynamic_batch:
         other = batch + 4
@@ -393,7 +426,9 @@ def to_onnx(
     The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript),
     at ``opset`` (default: :func:`default_opset`). ``example_input`` is a tensor, a tuple (or
     list) of tensors, or a dict of keyword inputs (tensors, or constants such as flags), batch
-    first; with ``dynamic_batch`` dim 0 of every input and output is the symbolic ``batch``.
+    first; with ``dynamic_batch`` dim 0 of every input and output is the symbolic ``batch``
+    (an input whose dim 0 is not the first input's, such as an (L, L) attention mask, keeps its
+    shape: give an example batch size that differs from its dim 0).
     Positional inputs are named ``input`` (``input_0``, ... for several) in the file, keyword
     inputs by their names. The model is exported in eval mode (every module's mode is restored
     after).
@@ -441,7 +476,7 @@ def to_onnx(
                     "the model returns a Hugging Face key/value cache (past_key_values), which "
                     "torch.export cannot export: add use_cache=False to example_input"
                 ) from error
-            raise
+            raise _not_exported(model, error, "torch.onnx.export") from error
         _optimize(program)
         proto = program.model_proto
         if not keep_debug_info:
