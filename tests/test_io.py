@@ -282,6 +282,22 @@ def test_missing_directory_and_foreign_directory(tmp_path):
         io.load(tmp_path, dense_model())
 
 
+def test_a_file_of_a_save_is_refused_naming_the_save(tmp_path):
+    directory, _, _ = saved(tmp_path)
+    with pytest.raises(NotADirectoryError, match=rf"plan.json is a file: .*\({directory}\)"):
+        io.load(directory / "plan.json", dense_model())
+
+
+def test_loading_into_a_model_of_another_dtype_warns(tmp_path):
+    directory, model, _ = saved(tmp_path)
+    with pytest.warns(UserWarning, match=r"loaded torch.float32 as torch.float64"):
+        loaded = io.load(directory, dense_model().double())
+    assert loaded.fc.a.dtype == torch.float64  # load_state_dict's cast, now said
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(loaded.state_dict()[key].float(), value), key
+
+
 def test_nothing_is_unpickled(tmp_path, monkeypatch):
     directory, _, _ = saved(tmp_path)
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gkpd.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
@@ -172,6 +173,21 @@ def save(
     return path
 
 
+def _warn_of_casts(model: nn.Module, state: dict[str, Tensor], weights_path: Path) -> None:
+    """Warn where ``load_state_dict`` would cast a saved floating tensor to the model's dtype
+    (a float64 save loaded into a float32 model loses precision without a word)."""
+    own = model.state_dict()
+    casts = sorted({(str(t.dtype), str(own[k].dtype)) for k, t in state.items()
+                    if k in own and t.is_floating_point() and t.dtype != own[k].dtype})
+    if casts:
+        pairs = ", ".join(f"{saved} as {into}" for saved, into in casts)
+        warnings.warn(
+            f"{weights_path} holds weights of another dtype than the model's: loaded {pairs}. "
+            "Convert the model first (model.to(dtype)) to keep them as saved",
+            stacklevel=3,
+        )
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -247,6 +263,12 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(
+            f"{path} is a file: gkpd.load reads the directory that gkpd.save wrote"
+            + (f" ({path.parent})" if path.name in (PLAN_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+               else "")
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"saved model directory {path} does not exist")
     manifest = _read_manifest(path)
@@ -271,6 +293,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{plan_path} cannot be applied: {error}") from error
     check_state_dict_matches(model, state, str(weights_path))
+    _warn_of_casts(model, state, weights_path)
     model.load_state_dict(state, strict=True)
     log.info(
         "loaded %s: %d compressed layers, %.2fx fewer parameters",
