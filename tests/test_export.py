@@ -120,6 +120,25 @@ def test_merge_compressed_resnet_float64():
     torch.testing.assert_close(merged(x), compressed(x), rtol=1e-10, atol=1e-10)
 
 
+def test_merge_gives_a_compressed_encoder_torchs_modules_back():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    dense = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 5, 16)
+    compressed, plan = gkpd.compress(dense, x, ratio=1.5, min_params=0)
+    assert any(".self_attn.q_proj" in e.name for e in plan.compressed_layers)
+    merged = merge(compressed)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in dense.modules()]
+    assert merged.use_nested_tensor == dense.use_nested_tensor
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, -2:] = True
+    with torch.no_grad():  # torch's fused kernels and nested path run the merged model
+        got, expected = merged(x, src_key_padding_mask=padding), compressed(
+            x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-4, atol=1e-5)
+    torch.jit.script(merged)  # torch's modules script
+
+
 def test_merge_rejects_non_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         merge("resnet32")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from gkpd.files import atomic_write
 from gkpd.inputs import ModelCall, eval_mode, output_tensors
+from gkpd.layers.attention import fuse_again
 from gkpd.transposed_linear import as_transposed, stored_transposed
 
 __all__ = ["OnnxVerificationError", "default_opset", "export_program", "merge", "to_onnx"]
@@ -89,7 +90,9 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     :mod:`gkpd.layers.recurrent_cells`) becomes torch's module where
     its gate layers are dense once merged (not where one is the svd baseline's), and a
     transformers ``Conv1D`` that was planned as a linear becomes a ``Conv1D`` again
-    (:mod:`gkpd.transposed_linear`). The merged model computes the same function with the
+    (:mod:`gkpd.transposed_linear`); an unpacked attention becomes ``nn.MultiheadAttention``
+    and the transformer layers holding it run torch's fused kernels again
+    (:func:`gkpd.layers.attention.fuse_again`). The merged model computes the same function with the
     dense architecture's parameter count.
     ``inplace=False`` (default) works on a deep copy; forward hooks registered on
     the replaced layers do not carry over.
@@ -112,6 +115,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 merged[id(child)] = _dense_of(child)
                 count += merged[id(child)] is not child
             setattr(parent, name, merged[id(child)])
+    fuse_again(model)  # transformer layers of torch's modules again run torch's fused kernels
     log.info("merged %d factorized layers into dense layers", count)
     return model
 

@@ -10,6 +10,7 @@ from torch import nn
 from gkpd.layers.attention import (
     UnfusedTransformerEncoderLayer,
     UnpackedMultiheadAttention,
+    fuse_again,
     unfuse,
     with_unpacked_attention,
     with_unpacked_layers,
@@ -192,6 +193,40 @@ def test_unfuse_converts_only_layers_whose_children_were_replaced():
     with torch.no_grad():
         out = encoder.eval()(torch.randn(N, L, E), src_key_padding_mask=torch.zeros(N, L).bool())
     assert out.shape == (N, L, E)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"kdim": 4, "vdim": 6}, {"bias": False}, {"add_bias_kv": True, "add_zero_attn": True},
+])
+def test_to_dense_packs_the_projections_back_into_torchs_attention(options):
+    reference, unpacked = _pair(batch_first=True, **options)
+    unpacked.q_proj.weight.requires_grad_(False)
+    dense = unpacked.to_dense()
+    assert type(dense) is nn.MultiheadAttention and dense.batch_first
+    assert sum(p.numel() for p in dense.parameters()) == sum(
+        p.numel() for p in reference.parameters())
+    assert dense.training == unpacked.training
+    q, k, v = _inputs(True, options.get("kdim", E), options.get("vdim", E))
+    _assert_same(reference, dense, q, k, v)
+    frozen = dense.in_proj_weight if dense.in_proj_weight is not None else dense.q_proj_weight
+    assert not frozen.requires_grad
+    unpacked.v_proj = nn.Sequential(nn.Linear(options.get("vdim", E), 2), nn.Linear(2, E))
+    assert unpacked.to_dense() is unpacked  # a projection without a dense form
+
+
+def test_fuse_again_undoes_unfuse_once_the_children_are_torchs():
+    encoder = _encoder()
+    linear1 = encoder.layers[1].linear1
+    encoder.layers[1].linear1 = nn.Sequential(nn.Linear(E, 4), nn.Linear(4, 16))
+    unfuse(encoder)
+    unfuse(encoder)  # a second unfuse keeps what the first recorded
+    fuse_again(encoder)  # a child still replaced: nothing changes
+    assert isinstance(encoder.layers[1], UnfusedTransformerEncoderLayer)
+    assert not encoder.use_nested_tensor
+    encoder.layers[1].linear1 = linear1
+    assert fuse_again(encoder) is encoder
+    assert type(encoder.layers[1]) is nn.TransformerEncoderLayer
+    assert encoder.use_nested_tensor == _encoder().use_nested_tensor
 
 
 def test_with_unpacked_layers_keeps_a_model_without_attention():

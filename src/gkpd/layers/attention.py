@@ -32,12 +32,14 @@ from torch import Tensor, nn
 
 from gkpd.attention_counting import attention_products_macs
 from gkpd.layers.base import fx_leaf_call, refuse_script
+from gkpd.layers.gates import dense_linear
 from gkpd.layers.recurrent import UNPACKED_RECURRENT
 from gkpd.layers.recurrent_cells import UNPACKED_CELLS
 from gkpd.transposed_linear import as_linear, is_transposed_linear
 
 __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention",
-           "unfuse", "unpackable", "unpacked", "with_unpacked_attention", "with_unpacked_layers"]
+           "fuse_again", "unfuse", "unpackable", "unpacked", "with_unpacked_attention",
+           "with_unpacked_layers"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -123,6 +125,42 @@ class UnpackedMultiheadAttention(nn.Module):
                 if getattr(module, name) is not None:
                     getattr(new, name).copy_(getattr(module, name))
         return new.train(module.training)
+
+    def to_dense(self) -> nn.Module:
+        """The ``nn.MultiheadAttention`` computing the same function (what
+        :func:`gkpd.export.merge` puts in its place: torch's fused kernels run it), its
+        projections made dense where they are Kronecker layers; this module itself where a
+        projection has no dense form (the svd baseline's two linears)."""
+        layers = [dense_linear(getattr(self, name)) for name in _PROJECTIONS]
+        if any(linear is None for linear in layers):
+            return self
+        q, k, v, out = layers
+        module = nn.MultiheadAttention(
+            self.embed_dim, self.num_heads, self.dropout, out.bias is not None,
+            self.bias_k is not None, self.add_zero_attn, self.kdim, self.vdim, self.batch_first,
+            device=out.weight.device, dtype=out.weight.dtype,
+        )
+        with torch.no_grad():
+            if module.in_proj_weight is not None:
+                module.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+                module.in_proj_weight.requires_grad_(q.weight.requires_grad)
+            else:
+                for name, linear in zip(("q", "k", "v"), (q, k, v), strict=True):
+                    weight = getattr(module, f"{name}_proj_weight")
+                    weight.copy_(linear.weight)
+                    weight.requires_grad_(linear.weight.requires_grad)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+                module.in_proj_bias.requires_grad_(q.bias.requires_grad)
+            module.out_proj.weight.copy_(out.weight)
+            module.out_proj.weight.requires_grad_(out.weight.requires_grad)
+            if out.bias is not None:
+                module.out_proj.bias.copy_(out.bias)
+                module.out_proj.bias.requires_grad_(out.bias.requires_grad)
+            for name in ("bias_k", "bias_v"):
+                if getattr(self, name) is not None:
+                    getattr(module, name).copy_(getattr(self, name))
+        return module.train(self.training)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -233,6 +271,27 @@ def _fusable(layer: nn.TransformerEncoderLayer) -> bool:
             and isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear))
 
 
+def fuse_again(model: nn.Module) -> nn.Module:
+    """Undo :func:`unfuse` where it is no longer needed, in place: every
+    :class:`UnfusedTransformerEncoderLayer` whose children are torch's again (after
+    :func:`gkpd.export.merge`) becomes an ``nn.TransformerEncoderLayer``, and an
+    ``nn.TransformerEncoder`` of such layers gets back the nested-tensor path it had. Returns
+    ``model``."""
+    modules = list(model.modules())
+    for module in modules:
+        if type(module) is UnfusedTransformerEncoderLayer and _fusable(module):
+            module.__class__ = nn.TransformerEncoderLayer
+    for module in modules:
+        had = module.__dict__.pop("_gkpd_use_nested_tensor", None)
+        if had is not None and not any(
+            isinstance(layer, UnfusedTransformerEncoderLayer) for layer in module.layers
+        ):
+            module.use_nested_tensor = had
+        elif had is not None:
+            module._gkpd_use_nested_tensor = had
+    return model
+
+
 def unfuse(model: nn.Module) -> nn.Module:
     """Make, in place, every ``nn.TransformerEncoderLayer`` whose attention or feed-forward
     layers were replaced run through them (:class:`UnfusedTransformerEncoderLayer`), and turn
@@ -256,6 +315,8 @@ def _unfuse(modules: list[nn.Module]) -> None:
         if isinstance(module, nn.TransformerEncoder) and any(
             isinstance(layer, UnfusedTransformerEncoderLayer) for layer in module.layers
         ):
+            # kept for fuse_again(), once (a second unfuse must not record its own False)
+            module.__dict__.setdefault("_gkpd_use_nested_tensor", module.use_nested_tensor)
             module.use_nested_tensor = False
 
 
