@@ -203,6 +203,25 @@ def test_to_onnx_verification_failure_leaves_no_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]  # no temp file left
 
 
+def test_an_onnxruntime_failure_is_a_verification_error_with_a_hint():
+    from types import SimpleNamespace
+
+    from gkpd.export import _compare
+    from gkpd.inputs import ModelCall
+
+    class FailingSession:  # what onnxruntime does with an operator it cannot run
+        def get_inputs(self):
+            return [SimpleNamespace(name="input")]
+
+        def run(self, outputs, feeds):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Attention node failed")
+
+    with pytest.raises(OnnxVerificationError,
+                       match=r"could not run .*Attention node failed.*opset=18"):
+        _compare(FailingSession(), nn.Identity(), ModelCall.of(torch.randn(2, 3)), 1e-4, 1e-3,
+                 "example input")
+
+
 def test_to_onnx_argument_errors(tmp_path):
     model, x = small_compressed(), torch.randn(1, 4, 6, 6)
     with pytest.raises(ValueError, match="path .* is a directory"):

@@ -374,7 +374,15 @@ def _compare(session, model: nn.Module, call: ModelCall, atol: float, rtol: floa
     names = [i.name for i in session.get_inputs()]
     feeds = {name: arg.detach().cpu().numpy()
              for name, arg in zip(names, call.tensors(), strict=True)}
-    got = session.run(None, feeds)
+    try:
+        got = session.run(None, feeds)
+    except Exception as error:  # onnxruntime's own errors (Fail, InvalidArgument, ...)
+        first = str(error).strip().splitlines()[0][:400] if str(error).strip() else ""
+        raise OnnxVerificationError(
+            f"onnxruntime could not run the exported model ({what}): {type(error).__name__}: "
+            f"{first}. An operator of a newer opset may be beyond this onnxruntime: try an "
+            f"older opset (opset={_MIN_OPSET}), or verify=False to keep the file unchecked"
+        ) from error
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in output_tensors(call.run(model))]
     if len(got) != len(expected):
