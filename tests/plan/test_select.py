@@ -35,3 +35,20 @@ def test_method_settings_pass_through_and_force_the_layer():
 def test_bad_override_forms_are_refused(overrides, error, match):
     with pytest.raises(error, match=match):
         _select(overrides)
+
+
+def test_a_pattern_may_name_a_module_holding_layers():
+    layers = {"rnn.l0.ih": nn.Linear(8, 32), "rnn.l0.hh": nn.Linear(8, 32),
+              "rnn_head": nn.Linear(8, 8), "head": nn.Linear(8, 4)}
+
+    def reasons(**patterns):
+        options = {"include": None, "exclude": None, **patterns}
+        return select_layers(layers, overrides=None, first_layer=None, min_params=0,
+                             **options).reasons
+
+    assert [n for n, r in reasons(include="rnn").items() if r is None] == [
+        "rnn.l0.ih", "rnn.l0.hh"]  # not rnn_head: a parent's name ends at a dot
+    assert [n for n, r in reasons(exclude=["rnn.l0"]).items() if r is None] == [
+        "rnn_head", "head"]
+    with pytest.raises(ValueError, match="a pattern is such a layer's type .* or a parent's"):
+        reasons(include="LSTM")

@@ -159,14 +159,16 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="PATTERN",
         default=None,
-        help="compress only these layers: module type (Conv2d), name, or re:REGEX; repeatable",
+        help="compress only these layers: layer type (Conv2d), name of a layer or of a module "
+             "holding layers, or re:REGEX; repeatable",
     )
     p.add_argument(
         "--exclude",
         action="append",
         metavar="PATTERN",
         default=None,
-        help="keep these layers dense: module type, name, or re:REGEX; repeatable",
+        help="keep these layers dense: layer type, name of a layer or of a module holding layers, "
+             "or re:REGEX; repeatable",
     )
     p.add_argument("--min-params", type=_count, default=None, metavar="N",
                    help="keep layers with fewer than N weights dense (default: 1024)")

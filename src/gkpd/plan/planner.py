@@ -99,7 +99,8 @@ def plan(
     summed squared relative error; a layer may stay dense); by default uniform, near_uniform
     where the uniform rank steps miss the ratio, and global where that misses it too (logged
     at INFO; the plan's ``strategy`` says which and ``options["uniform_error"]`` why). ``include`` /
-    ``exclude``: module types, names or ``"re:"`` regexes; ``overrides``: per layer name,
+    ``exclude``: layer types, names of layers or of modules holding them, or ``"re:"``
+    regexes; ``overrides``: per layer name,
     ``"skip"`` or a dict of settings the method fixes for that layer (gkpd: ``a_shape``
     and optionally ``rank``; svd, cp, tensor_train, tensor_ring: ``rank``; tucker:
     ``ranks``). Unless

@@ -34,12 +34,15 @@ def as_pattern_list(patterns: Pattern | Iterable[Pattern] | None, argument: str)
 
 
 def matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
-    """Whether module ``name`` (``module``) is one that ``pattern`` names."""
+    """Whether module ``name`` (``module``) is one that ``pattern`` names: its type (a class,
+    or the class's name), its name or the name of a module holding it (``"rnn"`` names the
+    gate layers ``rnn.l0.ih``, ``rnn.l0.hh``, ...), or a regex (``"re:..."``) its whole name
+    matches."""
     if isinstance(pattern, type):
         return isinstance(module, pattern)
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    return pattern == name or pattern == type(module).__name__
+    return pattern in (name, type(module).__name__) or name.startswith(pattern + ".")
 
 
 def check_patterns(patterns: list[Pattern], argument: str) -> None:
@@ -112,7 +115,8 @@ def select_layers(
             if not any(matches(p, n, m) for n, m in layers.items()):
                 raise ValueError(
                     f"{argument} pattern {p!r} matches no conv, linear or embedding layer the "
-                    "model calls "
+                    "model calls: a pattern is such a layer's type (Linear), its name or a "
+                    "parent's, or 're:' and a regex of its name "
                     f"(layers: {', '.join(list(layers)[:8])}{' ...' if len(layers) > 8 else ''})"
                 )
     clean_overrides: dict[str, dict[str, Any]] = {}
