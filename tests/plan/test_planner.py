@@ -264,3 +264,46 @@ def test_a_layer_called_at_several_sizes_is_counted_at_each(method):
         name = layer.name.split(".")[0]
         counted[name] = counted.get(name, 0) + layer.macs
     assert {e.name: e.macs for e in plan.layers} == counted
+
+
+class _ScaledEmbedding(nn.Embedding):  # as Gemma's word embedding: the lookup, scaled
+    def forward(self, ids):
+        return super().forward(ids) * self.embedding_dim ** 0.5
+
+
+class _StandardizedConv(nn.Conv2d):  # as BiT's conv: the weight standardised on every call
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _PlainSubclass(nn.Linear):  # a subclass that computes what nn.Linear does
+    pass
+
+
+class _WithOwnLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = _ScaledEmbedding(200, 32)
+        self.conv = _StandardizedConv(8, 32, 3, padding=1)
+        self.proj = _PlainSubclass(64, 64)
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, ids):
+        x = self.embed(ids).unflatten(2, (8, 4)).transpose(1, 2)  # (N, 8, L, 4)
+        x = self.conv(x).mean((2, 3)).repeat(1, 2)
+        return self.head(self.proj(x))
+
+
+def test_subclasses_with_a_forward_of_their_own_stay_dense_and_say_why():
+    torch.manual_seed(0)
+    model = _WithOwnLayers().eval()
+    ids = torch.randint(0, 200, (2, 7))
+    plan = gkpd.plan(model, ids, ratio=1.2, min_params=0)
+    reasons = {e.name: e.reason for e in plan.layers}
+    assert "_ScaledEmbedding overrides Embedding.forward" in reasons["embed"]
+    assert "_StandardizedConv overrides Conv2d.forward" in reasons["conv"]
+    assert {e.name for e in plan.compressed_layers} == {"proj", "head"}
+    with pytest.raises(ValueError, match=r"overrides\['embed'\] compresses .* overrides"):
+        gkpd.plan(model, ids, ratio=1.2, min_params=0, overrides={"embed": {"rank": 2}})

@@ -45,7 +45,14 @@ from gkpd.plan.objective import (
 )
 from gkpd.plan.request import Request, checked_max_error, resolve, with_min_layer_ratio
 from gkpd.plan.schema import CompressionPlan, LayerPlan
-from gkpd.plan.select import SKIP, Pattern, select_layers, tied_layers, tied_reason
+from gkpd.plan.select import (
+    SKIP,
+    Pattern,
+    own_forward_reason,
+    select_layers,
+    tied_layers,
+    tied_reason,
+)
 from gkpd.plan.trace import LayerCall, Trace, dense_entry, pattern_names, trace, trace_layers
 from gkpd.whiten import has_input_vectors
 
@@ -276,7 +283,8 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Requ
         model,
         {n: c.module for n, c in calls.items()
          if not selection.reasons[n] and not compressor.supports(c.module)
-         and not tied_reason(n, tied) and has_input_vectors(c.module)},
+         and not tied_reason(n, tied) and not own_forward_reason(c.module)
+         and has_input_vectors(c.module)},
         calibration,
     )
     search = _Search()
@@ -287,11 +295,11 @@ def _collect(compressor: LayerMethod, calls: dict[str, LayerCall], request: Requ
         per_sample, per_call = entry.input_shape, call.first_call_macs()
         search.entries[name] = entry
         reason = selection.reasons[name] or compressor.supports(module)
-        if not reason and tied_reason(name, tied):
+        kept = None if reason else tied_reason(name, tied) or own_forward_reason(module)
+        if kept:  # stays dense whatever the overrides say: replacing it would be wrong
             if any(k != SKIP for k in selection.overrides.get(name, {})):
-                raise ValueError(f"overrides[{name!r}] compresses layer {name!r}, but "
-                                 f"{tied_reason(name, tied)}")
-            reason = tied_reason(name, tied)
+                raise ValueError(f"overrides[{name!r}] compresses layer {name!r}, but {kept}")
+            reason = kept
         if reason:
             entry.reason = reason
             continue

@@ -80,6 +80,26 @@ def tied_reason(name: str, tied: Mapping[str, list[str]]) -> str | None:
             "(untie them first to compress)")
 
 
+# the torch layers the methods replace; a subclass that computes something more stays dense
+_TORCH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
+
+
+def own_forward_reason(module: nn.Module) -> str | None:
+    """Why a subclass of a torch layer whose forward is its own (Gemma's scaled word
+    embedding, a weight-standardised conv, a learned positional embedding that takes
+    positions) cannot be replaced: a Kronecker layer computes the torch layer's function and
+    would drop the rest without a word. ``None`` for torch's layers and plain subclasses."""
+    cls = type(module)
+    base = next((c for c in cls.__mro__ if c in _TORCH_LAYERS), None)
+    if base is None or cls is base:
+        return None
+    for method in ("forward", "_conv_forward"):
+        if getattr(cls, method, None) is not getattr(base, method, None):
+            return (f"its class {cls.__name__} overrides {base.__name__}.{method}: a "
+                    "replacement would compute the plain layer's function, not its own")
+    return None
+
+
 @dataclass
 class Selection:
     """Per candidate layer name: ``None`` to compress it, else why it stays dense."""
