@@ -127,6 +127,25 @@ def test_hidden_state_loss_ignores_padding():
     assert hidden_state_loss("mse")(student, target, batch).abs() < 1e-7
 
 
+def test_an_encoder_decoders_states_are_masked_by_the_decoders_mask():
+    # T5's last_hidden_state and logits are the decoder's: the encoder's attention_mask
+    # (here as long as the decoder's input) marks no decoder positions
+    torch.manual_seed(0)
+    states = torch.randn(2, 4, 6)
+    teacher = {"last_hidden_state": states, "encoder_last_hidden_state": torch.randn(2, 4, 6)}
+    student = {**teacher, "last_hidden_state": states.clone()}
+    student["last_hidden_state"][:, 3] += 1.0  # wrong at the last decoder position only
+    encoder_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": encoder_mask}
+    assert attention_mask(batch, student) is None
+    assert hidden_state_loss("mse")(student, teacher, batch) > 0  # not hidden by the mask
+    decoder_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    batch["decoder_attention_mask"] = decoder_mask
+    assert attention_mask(batch, student) is decoder_mask
+    assert hidden_state_loss("mse")(student, teacher, batch).abs() < 1e-7  # decoder padding
+    assert attention_mask(batch, {"last_hidden_state": states}) is encoder_mask
+
+
 def test_mean_pooled_loss_compares_sentence_embeddings_over_the_real_tokens():
     torch.manual_seed(0)
     student, teacher = torch.randn(3, 5, 4), torch.randn(3, 5, 4)

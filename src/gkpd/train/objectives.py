@@ -32,6 +32,7 @@ LossFn = Callable[[Any, Any, Any], torch.Tensor]
 DISTANCES = ("mse", "cosine")
 POOLINGS = ("tokens", "mean")
 MASK_KEY = "attention_mask"
+DECODER_MASK_KEY = "decoder_attention_mask"
 
 
 def check_distance(kind: str, argument: str) -> None:
@@ -60,12 +61,16 @@ def state_tensor(output: Any, what: str) -> torch.Tensor:
     )
 
 
-def attention_mask(batch: Any) -> torch.Tensor | None:
+def attention_mask(batch: Any, output: Any = None) -> torch.Tensor | None:
     """The batch's ``attention_mask`` (1 for tokens, 0 for padding), where its inputs are a
-    mapping that holds one."""
+    mapping that holds one. For an encoder-decoder's ``output`` (one with an
+    ``encoder_last_hidden_state``: T5, BART), whose states and logits are the decoder's, the
+    ``decoder_attention_mask`` instead (``None`` without one: the encoder's mask would mark
+    the wrong positions)."""
     inputs, _ = split_batch(batch)
     if isinstance(inputs, Mapping):
-        mask = inputs.get(MASK_KEY)
+        decoder = isinstance(output, Mapping) and "encoder_last_hidden_state" in output
+        mask = inputs.get(DECODER_MASK_KEY if decoder else MASK_KEY)
         return mask if isinstance(mask, torch.Tensor) else None
     return None
 
@@ -147,7 +152,7 @@ def hidden_state_loss(kind: str = "cosine", pooling: str = "tokens") -> LossFn:
             raise ValueError("hidden_state_loss compares with a teacher: pass teacher=")
         student = state_tensor(student_output, "student output")
         teacher = state_tensor(teacher_output, "teacher output")
-        mask = attention_mask(batch)
+        mask = attention_mask(batch, student_output)
         if pooling == "mean":
             return state_distance(mean_pool(student, mask), mean_pool(teacher, mask),
                                   kind=kind, what="mean-pooled last hidden state")
@@ -191,7 +196,7 @@ def token_logits_loss(temperature: float = 2.0) -> LossFn:
         per_token = F.kl_div(F.log_softmax(student / temperature, -1),
                              F.log_softmax(teacher / temperature, -1),
                              reduction="none", log_target=True).sum(-1)
-        mask = attention_mask(batch)
+        mask = attention_mask(batch, student_output)
         if mask is None or tuple(mask.shape) != tuple(per_token.shape):
             return per_token.mean() * temperature**2
         return masked_mean(per_token, mask) * temperature**2
