@@ -296,6 +296,23 @@ def test_resume_without_a_checkpoint_trains_from_the_start_and_says_so(tmp_path,
     assert torch.equal(resumed.weight, fresh.weight)
 
 
+def test_a_list_of_batches_trains_and_other_loaders_are_named(tmp_path):
+    torch.manual_seed(0)
+    batches = list(_blobs_loader())
+    model = nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    history = fit(model, batches, epochs=2, checkpoint_dir=tmp_path, progress=False,
+                  device="cpu", lr=0.05)
+    assert [h["epoch"] for h in history] == [1, 2] and not torch.equal(model.weight, before)
+    again = fit(model, batches, epochs=2, checkpoint_dir=tmp_path, resume=True,
+                progress=False, device="cpu", lr=0.05)  # finished: nothing left to do
+    assert [h["epoch"] for h in again] == [1, 2]
+    for loader in (torch.randn(8, 4), iter(batches), 3):
+        with pytest.raises(TypeError, match="train_loader must be a DataLoader or a sized "
+                                            "iterable"):
+            fit(nn.Linear(4, 2), loader, epochs=1, progress=False, device="cpu")
+
+
 def test_after_epoch_may_resize_the_next_draw_and_the_schedule_follows():
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     loader = DataLoader(data, batch_size=8, sampler=EpochDraw(data, 64))  # 8 steps, then 4, then 2

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,8 @@ def fit(
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place (SGD, or AdamW with ``optimizer="adamw"``); returns one
-    metrics dict per epoch.
+    metrics dict per epoch. ``train_loader`` is a ``DataLoader`` or, on one process, a list
+    (any sized iterable) of batches.
 
     ``options`` are the fields of :class:`FitConfig` (lr, weight_decay, schedule, alpha, ...).
     Batches are those of :mod:`gkpd.train.batches`: ``(inputs, targets)``, a dict of keyword
@@ -202,6 +203,7 @@ def _set_up(
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     metrics_path = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir else None
 
+    _check_loader(train_loader, is_distributed)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter: every one has "
                          "requires_grad=False")
@@ -254,14 +256,30 @@ def _check_dtypes(model: nn.Module, teacher: nn.Module | None) -> None:
                          f"(teacher.to({dtypes[0]}))")
 
 
+def _check_loader(loader: Any, is_distributed: bool) -> None:
+    """A ``DataLoader``, or (on one process) a sized iterable of batches such as a list: its
+    length sets the learning-rate schedule."""
+    if isinstance(loader, DataLoader):
+        return
+    kind = type(loader).__name__
+    if is_distributed:
+        raise TypeError("under torchrun train_loader must be a torch DataLoader (each rank "
+                        f"draws its share through the loader's sampler), got {kind}")
+    if not (isinstance(loader, Iterable) and hasattr(loader, "__len__")) or isinstance(
+        loader, str | bytes | Mapping | torch.Tensor
+    ):
+        raise TypeError("train_loader must be a DataLoader or a sized iterable of batches (a "
+                        f"list: its length sets the learning-rate schedule), got {kind}")
+
+
 def _run_settings(
-    config: FitConfig, loader: DataLoader, teacher: nn.Module | None
+    config: FitConfig, loader: Iterable, teacher: nn.Module | None
 ) -> dict[str, Any]:
     """The settings that make a run what it is: the :class:`FitConfig`, the batch size and
     training samples per epoch, whether a teacher distils and which (JSON-like values)."""
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-    settings["batch_size"] = loader.batch_size
-    sampler = loader.sampler
+    settings["batch_size"] = getattr(loader, "batch_size", None)  # None: a list of batches
+    sampler = getattr(loader, "sampler", None)
     settings["samples_per_epoch"] = len(sampler) if hasattr(sampler, "__len__") else None
     settings["distillation"] = teacher is not None
     if teacher is not None:
