@@ -10,6 +10,7 @@ import gkpd
 from gkpd.counting import count_model
 from gkpd.export import merge
 from gkpd.inputs import output_tensors
+from gkpd.plan import UnreachableRatio
 from gkpd.transposed_linear import as_linear, is_transposed_linear
 
 transformers = pytest.importorskip("transformers")
@@ -92,3 +93,16 @@ def test_a_conv1d_left_dense_or_pruned_merges_back_to_a_conv1d():
     with torch.no_grad():
         h = torch.randn(2, 3, 32)
         torch.testing.assert_close(back(h), model.get_submodule("transformer.h.0.mlp.c_fc")(h))
+
+
+def test_patterns_name_conv1d_layers_by_either_type():
+    model, tokens = _gpt2(), _tokens()
+    conv1d = transformers.pytorch_utils.Conv1D
+    for pattern in ("Conv1D", conv1d):
+        plan = gkpd.plan(model, tokens, ratio=1.2, include=pattern, min_params=0)
+        names = {e.name for e in plan.compressed_layers}
+        assert names and all(".attn." in n or ".mlp." in n for n in names)
+        # all 8 Conv1D layers excluded: what is left (tied embeddings) cannot reach 1.05
+        with pytest.raises(UnreachableRatio,
+                           match=r"in 8 layers \('transformer.h.0.attn.c_attn'.* excluded"):
+            gkpd.plan(model, tokens, ratio=1.05, exclude=pattern, min_params=0)

@@ -27,14 +27,15 @@ __all__ = ["as_linear", "as_transposed", "is_transposed_linear", "mark_like",
 _MARK = "stored_transposed"
 
 
-def _conv1d_type() -> type[nn.Module] | None:
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class, where transformers is imported (``None`` otherwise)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' ``Conv1D``."""
-    kind = _conv1d_type()
+    kind = conv1d_type()
     return kind is not None and isinstance(module, kind)
 
 
@@ -73,7 +74,7 @@ def as_transposed(linear: nn.Linear) -> nn.Module:
     """The ``Conv1D`` that computes what ``linear`` does (the inverse of :func:`as_linear`)."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    kind = _conv1d_type() or importlib.import_module("transformers.pytorch_utils").Conv1D
+    kind = conv1d_type() or importlib.import_module("transformers.pytorch_utils").Conv1D
     weight, bias = linear.weight, linear.bias
     conv = kind(linear.out_features, linear.in_features).to(weight.device, weight.dtype)
     with torch.no_grad():

@@ -9,8 +9,10 @@ from typing import Any
 
 from torch import nn
 
-# A pattern is a module type (nn.Conv2d), a type name ("Conv2d"), an exact module name
-# ("layer1.0.conv1") or a regular expression over names ("re:layer3\..*").
+from gkpd.transposed_linear import conv1d_type, stored_transposed
+
+# A pattern is a module type (nn.Conv2d), a type name ("Conv2d"), a module name ("layer1.0.conv1",
+# or "layer1": the layers it holds) or a regular expression over names ("re:layer3\..*").
 Pattern = type | str
 
 SKIP = "skip"
@@ -35,14 +37,17 @@ def as_pattern_list(patterns: Pattern | Iterable[Pattern] | None, argument: str)
 
 def matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
     """Whether module ``name`` (``module``) is one that ``pattern`` names: its type (a class,
-    or the class's name), its name or the name of a module holding it (``"rnn"`` names the
-    gate layers ``rnn.l0.ih``, ``rnn.l0.hh``, ...), or a regex (``"re:..."``) its whole name
-    matches."""
+    or the class's name; ``Conv1D`` or ``Linear`` for transformers' ``Conv1D``), its name or
+    the name of a module holding it (``"rnn"`` names the gate layers ``rnn.l0.ih``,
+    ``rnn.l0.hh``, ...), or a regex (``"re:..."``) its whole name matches."""
+    # transformers' Conv1D is planned as the nn.Linear it computes: either type names it
+    conv1d = conv1d_type() if stored_transposed(module) else None
     if isinstance(pattern, type):
-        return isinstance(module, pattern)
+        return isinstance(module, pattern) or (conv1d is not None and pattern is conv1d)
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    return pattern in (name, type(module).__name__) or name.startswith(pattern + ".")
+    types = {type(module).__name__} | ({"Conv1D"} if stored_transposed(module) else set())
+    return pattern == name or pattern in types or name.startswith(pattern + ".")
 
 
 def check_patterns(patterns: list[Pattern], argument: str) -> None:
