@@ -141,6 +141,16 @@ def test_batch_and_shape_are_the_first_batched_tensors():
     assert call.batch == 3 and call.shape == (3, 9)
 
 
+def test_a_failing_call_on_a_list_says_a_list_is_one_argument():
+    def two_inputs(ids, mask):
+        return ids * mask
+
+    ids = torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"a list is one argument.*pass a tuple"):
+        ModelCall.of([ids, ids]).run_or_explain(two_inputs)
+    assert torch.equal(ModelCall.of((ids, ids)).run_or_explain(two_inputs), ids)
+
+
 def test_describe_names_dtypes_shapes_and_keywords():
     x = torch.zeros(2, 3, dtype=torch.float32)
     ids = torch.zeros(2, 7, dtype=torch.int64)

@@ -135,8 +135,12 @@ class ModelCall:
         try:
             return self.run(model)
         except Exception as error:
+            hint = ""
+            if len(self.args) == 1 and isinstance(self.args[0], list) and not self.kwargs:
+                hint = (" (a list is one argument, model(x), as a detection model takes its "
+                        "images; pass a tuple for positional inputs, model(*x))")
             raise ValueError(
-                f"the model failed on {argument} ({self.describe()}): {error}"
+                f"the model failed on {argument} ({self.describe()}): {error}{hint}"
             ) from error
 
     def map(self, fn: Callable[[Tensor], Any]) -> ModelCall:
