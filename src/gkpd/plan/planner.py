@@ -105,12 +105,11 @@ def plan(
     the budget spent where the error falls most per parameter) or ``"global"`` (minimize the
     summed squared relative error; a layer may stay dense); by default uniform, near_uniform
     where the uniform rank steps miss the ratio, and global where that misses it too (logged
-    at INFO; the plan's ``strategy`` says which and ``options["uniform_error"]`` why). ``include`` /
-    ``exclude``: layer types, names of layers or of modules holding them, or ``"re:"``
-    regexes; ``overrides``: per layer name,
-    ``"skip"`` or a dict of settings the method fixes for that layer (gkpd: ``a_shape``
-    and optionally ``rank``; svd, cp, tensor_train, tensor_ring: ``rank``; tucker:
-    ``ranks``). Unless
+    at INFO; the plan's ``strategy`` says which and ``options["uniform_error"]`` why).
+    ``include`` / ``exclude``: layer types, names of layers or of modules holding them, or
+    ``"re:"`` regexes; ``overrides``: per layer name, ``"skip"`` or a dict of settings the
+    method fixes for that layer (gkpd: ``a_shape`` and optionally ``rank``; svd, cp,
+    tensor_train, tensor_ring: ``rank``; tucker: ``ranks``). Unless
     ``allow_more_macs``, no configuration costs more MACs than its dense layer. Layers are
     offered ranks down to a layer ratio of ``min_layer_ratio`` (default: ``ratio/1.5`` for
     uniform and near_uniform, ``ratio/4`` for global; at least 1). Layers with the same

@@ -41,12 +41,12 @@ def matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
     the name of a module holding it (``"rnn"`` names the gate layers ``rnn.l0.ih``,
     ``rnn.l0.hh``, ...), or a regex (``"re:..."``) its whole name matches."""
     # transformers' Conv1D is planned as the nn.Linear it computes: either type names it
-    conv1d = conv1d_type() if stored_transposed(module) else None
+    conv1d = stored_transposed(module)
     if isinstance(pattern, type):
-        return isinstance(module, pattern) or (conv1d is not None and pattern is conv1d)
+        return isinstance(module, pattern) or (conv1d and pattern is conv1d_type())
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
-    types = {type(module).__name__} | ({"Conv1D"} if stored_transposed(module) else set())
+    types = (type(module).__name__, "Conv1D") if conv1d else (type(module).__name__,)
     return pattern == name or pattern in types or name.startswith(pattern + ".")
 
 
