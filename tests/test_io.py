@@ -284,7 +284,8 @@ def test_missing_directory_and_foreign_directory(tmp_path):
 
 def test_a_file_of_a_save_is_refused_naming_the_save(tmp_path):
     directory, _, _ = saved(tmp_path)
-    with pytest.raises(NotADirectoryError, match=rf"plan.json is a file: .*\({directory}\)"):
+    with pytest.raises(NotADirectoryError,
+                       match=rf"plan.json is a file, not a directory; .*\({directory}\)"):
         io.load(directory / "plan.json", dense_model())
 
 

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gkpd.files import atomic_write, atomic_write_json, atomic_write_text, file_sha256
+from gkpd.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    existing_dir,
+    file_sha256,
+)
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.plan.schema import CompressionPlan
 from gkpd.state_dicts import check_state_dict_matches
@@ -263,14 +269,9 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    if path.is_file():
-        raise NotADirectoryError(
-            f"{path} is a file: gkpd.load reads the directory that gkpd.save wrote"
-            + (f" ({path.parent})" if path.name in (PLAN_FILE, WEIGHTS_FILE, MANIFEST_FILE)
-               else "")
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(f"saved model directory {path} does not exist")
+    inside = path.name in (PLAN_FILE, WEIGHTS_FILE, MANIFEST_FILE)
+    existing_dir(path, "saved model directory", "gkpd.load reads the directory that gkpd.save "
+                 "wrote" + (f" ({path.parent})" if inside else ""))
     manifest = _read_manifest(path)
     _verify(path, manifest)
     plan_path = path / PLAN_FILE

@@ -42,6 +42,14 @@ __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAtten
            "with_unpacked_layers"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# what an nn.TransformerEncoder's use_nested_tensor was before unfuse turned it off
+_NESTED_BEFORE = "_gkpd_use_nested_tensor"
+
+
+def _copy_param(target: Tensor, source: Tensor) -> None:
+    """``source``'s values and ``requires_grad`` into the parameter ``target`` (no grad)."""
+    target.copy_(source)
+    target.requires_grad_(source.requires_grad)
 
 
 def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -116,11 +124,9 @@ class UnpackedMultiheadAttention(nn.Module):
         with torch.no_grad():
             for name, (weight, bias) in zip(_PROJECTIONS, sources, strict=True):
                 linear = getattr(new, name)
-                linear.weight.copy_(weight)
-                linear.weight.requires_grad_(weight.requires_grad)
+                _copy_param(linear.weight, weight)
                 if bias is not None:
-                    linear.bias.copy_(bias)
-                    linear.bias.requires_grad_(bias.requires_grad)
+                    _copy_param(linear.bias, bias)
             for name in ("bias_k", "bias_v"):
                 if getattr(module, name) is not None:
                     getattr(new, name).copy_(getattr(module, name))
@@ -141,22 +147,21 @@ class UnpackedMultiheadAttention(nn.Module):
             device=out.weight.device, dtype=out.weight.dtype,
         )
         with torch.no_grad():
+            # packed, the projections share one requires_grad: the query's
             if module.in_proj_weight is not None:
-                module.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-                module.in_proj_weight.requires_grad_(q.weight.requires_grad)
+                _copy_param(module.in_proj_weight,
+                            torch.cat([q.weight, k.weight, v.weight]).requires_grad_(
+                                q.weight.requires_grad))
             else:
                 for name, linear in zip(("q", "k", "v"), (q, k, v), strict=True):
-                    weight = getattr(module, f"{name}_proj_weight")
-                    weight.copy_(linear.weight)
-                    weight.requires_grad_(linear.weight.requires_grad)
+                    _copy_param(getattr(module, f"{name}_proj_weight"), linear.weight)
             if module.in_proj_bias is not None:
-                module.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-                module.in_proj_bias.requires_grad_(q.bias.requires_grad)
-            module.out_proj.weight.copy_(out.weight)
-            module.out_proj.weight.requires_grad_(out.weight.requires_grad)
+                _copy_param(module.in_proj_bias,
+                            torch.cat([q.bias, k.bias, v.bias]).requires_grad_(
+                                q.bias.requires_grad))
+            _copy_param(module.out_proj.weight, out.weight)
             if out.bias is not None:
-                module.out_proj.bias.copy_(out.bias)
-                module.out_proj.bias.requires_grad_(out.bias.requires_grad)
+                _copy_param(module.out_proj.bias, out.bias)
             for name in ("bias_k", "bias_v"):
                 if getattr(self, name) is not None:
                     getattr(module, name).copy_(getattr(self, name))
@@ -282,13 +287,10 @@ def fuse_again(model: nn.Module) -> nn.Module:
         if type(module) is UnfusedTransformerEncoderLayer and _fusable(module):
             module.__class__ = nn.TransformerEncoderLayer
     for module in modules:
-        had = module.__dict__.pop("_gkpd_use_nested_tensor", None)
-        if had is not None and not any(
+        if _NESTED_BEFORE in module.__dict__ and not any(
             isinstance(layer, UnfusedTransformerEncoderLayer) for layer in module.layers
         ):
-            module.use_nested_tensor = had
-        elif had is not None:
-            module._gkpd_use_nested_tensor = had
+            module.use_nested_tensor = module.__dict__.pop(_NESTED_BEFORE)
     return model
 
 
@@ -316,7 +318,7 @@ def _unfuse(modules: list[nn.Module]) -> None:
             isinstance(layer, UnfusedTransformerEncoderLayer) for layer in module.layers
         ):
             # kept for fuse_again(), once (a second unfuse must not record its own False)
-            module.__dict__.setdefault("_gkpd_use_nested_tensor", module.use_nested_tensor)
+            module.__dict__.setdefault(_NESTED_BEFORE, module.use_nested_tensor)
             module.use_nested_tensor = False
 
 
