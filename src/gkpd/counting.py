@@ -41,6 +41,7 @@ from gkpd.geometry import (
     ntuple,
     padding_stage,
     resolve_padding,
+    stage_paddings,
     stage_strides,
 )
 from gkpd.inputs import ModelCall, eval_mode
@@ -74,6 +75,7 @@ __all__ = [
     "recurrent_macs",
     "sdpa_macs",
     "resolve_padding",
+    "stage_paddings",
     "stage_strides",
 ]
 
@@ -182,9 +184,9 @@ def _conv_stages(input_spatial, a_shape, b_shape, rank, *, stride=1, padding=0, 
     result = {}
     for order in ORDERS:
         s1, _ = stage_strides(order, k1, k2, st)
-        first_in = padded
-        if padding_stage(order, k1, k2, st, pads, padding_mode) == "second":
-            first_in = list(input_spatial)
+        paddings = stage_paddings(order, k1, k2, st, pads, padding_mode)
+        first_in = padded if paddings is None else [
+            s + 2 * p for s, p in zip(input_spatial, paddings[0], strict=True)]
         if order == "b_first":
             o1 = math.prod(conv_output_shape(first_in, k2, s1, zero, dl))
             between = batch * g1 * c1 * rank * f2 * o1

@@ -26,8 +26,8 @@ from gkpd.counting import (
     kronecker_conv_intermediate_numel,
     kronecker_conv_order_macs,
     ntuple,
-    padding_stage,
     resolve_padding,
+    stage_paddings,
     stage_strides,
 )
 from gkpd.decompose import as_shape, b_shape_for, check_rank
@@ -370,16 +370,14 @@ class KroneckerConvNd(KroneckerLayer):
     def _make_plan(self, order: str) -> _StagePlan:
         """Padding, strides and dilations of both stages for ``order`` (fixed per layer)."""
         k1, k2 = self.a_shape[2:], self.b_shape[2:]
-        where = padding_stage(order, k1, k2, self.stride, self._pads, self.padding_mode)
-        pads = tuple(pl for pl, _ in self._pads)
-        zero = (0,) * len(pads)
+        paddings = stage_paddings(order, k1, k2, self.stride, self._pads, self.padding_mode)
         pad_input = None
-        if where == "input":
+        if paddings is None:
             pad_input = [p for pair in reversed(self._pads) for p in pair]
+            paddings = ((0,) * len(k1), (0,) * len(k1))
+        pad1, pad2 = paddings
         s1, s2 = stage_strides(order, k1, k2, self.stride)
         dil_k2 = tuple(d * k for d, k in zip(self.dilation, k2, strict=True))
-        pad1 = pads if where == "first" else zero
-        pad2 = pads if where == "second" else zero
         first, second = (k2, k1) if order == "b_first" else (k1, k2)
         return _StagePlan(
             pad_input,
