@@ -20,6 +20,8 @@ import sys
 import torch
 from torch import nn
 
+from gkpd.state_dicts import copy_parameter
+
 __all__ = ["as_linear", "as_transposed", "is_transposed_linear", "mark_like",
            "stored_transposed"]
 
@@ -48,12 +50,9 @@ def as_linear(module: nn.Module) -> nn.Linear:
     in_features, out_features = weight.shape
     linear = nn.Linear(in_features, out_features, bias=bias is not None,
                        device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.t())
-        linear.weight.requires_grad_(weight.requires_grad)
-        if bias is not None:
-            linear.bias.copy_(bias)
-            linear.bias.requires_grad_(bias.requires_grad)
+    copy_parameter(linear.weight, weight.t())
+    if bias is not None:
+        copy_parameter(linear.bias, bias)
     setattr(linear, _MARK, True)
     return linear.train(module.training)
 
@@ -77,12 +76,9 @@ def as_transposed(linear: nn.Linear) -> nn.Module:
     kind = conv1d_type() or importlib.import_module("transformers.pytorch_utils").Conv1D
     weight, bias = linear.weight, linear.bias
     conv = kind(linear.out_features, linear.in_features).to(weight.device, weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(weight.t())
-        conv.weight.requires_grad_(weight.requires_grad)
-        if bias is None:  # Conv1D always has a bias
-            conv.bias.zero_().requires_grad_(False)
-        else:
-            conv.bias.copy_(bias)
-            conv.bias.requires_grad_(bias.requires_grad)
+    copy_parameter(conv.weight, weight.t())
+    if bias is None:  # Conv1D always has a bias
+        copy_parameter(conv.bias, torch.zeros_like(conv.bias, requires_grad=False))
+    else:
+        copy_parameter(conv.bias, bias)
     return conv.train(linear.training)

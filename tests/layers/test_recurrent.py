@@ -106,6 +106,18 @@ def test_to_torch_round_trips(kind):
     assert_converts_back(reference, unpacked)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_weights_stay_frozen_both_ways(kind):
+    torch.manual_seed(0)
+    reference = KINDS[kind][0](IN, H).double()
+    reference.weight_hh_l0.requires_grad_(False)
+    unpacked = KINDS[kind][1].from_torch(reference)
+    assert not unpacked.l0.hh.weight.requires_grad and unpacked.l0.ih.weight.requires_grad
+    back = unpacked.to_torch()
+    frozen = {name for name, p in back.named_parameters() if not p.requires_grad}
+    assert frozen == {"weight_hh_l0"}
+
+
 def test_to_dense_merges_kronecker_gates_and_keeps_svd_ones():
     reference, unpacked = _pair("lstm")
     unpacked.l0.hh = KroneckerLinear.from_dense(unpacked.l0.hh, a_shape=(4, 2), rank=1)

@@ -201,7 +201,7 @@ def test_latency_plan_runs_what_it_timed(tmp_path, layout):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), merged(x), rtol=1e-4, atol=1e-5)
     saved = json.loads(cache.read_text())
-    assert saved["version"] == 3 and saved["entries"]  # 3: timed with the replayed forward
+    assert saved["version"] == 4 and saved["entries"]  # 4: timed with the per-axis padding
     # convolutions are timed in the layouts asked for; a linear layer has no such layout
     conv_keys = [key for key in saved["entries"] if "Conv2d" in key]
     assert any("channels_last" in key for key in conv_keys) is ("channels_last" in timed_layouts)

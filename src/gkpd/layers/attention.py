@@ -35,6 +35,7 @@ from gkpd.layers.base import fx_leaf_call, refuse_script
 from gkpd.layers.gates import dense_linear
 from gkpd.layers.recurrent import UNPACKED_RECURRENT
 from gkpd.layers.recurrent_cells import UNPACKED_CELLS
+from gkpd.state_dicts import copy_parameter
 from gkpd.transposed_linear import as_linear, is_transposed_linear
 
 __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAttention",
@@ -44,12 +45,6 @@ __all__ = ["UNPACKED", "UnfusedTransformerEncoderLayer", "UnpackedMultiheadAtten
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # what an nn.TransformerEncoder's use_nested_tensor was before unfuse turned it off
 _NESTED_BEFORE = "_gkpd_use_nested_tensor"
-
-
-def _copy_param(target: Tensor, source: Tensor) -> None:
-    """``source``'s values and ``requires_grad`` into the parameter ``target`` (no grad)."""
-    target.copy_(source)
-    target.requires_grad_(source.requires_grad)
 
 
 def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -124,9 +119,9 @@ class UnpackedMultiheadAttention(nn.Module):
         with torch.no_grad():
             for name, (weight, bias) in zip(_PROJECTIONS, sources, strict=True):
                 linear = getattr(new, name)
-                _copy_param(linear.weight, weight)
+                copy_parameter(linear.weight, weight)
                 if bias is not None:
-                    _copy_param(linear.bias, bias)
+                    copy_parameter(linear.bias, bias)
             for name in ("bias_k", "bias_v"):
                 if getattr(module, name) is not None:
                     getattr(new, name).copy_(getattr(module, name))
@@ -149,19 +144,19 @@ class UnpackedMultiheadAttention(nn.Module):
         with torch.no_grad():
             # packed, the projections share one requires_grad: the query's
             if module.in_proj_weight is not None:
-                _copy_param(module.in_proj_weight,
+                copy_parameter(module.in_proj_weight,
                             torch.cat([q.weight, k.weight, v.weight]).requires_grad_(
                                 q.weight.requires_grad))
             else:
                 for name, linear in zip(("q", "k", "v"), (q, k, v), strict=True):
-                    _copy_param(getattr(module, f"{name}_proj_weight"), linear.weight)
+                    copy_parameter(getattr(module, f"{name}_proj_weight"), linear.weight)
             if module.in_proj_bias is not None:
-                _copy_param(module.in_proj_bias,
+                copy_parameter(module.in_proj_bias,
                             torch.cat([q.bias, k.bias, v.bias]).requires_grad_(
                                 q.bias.requires_grad))
-            _copy_param(module.out_proj.weight, out.weight)
+            copy_parameter(module.out_proj.weight, out.weight)
             if out.bias is not None:
-                _copy_param(module.out_proj.bias, out.bias)
+                copy_parameter(module.out_proj.bias, out.bias)
             for name in ("bias_k", "bias_v"):
                 if getattr(self, name) is not None:
                     getattr(module, name).copy_(getattr(self, name))

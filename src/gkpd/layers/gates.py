@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gkpd.state_dicts import copy_parameter
+
 __all__ = ["TorchGates", "check_nonlinearity", "copy_from_torch", "copy_to_torch",
            "dense_linear", "gru_update", "lstm_update", "rnn_update"]
 
@@ -81,23 +83,20 @@ def copy_from_torch(module: nn.Module, layers: dict[str, nn.Linear]) -> None:
     """Copy torch's ``weight_<key>`` and ``bias_<key>`` parameters of ``module`` into the
     linear layer of each key of ``layers`` (``ih_l0``, ``hh``, ...), with their
     ``requires_grad``."""
-    with torch.no_grad():
-        for key, target in layers.items():
-            for kind in ("weight", "bias"):
-                source = getattr(module, f"{kind}_{key}", None)
-                if source is not None:
-                    getattr(target, kind).copy_(source)
-                    getattr(target, kind).requires_grad_(source.requires_grad)
+    for key, target in layers.items():
+        for kind in ("weight", "bias"):
+            source = getattr(module, f"{kind}_{key}", None)
+            if source is not None:
+                copy_parameter(getattr(target, kind), source)
 
 
 def copy_to_torch(layers: dict[str, nn.Linear], module: nn.Module) -> nn.Module:
     """Copy each dense linear of ``layers`` into torch's ``weight_<key>`` / ``bias_<key>``
-    of ``module``; ``module``."""
-    with torch.no_grad():
-        for key, linear in layers.items():
-            getattr(module, f"weight_{key}").copy_(linear.weight)
-            if linear.bias is not None:
-                getattr(module, f"bias_{key}").copy_(linear.bias)
+    of ``module``, with their ``requires_grad``; ``module``."""
+    for key, linear in layers.items():
+        copy_parameter(getattr(module, f"weight_{key}"), linear.weight)
+        if linear.bias is not None:
+            copy_parameter(getattr(module, f"bias_{key}"), linear.bias)
     return module
 
 
