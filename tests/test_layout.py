@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gkpd
-from gkpd.layout import layout_of, run_in_layout, to_layout
+from gkpd.layout import has_strides_of, in_memory_format, layout_of, run_in_layout, to_layout
 
 CL = torch.channels_last
 
@@ -182,3 +182,13 @@ def test_a_model_output_comes_back_of_its_own_type():
     out = run_in_layout(model, "channels_last")(x)
     assert type(out) is Output and out.feature_map.is_contiguous()
     torch.testing.assert_close(out.feature_map, want)
+
+
+def test_has_strides_of_tells_apart_tensors_contiguous_in_both_layouts():
+    nchw = torch.randn(2, 1, 5, 4)
+    last = in_memory_format(nchw, torch.channels_last)
+    assert nchw.is_contiguous(memory_format=torch.channels_last) and last.is_contiguous()
+    assert has_strides_of(nchw, torch.contiguous_format)
+    assert not has_strides_of(nchw, torch.channels_last)
+    assert has_strides_of(last, torch.channels_last)
+    assert not has_strides_of(last, torch.contiguous_format)

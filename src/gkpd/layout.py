@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from gkpd.inputs import map_tensors
 from gkpd.layers.base import refuse_script
 
-__all__ = ["LAYOUTS", "in_memory_format", "layout_of", "memory_format", "run_in_layout",
-           "to_layout"]
+__all__ = ["LAYOUTS", "has_strides_of", "in_memory_format", "layout_of", "memory_format",
+           "run_in_layout", "to_layout"]
 
 # "contiguous": NCHW (NCDHW), as tensors come; "channels_last": NHWC (NDHWC), channels innermost
 LAYOUTS = ("contiguous", "channels_last")
@@ -61,10 +61,16 @@ def in_memory_format(x: Tensor, fmt: torch.memory_format) -> Tensor:
     keeps NCHW strides on a tensor contiguous in both layouts (one channel, or 1x1 spatial) —
     a 1-channel input and stem weight then make the stem's output, and so the whole model, run
     in NCHW — and the second keeps some permuted strides (a reconstructed weight's)."""
-    strides = torch.empty(x.shape, device="meta", memory_format=fmt).stride()
-    if x.stride() == strides:
+    if has_strides_of(x, fmt):
         return x
     return torch.empty_like(x, memory_format=fmt).copy_(x)
+
+
+def has_strides_of(x: Tensor, fmt: torch.memory_format) -> bool:
+    """Whether ``x`` has exactly the strides of ``fmt``: unlike ``is_contiguous``, this tells
+    apart the layouts of a tensor contiguous in both (one channel, or one pixel), as torch's
+    convolutions do when they choose their kernels."""
+    return x.stride() == torch.empty(x.shape, device="meta", memory_format=fmt).stride()
 
 
 def _first_image(values: Any) -> Tensor | None:

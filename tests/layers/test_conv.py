@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gkpd
 from gkpd.counting import group_split
 from gkpd.layers import KroneckerConvNd, base
+from gkpd.layout import has_strides_of
 
 f64 = torch.float64
 DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -573,6 +574,27 @@ def test_derived_weights_are_cached_contiguous_in_the_input_layout(layout):
             torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-5)
             cached = [w for _, value in layer._weight_cache.values() for w in _tensors(value)]
         assert cached and all(w.is_contiguous(memory_format=layout) for w in cached if w.dim() == 4)
+
+
+def test_a_one_channel_input_keeps_its_own_layout_on_every_path():
+    """A one-channel tensor is contiguous in both layouts; its strides say which it is, and
+    the cached weights must follow them: channels_last weights beside this NCHW float32
+    input made torch's convolution return values of 1e30 (the dense conv is right)."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(1, 3, (1, 3), stride=(1, 3), bias=False)
+    layer = gkpd.KroneckerConv2d.from_dense(dense, a_shape=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 1, 13, 4)
+    as_channels_last = gkpd.layout.in_memory_format(torch.randn(2, 1, 6, 6), torch.channels_last)
+    with torch.no_grad():
+        for path in ("auto", "a_first", "b_first", "weight", *layer.channel_paths()):
+            layer.path = path
+            for _ in range(2):  # recorded, then replayed
+                torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-5)
+        layer.path = "weight"
+        layer(as_channels_last)  # converted by the library: its weights in channels_last
+        layouts = {key: has_strides_of(w, torch.channels_last)
+                   for key, (_, w) in layer._weight_cache.items() if key.startswith("weight")}
+    assert layouts == {"weight": False, "weight channels_last": True}
 
 
 def _tensors(value):

@@ -39,7 +39,7 @@ from gkpd.layers.base import (
     dense_factors,
     in_func_transform,
 )
-from gkpd.layout import in_memory_format, memory_format
+from gkpd.layout import has_strides_of, in_memory_format, memory_format
 
 __all__ = ["KroneckerConv1d", "KroneckerConv2d", "KroneckerConv3d", "KroneckerConvNd"]
 
@@ -74,10 +74,18 @@ def _regroup(y: Tensor, dims: Sequence[int], perm: Sequence[int], out: Sequence[
 
 
 def _is_nchw(x: Tensor) -> bool:
-    """Whether ``x`` is contiguous and not also channels_last (as a tensor with one channel
-    converted to channels_last is): such tensors run the ops torch picks for their strides."""
+    """Whether ``x`` is laid out NCHW: contiguous, and not with the exact strides of
+    channels_last where it is contiguous in both layouts (one channel, or one pixel; as
+    :func:`gkpd.layout.in_memory_format` converts such a tensor). Weights follow this
+    layout: a channels_last weight beside a one-channel NCHW input sent torch 2.13's float32
+    convolution to a kernel that returned values of 1e30 (input (2, 1, 13, 4), kernel (1, 3),
+    stride (1, 3)), where ``nn.Conv2d`` is right."""
+    if not x.is_contiguous():
+        return False
     last = memory_format("channels_last", x.dim())
-    return x.is_contiguous() and (last is None or not x.is_contiguous(memory_format=last))
+    if last is None or not x.is_contiguous(memory_format=last):
+        return True
+    return not has_strides_of(x, last)
 
 
 def _in_format(weights: object, fmt: torch.memory_format, dim: int) -> object:
