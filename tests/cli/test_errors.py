@@ -267,3 +267,11 @@ def test_a_data_loader_workers_error_is_its_last_line(capsys, monkeypatch):
     assert cli.main([]) == 2
     assert capsys.readouterr().err == ("gkpd eval: error: ValueError: image /data/val/cat/3.png "
                                        "is corrupt or truncated\n")
+
+
+def test_bench_speed_refuses_an_out_inside_a_file_before_timing(capsys, tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("not a directory")
+    code, _, err = run(capsys, "bench", "speed", "resnet32_fashion_mnist", "--out",
+                       str(file / "out"))
+    assert code == 2 and "--out" in err and "is inside a file" in _one_error_line(err)

@@ -261,10 +261,17 @@ def model_dir(spec: str) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
-def writable_dir(out: Path, flag: str = "--out") -> Path:
-    """``out``, created if need be, once a file could be written in it."""
+def _refuse_a_file(out: Path, flag: str) -> None:
+    """An output directory (the option ``flag``) that is a file, or would be inside one."""
     if out.exists() and not out.is_dir():
         raise CliError(f"{flag} {out} exists and is not a directory")
+    if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
+        raise CliError(f"{flag} {out} is inside a file, not a directory")
+
+
+def writable_dir(out: Path, flag: str = "--out") -> Path:
+    """``out``, created if need be, once a file could be written in it."""
+    _refuse_a_file(out, flag)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -286,10 +293,7 @@ def check_out(out: Path, *, force: bool, inputs: list[str], resume: bool | None 
     if resume and force:
         raise CliError(f"--resume continues the run in {flag} and --force starts over: "
                        "pass one")
-    if out.exists() and not out.is_dir():
-        raise CliError(f"{flag} {out} exists and is not a directory")
-    if not out.exists() and any(p.exists() and not p.is_dir() for p in out.parents):
-        raise CliError(f"{flag} {out} is inside a file, not a directory")
+    _refuse_a_file(out, flag)
     for spec in inputs:
         source = model_dir(spec)
         if source is not None and source in (out.resolve(), out.resolve() / WEIGHTS_FILE):
