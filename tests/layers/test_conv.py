@@ -537,6 +537,32 @@ def test_replays_are_not_pickled_or_shared_by_copies():
             torch.testing.assert_close(layer(x), layer.to_dense()(x))
 
 
+@pytest.mark.parametrize("path", ["auto", "b_first", "a_first", "weight"])
+def test_a_layer_trained_in_place_deep_copies_on_every_path(path):
+    """A weight cached under no_grad may be a view of the factors; once an optimizer step
+    changed them in place, copy.deepcopy refused to copy it (on the paths that never read
+    the cache again to rebuild it)."""
+    import copy
+
+    torch.manual_seed(0)
+    # F1 == 1: the channel path's first stage weight is a view of a
+    layer = gkpd.KroneckerConv2d(4, 4, 3, padding=1, a_shape=(1, 4, 1, 3), rank=2).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        layer(x)  # on auto: the channel path's stage weights are cached
+        layer.path = path
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.train()
+    layer(x).square().sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)
+        clone = copy.deepcopy(layer)
+        torch.testing.assert_close(clone(x), expected)
+        torch.testing.assert_close(clone(x), clone.to_dense()(x))
+
+
 def test_weight_path_reads_parametrized_factors():
     """A parametrization moves a factor out of the parameter dict the cache reads, and
     computes it anew on each read: the layer must run with what ``layer.a`` gives now."""

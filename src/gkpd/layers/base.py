@@ -242,8 +242,9 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
             return replay(x)
         steps = Steps()
         y = self._run(x, steps)
-        if key is None:
-            self._replays.clear()  # nothing stale survives training
+        if key is None:  # nothing stale survives training, whichever path runs
+            self._replays.clear()
+            self._weight_cache = None
         else:
             if len(self._replays) >= _MAX_REPLAYS:  # inputs of ever new sizes: bound memory
                 self._replays.clear()
@@ -294,9 +295,12 @@ class KroneckerLayer(ReconstructedWeight, nn.Module):
         self._replays = {}
 
     def __getstate__(self) -> dict:
-        # the recorded forwards are closures over this layer's weights: a copy records its own
+        # the recorded forwards are closures over this layer's weights, and the cached weights
+        # may be views of them (which copy.deepcopy refuses once the factors have been
+        # trained in place): a copy builds its own
         state = super().__getstate__()
         state.pop("_replays", None)
+        state.pop("_weight_cache", None)
         return state
 
     def _refuse_oversized(self, path: str, x: Tensor, between: Callable[[], int]) -> None:
