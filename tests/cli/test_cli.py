@@ -1,6 +1,7 @@
 """gkpd compress / finetune / summary (and eval of a compressed model) on a tiny fake data set."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -308,6 +309,14 @@ def test_finetune_rejects_a_dense_model_and_bad_teacher(capsys, workspace, compr
     code, _, err = run(capsys, "finetune", compressed, *common, "--out", compressed, "--force")
     assert code == 2 and "is an input" in err
     assert not (tmp_path / "ft").exists()
+    # nor the teacher's directory: --force once wrote the student over it
+    own_teacher = tmp_path / "teacher"
+    shutil.copytree(teacher, own_teacher)
+    before = sorted(p.name for p in own_teacher.iterdir())
+    code, _, err = run(capsys, "finetune", compressed, "--teacher", own_teacher, *common,
+                       "--out", own_teacher, "--force")
+    assert code == 2 and "is an input" in err
+    assert sorted(p.name for p in own_teacher.iterdir()) == before
 
 
 def test_summary_of_a_dense_checkpoint(capsys, workspace):

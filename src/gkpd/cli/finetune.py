@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("fine-tuning at lr %g, the learning rate of the plan's methods (--lr to set "
                  "another)", args.lr)
     teacher, teacher_spec = _teacher(args, card)
+    if teacher_spec:  # --teacher, or the one the card names: not to be written over either
+        check_out(out, force=args.force, inputs=[teacher_spec], resume=args.resume)
     train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
     with resumable(out, resume=args.resume, force=args.force):
         history = finetune(
