@@ -193,17 +193,43 @@ def test_save_refuses_a_model_the_plan_was_not_applied_to(tmp_path):
         io.save(tmp_path / "file", model, plan)
 
 
-def test_interrupted_save_is_refused_by_load(tmp_path, monkeypatch):
+def test_a_save_interrupted_while_writing_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     directory, model, plan = saved(tmp_path)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = io.load(directory, dense_model()).eval()(x)
+        model.layer1[0].conv1.a.mul_(2.0)  # the save that fails would hold other weights
 
-    def crash(*args, **kwargs):
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:  # half a file, then the interruption
+            handle.write(b"\0" * 100)
         raise KeyboardInterrupt
 
     monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        io.save(directory, model, plan, card=ARCH)
+        io.save(directory, model, plan)  # no card: the earlier card must stay too
     monkeypatch.undo()
     assert not [p for p in directory.iterdir() if p.name.startswith(".")]  # no temp files
+    assert (directory / "model.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(io.load(directory, dense_model()).eval()(x), expected)
+
+
+def test_a_save_interrupted_while_renaming_is_refused_by_load(tmp_path, monkeypatch):
+    directory, model, plan = saved(tmp_path)
+    renames = []
+
+    def replace_once(source, target):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(target)
+        os.rename(source, target)
+
+    monkeypatch.setattr("gkpd.io.os.replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        io.save(directory, model, plan, card=ARCH)
+    monkeypatch.undo()
+    assert renames and not [p for p in directory.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="not a complete gkpd save"):
         io.load(directory, dense_model())
 

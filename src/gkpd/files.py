@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text",
-           "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "existing_dir",
+           "file_sha256", "text_writer", "write_beside"]
 
 
 def _umask() -> int:
@@ -44,12 +44,11 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
-
-    Readers see the old file or the new one, never a half-written one. The file has the
-    permissions that a plain ``open(path, "w")`` would give it (an existing file keeps its own).
-    """
+def write_beside(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, sync it and give it the
+    permissions that a plain ``open(path, "w")`` would (an existing file keeps its own); the
+    temporary file's path, for the caller to rename into place or unlink. Removed if
+    ``write`` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,20 +58,38 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    return Path(tmp)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place
+    (:func:`write_beside`). Readers see the old file or the new one, never a half-written
+    one."""
+    tmp = write_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)
+
+
+def text_writer(text: str) -> Callable[[str], None]:
+    """A ``write`` for :func:`atomic_write` / :func:`write_beside` that writes ``text``
+    (UTF-8)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    return atomic_write(path, write)
+    return write
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, text_writer(text))
 
 
 def atomic_write_json(path: str | Path, data: Any, **dumps: Any) -> Path:

@@ -9,10 +9,11 @@ A save is a directory holding
   so that the command line can rebuild the dense architecture by name;
 * ``manifest.json`` — written last: the size and SHA-256 of each of the files above.
 
-Every file is written atomically (temporary file + rename). An existing manifest is removed
-before anything else is written and the new one is written after everything else, so a save
-that is interrupted at any point leaves a directory that :func:`load` rejects with a clear
-error instead of one whose plan and weights silently disagree. The manifest's checksums also
+Every file is first written in full beside its place; an earlier save in the directory stays
+whole and loadable until all of them are. Then its manifest is removed, the new files are
+renamed into place and the new manifest is written last, so a save interrupted during those
+renames leaves a directory that :func:`load` rejects with a clear error instead of one whose
+plan and weights silently disagree. The manifest's checksums also
 catch truncated or corrupted files. The directory may hold other files (training
 checkpoints, for example); they are left alone.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from gkpd.files import (
-    atomic_write,
     atomic_write_json,
-    atomic_write_text,
     existing_dir,
     file_sha256,
+    text_writer,
+    write_beside,
 )
 from gkpd.models.cards import CARD_FILE, WEIGHTS_FILE, read_card
 from gkpd.plan.schema import CompressionPlan
@@ -149,32 +151,35 @@ def save(
     if path.exists() and not path.is_dir():
         raise ValueError(f"save path {path} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    # Invalidate an earlier save first: from here until the new manifest is in place, load()
-    # refuses the directory.
-    manifest_path = path / MANIFEST_FILE
-    manifest_path.unlink(missing_ok=True)
-    files = [PLAN_FILE]
-    atomic_write_text(path / PLAN_FILE, plan.to_json() + "\n")
-    if card_text is not None:
-        atomic_write_text(path / CARD_FILE, card_text)
-        files.append(CARD_FILE)
-    else:
-        (path / CARD_FILE).unlink(missing_ok=True)  # a stale card would describe another model
     tensors = _state_tensors(model)
-    atomic_write(
-        path / WEIGHTS_FILE,
-        lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}),
-    )
-    files.append(WEIGHTS_FILE)
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "files": {
-            name: {"bytes": (path / name).stat().st_size, "sha256": file_sha256(path / name)}
-            for name in files
-        },
-    }
-    atomic_write_json(manifest_path, manifest, indent=2, sort_keys=True)
+    writers = {PLAN_FILE: text_writer(plan.to_json() + "\n")}
+    if card_text is not None:
+        writers[CARD_FILE] = text_writer(card_text)
+    writers[WEIGHTS_FILE] = lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT})
+    manifest_path = path / MANIFEST_FILE
+    staged: dict[str, Path] = {}
+    try:
+        # every file written beside its place first: an earlier save stays whole and loadable
+        # until all of them are
+        for name, write in writers.items():
+            staged[name] = write_beside(path / name, write)
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "files": {name: {"bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+                      for name, tmp in staged.items()},
+        }
+        # then renamed into place: from here until the new manifest is written, load()
+        # refuses the directory instead of pairing one save's plan with another's weights
+        manifest_path.unlink(missing_ok=True)
+        for name, tmp in staged.items():
+            os.replace(tmp, path / name)
+        if card_text is None:
+            (path / CARD_FILE).unlink(missing_ok=True)  # a stale card would describe another model
+        atomic_write_json(manifest_path, manifest, indent=2, sort_keys=True)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)  # those not renamed
     log.info("saved %s (%d tensors, plan of %d layers)", path, len(tensors), len(plan.layers))
     return path
 
