@@ -395,3 +395,28 @@ def test_a_frozen_model_or_a_teacher_of_another_dtype_is_refused():
                        "torch.float32"):
         fit(nn.Linear(4, 2).double(), loader, epochs=1, teacher=nn.Linear(4, 2),
             progress=False, device="cpu")
+
+
+def test_an_eval_loader_of_the_wrong_kind_is_refused_before_training(tmp_path):
+    model = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match="eval_loader must be a DataLoader or an iterable"):
+        fit(model, _blobs_loader(), epochs=1, eval_loader=5, progress=False, device="cpu",
+            checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_evaluation_keeps_the_epoch_it_followed(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    complete = copy.deepcopy(model)
+    inputs_only = [(x,) for x, _ in _blobs_loader()]  # no targets: evaluate refuses them
+    with pytest.raises(ValueError, match="needs \\(inputs, targets\\)") as raised:
+        fit(model, _blobs_loader(), epochs=2, eval_loader=inputs_only, progress=False,
+            device="cpu", lr=0.05, checkpoint_dir=tmp_path / "run")
+    assert any("its training is kept" in note for note in raised.value.__notes__)
+    assert load_state(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    history = fit(model, _blobs_loader(), epochs=2, progress=False, device="cpu", lr=0.05,
+                  checkpoint_dir=tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in history] == [1, 2]
+    fit(complete, _blobs_loader(), epochs=2, progress=False, device="cpu", lr=0.05)
+    torch.testing.assert_close(model.weight, complete.weight)

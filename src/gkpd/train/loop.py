@@ -204,6 +204,7 @@ def _set_up(
     metrics_path = Path(checkpoint_dir) / METRICS_NAME if checkpoint_dir else None
 
     _check_loader(train_loader, is_distributed)
+    _check_eval_loader(run.eval_loader)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter: every one has "
                          "requires_grad=False")
@@ -270,6 +271,16 @@ def _check_loader(loader: Any, is_distributed: bool) -> None:
     ):
         raise TypeError("train_loader must be a DataLoader or a sized iterable of batches (a "
                         f"list: its length sets the learning-rate schedule), got {kind}")
+
+
+def _check_eval_loader(loader: Any) -> None:
+    """``eval_loader`` is scored after each epoch: a wrong kind is refused before the first."""
+    if loader is None:
+        return
+    if not isinstance(loader, Iterable) or isinstance(loader, str | bytes | Mapping
+                                                          | torch.Tensor):
+        raise TypeError("eval_loader must be a DataLoader or an iterable of batches, got "
+                        f"{type(loader).__name__}")
 
 
 def _run_settings(
@@ -399,6 +410,22 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
     return record
 
 
+def _write_checkpoint(s: _Session, epoch: int) -> None:
+    """The checkpoint after ``epoch`` and the metrics file (rank 0)."""
+    save_state(
+        s.checkpoint_path,
+        {
+            "epoch": epoch + 1,
+            "model": s.model.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "history": s.history,
+            "settings": s.settings,
+        },
+    )
+    atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
+
+
 def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
     """Evaluate, record the epoch, and (rank 0) write the checkpoint and the metrics file;
     weights that are no longer finite (the epoch's last steps diverged) end the run with the
@@ -410,26 +437,23 @@ def _end_epoch(s: _Session, epoch: int, record: dict[str, Any]) -> None:
             f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); lower lr"
         )
     if s.run.eval_loader is not None:
-        result = evaluate(
-            s.model, s.run.eval_loader, device=s.device, teacher=s.run.teacher,
-            loss_fn=s.run.loss_fn, metrics=s.run.metrics,
-        )
+        try:
+            result = evaluate(
+                s.model, s.run.eval_loader, device=s.device, teacher=s.run.teacher,
+                loss_fn=s.run.loss_fn, metrics=s.run.metrics,
+            )
+        except Exception as error:  # the epoch's training is not lost with its evaluation
+            s.history.append(record)
+            if s.main and s.checkpoint_path is not None:
+                _write_checkpoint(s, epoch)
+                error.add_note(f"evaluating epoch {epoch + 1} failed; its training is kept in "
+                               f"{s.checkpoint_path}: fix eval_loader and resume")
+            raise
         record.update({f"eval_{k}": v for k, v in result.items() if k != "count"})
     s.history.append(record)
     log.info("epoch %s", json.dumps(record))
     if s.main and s.checkpoint_path is not None:
-        save_state(
-            s.checkpoint_path,
-            {
-                "epoch": epoch + 1,
-                "model": s.model.state_dict(),
-                "optimizer": s.optimizer.state_dict(),
-                "rng": _rng_state(),
-                "history": s.history,
-                "settings": s.settings,
-            },
-        )
-        atomic_write_text(s.metrics_path, "".join(json.dumps(r) + "\n" for r in s.history))
+        _write_checkpoint(s, epoch)
     distributed.barrier()
     if s.run.after_epoch is not None:
         s.run.after_epoch(record)
