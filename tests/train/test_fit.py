@@ -124,6 +124,14 @@ def test_feature_distillation_checks_module_names():
         ({"epochs": 1, "temperature": float("inf")}, "temperature must be a finite number"),
         ({"epochs": 1, "warmup_epochs": -1}, "warmup_epochs must be a finite number >= 0"),
         ({"epochs": 1, "gamma": -1.0}, "gamma must be a finite number > 0"),
+        ({"epochs": 1, "seed": "x"}, "seed must be an int in \\[0, 2\\*\\*32\\), got 'x'"),
+        ({"epochs": 1, "seed": -1}, "seed must be an int"),
+        ({"epochs": 1, "seed": 1.5}, "seed must be an int"),
+        ({"epochs": 1, "milestones": 0.5}, "milestones must be a sequence of fractions"),
+        ({"epochs": 1, "milestones": "ab"}, "milestones must be a sequence of fractions"),
+        ({"epochs": 1, "feature_pairs": ["conv1"]}, "feature_pairs must map student module"),
+        ({"epochs": 1, "nesterov": "yes"}, "nesterov must be a bool"),
+        ({"epochs": 1, "resume": "no", "checkpoint_dir": "unused"}, "resume must be a bool"),
     ],
 )
 def test_fit_rejects_bad_options(options, match):
@@ -420,3 +428,16 @@ def test_a_failed_evaluation_keeps_the_epoch_it_followed(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     fit(complete, _blobs_loader(), epochs=2, progress=False, device="cpu", lr=0.05)
     torch.testing.assert_close(model.weight, complete.weight)
+
+
+def test_sgd_without_momentum_trains_plainly():
+    """Nesterov (on by default) needs a momentum; with momentum=0 the step is plain SGD
+    (torch refuses nesterov=True with it)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    plain = copy.deepcopy(model)
+    fit(model, _blobs_loader(), epochs=1, momentum=0.0, weight_decay=0.0, lr=0.05,
+        schedule="constant", progress=False, device="cpu")
+    fit(plain, _blobs_loader(), epochs=1, momentum=0.0, nesterov=False, weight_decay=0.0,
+        lr=0.05, schedule="constant", progress=False, device="cpu")
+    torch.testing.assert_close(model.weight, plain.weight)

@@ -132,6 +132,8 @@ def fit_with(
 ) -> list[dict[str, Any]]:
     """:func:`fit` with its settings as a :class:`FitConfig` and a :class:`FitRun`."""
     config.validate()
+    if not isinstance(run.resume, bool):
+        raise TypeError(f"resume must be a bool, got {run.resume!r}")
     if run.resume and run.checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     if config.feature_pairs and run.teacher is None:
@@ -185,7 +187,10 @@ def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        # Nesterov's look-ahead needs a momentum: without one it is plain SGD, which torch
+        # refuses to be asked for by that name
+        groups, lr=config.lr, momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
     )
 
 

@@ -76,9 +76,20 @@ class FitConfig:
                 raise ValueError(f"{name} must be a finite number {rule}, got {value!r}")
         if self.label_smoothing == 1.0:
             raise ValueError("label_smoothing must be below 1, got 1.0")
-        if not all(0.0 <= m <= 1.0 for m in self.milestones):
-            raise ValueError(f"milestones must be fractions of training in [0, 1], got "
-                             f"{self.milestones!r}")
+        if not (isinstance(self.milestones, tuple | list) and all(
+                isinstance(m, int | float) and not isinstance(m, bool) and 0.0 <= m <= 1.0
+                for m in self.milestones)):
+            raise ValueError(f"milestones must be a sequence of fractions of training in "
+                             f"[0, 1], got {self.milestones!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"nesterov must be a bool, got {self.nesterov!r}")
+        if not (isinstance(self.feature_pairs, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.feature_pairs.items())):
+            raise TypeError("feature_pairs must map student module names to teacher module "
+                            f"names (str -> str), got {self.feature_pairs!r:.200}")
         check_distance(self.feature_loss, "feature_loss")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
