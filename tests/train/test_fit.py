@@ -441,3 +441,24 @@ def test_sgd_without_momentum_trains_plainly():
     fit(plain, _blobs_loader(), epochs=1, momentum=0.0, nesterov=False, weight_decay=0.0,
         lr=0.05, schedule="constant", progress=False, device="cpu")
     torch.testing.assert_close(model.weight, plain.weight)
+
+
+def test_pure_distillation_trains_on_unlabelled_batches():
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    student = nn.Linear(4, 3)
+    unlabelled = [(x,) for x, _ in _blobs_loader()]
+    x = torch.randn(64, 4)
+
+    def gap():
+        with torch.no_grad():
+            return (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean().item()
+
+    before = gap()
+    history = fit(student, unlabelled, epochs=3, teacher=teacher, alpha=1.0, lr=0.1,
+                  progress=False, device="cpu")
+    assert gap() < before / 2
+    assert "train_accuracy" not in history[-1] and math.isfinite(history[-1]["train_loss"])
+    with pytest.raises(ValueError, match=r"no targets.*alpha=1"):
+        fit(student, unlabelled, epochs=1, teacher=teacher, alpha=0.9, progress=False,
+            device="cpu")

@@ -344,10 +344,11 @@ def _loss(s: _Session, batch: Any, inputs: Any, output: Any,
             teacher_output = call_model(teacher, inputs)
     if s.run.loss_fn is not None:
         loss = scalar(s.run.loss_fn(output, teacher_output, batch), "loss_fn")
-    elif targets is None:
+    elif targets is None and (teacher is None or config.alpha < 1.0):
         raise ValueError(
             "the batch has no targets: yield (inputs, targets) batches to train a classifier, "
-            "or pass loss_fn= (see gkpd.train.objectives)"
+            "distil from a teacher alone (alpha=1), or pass loss_fn= (see "
+            "gkpd.train.objectives)"
         )
     elif teacher is None:
         loss = F.cross_entropy(class_scores(output), targets,
@@ -398,8 +399,10 @@ def _train_epoch(s: _Session, epoch: int) -> dict[str, Any]:
         optimizer.step()
         count = batch_size(inputs)
         loss_sum += loss.item() * count
-        if classifier:
+        if classifier and targets is not None:
             correct += (class_scores(output).argmax(1) == targets).sum().item()
+        else:  # unlabelled batches (distilled with alpha=1): no accuracy to report
+            classifier = False
         seen += count
     loss_sum, correct, seen = distributed.reduce_sums([loss_sum, correct, seen], s.device)
     if seen == 0:
