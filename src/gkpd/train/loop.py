@@ -104,8 +104,9 @@ def fit(
     ``options`` are the fields of :class:`FitConfig` (lr, weight_decay, schedule, alpha, ...).
     Batches are those of :mod:`gkpd.train.batches`: ``(inputs, targets)``, a dict of keyword
     inputs, or a tensor. Without ``loss_fn`` the model is a classifier: cross-entropy on the
-    targets, or with ``teacher`` the distillation loss of :func:`distillation_loss`, and the
-    epoch records its accuracy. With ``loss_fn(output, teacher_output, batch)``
+    targets, or with ``teacher`` the distillation loss of :func:`distillation_loss` (with
+    ``alpha=1`` the teacher's outputs alone: batches need no targets), and the epoch records
+    its accuracy where they have targets. With ``loss_fn(output, teacher_output, batch)``
     (:data:`gkpd.train.objectives.LossFn`, e.g. :func:`gkpd.train.hidden_state_loss`) that is
     the loss, and no accuracy is recorded. With a teacher, ``feature_weight`` times the
     ``feature_loss`` between the outputs of the modules named in ``feature_pairs`` (student
