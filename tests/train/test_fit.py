@@ -131,7 +131,6 @@ def test_feature_distillation_checks_module_names():
         ({"epochs": 1, "milestones": "ab"}, "milestones must be a sequence of fractions"),
         ({"epochs": 1, "feature_pairs": ["conv1"]}, "feature_pairs must map student module"),
         ({"epochs": 1, "nesterov": "yes"}, "nesterov must be a bool"),
-        ({"epochs": 1, "resume": "no", "checkpoint_dir": "unused"}, "resume must be a bool"),
     ],
 )
 def test_fit_rejects_bad_options(options, match):
@@ -428,6 +427,13 @@ def test_a_failed_evaluation_keeps_the_epoch_it_followed(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     fit(complete, _blobs_loader(), epochs=2, progress=False, device="cpu", lr=0.05)
     torch.testing.assert_close(model.weight, complete.weight)
+
+
+def test_resume_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match="resume must be a bool, got 'no'"):
+        fit(nn.Linear(4, 2), _blobs_loader(), epochs=1, resume="no", progress=False,
+            checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_sgd_without_momentum_trains_plainly():
