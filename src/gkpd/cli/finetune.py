@@ -25,11 +25,16 @@ from gkpd.cli.common import (
 )
 
 
+def _teacher_spec(args: argparse.Namespace, card: dict) -> str | None:
+    """The teacher's MODEL spec: --teacher, or the one the card records."""
+    return args.teacher or (card.get("teacher") or {}).get("model")
+
+
 def _teacher(args: argparse.Namespace, card: dict):
     """(teacher model or None, its MODEL spec): --teacher, or the one the card records."""
     from gkpd.resolve import resolve_model
 
-    teacher_spec = args.teacher or (card.get("teacher") or {}).get("model")
+    teacher_spec = _teacher_spec(args, card)
     if args.no_distill:
         return None, teacher_spec
     if not teacher_spec:
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gkpd.io import PLAN_FILE, is_saved_model, save
     from gkpd.methods import finetune_lr
-    from gkpd.models.cards import finetuned_card
+    from gkpd.models.cards import finetuned_card, read_card
     from gkpd.plan.schema import CompressionPlan
     from gkpd.resolve import resolve_model
     from gkpd.train import distributed
@@ -63,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
             f"DIR {source} is not a compressed model written by `gkpd compress` (no {PLAN_FILE})"
         )
     out = Path(args.out)
-    check_out(out, force=args.force, inputs=[args.model], resume=args.resume)
+    # --out may be neither DIR nor the teacher's directory (--force would write over them)
+    teacher_spec = _teacher_spec(args, read_card(source) or {})
+    check_out(out, force=args.force, inputs=[args.model] + ([teacher_spec] if teacher_spec else []),
+              resume=args.resume)
     student, card = resolve_model(args.model)
     plan = CompressionPlan.load(source / PLAN_FILE)
     if args.lr is None:
@@ -71,8 +79,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("fine-tuning at lr %g, the learning rate of the plan's methods (--lr to set "
                  "another)", args.lr)
     teacher, teacher_spec = _teacher(args, card)
-    if teacher_spec:  # --teacher, or the one the card names: not to be written over either
-        check_out(out, force=args.force, inputs=[teacher_spec], resume=args.resume)
     train_loader, test_loader = fine_tuning_loaders(args, card, "fine-tuning")
     with resumable(out, resume=args.resume, force=args.force):
         history = finetune(

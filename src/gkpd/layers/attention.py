@@ -145,15 +145,15 @@ class UnpackedMultiheadAttention(nn.Module):
             # packed, the projections share one requires_grad: the query's
             if module.in_proj_weight is not None:
                 copy_parameter(module.in_proj_weight,
-                            torch.cat([q.weight, k.weight, v.weight]).requires_grad_(
-                                q.weight.requires_grad))
+                               torch.cat([q.weight, k.weight, v.weight]).requires_grad_(
+                                   q.weight.requires_grad))
             else:
                 for name, linear in zip(("q", "k", "v"), (q, k, v), strict=True):
                     copy_parameter(getattr(module, f"{name}_proj_weight"), linear.weight)
             if module.in_proj_bias is not None:
                 copy_parameter(module.in_proj_bias,
-                            torch.cat([q.bias, k.bias, v.bias]).requires_grad_(
-                                q.bias.requires_grad))
+                               torch.cat([q.bias, k.bias, v.bias]).requires_grad_(
+                                   q.bias.requires_grad))
             copy_parameter(module.out_proj.weight, out.weight)
             if out.bias is not None:
                 copy_parameter(module.out_proj.bias, out.bias)

@@ -263,6 +263,13 @@ def _check_dtypes(model: nn.Module, teacher: nn.Module | None) -> None:
                          f"(teacher.to({dtypes[0]}))")
 
 
+def _yields_batches(loader: Any) -> bool:
+    """Whether iterating ``loader`` can give batches: not a string, mapping or tensor, whose
+    items are characters, keys or rows."""
+    return isinstance(loader, Iterable) and not isinstance(
+        loader, str | bytes | Mapping | torch.Tensor)
+
+
 def _check_loader(loader: Any, is_distributed: bool) -> None:
     """A ``DataLoader``, or (on one process) a sized iterable of batches such as a list: its
     length sets the learning-rate schedule."""
@@ -272,19 +279,14 @@ def _check_loader(loader: Any, is_distributed: bool) -> None:
     if is_distributed:
         raise TypeError("under torchrun train_loader must be a torch DataLoader (each rank "
                         f"draws its share through the loader's sampler), got {kind}")
-    if not (isinstance(loader, Iterable) and hasattr(loader, "__len__")) or isinstance(
-        loader, str | bytes | Mapping | torch.Tensor
-    ):
+    if not (_yields_batches(loader) and hasattr(loader, "__len__")):
         raise TypeError("train_loader must be a DataLoader or a sized iterable of batches (a "
                         f"list: its length sets the learning-rate schedule), got {kind}")
 
 
 def _check_eval_loader(loader: Any) -> None:
     """``eval_loader`` is scored after each epoch: a wrong kind is refused before the first."""
-    if loader is None:
-        return
-    if not isinstance(loader, Iterable) or isinstance(loader, str | bytes | Mapping
-                                                          | torch.Tensor):
+    if loader is not None and not _yields_batches(loader):
         raise TypeError("eval_loader must be a DataLoader or an iterable of batches, got "
                         f"{type(loader).__name__}")
 
